@@ -1,0 +1,57 @@
+"""attnkit: fast, exact, memory-efficient attention for PyTorch with pluggable backends.
+
+>>> import torch, attnkit
+>>> q = k = v = torch.randn(2, 128, 8, 64)
+>>> out = attnkit.attention(q, k, v, causal=True)
+"""
+
+from __future__ import annotations
+
+from .dispatch import select_backend, use_backend
+from .errors import (
+    AttnkitError,
+    BackendCompileError,
+    BackendUnsupportedError,
+    EnvironmentVariableError,
+    InvalidArgumentError,
+    InvalidArgumentTypeError,
+    KVCacheOverflowError,
+    NoBackendError,
+)
+from .info import BackendStatus, list_backends
+from .ops.attention import attention
+from .ops.kvcache import attention_with_kvcache
+from .ops.piecewise import piecewise_attention
+from .ops.varlen import attention_varlen
+from .params import AttentionParams, KVCacheInfo, VarlenInfo
+from .registry import Backend, BackendCapabilities, register_backend
+from .spec import AttentionSpec
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AttentionParams",
+    "AttentionSpec",
+    "AttnkitError",
+    "Backend",
+    "BackendCapabilities",
+    "BackendCompileError",
+    "BackendStatus",
+    "BackendUnsupportedError",
+    "EnvironmentVariableError",
+    "InvalidArgumentError",
+    "InvalidArgumentTypeError",
+    "KVCacheInfo",
+    "KVCacheOverflowError",
+    "NoBackendError",
+    "VarlenInfo",
+    "__version__",
+    "attention",
+    "attention_varlen",
+    "attention_with_kvcache",
+    "list_backends",
+    "piecewise_attention",
+    "register_backend",
+    "select_backend",
+    "use_backend",
+]

@@ -1,0 +1,93 @@
+"""The one place that reads ``ATTNKIT_*`` environment variables.
+
+Values are read at call time (never cached at import), so tests and users can change them between calls.
+Malformed values raise :class:`EnvironmentVariableError` naming the variable, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+
+from .errors import EnvironmentVariableError
+
+BACKEND = "ATTNKIT_BACKEND"
+DISABLE = "ATTNKIT_DISABLE"
+DEBUG = "ATTNKIT_DEBUG"
+TRITON_AUTOTUNE = "ATTNKIT_TRITON_AUTOTUNE"
+CUPY_CACHE_DIR = "ATTNKIT_CUPY_CACHE_DIR"
+
+ALL_VARIABLES = {
+    BACKEND: "force one backend, or an ordered allow-list: name[,name...]",
+    DISABLE: "remove backends from automatic choice: name[,name...]",
+    DEBUG: "1 logs every dispatch decision with the reasons other backends were rejected (0/1)",
+    TRITON_AUTOTUNE: "0 uses the Triton backend's fixed default tile configs instead of autotuning (0/1)",
+    CUPY_CACHE_DIR: "directory for compiled CuPy kernels (default: ~/.cache/attnkit/cupy)",
+}
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+def _raw(name: str) -> str | None:
+    value = os.environ.get(name)
+    return None if value is None else value.strip()
+
+
+def _flag(name: str, default: bool) -> bool:
+    value = _raw(name)
+    if value is None:
+        return default
+    low = value.lower()
+    if low in _TRUE:
+        return True
+    if low in _FALSE:
+        return False
+    raise EnvironmentVariableError(f"{name}={value!r} is not a boolean; use 1 or 0 (also true/false, yes/no, on/off)")
+
+
+def _name_list(name: str, valid: Iterable[str], aliases: Iterable[str] = ()) -> tuple[str, ...] | None:
+    value = _raw(name)
+    if value is None or value == "":
+        return None
+    valid_set = set(valid) | set(aliases)
+    names = [part.strip() for part in value.split(",")]
+    if any(not n for n in names):
+        raise EnvironmentVariableError(f"{name}={value!r} has an empty entry; expected name[,name...]")
+    unknown = [n for n in names if n not in valid_set]
+    if unknown:
+        raise EnvironmentVariableError(
+            f"{name}={value!r} names unknown backend(s) {', '.join(map(repr, unknown))}; "
+            f"valid names: {', '.join(sorted(valid_set))}"
+        )
+    return tuple(names)
+
+
+def backend_override(valid: Iterable[str], aliases: Iterable[str] = ()) -> tuple[str, ...] | None:
+    """``ATTNKIT_BACKEND``: one forced backend or an ordered allow-list; None when unset."""
+    return _name_list(BACKEND, valid, aliases)
+
+
+def disabled_backends(valid: Iterable[str], aliases: Iterable[str] = ()) -> frozenset[str]:
+    """``ATTNKIT_DISABLE``: backends removed from automatic choice."""
+    return frozenset(_name_list(DISABLE, valid, aliases) or ())
+
+
+def debug() -> bool:
+    return _flag(DEBUG, False)
+
+
+def triton_autotune() -> bool:
+    return _flag(TRITON_AUTOTUNE, True)
+
+
+def cupy_cache_dir() -> str:
+    value = _raw(CUPY_CACHE_DIR)
+    if value:
+        return os.path.expanduser(value)
+    return os.path.join(os.path.expanduser("~"), ".cache", "attnkit", "cupy")
+
+
+def snapshot() -> dict[str, str | None]:
+    """Current values of every attnkit variable, for ``attnkit info``."""
+    return {name: os.environ.get(name) for name in ALL_VARIABLES}

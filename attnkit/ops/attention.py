@@ -1,0 +1,108 @@
+"""``attnkit.attention``: dense (batch, seqlen, heads, headdim) attention."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .. import validation
+from . import _common, _library
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    softmax_scale: float | None = None,
+    window_size: tuple[int, int] = (-1, -1),
+    alibi_slopes: torch.Tensor | None = None,
+    softcap: float = 0.0,
+    dropout_p: float = 0.0,
+    deterministic: bool = False,
+    return_lse: bool = False,
+    backend: str | Sequence[str] = "auto",
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Exact softmax attention, flash-attn 2.x semantics.
+
+    Args:
+        q: ``(batch, seqlen_q, nheads, headdim)``.
+        k: ``(batch, seqlen_k, nheads_k, headdim)``; ``nheads % nheads_k == 0`` (MQA/GQA, K/V never repeated).
+        v: ``(batch, seqlen_k, nheads_k, headdim_v)``; ``headdim_v`` may differ from ``headdim``.
+        causal: causal mask, aligned to the bottom-right corner of the score matrix. With seqlen_q=2, seqlen_k=5
+            (1 = attended)::
+
+                1 1 1 1 0
+                1 1 1 1 1
+
+            and with seqlen_q=5, seqlen_k=2 the first three rows see no key (their output is 0)::
+
+                0 0
+                0 0
+                0 0
+                1 0
+                1 1
+        softmax_scale: defaults to ``1 / sqrt(headdim)``.
+        window_size: ``(left, right)``; query ``i`` sees keys ``j`` with
+            ``i + seqlen_k - seqlen_q - left <= j <= i + seqlen_k - seqlen_q + right``; -1 means unbounded.
+            ``causal=True`` sets ``right = 0``.
+        alibi_slopes: float32 ``(nheads,)`` or ``(batch, nheads)``; adds ``-slope * |i + seqlen_k - seqlen_q - j|``.
+        softcap: if > 0, scores become ``softcap * tanh(scores / softcap)`` (before ALiBi).
+        dropout_p: dropout probability on the attention weights (pass 0.0 in eval). The mask comes from a seed
+            drawn from PyTorch's default generator, so ``torch.manual_seed`` makes it reproducible.
+        deterministic: make the backward pass bitwise reproducible (may be slower).
+        return_lse: also return the log-sum-exp of the scores, ``(batch, nheads, seqlen_q)`` float32, natural log
+            (-inf for rows that see no key).
+        backend: ``"auto"``, a backend name (``reference``, ``triton``, ``triton_cuda``, ``triton_rocm``,
+            ``cupy_cuda``) or an ordered list of names.
+
+    Returns:
+        ``out`` of shape ``(batch, seqlen_q, nheads, headdim_v)`` in q's dtype, or ``(out, lse)``.
+    """
+    q = validation.tensor("q", q, 4)
+    k = validation.tensor("k", k, 4)
+    v = validation.tensor("v", v, 4)
+    validation.same_dtype_device({"q": q, "k": k, "v": v})
+    validation.heads_and_dims(q.shape, k.shape, v.shape, seq_axis=1)
+    validation.last_dim_contiguous({"q": q, "k": k, "v": v})
+    batch, seqlen_q, num_heads_q, head_dim = q.shape
+    seqlen_k, num_heads_k = k.shape[1], k.shape[2]
+    params = _common.resolve_params(
+        head_dim=head_dim,
+        causal=causal,
+        softmax_scale=softmax_scale,
+        window_size=window_size,
+        softcap=softcap,
+        dropout_p=dropout_p,
+        deterministic=deterministic,
+    )
+    slopes = validation.alibi_slopes(alibi_slopes, batch, num_heads_q, q.device)
+    if not isinstance(return_lse, bool):
+        raise validation.InvalidArgumentTypeError(f"return_lse must be a bool, got {return_lse!r}")
+    requires_grad = _common.needs_grad(q, k, v)
+    chosen = _common.choose(
+        "attention",
+        backend,
+        q=q,
+        head_dim_v=v.shape[-1],
+        num_heads_k=num_heads_k,
+        batch=batch,
+        seqlen_q=seqlen_q,
+        seqlen_k=seqlen_k,
+        params=params,
+        alibi=slopes is not None,
+        requires_grad=requires_grad,
+    )
+    if q.numel() == 0 or seqlen_k == 0:
+        out, lse = _common.EmptyAttention.apply(
+            (batch, seqlen_q, num_heads_q, v.shape[-1]), (batch, num_heads_q, seqlen_q), q, k, v
+        )
+    else:
+        out, lse = _library.attention_forward(
+            q, k, v, None, None, seqlen_q, seqlen_k, slopes,
+            params.softmax_scale, params.causal, params.window_left, params.window_right, params.softcap,
+            params.dropout_p, params.dropout_seed, params.deterministic, chosen.name,
+        )  # fmt: skip
+    return (out, lse) if return_lse else out

@@ -1,0 +1,95 @@
+"""``attnkit.attention_varlen``: attention over packed variable-length sequences."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .. import validation
+from ..errors import InvalidArgumentError
+from . import _common, _library
+
+
+def attention_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    *,
+    causal: bool = False,
+    softmax_scale: float | None = None,
+    window_size: tuple[int, int] = (-1, -1),
+    alibi_slopes: torch.Tensor | None = None,
+    softcap: float = 0.0,
+    dropout_p: float = 0.0,
+    deterministic: bool = False,
+    return_lse: bool = False,
+    backend: str | Sequence[str] = "auto",
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Attention over packed sequences (flash-attn's ``flash_attn_varlen_func``).
+
+    Args:
+        q: ``(total_q, nheads, headdim)``: the queries of every sequence, one after another.
+        k: ``(total_k, nheads_k, headdim)``; v: ``(total_k, nheads_k, headdim_v)``.
+        cu_seqlens_q, cu_seqlens_k: int32 ``(batch + 1,)`` offsets: sequence ``b`` owns rows
+            ``cu_seqlens[b]:cu_seqlens[b + 1]``. Both must describe the same number of sequences.
+        max_seqlen_q, max_seqlen_k: the longest sequence lengths (checked against the offsets).
+        Other keywords as in :func:`attnkit.attention`; masks are aligned per sequence (bottom-right), and
+        ``alibi_slopes`` may be ``(nheads,)`` or ``(batch, nheads)``.
+
+    Returns:
+        ``out`` ``(total_q, nheads, headdim_v)``, or ``(out, lse)`` with lse ``(nheads, total_q)`` float32.
+    """
+    q = validation.tensor("q", q, 3)
+    k = validation.tensor("k", k, 3)
+    v = validation.tensor("v", v, 3)
+    validation.same_dtype_device({"q": q, "k": k, "v": v})
+    validation.heads_and_dims(q.shape, k.shape, v.shape, seq_axis=None)
+    validation.last_dim_contiguous({"q": q, "k": k, "v": v})
+    cq = validation.cu_seqlens("cu_seqlens_q", cu_seqlens_q, "max_seqlen_q", max_seqlen_q, q.shape[0], q.device)
+    ck = validation.cu_seqlens("cu_seqlens_k", cu_seqlens_k, "max_seqlen_k", max_seqlen_k, k.shape[0], q.device)
+    if len(cq) != len(ck):
+        raise InvalidArgumentError(
+            f"cu_seqlens_q has {len(cq) - 1} sequences but cu_seqlens_k has {len(ck) - 1}; they must match"
+        )
+    batch = len(cq) - 1
+    num_heads_q, head_dim = q.shape[1], q.shape[2]
+    params = _common.resolve_params(
+        head_dim=head_dim,
+        causal=causal,
+        softmax_scale=softmax_scale,
+        window_size=window_size,
+        softcap=softcap,
+        dropout_p=dropout_p,
+        deterministic=deterministic,
+    )
+    slopes = validation.alibi_slopes(alibi_slopes, batch, num_heads_q, q.device)
+    requires_grad = _common.needs_grad(q, k, v)
+    chosen = _common.choose(
+        "varlen",
+        backend,
+        q=q,
+        head_dim_v=v.shape[-1],
+        num_heads_k=k.shape[1],
+        batch=batch,
+        seqlen_q=max_seqlen_q,
+        seqlen_k=max_seqlen_k,
+        params=params,
+        alibi=slopes is not None,
+        requires_grad=requires_grad,
+    )
+    if q.shape[0] == 0 or max_seqlen_q == 0 or max_seqlen_k == 0:
+        out, lse = _common.EmptyAttention.apply(
+            (q.shape[0], num_heads_q, v.shape[-1]), (num_heads_q, q.shape[0]), q, k, v
+        )
+    else:
+        out, lse = _library.attention_forward(
+            q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, slopes,
+            params.softmax_scale, params.causal, params.window_left, params.window_right, params.softcap,
+            params.dropout_p, params.dropout_seed, params.deterministic, chosen.name,
+        )  # fmt: skip
+    return (out, lse) if return_lse else out

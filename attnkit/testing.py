@@ -1,0 +1,192 @@
+"""Reference implementations for everyone's tests, with the same signatures as the real operators.
+
+* ``attention_ref(..., upcast=True)`` runs the reference backend in float64 (chunked, O(S) memory,
+  differentiable) and returns float64 results: the "exact" answer to measure errors against.
+* ``attention_ref(..., upcast=False)`` computes plainly in the inputs' own dtype (materialised scores,
+  differentiable through autograd): the error of "plain PyTorch in the same precision" that flash-attn's
+  tolerance rule compares a fast backend with.
+* ``attention_naive`` is that plain computation for any dtype; in float64 it is an implementation independent of
+  the reference backend (einsum over the whole score matrix), used to test the reference itself.
+
+Tolerance rule (flash-attn): ``max|fast - exact| <= factor * max|plain_low_precision - exact| + atol`` with
+``factor`` 2 for outputs and 3 for gradients; see :func:`within_tolerance`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from . import dropout as dropout_rng
+from .params import lse_dtype
+from .ops.attention import attention
+from .ops.piecewise import piecewise_attention
+from .ops.varlen import attention_varlen
+
+
+def _mask(sq: int, sk: int, window_left: int, window_right: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    rows = torch.arange(sq, device=device)[:, None]
+    cols = torch.arange(sk, device=device)[None, :]
+    dist = rows + sk - sq - cols
+    visible = torch.ones(sq, sk, dtype=torch.bool, device=device)
+    if window_left >= 0:
+        visible &= dist <= window_left
+    if window_right >= 0:
+        visible &= dist >= -window_right
+    return visible, dist
+
+
+def attention_naive(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    softmax_scale: float | None = None,
+    window_size: tuple[int, int] = (-1, -1),
+    alibi_slopes: torch.Tensor | None = None,
+    softcap: float = 0.0,
+    dropout_p: float = 0.0,
+    dropout_seed: int = 0,
+    return_lse: bool = False,
+    dtype: torch.dtype | None = None,
+    batch_offset: int = 0,
+):
+    """Plain attention over the whole (B, H, Sq, Sk) score matrix, computed in ``dtype`` (default: q's)."""
+    dtype = dtype or q.dtype
+    batch, sq, hq, d = q.shape
+    sk, hk = k.shape[1], k.shape[2]
+    scale = softmax_scale if softmax_scale is not None else d**-0.5
+    left, right = window_size
+    if causal:
+        right = 0
+    qf, kf, vf = q.to(dtype), k.to(dtype), v.to(dtype)
+    kf = kf.repeat_interleave(hq // hk, dim=2)
+    vf = vf.repeat_interleave(hq // hk, dim=2)
+    s = torch.einsum("bihd,bjhd->bhij", qf, kf) * scale
+    if softcap > 0:
+        s = torch.tanh(s / softcap) * softcap
+    visible, dist = _mask(sq, sk, left, right, q.device)
+    if alibi_slopes is not None:
+        slopes = alibi_slopes.to(dtype)
+        slopes = slopes[None, :, None, None] if slopes.dim() == 1 else slopes[:, :, None, None]
+        s = s - slopes * dist.abs().to(dtype)
+    s = s.masked_fill(~visible, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # rows with no visible key: all -inf -> NaN -> 0
+    if dropout_p > 0:
+        bh = (batch_offset + torch.arange(batch, device=q.device))[:, None] * hq + torch.arange(hq, device=q.device)
+        keep = dropout_rng.keep_mask(
+            dropout_seed, dropout_p, bh.reshape(-1), torch.arange(sq, device=q.device), torch.arange(sk, device=q.device)
+        ).view(batch, hq, sq, sk)
+        p = p * keep.to(dtype) / (1 - dropout_p)
+    out = torch.einsum("bhij,bjhd->bihd", p, vf)
+    return (out, lse.to(lse_dtype(q.dtype))) if return_lse else out
+
+
+def _seed_for(dropout_p: float) -> int:
+    return dropout_rng.draw_seed() if dropout_p > 0 else 0
+
+
+def attention_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    softmax_scale: float | None = None,
+    window_size: tuple[int, int] = (-1, -1),
+    alibi_slopes: torch.Tensor | None = None,
+    softcap: float = 0.0,
+    dropout_p: float = 0.0,
+    deterministic: bool = False,
+    return_lse: bool = False,
+    backend: str | Sequence[str] = "reference",
+    upcast: bool = True,
+):
+    """:func:`attnkit.attention` computed by the reference (``upcast=True``: float64 in, float64 out) or plainly
+    in the inputs' dtype (``upcast=False``). Dropout draws its seed from the torch generator exactly like the real
+    op, so calling ``torch.manual_seed(s)`` before each gives the same mask. ``backend`` is accepted for signature
+    compatibility; the reference always runs."""
+    kw = dict(causal=causal, softmax_scale=softmax_scale, window_size=window_size, softcap=softcap)
+    if upcast:
+        return attention(
+            q.double(), k.double(), v.double(), alibi_slopes=alibi_slopes, dropout_p=dropout_p,
+            deterministic=deterministic, return_lse=return_lse, backend="reference", **kw,
+        )  # fmt: skip
+    return attention_naive(
+        q, k, v, alibi_slopes=alibi_slopes, dropout_p=dropout_p, dropout_seed=_seed_for(dropout_p),
+        return_lse=return_lse, **kw,
+    )  # fmt: skip
+
+
+def attention_varlen_ref(
+    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, causal=False, softmax_scale=None,
+    window_size=(-1, -1), alibi_slopes=None, softcap=0.0, dropout_p=0.0, deterministic=False, return_lse=False,
+    backend="reference", upcast=True,
+):  # fmt: skip
+    """:func:`attnkit.attention_varlen` by the reference (see :func:`attention_ref`)."""
+    kw = dict(causal=causal, softmax_scale=softmax_scale, window_size=window_size, softcap=softcap)
+    if upcast:
+        return attention_varlen(
+            q.double(), k.double(), v.double(), cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+            alibi_slopes=alibi_slopes, dropout_p=dropout_p, deterministic=deterministic, return_lse=return_lse,
+            backend="reference", **kw,
+        )  # fmt: skip
+    seed = _seed_for(dropout_p)
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    outs, lses = [], []
+    for b in range(len(cq) - 1):
+        slopes = alibi_slopes if alibi_slopes is None or alibi_slopes.dim() == 1 else alibi_slopes[b : b + 1]
+        o, l = attention_naive(
+            q[None, cq[b] : cq[b + 1]], k[None, ck[b] : ck[b + 1]], v[None, ck[b] : ck[b + 1]], alibi_slopes=slopes,
+            dropout_p=dropout_p, dropout_seed=seed, return_lse=True, batch_offset=b, **kw,
+        )  # fmt: skip
+        outs.append(o[0])
+        lses.append(l[0])
+    out, lse = torch.cat(outs), torch.cat(lses, dim=-1)
+    return (out, lse) if return_lse else out
+
+
+def piecewise_attention_ref(
+    q1, k1, q2, k2, v, dist_threshold, *, causal=False, softmax_scale=None, return_lse=False, backend="reference",
+    upcast=True,
+):  # fmt: skip
+    """:func:`attnkit.piecewise_attention` by the reference (``upcast``) or plainly in the input dtype."""
+    if upcast:
+        return piecewise_attention(
+            q1.double(), k1.double(), q2.double(), k2.double(), v.double(), dist_threshold, causal=causal,
+            softmax_scale=softmax_scale, return_lse=return_lse, backend="reference",
+        )  # fmt: skip
+    batch, sq, hq, d = q1.shape
+    sk, hk = k1.shape[1], k1.shape[2]
+    scale = softmax_scale if softmax_scale is not None else d**-0.5
+    rep = hq // hk
+    s1 = torch.einsum("bihd,bjhd->bhij", q1, k1.repeat_interleave(rep, dim=2))
+    s2 = torch.einsum("bihd,bjhd->bhij", q2, k2.repeat_interleave(rep, dim=2))
+    visible, dist = _mask(sq, sk, -1, 0 if causal else -1, q1.device)
+    s = torch.where(dist < dist_threshold, s1, s2) * scale
+    s = s.masked_fill(~visible, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1).to(lse_dtype(q1.dtype))
+    p = torch.softmax(s, dim=-1).nan_to_num(0.0)
+    out = torch.einsum("bhij,bjhd->bihd", p, v.repeat_interleave(rep, dim=2))
+    return (out, lse) if return_lse else out
+
+
+def max_abs_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| in float64, NaN-aware: any NaN mismatch gives inf."""
+    a64, b64 = a.double(), b.double()
+    if bool((a64.isnan() != b64.isnan()).any()):
+        return float("inf")
+    diff = (a64 - b64).abs().nan_to_num(0.0)
+    return float(diff.max()) if diff.numel() else 0.0
+
+
+def within_tolerance(
+    fast: torch.Tensor, exact: torch.Tensor, plain: torch.Tensor, *, factor: float = 2.0, atol: float = 1e-5
+) -> tuple[bool, float, float]:
+    """flash-attn's rule: ``err(fast) <= factor * err(plain) + atol``. Returns (ok, err_fast, allowed)."""
+    err_fast = max_abs_error(fast, exact)
+    allowed = factor * max_abs_error(plain, exact) + atol
+    return err_fast <= allowed, err_fast, allowed

@@ -1,0 +1,1 @@
+"""Built-in attnkit backends (installed as ``attnkit.backends``); one sub-package per backend."""

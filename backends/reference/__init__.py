@@ -1,0 +1,5 @@
+"""Pure-PyTorch reference backend."""
+
+from .backend import ReferenceBackend
+
+__all__ = ["ReferenceBackend"]
