@@ -90,8 +90,9 @@ def format_info() -> str:
         lines.append(f"  {s.name} [priority {s.priority}, {s.source}] {state}")
         if s.description:
             lines.append(f"      {s.description}")
-        for key, value in s.capabilities.describe().items():
-            lines.append(f"      {key:<15} {value}")
+        if s.capabilities.device_types:  # a backend that failed to load declares nothing worth listing
+            for key, value in s.capabilities.describe().items():
+                lines.append(f"      {key:<15} {value}")
         for key, value in s.details.items():
             lines.append(f"      {key:<15} {value}")
     return "\n".join(lines)

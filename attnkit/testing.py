@@ -176,7 +176,7 @@ def piecewise_attention_ref(
 
 def max_abs_error(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a - b| in float64, NaN-aware: any NaN mismatch gives inf."""
-    a64, b64 = a.double(), b.double()
+    a64, b64 = a.detach().double(), b.detach().double()
     if bool((a64.isnan() != b64.isnan()).any()):
         return float("inf")
     diff = (a64 - b64).abs().nan_to_num(0.0)
