@@ -1,10 +1,157 @@
-"""``attnkit bench`` argument parsing."""
+"""``attnkit bench``: compare attnkit backends with PyTorch SDPA, FlexAttention and flash-attn on this machine."""
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from .cases import DTYPES, QUICK_GRID, Grid, build_cases, parse_ints, parse_modes
+
+EPILOG = """\
+examples:
+  attnkit bench                                   # default grid on the GPU (flash-attn's), all providers
+  attnkit bench --mode fwd --dims 128 --causal true --providers triton,sdpa:flash,flex
+  attnkit bench --mode decode --kv-lens 4k,32k,128k
+  attnkit bench --quick --out /tmp/bench          # tiny sizes, also on CPU
+  attnkit bench --plot-from results/results.json  # figures from a saved run (e.g. where matplotlib is missing)
+providers: attnkit:<backend> (or just the backend name), sdpa:flash, sdpa:cudnn, sdpa:efficient, sdpa:math, flex,
+  flash_attn, flash_attn3; groups: attnkit, sdpa, peers, default, all. See benchmarks/README.md.
+"""
+
+
+def _csv_arg(values: list[str] | None) -> list[str]:
+    return [part.strip() for v in values or [] for part in v.split(",") if part.strip()]
 
 
 def add_bench_parser(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser("bench", help="benchmarks (being written)")
-    parser.set_defaults(func=lambda args: 0)
+    p = sub.add_parser(
+        "bench",
+        help="benchmark attnkit backends against SDPA, FlexAttention and flash-attn",
+        description=__doc__,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--mode", action="append", metavar="MODE",
+                   help="fwd, bwd, fwdbwd, decode, memory (repeatable or comma list; default on GPU: "
+                        "fwd,bwd,decode,memory; on CPU: fwd,bwd)")  # fmt: skip
+    p.add_argument("--dims", help="head dims, comma list (default 64,128,256)")
+    p.add_argument("--seqlens", help="sequence lengths, comma list, 1k = 1024 (default 512..16k)")
+    p.add_argument("--causal", choices=("true", "false", "both"), default="both")
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="default bf16 on GPU, fp32 on CPU")
+    p.add_argument("--providers", action="append", help="repeatable or comma list (default: see --list-providers)")
+    p.add_argument("--out", type=Path, help="output directory (default ./attnkit-bench-<UTC time>)")
+    p.add_argument("--quick", action="store_true", help="tiny sizes (seqlens 64,128, dims 32,64, 2 heads)")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
+    p.add_argument("--separate-plots", action="store_true", help="one PNG per panel instead of one per mode")
+    p.add_argument("--time-budget", type=float, metavar="SECONDS", help="start no new case after this long")
+    p.add_argument("--case-time", type=float, default=None, metavar="SECONDS",
+                   help="timing budget per case and provider (default 0.2 on GPU, 0.02 on CPU)")  # fmt: skip
+    p.add_argument("--compile-budget", type=float, default=None, metavar="SECONDS",
+                   help="total FlexAttention compile time; later new shapes read n/a (default: unlimited)")  # fmt: skip
+    p.add_argument("--tokens", type=int, help="batch = tokens // seqlen (default 16384)")
+    p.add_argument("--hidden", type=int, help="heads = hidden // head_dim (default 2048)")
+    p.add_argument("--heads", type=int, help="fixed number of heads instead of hidden // head_dim")
+    p.add_argument("--kv-lens", help="decode KV lengths (default 1k..128k)")
+    p.add_argument("--decode-heads", help="decode query/KV heads as Q/K (default 32/8)")
+    p.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if present)")
+    p.add_argument("--progress", choices=("auto", "rich", "tqdm", "plain"), default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--list-providers", action="store_true", help="list providers with availability and exit")
+    p.add_argument("--plot-from", type=Path, metavar="JSON", help="only draw figures from a results.json")
+    p.set_defaults(func=run_cli)
+
+
+def grid_from_args(args: argparse.Namespace, on_gpu: bool) -> Grid:
+    quick = args.quick or not on_gpu  # the full grid on a CPU would run for days
+    grid = QUICK_GRID if quick else Grid()
+    modes = parse_modes(args.mode) if args.mode else (("fwd", "bwd", "decode", "memory") if on_gpu else ("fwd", "bwd"))
+    changes: dict[str, object] = {"modes": modes, "dtype": args.dtype or ("bf16" if on_gpu else "fp32")}
+    if args.dims:
+        changes["dims"] = parse_ints(args.dims, "--dims")
+    if args.seqlens:
+        changes["seqlens"] = changes["memory_seqlens"] = parse_ints(args.seqlens, "--seqlens")
+    changes["causal"] = {"true": (True,), "false": (False,), "both": (False, True)}[args.causal]
+    for name in ("tokens", "hidden", "heads"):
+        if getattr(args, name) is not None:
+            changes[name] = getattr(args, name)
+    if args.kv_lens:
+        changes["decode_kv"] = parse_ints(args.kv_lens, "--kv-lens")
+    if args.decode_heads:
+        hq, _, hk = args.decode_heads.partition("/")
+        changes["decode_heads"] = (int(hq), int(hk or hq))
+    return replace(grid, **changes)
+
+
+def _list_providers(device) -> int:
+    from .providers import all_providers, default_names
+
+    providers = all_providers()
+    defaults = set(default_names(providers, device))
+    for name, p in providers.items():
+        why = p.unavailable()
+        state = "available" if why is None else f"unavailable: {why}"
+        print(f"{name:<22} {'default ' if name in defaults else '        '}{state}")
+    return 0
+
+
+def _plot_only(args: argparse.Namespace) -> int:
+    from .report import load_json
+    from .session import make_plots
+
+    records, document = load_json(args.plot_from)
+    out = args.out or args.plot_from.parent
+    out.mkdir(parents=True, exist_ok=True)
+    files, why_not = make_plots(out, records, document["config"]["providers"], document["meta"].get("gpu"),
+                                args.separate_plots)  # fmt: skip
+    if why_not:
+        print(why_not, file=sys.stderr)
+        return 1
+    print("\n".join(str(f) for f in files))
+    return 0
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    import torch
+
+    if args.plot_from:
+        return _plot_only(args)
+    device = torch.device(args.device) if args.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.list_providers:
+        return _list_providers(device)
+    from .session import Options, run, summary
+
+    on_gpu = device.type == "cuda"
+    try:
+        grid = grid_from_args(args, on_gpu)
+        cases = build_cases(grid)
+    except ValueError as exc:
+        print(f"attnkit bench: {exc}", file=sys.stderr)
+        return 2
+    if not on_gpu and not args.quick:
+        print("attnkit bench: no GPU, running the --quick grid", file=sys.stderr)
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    out_dir = args.out or Path(f"attnkit-bench-{stamp}")
+    options = Options(
+        out_dir=out_dir,
+        device=device,
+        providers=_csv_arg(args.providers) or ["default"],
+        plots=not args.no_plots,
+        separate_plots=args.separate_plots,
+        time_budget_s=args.time_budget,
+        case_time_s=args.case_time if args.case_time is not None else (0.2 if on_gpu else 0.02),
+        compile_budget_s=args.compile_budget,
+        min_repeats=5 if on_gpu else 3,
+        progress=args.progress,
+        seed=args.seed,
+        extra_config={"argv": sys.argv[1:], "quick": args.quick or not on_gpu},
+    )
+    try:
+        result = run(cases, options)
+    except ValueError as exc:
+        print(f"attnkit bench: {exc}", file=sys.stderr)
+        return 2
+    print(summary(result, out_dir))
+    return 0

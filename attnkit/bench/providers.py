@@ -1,0 +1,185 @@
+"""Providers: the things being compared. Each turns a :class:`Case` into ``fn(q, k, v) -> out`` on
+(batch, seqlen, heads, head_dim) tensors; for decode ``k``/``v`` are the KV cache.
+
+attnkit backends are providers ``attnkit:<backend>``; the peers (PyTorch SDPA per backend, FlexAttention,
+flash-attn) live in :mod:`attnkit.bench.peers`. A provider says *before* running why it cannot take a case
+(``na_reason``), or raises :class:`NotApplicable` when it finds out while running; either becomes "n/a" in the
+results, whereas any other exception becomes "error".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import BackendUnsupportedError, NoBackendError
+from ..ops.attention import attention
+from ..ops.kvcache import attention_with_kvcache
+from ..registry import REGISTRY, resolve_alias
+from .cases import Case
+
+AttnFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+Prepare = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+class NotApplicable(Exception):
+    """The provider cannot run this case (a limit of the provider, not a failure)."""
+
+
+@dataclass
+class Kernel:
+    """What a provider hands the runner: the call, an untimed input transform, and a note for the results."""
+
+    fn: AttnFn
+    prepare: Prepare | None = None
+    note: str = ""
+
+
+@dataclass
+class DeviceInfo:
+    """What providers need to know about the device to decide applicability without trying."""
+
+    device: torch.device
+    free_bytes: int  # memory a provider may use for one case
+    compute_capability: tuple[int, int] | None = None
+    rotations: int = 1  # input sets alive at once; providers that keep S^2 activations per set multiply by it
+
+
+class Provider:
+    name: str = ""
+    kind: str = "peer"  # "attnkit" or "peer"
+
+    def unavailable(self) -> str | None:
+        """Why this provider cannot run at all here (missing package, no device), or None."""
+        return None
+
+    def na_reason(self, case: Case, info: DeviceInfo) -> str | None:
+        """Why this provider cannot run ``case``, decided without running it, or None."""
+        return None
+
+    def build(self, case: Case, device: torch.device) -> Kernel:
+        raise NotImplementedError
+
+    def first_run(self, seconds: float) -> None:
+        """Told how long the first (compiling) call of a case took; FlexAttention budgets its compiles with it."""
+
+
+class AttnkitProvider(Provider):
+    kind = "attnkit"
+
+    def __init__(self, backend: str):
+        self.backend = backend
+        self.name = f"attnkit:{backend}"
+
+    def unavailable(self) -> str | None:
+        return REGISTRY.get(self.backend).unavailable_reason()
+
+    def build(self, case: Case, device: torch.device) -> Kernel:
+        backend, causal = self.backend, case.causal
+        if case.mode == "decode":
+
+            def fn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+                return attention_with_kvcache(q, k, v, causal=causal, backend=backend)
+
+        else:
+
+            def fn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+                return attention(q, k, v, causal=causal, backend=backend)
+
+        return Kernel(_unsupported_as_na(fn))
+
+
+def _unsupported_as_na(fn: AttnFn) -> AttnFn:
+    """attnkit's own "this backend cannot run this call" errors mean n/a, with attnkit's reasons."""
+
+    def wrapped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        try:
+            return fn(q, k, v)
+        except BackendUnsupportedError as exc:
+            raise NotApplicable("; ".join(exc.reasons)) from exc
+        except NoBackendError as exc:
+            raise NotApplicable(str(exc).splitlines()[0]) from exc
+
+    return wrapped
+
+
+def attnkit_backend_names() -> list[str]:
+    return list(REGISTRY.names())
+
+
+def all_providers(compile_budget_s: float | None = None) -> dict[str, Provider]:
+    """Every provider attnkit knows of, available or not, by name (``compile_budget_s``: see FlexProvider)."""
+    from . import peers
+
+    providers: dict[str, Provider] = {}
+    for backend in attnkit_backend_names():
+        p = AttnkitProvider(backend)
+        providers[p.name] = p
+    for p in peers.peer_providers(compile_budget_s):
+        providers[p.name] = p
+    return providers
+
+
+def default_names(providers: dict[str, Provider], device: torch.device) -> list[str]:
+    """What runs without ``--providers``.
+
+    On a GPU: every available attnkit backend except ``reference`` (a correctness oracle, slow by design) and
+    every peer present. On CPU: the reference backend and SDPA's math backend, on tiny sizes, so the command is
+    testable anywhere; compiled peers and interpreted Triton kernels only when asked for by name.
+    """
+    if device.type == "cpu":
+        return [n for n in ("attnkit:reference", "sdpa:math") if n in providers]
+    names = []
+    for name, p in providers.items():
+        if name == "attnkit:reference" or p.unavailable() is not None:
+            continue
+        names.append(name)
+    return names
+
+
+GROUPS = {
+    "sdpa": ("sdpa:flash", "sdpa:cudnn", "sdpa:efficient", "sdpa:math"),
+}
+
+
+def resolve_names(requested: list[str], providers: dict[str, Provider], device: torch.device) -> list[str]:
+    """Expand ``--providers`` tokens: provider names, bare attnkit backend names (``triton`` too), and the groups
+    ``attnkit`` (available attnkit backends), ``sdpa``, ``peers``, ``default`` and ``all``."""
+    names: list[str] = []
+
+    def add(name: str) -> None:
+        if name not in names:
+            names.append(name)
+
+    for token in requested:
+        token = token.strip()
+        if not token:
+            continue
+        if token == "all":
+            for n in providers:
+                add(n)
+        elif token == "default":
+            for n in default_names(providers, device):
+                add(n)
+        elif token == "attnkit":
+            for n, p in providers.items():
+                oracle_on_gpu = n == "attnkit:reference" and device.type != "cpu"
+                if p.kind == "attnkit" and p.unavailable() is None and not oracle_on_gpu:
+                    add(n)
+        elif token == "peers":
+            for n, p in providers.items():
+                if p.kind == "peer" and p.unavailable() is None:
+                    add(n)
+        elif token in GROUPS:
+            for n in GROUPS[token]:
+                add(n)
+        elif token in providers:
+            add(token)
+        elif f"attnkit:{resolve_alias(token.removeprefix('attnkit:'))}" in providers:
+            add(f"attnkit:{resolve_alias(token.removeprefix('attnkit:'))}")
+        else:
+            known = ", ".join([*providers, "attnkit", "sdpa", "peers", "default", "all"])
+            raise ValueError(f"unknown provider {token!r}; known: {known}")
+    return names

@@ -1,0 +1,87 @@
+"""The GPU benchmark run for one H100/H200, sized to finish within 7 minutes, everything in one directory.
+
+    python benchmarks/run_gpu.py --out OUT_DIR          (or benchmarks/run_gpu.sh OUT_DIR)
+
+Cases (flash-attn's grid: bf16, 16k tokens per case, hidden 2048, seqlen 512..16k, causal and not):
+forward for head dims 64/128/256, backward for 64/128, decode (1 query token, GQA 32/8, head dim 128, KV 1k..128k)
+and peak memory (batch 1, 16 heads, head dim 128). They run in order of interest -- head dim 128 first, then
+decode and memory, then the other head dims -- so that if the time budget runs out, what is missing is least
+missed. Writes results.json, results.csv, results.md, log.txt and up to four PNGs (fwd, bwd, decode, memory).
+
+Cost model (H100): ~75 cases x ~8 providers, ~0.25 s each for probing, correctness, peak memory and timing
+(case time 0.08 s, at most 50 repeats) = ~150 s; Triton/CuPy first-call compiles and autotuning ~60-90 s;
+FlexAttention compiles ~5-20 s per shape, capped by --compile-budget (90 s) after which new Flex shapes read
+n/a. --time-budget (330 s) stops starting new cases; with interpreter start-up and plotting the run ends well
+inside 7 minutes, and results are rewritten after every case, so even a killed run leaves complete files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from attnkit.bench.cases import Case, decode_cases, dense_cases, memory_cases
+from attnkit.bench.session import Options, run, summary
+
+SEQLENS = (512, 1024, 2048, 4096, 8192, 16384)
+KV_LENS = tuple(1024 * 2**i for i in range(8))  # 1k .. 128k
+TOKENS, HIDDEN = 16384, 2048
+
+
+def gpu_cases(dtype: str = "bf16") -> list[Case]:
+    both = (False, True)
+
+    def fwd(dim: int) -> list[Case]:
+        return dense_cases("fwd", dtype, (dim,), SEQLENS, both, TOKENS, HIDDEN)
+
+    def bwd(dim: int) -> list[Case]:
+        return dense_cases("bwd", dtype, (dim,), SEQLENS, both, TOKENS, HIDDEN)
+
+    return [
+        *fwd(128),
+        *bwd(128),
+        *decode_cases(dtype, KV_LENS, (32, 8), 128, 131072),
+        *memory_cases(dtype, SEQLENS, 1, 16, 128),
+        *fwd(64),
+        *bwd(64),
+        *fwd(256),
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True, help="output directory (created)")
+    parser.add_argument("--providers", default="default", help="comma list, as for attnkit bench")
+    parser.add_argument("--time-budget", type=float, default=330.0, help="seconds after which no case starts")
+    parser.add_argument("--compile-budget", type=float, default=90.0, help="FlexAttention compile seconds")
+    parser.add_argument("--case-time", type=float, default=0.08, help="timing seconds per case and provider")
+    parser.add_argument("--dtype", default="bf16", choices=("bf16", "fp16"))
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("run_gpu.py needs a CUDA/ROCm GPU; on CPU use: attnkit bench --quick", file=sys.stderr)
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    options = Options(
+        out_dir=args.out,
+        device=torch.device("cuda"),
+        providers=[p for p in args.providers.split(",") if p],
+        time_budget_s=args.time_budget,
+        case_time_s=args.case_time,
+        compile_budget_s=args.compile_budget,
+        max_repeats=50,
+        log_path=args.out / "log.txt",
+        extra_config={"argv": sys.argv[1:], "entry": "benchmarks/run_gpu.py"},
+    )
+    result = run(gpu_cases(args.dtype), options)
+    print(summary(result, args.out))
+    print(f"per-run log: {args.out / 'log.txt'}; tables: {args.out / 'results.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
