@@ -29,6 +29,10 @@ from .spec import AttentionSpec
 
 __version__ = "0.1.0"
 
+from .registry import REGISTRY as _REGISTRY  # noqa: E402
+
+_REGISTRY.load_builtins()
+
 __all__ = [
     "AttentionParams",
     "AttentionSpec",

@@ -16,20 +16,32 @@ import functools
 import logging
 from collections.abc import Iterator, Sequence
 
+import torch
+
 from . import env
-from .errors import BackendUnsupportedError, InvalidArgumentError, NoBackendError
+from .errors import BackendUnsupportedError, InvalidArgumentError, InvalidArgumentTypeError, NoBackendError
 from .registry import ALIASES, REGISTRY, Backend, resolve_alias
 from .spec import AttentionSpec
 
 logger = logging.getLogger("attnkit.dispatch")
 
 _CONTEXT: contextvars.ContextVar[tuple[str, ...] | None] = contextvars.ContextVar("attnkit_backend", default=None)
+_TRACEABLE_STACK: list[tuple[str, ...] | None] = []  # mirror of _CONTEXT for torch.compile tracing
 
 
 def _normalise(request: str | Sequence[str], what: str) -> tuple[str, ...]:
-    names = [n.strip() for n in request.split(",")] if isinstance(request, str) else [str(n) for n in request]
+    if isinstance(request, str):
+        names = [n.strip() for n in request.split(",")]
+    elif isinstance(request, (list, tuple)) and all(isinstance(n, str) for n in request):
+        names = [n.strip() for n in request]
+    else:
+        raise InvalidArgumentTypeError(
+            f"{what}={request!r} must be a backend name, a comma-separated string or a list of names"
+        )
     if not names or any(not n for n in names):
         raise InvalidArgumentError(f"{what}={request!r} is empty; expected a backend name or a list of names")
+    if "auto" in names and len(names) > 1:
+        raise InvalidArgumentError(f"{what}={request!r}: 'auto' cannot be combined with other backend names")
     valid = set(REGISTRY.names()) | set(ALIASES)
     unknown = [n for n in names if n not in valid and n != "auto"]
     if unknown:
@@ -44,11 +56,22 @@ def _normalise(request: str | Sequence[str], what: str) -> tuple[str, ...]:
 def use_backend(name_or_names: str | Sequence[str]) -> Iterator[None]:
     """Within the block, calls with ``backend='auto'`` use this backend (or the first eligible of this list)."""
     names = _normalise(name_or_names, "use_backend")
-    token = _CONTEXT.set(None if names == ("auto",) else names)
+    value = None if names == ("auto",) else names
+    token = _CONTEXT.set(value)
+    _TRACEABLE_STACK.append(value)
     try:
         yield
     finally:
+        _TRACEABLE_STACK.pop()
         _CONTEXT.reset(token)
+
+
+def _context_request() -> tuple[str, ...] | None:
+    if torch.compiler.is_compiling():
+        # Dynamo cannot trace ContextVar.get, but it can read a plain list: while tracing, the innermost
+        # use_backend() of the whole process applies (and is baked into the graph like every dispatch decision).
+        return _TRACEABLE_STACK[-1] if _TRACEABLE_STACK else None
+    return _CONTEXT.get()
 
 
 def _request(backend: str | Sequence[str]) -> tuple[tuple[str, ...] | None, str]:
@@ -57,7 +80,7 @@ def _request(backend: str | Sequence[str]) -> tuple[tuple[str, ...] | None, str]
         names = _normalise(backend, "backend")
         if names != ("auto",):
             return names, "backend= argument"
-    ctx = _CONTEXT.get()
+    ctx = _context_request()
     if ctx is not None:
         return ctx, "use_backend()"
     forced = env.backend_override(REGISTRY.names(), ALIASES)
@@ -68,13 +91,17 @@ def _request(backend: str | Sequence[str]) -> tuple[tuple[str, ...] | None, str]
 
 def select_backend(spec: AttentionSpec, backend: str | Sequence[str] = "auto") -> Backend:
     """The backend that will run ``spec``, honouring the precedence rules; raises when none can."""
+    return REGISTRY.get(select_backend_name(spec, backend))
+
+
+def select_backend_name(spec: AttentionSpec, backend: str | Sequence[str] = "auto") -> str:
+    """Registry name of the backend :func:`select_backend` picks (what the custom ops are given)."""
     request, origin = _request(backend)
     disabled = env.disabled_backends(REGISTRY.names(), ALIASES) if request is None else frozenset()
-    disabled = frozenset(resolve_alias(n) for n in disabled)
-    name, rejected = _decide(spec, request, origin, disabled)
+    name, rejected = _decide(spec, request, origin, frozenset(resolve_alias(n) for n in disabled))
     if env.debug():
         _log(spec, name, origin, rejected)
-    return REGISTRY.get(name)
+    return name
 
 
 @functools.lru_cache(maxsize=4096)
@@ -82,21 +109,20 @@ def _decide(
     spec: AttentionSpec, request: tuple[str, ...] | None, origin: str, disabled: frozenset[str]
 ) -> tuple[str, tuple[tuple[str, tuple[str, ...]], ...]]:
     rejected: dict[str, list[str]] = {}
-    if request is not None:
-        candidates = [REGISTRY.get(n) for n in request]
-    else:
-        candidates = sorted(REGISTRY.backends(), key=lambda b: -b.priority)
-    for b in candidates:
-        if request is None and b.name in disabled:
-            rejected[b.name] = [f"disabled by {env.DISABLE}"]
+    # Registry names, not Backend.name: a backend may be registered under another name than its class declares.
+    names = list(request) if request is not None else sorted(REGISTRY.names(), key=lambda n: -REGISTRY.get(n).priority)
+    for name in names:
+        b = REGISTRY.get(name)
+        if request is None and name in disabled:
+            rejected[name] = [f"disabled by {env.DISABLE}"]
             continue
         reasons = b.why_not(spec)
         if request is None and not reasons:
             reasons = b.why_not_auto(spec)
         if reasons:
-            rejected[b.name] = reasons
+            rejected[name] = reasons
             continue
-        return b.name, tuple((n, tuple(r)) for n, r in rejected.items())
+        return name, tuple((n, tuple(r)) for n, r in rejected.items())
     if request is not None and len(request) == 1:
         raise BackendUnsupportedError(request[0], rejected[request[0]])
     raise NoBackendError(rejected, summary=f"{spec.describe()} (requested by {origin})")

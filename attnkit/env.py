@@ -53,7 +53,10 @@ def _name_list(name: str, valid: Iterable[str], aliases: Iterable[str] = ()) -> 
     valid_set = set(valid) | set(aliases)
     names = [part.strip() for part in value.split(",")]
     if any(not n for n in names):
-        raise EnvironmentVariableError(f"{name}={value!r} has an empty entry; expected name[,name...]")
+        raise EnvironmentVariableError(
+            f"{name}={value!r} has an empty entry; expected name[,name...] with valid names: "
+            f"{', '.join(sorted(valid_set))}"
+        )
     unknown = [n for n in names if n not in valid_set]
     if unknown:
         raise EnvironmentVariableError(

@@ -292,6 +292,18 @@ class Registry:
                 entry.instance = BrokenBackend(name, f"{type(exc).__name__}: {exc}")
         return entry.instance
 
+    def load_builtins(self) -> None:
+        """Discover entry points and instantiate the built-in backends now.
+
+        Called at ``import attnkit`` so that the first call inside ``torch.compile`` finds everything loaded:
+        dynamo can trace neither the registry lock nor ``importlib``. Built-in backend modules import their heavy
+        optional dependencies (triton, cupy) lazily, so this stays cheap.
+        """
+        self._discover()
+        for name, entry in list(self._entries.items()):
+            if entry.source == "builtin":
+                self.get(name)
+
     def backends(self) -> list[Backend]:
         return [self.get(n) for n in self.names()]
 

@@ -8,9 +8,8 @@ import torch
 
 from .. import dropout as dropout_rng
 from .. import validation
-from ..dispatch import select_backend
+from ..dispatch import select_backend_name
 from ..params import AttentionParams, lse_dtype
-from ..registry import Backend
 from ..spec import AttentionSpec, device_capability, is_hip
 
 
@@ -74,7 +73,8 @@ def choose(
     params: AttentionParams,
     alibi: bool,
     requires_grad: bool,
-) -> Backend:
+) -> str:
+    """Registry name of the backend that will run this call."""
     num_heads_q, head_dim = q.shape[-2], q.shape[-1]
     spec = AttentionSpec(
         op=op,
@@ -98,7 +98,7 @@ def choose(
         ),
         requires_grad=requires_grad,
     )
-    return select_backend(spec, backend)
+    return select_backend_name(spec, backend)
 
 
 def needs_grad(*tensors: torch.Tensor) -> bool:

@@ -103,6 +103,6 @@ def attention(
         out, lse = _library.attention_forward(
             q, k, v, None, None, seqlen_q, seqlen_k, slopes,
             params.softmax_scale, params.causal, params.window_left, params.window_right, params.softcap,
-            params.dropout_p, params.dropout_seed, params.deterministic, chosen.name,
+            params.dropout_p, params.dropout_seed, params.deterministic, chosen,
         )  # fmt: skip
     return (out, lse) if return_lse else out

@@ -193,7 +193,7 @@ def attention_with_kvcache(
         q = q.contiguous()
     out, lse = _library.kvcache_forward(
         q, k_cache, v_cache, total, cache_batch_idx, block_table, slopes,
-        params.softmax_scale, params.causal, params.window_left, params.window_right, params.softcap, chosen.name,
+        params.softmax_scale, params.causal, params.window_left, params.window_right, params.softcap, chosen,
     )  # fmt: skip
     return (out, lse) if return_lse else out
 

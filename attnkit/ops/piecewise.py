@@ -80,6 +80,6 @@ def piecewise_attention(
         )
     else:
         out, lse = _library.piecewise_forward(
-            q1, k1, q2, k2, v, dist_threshold, params.softmax_scale, params.causal, chosen.name
+            q1, k1, q2, k2, v, dist_threshold, params.softmax_scale, params.causal, chosen
         )
     return (out, lse) if return_lse else out

@@ -90,6 +90,6 @@ def attention_varlen(
         out, lse = _library.attention_forward(
             q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, slopes,
             params.softmax_scale, params.causal, params.window_left, params.window_right, params.softcap,
-            params.dropout_p, params.dropout_seed, params.deterministic, chosen.name,
+            params.dropout_p, params.dropout_seed, params.deterministic, chosen,
         )  # fmt: skip
     return (out, lse) if return_lse else out

@@ -1,0 +1,81 @@
+"""Small helpers shared by the CPU tests (import as ``from helpers import ...``; tests/ is on sys.path)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+F64 = torch.float64
+
+
+def rand(*shape, dtype=F64, requires_grad=False, seed=None, scale=1.0):
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    x = (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(dtype)
+    return x.requires_grad_(requires_grad)
+
+
+def qkv(b, sq, sk, hq, hk, d, dv=None, *, dtype=F64, requires_grad=False, seed=0):
+    dv = d if dv is None else dv
+    return (
+        rand(b, sq, hq, d, dtype=dtype, requires_grad=requires_grad, seed=seed),
+        rand(b, sk, hk, d, dtype=dtype, requires_grad=requires_grad, seed=seed + 1),
+        rand(b, sk, hk, dv, dtype=dtype, requires_grad=requires_grad, seed=seed + 2),
+    )
+
+
+def cu_seqlens(lengths):
+    offsets = [0]
+    for n in lengths:
+        offsets.append(offsets[-1] + n)
+    return torch.tensor(offsets, dtype=torch.int32)
+
+
+def visible(i, j, sq, sk, left, right):
+    """The masking rule of attnkit.params, written out for one (i, j) pair."""
+    d = i + sk - sq - j
+    return (left < 0 or d <= left) and (right < 0 or d >= -right)
+
+
+def loop_attention(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap=0.0, slopes=None):
+    """Attention written as plain Python loops over (b, h, i) in float64: the most direct statement of the
+    semantics, for tiny shapes only. Returns (out, lse) with lse (B, H, Sq)."""
+    q, k, v = q.double(), k.double(), v.double()
+    b_, sq, hq, d = q.shape
+    sk, hk, dv = k.shape[1], k.shape[2], v.shape[3]
+    scale = 1 / math.sqrt(d) if scale is None else scale
+    left, right = window
+    if causal:
+        right = 0
+    out = torch.zeros(b_, sq, hq, dv, dtype=F64)
+    lse = torch.full((b_, hq, sq), -math.inf, dtype=F64)
+    for b in range(b_):
+        for h in range(hq):
+            hkv = h // (hq // hk)
+            for i in range(sq):
+                scores, values = [], []
+                for j in range(sk):
+                    if not visible(i, j, sq, sk, left, right):
+                        continue
+                    s = scale * float(q[b, i, h] @ k[b, j, hkv])
+                    if softcap > 0:
+                        s = softcap * math.tanh(s / softcap)
+                    if slopes is not None:
+                        slope = float(slopes[h] if slopes.dim() == 1 else slopes[b, h])
+                        s -= slope * abs(i + sk - sq - j)
+                    scores.append(s)
+                    values.append(v[b, j, hkv])
+                if not scores:
+                    continue
+                m = max(scores)
+                w = [math.exp(s - m) for s in scores]
+                total = sum(w)
+                lse[b, h, i] = m + math.log(total)
+                out[b, i, h] = sum(wi / total * vi for wi, vi in zip(w, values))
+    return out, lse
+
+
+def assert_close(actual, expected, atol=1e-9, rtol=1e-7, msg=""):
+    torch.testing.assert_close(
+        actual.double(), expected.double(), atol=atol, rtol=rtol, equal_nan=True, msg=msg or None
+    )

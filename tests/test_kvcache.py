@@ -1,0 +1,239 @@
+"""attention_with_kvcache: in-place append, paged caches, rotary, cache_batch_idx and the checks done before writing."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from helpers import assert_close, rand
+
+import attnkit
+from attnkit import InvalidArgumentError, KVCacheOverflowError
+from attnkit.testing import attention_naive
+
+I32 = torch.int32
+
+
+def _lens(*n):
+    return torch.tensor(n, dtype=I32)
+
+
+def _expected(q, k_rows, v_rows, **kw):
+    """Per batch row naive attention over that row's valid keys."""
+    return torch.cat([attention_naive(q[b : b + 1], k_rows[b][None], v_rows[b][None], **kw) for b in range(q.shape[0])])
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(causal=True), dict(window_size=(3, 1)), dict(softcap=2.0)], ids=str)
+@pytest.mark.parametrize("seqlen_q,seqlen_new", [(1, 1), (4, 4), (3, 0), (5, 2)])
+def test_append_and_attend(kw, seqlen_q, seqlen_new):
+    batch, cap, hq, hk, d, dv = 3, 40, 4, 2, 8, 6
+    k_cache, v_cache = rand(batch, cap, hk, d, seed=1), rand(batch, cap, hk, dv, seed=2)
+    before_k, before_v = k_cache.clone(), v_cache.clone()
+    q = rand(batch, seqlen_q, hq, d, seed=3)
+    k_new, v_new = rand(batch, seqlen_new, hk, d, seed=4), rand(batch, seqlen_new, hk, dv, seed=5)
+    lens = _lens(0, 17, cap - seqlen_new)
+    args = (k_new, v_new) if seqlen_new else ()
+    out, lse = attnkit.attention_with_kvcache(
+        q, k_cache, v_cache, *args, cache_seqlens=lens, return_lse=True, backend="reference", **kw
+    )
+    expected_k, expected_v = before_k.clone(), before_v.clone()
+    for b, n in enumerate(lens.tolist()):
+        expected_k[b, n : n + seqlen_new] = k_new[b]
+        expected_v[b, n : n + seqlen_new] = v_new[b]
+    assert torch.equal(k_cache, expected_k)  # prefix and tail untouched, new keys exactly at cache_seqlens
+    assert torch.equal(v_cache, expected_v)
+    rows = [n + seqlen_new for n in lens.tolist()]
+    exp_out, exp_lse = zip(
+        *[
+            attention_naive(q[b : b + 1], expected_k[b : b + 1, :n], expected_v[b : b + 1, :n], return_lse=True, **kw)
+            for b, n in enumerate(rows)
+        ]
+    )
+    assert_close(out, torch.cat(exp_out))
+    assert_close(lse, torch.cat(exp_lse))
+
+
+def test_int_cache_seqlens_and_default_full_cache():
+    q, k_cache, v_cache = rand(2, 1, 2, 4), rand(2, 10, 2, 4, seed=1), rand(2, 10, 2, 4, seed=2)
+    full = attnkit.attention_with_kvcache(q, k_cache, v_cache, backend="reference")
+    assert_close(full, attention_naive(q, k_cache, v_cache))
+    six = attnkit.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=6, backend="reference")
+    assert_close(six, attention_naive(q, k_cache[:, :6], v_cache[:, :6]))
+
+
+def test_cache_batch_idx():
+    k_cache, v_cache = rand(5, 16, 1, 4, seed=1), rand(5, 16, 1, 4, seed=2)
+    before_k, before_v = k_cache.clone(), v_cache.clone()
+    q, k_new, v_new = rand(2, 2, 2, 4, seed=3), rand(2, 2, 1, 4, seed=4), rand(2, 2, 1, 4, seed=5)
+    idx = torch.tensor([3, 0], dtype=I32)
+    lens = _lens(5, 9)
+    out = attnkit.attention_with_kvcache(
+        q, k_cache, v_cache, k_new, v_new, cache_seqlens=lens, cache_batch_idx=idx, causal=True, backend="reference"
+    )
+    expected_k, expected_v = before_k.clone(), before_v.clone()
+    expected_k[3, 5:7], expected_v[3, 5:7] = k_new[0], v_new[0]
+    expected_k[0, 9:11], expected_v[0, 9:11] = k_new[1], v_new[1]
+    assert torch.equal(k_cache, expected_k) and torch.equal(v_cache, expected_v)
+    exp = _expected(q, [expected_k[3, :7], expected_k[0, :11]], [expected_v[3, :7], expected_v[0, :11]], causal=True)
+    assert_close(out, exp)
+
+
+def _paged_copy(k_cache, v_cache, page, gen_seed):
+    """Scatter a contiguous (B, S, H, D) cache into shuffled pages; returns (k_pages, v_pages, block_table)."""
+    batch, cap = k_cache.shape[:2]
+    per_row = cap // page
+    num_blocks = batch * per_row + 3  # a few spare pages
+    perm = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(gen_seed))[: batch * per_row]
+    table = perm.view(batch, per_row).to(I32)
+    k_pages = rand(num_blocks, page, *k_cache.shape[2:], seed=50)  # garbage everywhere else
+    v_pages = rand(num_blocks, page, *v_cache.shape[2:], seed=51)
+    for b in range(batch):
+        for p in range(per_row):
+            k_pages[table[b, p]] = k_cache[b, p * page : (p + 1) * page]
+            v_pages[table[b, p]] = v_cache[b, p * page : (p + 1) * page]
+    return k_pages, v_pages, table
+
+
+def _unpage(pages, table):
+    return torch.stack([pages[table[b].long()].flatten(0, 1) for b in range(table.shape[0])])
+
+
+@pytest.mark.parametrize("page", [16, 32])
+@pytest.mark.parametrize("causal", [False, True])
+def test_paged_equals_contiguous(page, causal):
+    batch, cap = 3, 96
+    k_cache, v_cache = rand(batch, cap, 2, 8, seed=1), rand(batch, cap, 2, 4, seed=2)
+    k_pages, v_pages, table = _paged_copy(k_cache, v_cache, page, gen_seed=page)
+    spare_k, spare_v = k_pages.clone(), v_pages.clone()
+    q, k_new, v_new = rand(batch, 3, 4, 8, seed=3), rand(batch, 5, 2, 8, seed=4), rand(batch, 5, 2, 4, seed=5)
+    lens = _lens(0, page - 2, cap - 5)  # the second row's append crosses a page boundary
+    out_c = attnkit.attention_with_kvcache(
+        q, k_cache, v_cache, k_new, v_new, cache_seqlens=lens, causal=causal, backend="reference"
+    )
+    out_p = attnkit.attention_with_kvcache(
+        q, k_pages, v_pages, k_new, v_new, cache_seqlens=lens, block_table=table, causal=causal, backend="reference"
+    )
+    assert_close(out_p, out_c)
+    assert torch.equal(_unpage(k_pages, table), k_cache)
+    assert torch.equal(_unpage(v_pages, table), v_cache)
+    unused = sorted(set(range(k_pages.shape[0])) - set(table.flatten().tolist()))
+    assert torch.equal(k_pages[unused], spare_k[unused]) and torch.equal(v_pages[unused], spare_v[unused])
+
+
+def _rotate(x, cos, sin, interleaved):
+    """Direct rotary formula, channel by channel, in float64."""
+    out = x.clone()
+    half = cos.shape[-1]
+    for m in range(half):
+        i, j = (2 * m, 2 * m + 1) if interleaved else (m, m + half)
+        c, s = cos[..., m, None], sin[..., m, None]  # (B, S, 1): broadcast over heads
+        out[..., i] = x[..., i] * c - x[..., j] * s
+        out[..., j] = x[..., i] * s + x[..., j] * c
+    return out
+
+
+@pytest.mark.parametrize("interleaved", [True, False])
+@pytest.mark.parametrize("causal", [False, True])
+def test_rotary(interleaved, causal):
+    batch, cap, d, rot = 2, 32, 8, 6
+    k_cache, v_cache = rand(batch, cap, 1, d, seed=1), rand(batch, cap, 1, d, seed=2)
+    before_k = k_cache.clone()
+    q, k_new, v_new = rand(batch, 3, 2, d, seed=3), rand(batch, 3, 1, d, seed=4), rand(batch, 3, 1, d, seed=5)
+    pos = torch.arange(cap, dtype=torch.float64)[:, None]
+    freq = 1.0 / (10000 ** (torch.arange(rot // 2, dtype=torch.float64) / (rot // 2)))
+    cos, sin = torch.cos(pos * freq), torch.sin(pos * freq)
+    lens = _lens(4, 11)
+    out = attnkit.attention_with_kvcache(
+        q,
+        k_cache,
+        v_cache,
+        k_new,
+        v_new,
+        cache_seqlens=lens,
+        rotary_cos=cos,
+        rotary_sin=sin,
+        rotary_interleaved=interleaved,
+        causal=causal,
+        backend="reference",
+    )
+    k_pos = lens.long()[:, None] + torch.arange(3)
+    q_pos = k_pos if causal else lens.long()[:, None].expand(batch, 3)
+    k_rot = _rotate(k_new, cos[k_pos], sin[k_pos], interleaved)
+    q_rot = _rotate(q, cos[q_pos], sin[q_pos], interleaved)
+    assert torch.equal(k_rot[..., rot:], k_new[..., rot:])  # channels past rotary_dim untouched
+    tol = dict(atol=1e-6, rtol=1e-6)  # rotary is computed in float32
+    for b, n in enumerate(lens.tolist()):
+        assert_close(k_cache[b, n : n + 3], k_rot[b], **tol)
+        assert torch.equal(k_cache[b, :n], before_k[b, :n]) and torch.equal(k_cache[b, n + 3 :], before_k[b, n + 3 :])
+    exp = _expected(
+        q_rot,
+        [k_cache[b, : n + 3] for b, n in enumerate(lens.tolist())],
+        [v_cache[b, : n + 3] for b, n in enumerate(lens.tolist())],
+        causal=causal,
+    )
+    assert_close(out, exp, **tol)
+
+
+@pytest.mark.parametrize("interleaved", [True, False])
+def test_apply_rotary_matches_direct_formula(interleaved):
+    from attnkit.ops.rotary import apply_rotary
+
+    x = rand(2, 5, 3, 10)
+    angles = rand(2, 5, 4, seed=1)
+    out = apply_rotary(x, angles.cos(), angles.sin(), interleaved)
+    assert out.dtype == x.dtype
+    assert_close(out, _rotate(x, angles.cos(), angles.sin(), interleaved), atol=1e-6, rtol=1e-6)
+    assert_close(_rotate(x, torch.ones(2, 5, 4), torch.zeros(2, 5, 4), interleaved), x)  # angle 0: identity
+
+
+def _small_cache():
+    k_cache, v_cache = rand(2, 16, 1, 4, seed=1), rand(2, 16, 1, 4, seed=2)
+    return k_cache, v_cache, k_cache.clone(), v_cache.clone()
+
+
+@pytest.mark.parametrize("lens", [(14, 0), (0, 14), (16, 16)])
+def test_overflow_raises_before_writing(lens):
+    k_cache, v_cache, bk, bv = _small_cache()
+    q, k_new, v_new = rand(2, 1, 1, 4), rand(2, 3, 1, 4), rand(2, 3, 1, 4)
+    with pytest.raises(KVCacheOverflowError, match="cache row") as info:
+        attnkit.attention_with_kvcache(
+            q, k_cache, v_cache, k_new, v_new, cache_seqlens=_lens(*lens), backend="reference"
+        )
+    assert isinstance(info.value, ValueError) and isinstance(info.value, attnkit.AttnkitError)
+    assert torch.equal(k_cache, bk) and torch.equal(v_cache, bv)
+
+
+def test_paged_overflow_and_bad_block_table_raise_before_writing():
+    k_pages, v_pages = rand(4, 16, 1, 4, seed=1), rand(4, 16, 1, 4, seed=2)
+    bk, bv = k_pages.clone(), v_pages.clone()
+    q, k_new, v_new = rand(2, 1, 1, 4), rand(2, 2, 1, 4), rand(2, 2, 1, 4)
+    table = torch.tensor([[0, 1], [2, 3]], dtype=I32)
+    with pytest.raises(KVCacheOverflowError):
+        attnkit.attention_with_kvcache(
+            q, k_pages, v_pages, k_new, v_new, cache_seqlens=_lens(3, 31), block_table=table, backend="reference"
+        )
+    bad = torch.tensor([[0, 1], [2, 9]], dtype=I32)
+    with pytest.raises(InvalidArgumentError, match="block_table"):
+        attnkit.attention_with_kvcache(
+            q, k_pages, v_pages, k_new, v_new, cache_seqlens=_lens(3, 15), block_table=bad, backend="reference"
+        )
+    neg = torch.tensor([[-1, 1], [2, 3]], dtype=I32)
+    with pytest.raises(InvalidArgumentError, match="block_table"):
+        attnkit.attention_with_kvcache(
+            q, k_pages, v_pages, k_new, v_new, cache_seqlens=_lens(3, 3), block_table=neg, backend="reference"
+        )
+    assert torch.equal(k_pages, bk) and torch.equal(v_pages, bv)
+    # Out-of-range entries beyond the pages a row uses are fine.
+    ok = torch.tensor([[0, 99], [2, 3]], dtype=I32)
+    attnkit.attention_with_kvcache(q, k_pages, v_pages, cache_seqlens=_lens(3, 20), block_table=ok, backend="reference")
+
+
+def test_no_grad_and_lse_shape():
+    q, k_cache, v_cache = rand(2, 3, 4, 8), rand(2, 10, 2, 8, seed=1), rand(2, 10, 2, 8, seed=2)
+    out, lse = attnkit.attention_with_kvcache(
+        q, k_cache, v_cache, cache_seqlens=_lens(0, 10), return_lse=True, backend="reference"
+    )
+    assert out.shape == (2, 3, 4, 8) and lse.shape == (2, 4, 3)
+    assert torch.equal(out[0], torch.zeros_like(out[0])) and torch.isneginf(lse[0]).all()
+    assert math.isfinite(float(lse[1].max()))
