@@ -1,0 +1,164 @@
+"""Tile configurations of the CuPy kernels and the launch geometry derived from them.
+
+Pure Python (no CuPy, no GPU), so the numbers the kernels are launched with can be unit-tested anywhere.
+The tile choices follow FlashAttention-2 on Ampere/Hopper (see benchmarks/NOTES-cupy.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from attnkit.errors import InvalidArgumentError
+
+# Head dims the kernels are compiled for; a call uses the smallest one >= its head dim (rounded up to 8),
+# and the kernel zero-fills the columns in between.
+KERNEL_HEAD_DIMS = (32, 64, 96, 128, 256)
+
+# Shared-memory pitch padding in elements (16 bytes), mirrored from the kernels' LD = D + 8.
+_PAD = 8
+
+
+def padded_head_dim(head_dim: int) -> int:
+    """Head dim rounded up to a multiple of 8: rows must be 16-byte aligned for cp.async."""
+    return (head_dim + 7) // 8 * 8
+
+
+def kernel_head_dim(head_dim: int) -> int:
+    for hd in KERNEL_HEAD_DIMS:
+        if head_dim <= hd:
+            return hd
+    raise InvalidArgumentError(f"head_dim={head_dim} exceeds the CuPy kernels' maximum {KERNEL_HEAD_DIMS[-1]}")
+
+
+def dtype_flag(dtype: torch.dtype) -> int:
+    if dtype == torch.float16:
+        return 0
+    if dtype == torch.bfloat16:
+        return 1
+    raise InvalidArgumentError(f"the CuPy kernels take float16 or bfloat16, got {dtype}")
+
+
+@dataclass(frozen=True)
+class FwdConfig:
+    head_dim: int  # kernel (padded) head dim
+    bf16: bool
+    m_tiles: int  # 16-row tiles per warp
+    warps: int
+    block_n: int
+
+    @property
+    def block_m(self) -> int:
+        return 16 * self.m_tiles * self.warps
+
+    @property
+    def threads(self) -> int:
+        return 32 * self.warps
+
+    @property
+    def smem_bytes(self) -> int:
+        return (self.block_m + 2 * self.block_n) * (self.head_dim + _PAD) * 2
+
+    def defines(self) -> dict[str, int]:
+        return {
+            "ATTNKIT_HEAD_DIM": self.head_dim,
+            "ATTNKIT_BF16": int(self.bf16),
+            "ATTNKIT_FWD_MT": self.m_tiles,
+            "ATTNKIT_FWD_WARPS": self.warps,
+            "ATTNKIT_FWD_BN": self.block_n,
+        }
+
+    def grid(self, max_seqlen_q: int, heads_q: int, batch: int) -> tuple[int, int, int]:
+        return (-(-max_seqlen_q // self.block_m), heads_q, batch)
+
+
+@dataclass(frozen=True)
+class BwdConfig:
+    head_dim: int
+    bf16: bool
+    warps_n: int  # warps along the keys (16 keys each)
+    warps_d: int  # warps along the head dim for dK/dV
+    block_m: int  # queries per inner step
+
+    @property
+    def block_n(self) -> int:
+        return 16 * self.warps_n
+
+    @property
+    def threads(self) -> int:
+        return 32 * self.warps_n * self.warps_d
+
+    @property
+    def smem_bytes(self) -> int:
+        ld = self.head_dim + _PAD
+        lds = self.block_m + _PAD
+        return (2 * self.block_n * ld + 4 * self.block_m * ld + self.block_n * lds) * 2 + 4 * self.block_m * 4
+
+    def defines(self) -> dict[str, int]:
+        return {
+            "ATTNKIT_HEAD_DIM": self.head_dim,
+            "ATTNKIT_BF16": int(self.bf16),
+            "ATTNKIT_BWD_WN": self.warps_n,
+            "ATTNKIT_BWD_WD": self.warps_d,
+            "ATTNKIT_BWD_BM": self.block_m,
+        }
+
+    def grid(self, max_seqlen_k: int, heads_k: int, batch: int) -> tuple[int, int, int]:
+        return (-(-max_seqlen_k // self.block_n), heads_k, batch)
+
+
+# Candidate tiles per kernel head dim, fastest first; a call takes the first that fits the device's shared memory
+# (sm_80/90: 163/227 KB per block, sm_86/89: 99 KB). Picked by timing on an H200 (benchmarks/NOTES-cupy.md);
+# the first D=128 forward entry spills ~190 bytes yet beats the spill-free (1, 8, 64) by 25%.
+# Forward: (m_tiles, warps, block_n).
+_FWD_TILES: dict[int, list[tuple[int, int, int]]] = {
+    32: [(2, 4, 64)],
+    64: [(2, 4, 64)],
+    96: [(1, 8, 64), (1, 4, 64)],
+    128: [(2, 4, 64), (1, 4, 64)],
+    256: [(1, 4, 64), (1, 4, 32)],
+}
+# Backward: (warps_n, warps_d, block_m); D = 256 splits dK/dV over two warps to bound registers.
+_BWD_TILES: dict[int, list[tuple[int, int, int]]] = {
+    32: [(4, 1, 64)],
+    64: [(8, 1, 64), (4, 1, 64)],
+    96: [(4, 1, 64), (4, 1, 32)],
+    128: [(8, 1, 64), (4, 1, 64), (4, 1, 32)],
+    256: [(4, 2, 32), (2, 2, 16)],
+}
+
+# Rows per CTA of the delta = rowsum(dO * O) pre-pass (one warp per row and head).
+PRE_THREADS = 128
+PRE_ROWS_PER_CTA = PRE_THREADS // 32
+
+
+def _pick(candidates: list, smem_limit: int | None):
+    """First candidate within ``smem_limit`` bytes (None: no limit); the smallest when none fits, so the caller's
+    shared-memory check can name the least it needs."""
+    if smem_limit is None:
+        return candidates[0]
+    for c in candidates:
+        if c.smem_bytes <= smem_limit:
+            return c
+    return min(candidates, key=lambda c: c.smem_bytes)
+
+
+def fwd_config(head_dim: int, dtype: torch.dtype, smem_limit: int | None = None) -> FwdConfig:
+    hd = kernel_head_dim(padded_head_dim(head_dim))
+    bf16 = bool(dtype_flag(dtype))
+    return _pick([FwdConfig(hd, bf16, *t) for t in _FWD_TILES[hd]], smem_limit)
+
+
+def bwd_config(head_dim: int, dtype: torch.dtype, smem_limit: int | None = None) -> BwdConfig:
+    hd = kernel_head_dim(padded_head_dim(head_dim))
+    bf16 = bool(dtype_flag(dtype))
+    return _pick([BwdConfig(hd, bf16, *t) for t in _BWD_TILES[hd]], smem_limit)
+
+
+def pre_grid(seqlen: int, heads: int, batch: int) -> tuple[int, int, int]:
+    return (-(-(seqlen * heads) // PRE_ROWS_PER_CTA), batch, 1)
+
+
+# CUDA caps gridDim.y and gridDim.z at 65535 (heads and batch live there).
+MAX_GRID_YZ = 65535

@@ -1,0 +1,180 @@
+// Shared building blocks of the attnkit CuPy kernels: PTX wrappers for the Ampere tensor-core path
+// (cp.async, ldmatrix, mma.sync m16n8k16) and the score transform shared by forward and backward.
+//
+// The file includes no CUDA header on purpose: NVRTC then needs no include path, and the same text compiles
+// under nvcc (CI) and NVRTC (run time) with identical meaning. Half values travel as raw 16-bit patterns.
+#pragma once
+
+namespace ak {
+
+typedef unsigned int u32;
+typedef unsigned short u16;
+typedef long long i64;
+
+// Element type of the dynamic shared-memory array: its alignment makes every 16-byte cp.async target legal.
+struct alignas(16) uint4_aligned {
+    u32 x, y, z, w;
+};
+
+#define AK_INF __int_as_float(0x7f800000)
+#define AK_LOG2E 1.4426950408889634f
+#define AK_LN2 0.6931471805599453f
+
+__device__ __forceinline__ u32 smem_u32(const void* ptr) {
+    u32 addr;
+    asm volatile("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }\n" : "=r"(addr) : "l"(ptr));
+    return addr;
+}
+
+// 16-byte global->shared copy that bypasses L1; a false predicate zero-fills the destination, which is how
+// rows past the sequence end and columns past the real head dim become harmless zeros.
+__device__ __forceinline__ void cp_async16(u32 dst, const void* src, bool pred) {
+    int bytes = pred ? 16 : 0;
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(bytes));
+}
+
+__device__ __forceinline__ void cp_async4(u32 dst, const void* src, bool pred) {
+    int bytes = pred ? 4 : 0;
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(bytes));
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+__device__ __forceinline__ void ldsm_x4(u32 addr, u32& r0, u32& r1, u32& r2, u32& r3) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+                 : "r"(addr));
+}
+
+__device__ __forceinline__ void ldsm_x4_t(u32 addr, u32& r0, u32& r1, u32& r2, u32& r3) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+                 : "r"(addr));
+}
+
+// D += A * B for one 16x8x16 tile, fp32 accumulation.
+template <bool BF16>
+__device__ __forceinline__ void mma16816(float (&d)[4], const u32 (&a)[4], u32 b0, u32 b1) {
+    if (BF16) {
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+            "{%0,%1,%2,%3};\n"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    } else {
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+            "{%0,%1,%2,%3};\n"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    }
+}
+
+// Two floats -> one register of two 16-bit values; `lo` lands in the low half (the lower column index).
+template <bool BF16>
+__device__ __forceinline__ u32 pack2(float lo, float hi) {
+    u32 r;
+    if (BF16) {
+        asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
+    } else {
+        asm("cvt.rn.f16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
+    }
+    return r;
+}
+
+template <bool BF16>
+__device__ __forceinline__ float to_f32(u16 h) {
+    if (BF16) return __uint_as_float(((u32)h) << 16);
+    float f;
+    asm("cvt.f32.f16 %0, %1;\n" : "=f"(f) : "h"(h));
+    return f;
+}
+
+__device__ __forceinline__ float fast_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
+}
+
+// Per-call constants of the score transform; every score lives in the log2 domain (log2(e) folded in),
+// so softmax needs a single ex2 per element.
+struct ScoreParams {
+    float scale_log2;    // softmax_scale * log2(e), used without softcap
+    float cap_pre;       // softmax_scale / softcap
+    float cap_post;      // softcap * log2(e)
+    float slope_log2;    // ALiBi slope * log2(e) of this (batch, head); 0 without ALiBi
+    int use_softcap;
+    int use_alibi;
+    int window_left;     // -1: unbounded
+    int window_right;    // -1: unbounded
+};
+
+// Key `col` is visible from query `row` (both relative to their sequence start); shift = Sk - Sq aligns the
+// diagonal bottom-right as in flash-attn 2.x.
+__device__ __forceinline__ bool visible(int row, int col, int shift, int sq, int sk, int wl, int wr) {
+    int d = row + shift - col;
+    return row < sq && col < sk && (wl < 0 || d <= wl) && (wr < 0 || d >= -wr);
+}
+
+// Raw q.k -> log2-domain score. `th` returns tanh(.) for the softcap chain rule in the backward pass.
+__device__ __forceinline__ float transform_score(float acc, int row, int col, int shift, const ScoreParams& sp,
+                                                 float& th) {
+    float x;
+    if (sp.use_softcap) {
+        th = tanhf(acc * sp.cap_pre);
+        x = th * sp.cap_post;
+    } else {
+        th = 0.f;
+        x = acc * sp.scale_log2;
+    }
+    if (sp.use_alibi) {
+        int d = row + shift - col;
+        x -= sp.slope_log2 * (float)(d < 0 ? -d : d);
+    }
+    return x;
+}
+
+// Sequence bounds of batch entry b: dense tensors use batch strides, varlen ones cu_seqlens offsets.
+struct SeqInfo {
+    int q_start, k_start, sq, sk;
+};
+
+__device__ __forceinline__ SeqInfo seq_info(int b, const int* cu_q, const int* cu_k, int seqlen_q, int seqlen_k) {
+    SeqInfo s;
+    if (cu_q != nullptr) {
+        s.q_start = cu_q[b];
+        s.sq = cu_q[b + 1] - s.q_start;
+        s.k_start = cu_k[b];
+        s.sk = cu_k[b + 1] - s.k_start;
+    } else {
+        s.q_start = 0;
+        s.k_start = 0;
+        s.sq = seqlen_q;
+        s.sk = seqlen_k;
+    }
+    return s;
+}
+
+// Asynchronously copy a ROWS x D tile (row stride `row_stride` elements in global memory) into shared memory
+// with a padded row pitch LD, so ldmatrix rows fall into distinct banks. Rows >= rows_valid and 16-byte chunks
+// >= d_chunks are zero-filled.
+template <int ROWS, int D, int LD, int NT>
+__device__ __forceinline__ void load_tile(u32 smem, const u16* g, i64 row_stride, int rows_valid, int d_chunks,
+                                          int tid) {
+    constexpr int CPR = D / 8;
+#pragma unroll
+    for (int idx = tid; idx < ROWS * CPR; idx += NT) {
+        int r = idx / CPR;
+        int c = idx % CPR;
+        bool pred = r < rows_valid && c < d_chunks;
+        const u16* src = pred ? g + (i64)r * row_stride + c * 8 : g;
+        cp_async16(smem + (u32)((r * LD + c * 8) * 2), src, pred);
+    }
+}
+
+}  // namespace ak

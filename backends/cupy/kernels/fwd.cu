@@ -1,0 +1,277 @@
+// FlashAttention-2 style forward pass: one CTA owns BM query rows of one (batch, head) and streams key/value
+// tiles of BN rows through shared memory, keeping the running max, the running sum and the output in
+// registers. Each warp owns 16*MT query rows. Tensor cores via mma.sync m16n8k16; K/V loads overlap compute:
+// V_j is in flight during S = Q K_j^T, K_{j-1} during P V_j.
+//
+// Configuration comes from macros so one source serves NVRTC (run time) and nvcc (CI) alike:
+//   ATTNKIT_HEAD_DIM  padded head dim (multiple of 16; the real dim is a run-time argument, <= this)
+//   ATTNKIT_BF16      1: bfloat16, 0: float16
+//   ATTNKIT_FWD_MT    16-row m tiles per warp
+//   ATTNKIT_FWD_WARPS warps per CTA
+//   ATTNKIT_FWD_BN    keys per tile
+#include "common.cuh"
+
+#ifndef ATTNKIT_HEAD_DIM
+#define ATTNKIT_HEAD_DIM 64
+#endif
+#ifndef ATTNKIT_BF16
+#define ATTNKIT_BF16 0
+#endif
+#ifndef ATTNKIT_FWD_MT
+#define ATTNKIT_FWD_MT 2
+#endif
+#ifndef ATTNKIT_FWD_WARPS
+#define ATTNKIT_FWD_WARPS 4
+#endif
+#ifndef ATTNKIT_FWD_BN
+#define ATTNKIT_FWD_BN 64
+#endif
+
+namespace ak {
+
+template <int D, int MT, int NW, int BN, bool BF16>
+struct FwdKernel {
+    static constexpr int NT = NW * 32;
+    static constexpr int BM = 16 * MT * NW;
+    static constexpr int LD = D + 8;  // shared row pitch in elements (16 bytes of padding)
+    static constexpr int NTILE = BN / 8;
+    static constexpr int DTILE = D / 8;
+    static_assert(D % 16 == 0 && BN % 16 == 0, "tile sizes must be multiples of 16");
+
+    static __device__ __forceinline__ void run(const u16* __restrict__ q, const u16* __restrict__ k,
+                                               const u16* __restrict__ v, u16* __restrict__ o,
+                                               float* __restrict__ lse, const int* __restrict__ cu_q,
+                                               const int* __restrict__ cu_k, const float* __restrict__ alibi,
+                                               const i64* __restrict__ st, int seqlen_q, int seqlen_k, int group,
+                                               int d, int alibi_sb, ScoreParams sp) {
+        extern __shared__ uint4_aligned smem_raw[];
+        u16* sQ = reinterpret_cast<u16*>(smem_raw);
+        u16* sK = sQ + BM * LD;
+        u16* sV = sK + BN * LD;
+
+        const int tid = threadIdx.x;
+        const int lane = tid & 31;
+        const int warp = tid >> 5;
+        // Heavy (late, causal) query blocks first so they do not trail at the end of the grid.
+        const int mb = gridDim.x - 1 - blockIdx.x;
+        const int h = blockIdx.y;
+        const int b = blockIdx.z;
+        const SeqInfo si = seq_info(b, cu_q, cu_k, seqlen_q, seqlen_k);
+        const int m0 = mb * BM;
+        if (m0 >= si.sq) return;
+        const int hk = h / group;
+        const int shift = si.sk - si.sq;
+        const int wl = sp.window_left, wr = sp.window_right;
+        if (sp.use_alibi) sp.slope_log2 = alibi[(i64)b * alibi_sb + h] * AK_LOG2E;
+
+        // strides: q(b,s,h) k(b,s,h) v(b,s,h) o(b,s,h) lse(b,h)
+        const u16* qg = q + (i64)b * st[0] + (i64)(si.q_start + m0) * st[1] + (i64)h * st[2];
+        const u16* kg = k + (i64)b * st[3] + (i64)si.k_start * st[4] + (i64)hk * st[5];
+        const u16* vg = v + (i64)b * st[6] + (i64)si.k_start * st[7] + (i64)hk * st[8];
+        u16* og = o + (i64)b * st[9] + (i64)(si.q_start + m0) * st[10] + (i64)h * st[11];
+        float* lg = lse + (i64)b * st[12] + (i64)h * st[13] + si.q_start + m0;
+        const int rows_q = min(BM, si.sq - m0);
+
+        int n_lo = 0, n_hi = si.sk;
+        if (wr >= 0) n_hi = min(si.sk, m0 + BM - 1 + shift + wr + 1);
+        if (wl >= 0) n_lo = max(0, m0 + shift - wl);
+        const int d_chunks = d / 8;
+
+        float acc_o[MT][DTILE][4];
+#pragma unroll
+        for (int t = 0; t < MT; ++t)
+#pragma unroll
+            for (int j = 0; j < DTILE; ++j)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) acc_o[t][j][e] = 0.f;
+        float row_max[MT][2], row_sum[MT][2];
+#pragma unroll
+        for (int t = 0; t < MT; ++t)
+#pragma unroll
+            for (int hh = 0; hh < 2; ++hh) {
+                row_max[t][hh] = -AK_INF;
+                row_sum[t][hh] = 0.f;
+            }
+
+        if (n_hi > n_lo) {
+            const int nb_lo = n_lo / BN;
+            const int nb_hi = (n_hi + BN - 1) / BN;
+            const u32 sQa = smem_u32(sQ), sKa = smem_u32(sK), sVa = smem_u32(sV);
+            load_tile<BM, D, LD, NT>(sQa, qg, st[1], rows_q, d_chunks, tid);
+            {
+                const int n0 = (nb_hi - 1) * BN;
+                load_tile<BN, D, LD, NT>(sKa, kg + (i64)n0 * st[4], st[4], si.sk - n0, d_chunks, tid);
+            }
+            cp_async_commit();
+
+            const int wrow = warp * 16 * MT;  // first row of this warp inside the block
+            for (int nb = nb_hi - 1; nb >= nb_lo; --nb) {
+                const int n0 = nb * BN;
+                load_tile<BN, D, LD, NT>(sVa, vg + (i64)n0 * st[7], st[7], si.sk - n0, d_chunks, tid);
+                cp_async_commit();
+                cp_async_wait<1>();
+                __syncthreads();
+
+                float s[MT][NTILE][4];
+#pragma unroll
+                for (int t = 0; t < MT; ++t)
+#pragma unroll
+                    for (int j = 0; j < NTILE; ++j)
+#pragma unroll
+                        for (int e = 0; e < 4; ++e) s[t][j][e] = 0.f;
+#pragma unroll
+                for (int kk = 0; kk < D / 16; ++kk) {
+                    u32 a[MT][4];
+#pragma unroll
+                    for (int t = 0; t < MT; ++t)
+                        ldsm_x4(sQa + (u32)(((wrow + t * 16 + (lane & 15)) * LD + kk * 16 + (lane >> 4) * 8) * 2),
+                                a[t][0], a[t][1], a[t][2], a[t][3]);
+#pragma unroll
+                    for (int np = 0; np < BN / 16; ++np) {
+                        u32 b0, b1, b2, b3;
+                        ldsm_x4(sKa + (u32)(((np * 16 + (lane & 7) + (lane >> 4) * 8) * LD + kk * 16 +
+                                             ((lane >> 3) & 1) * 8) *
+                                            2),
+                                b0, b1, b2, b3);
+#pragma unroll
+                        for (int t = 0; t < MT; ++t) {
+                            mma16816<BF16>(s[t][2 * np], a[t], b0, b1);
+                            mma16816<BF16>(s[t][2 * np + 1], a[t], b2, b3);
+                        }
+                    }
+                }
+                __syncthreads();  // every warp is done with sK
+                if (nb > nb_lo) {
+                    const int nn = n0 - BN;
+                    load_tile<BN, D, LD, NT>(sKa, kg + (i64)nn * st[4], st[4], si.sk - nn, d_chunks, tid);
+                }
+                cp_async_commit();
+
+                const bool need_mask = (n0 + BN > si.sk) || (wr >= 0 && n0 + BN - 1 > m0 + shift + wr) ||
+                                       (wl >= 0 && n0 < m0 + BM - 1 + shift - wl);
+                const bool generic = need_mask || sp.use_softcap || sp.use_alibi;
+#pragma unroll
+                for (int t = 0; t < MT; ++t) {
+#pragma unroll
+                    for (int hh = 0; hh < 2; ++hh) {
+                        const int row = m0 + wrow + t * 16 + (lane >> 2) + hh * 8;
+                        float mx = -AK_INF;
+#pragma unroll
+                        for (int j = 0; j < NTILE; ++j)
+#pragma unroll
+                            for (int e = 0; e < 2; ++e) {
+                                float x = s[t][j][2 * hh + e];
+                                if (generic) {
+                                    const int col = n0 + j * 8 + 2 * (lane & 3) + e;
+                                    float th;
+                                    x = transform_score(x, row, col, shift, sp, th);
+                                    if (need_mask && !visible(row, col, shift, si.sq, si.sk, wl, wr)) x = -AK_INF;
+                                } else {
+                                    x *= sp.scale_log2;
+                                }
+                                s[t][j][2 * hh + e] = x;
+                                mx = fmaxf(mx, x);
+                            }
+                        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+                        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+                        const float m_new = fmaxf(row_max[t][hh], mx);
+                        // A row with nothing visible so far keeps max -inf; subtracting 0 instead avoids inf-inf.
+                        const float m_use = m_new == -AK_INF ? 0.f : m_new;
+                        const float alpha = fast_exp2(row_max[t][hh] - m_use);
+                        row_max[t][hh] = m_new;
+                        float sum = 0.f;
+#pragma unroll
+                        for (int j = 0; j < NTILE; ++j)
+#pragma unroll
+                            for (int e = 0; e < 2; ++e) {
+                                const float p = fast_exp2(s[t][j][2 * hh + e] - m_use);
+                                s[t][j][2 * hh + e] = p;
+                                sum += p;
+                            }
+                        row_sum[t][hh] = row_sum[t][hh] * alpha + sum;
+#pragma unroll
+                        for (int j = 0; j < DTILE; ++j) {
+                            acc_o[t][j][2 * hh] *= alpha;
+                            acc_o[t][j][2 * hh + 1] *= alpha;
+                        }
+                    }
+                }
+
+                cp_async_wait<1>();
+                __syncthreads();  // V tile visible to every warp
+#pragma unroll
+                for (int kk = 0; kk < BN / 16; ++kk) {
+                    u32 a[MT][4];
+#pragma unroll
+                    for (int t = 0; t < MT; ++t) {
+                        a[t][0] = pack2<BF16>(s[t][2 * kk][0], s[t][2 * kk][1]);
+                        a[t][1] = pack2<BF16>(s[t][2 * kk][2], s[t][2 * kk][3]);
+                        a[t][2] = pack2<BF16>(s[t][2 * kk + 1][0], s[t][2 * kk + 1][1]);
+                        a[t][3] = pack2<BF16>(s[t][2 * kk + 1][2], s[t][2 * kk + 1][3]);
+                    }
+#pragma unroll
+                    for (int dp = 0; dp < D / 16; ++dp) {
+                        u32 b0, b1, b2, b3;
+                        ldsm_x4_t(sVa + (u32)(((kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + dp * 16 +
+                                               (lane >> 4) * 8) *
+                                              2),
+                                  b0, b1, b2, b3);
+#pragma unroll
+                        for (int t = 0; t < MT; ++t) {
+                            mma16816<BF16>(acc_o[t][2 * dp], a[t], b0, b1);
+                            mma16816<BF16>(acc_o[t][2 * dp + 1], a[t], b2, b3);
+                        }
+                    }
+                }
+                __syncthreads();  // every warp is done with sV before the next tile lands there
+            }
+            cp_async_wait<0>();
+        }
+
+        // Epilogue: normalise, write out (zeros for rows that saw no key) and the natural-log LSE.
+#pragma unroll
+        for (int t = 0; t < MT; ++t) {
+#pragma unroll
+            for (int hh = 0; hh < 2; ++hh) {
+                float l = row_sum[t][hh];
+                l += __shfl_xor_sync(0xffffffffu, l, 1);
+                l += __shfl_xor_sync(0xffffffffu, l, 2);
+                const float inv = l > 0.f ? 1.f / l : 0.f;
+                const int r = warp * 16 * MT + t * 16 + (lane >> 2) + hh * 8;
+                if (r < rows_q) {
+                    u32* orow = reinterpret_cast<u32*>(og + (i64)r * st[10]);
+#pragma unroll
+                    for (int j = 0; j < DTILE; ++j) {
+                        const int c = j * 8 + 2 * (lane & 3);
+                        if (c < d) orow[c / 2] = pack2<BF16>(acc_o[t][j][2 * hh] * inv, acc_o[t][j][2 * hh + 1] * inv);
+                    }
+                    if ((lane & 3) == 0) lg[r] = l > 0.f ? row_max[t][hh] * AK_LN2 + logf(l) : -AK_INF;
+                }
+            }
+        }
+    }
+};
+
+}  // namespace ak
+
+// Strides are in elements and 64-bit, passed by value (no device-side argument buffer, so no host-to-device
+// copy per call): q b/s/h, k b/s/h, v b/s/h, o b/s/h, lse b/h.
+extern "C" __global__ void __launch_bounds__(ATTNKIT_FWD_WARPS * 32)
+    attnkit_fwd(const ak::u16* q, const ak::u16* k, const ak::u16* v, ak::u16* o, float* lse, const int* cu_q,
+                const int* cu_k, const float* alibi, ak::i64 s0, ak::i64 s1, ak::i64 s2, ak::i64 s3, ak::i64 s4,
+                ak::i64 s5, ak::i64 s6, ak::i64 s7, ak::i64 s8, ak::i64 s9, ak::i64 s10, ak::i64 s11, ak::i64 s12,
+                ak::i64 s13, int seqlen_q, int seqlen_k, int group, int d, int alibi_sb, float scale_log2,
+                float cap_pre, float cap_post, int use_softcap, int use_alibi, int window_left, int window_right) {
+    const ak::i64 strides[14] = {s0, s1, s2, s3, s4, s5, s6, s7, s8, s9, s10, s11, s12, s13};
+    ak::ScoreParams sp;
+    sp.scale_log2 = scale_log2;
+    sp.cap_pre = cap_pre;
+    sp.cap_post = cap_post;
+    sp.slope_log2 = 0.f;
+    sp.use_softcap = use_softcap;
+    sp.use_alibi = use_alibi;
+    sp.window_left = window_left;
+    sp.window_right = window_right;
+    ak::FwdKernel<ATTNKIT_HEAD_DIM, ATTNKIT_FWD_MT, ATTNKIT_FWD_WARPS, ATTNKIT_FWD_BN, ATTNKIT_BF16 != 0>::run(
+        q, k, v, o, lse, cu_q, cu_k, alibi, strides, seqlen_q, seqlen_k, group, d, alibi_sb, sp);
+}
