@@ -29,7 +29,7 @@ from .spec import AttentionSpec
 
 __version__ = "0.1.0"
 
-from .registry import REGISTRY as _REGISTRY  # noqa: E402
+from .registry import REGISTRY as _REGISTRY
 
 _REGISTRY.load_builtins()
 

@@ -142,7 +142,9 @@ def run_check(
     if dtypes is None:
         dtypes = [torch.float16, torch.bfloat16] if device.type == "cuda" else [torch.float32, torch.bfloat16]
     large = device.type == "cuda" if large is None else large
-    names = list(backends) if backends else [n for n in REGISTRY.names() if REGISTRY.get(n).unavailable_reason() is None]
+    names = (
+        list(backends) if backends else [n for n in REGISTRY.names() if REGISTRY.get(n).unavailable_reason() is None]
+    )
     rows = []
     for name in names:
         for dtype in dtypes:
@@ -152,7 +154,9 @@ def run_check(
 
 
 def format_rows(rows: list[Row]) -> str:
-    header = f"{'backend':<12} {'case':<22} {'dtype':<9} {'status':<6} {'out err':>9} {'dq err':>9} {'dk err':>9} {'dv err':>9} {'ms/call':>8}"
+    columns = ("out err", "dq err", "dk err", "dv err", "ms/call")
+    header = f"{'backend':<12} {'case':<22} {'dtype':<9} {'status':<6} " + " ".join(f"{c:>9}" for c in columns[:4])
+    header += f" {columns[4]:>8}"
     lines = [header, "-" * len(header)]
     for r in rows:
         if not r.errors:

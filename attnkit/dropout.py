@@ -42,7 +42,9 @@ def _mul_hi_lo(a: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
     return hi & _MASK32, lo
 
 
-def philox_first_word(seed: int, c0: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor, c3: torch.Tensor) -> torch.Tensor:
+def philox_first_word(
+    seed: int, c0: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor, c3: torch.Tensor
+) -> torch.Tensor:
     """First output word of Philox4x32-10 as an int64 tensor holding a uint32, broadcasting the counters."""
     k0 = seed & _MASK32
     k1 = (seed >> 32) & _MASK32

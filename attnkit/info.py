@@ -33,7 +33,7 @@ def list_backends() -> list[BackendStatus]:
         if reason is None:
             try:
                 details = b.info()
-            except Exception as exc:  # noqa: BLE001 - info must never break `attnkit info`
+            except Exception as exc:
                 details = {"info error": f"{type(exc).__name__}: {exc}"}
         result.append(
             BackendStatus(
@@ -53,7 +53,7 @@ def list_backends() -> list[BackendStatus]:
 def _version(module: str) -> str:
     try:
         mod = __import__(module)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         return f"not installed ({type(exc).__name__})"
     return getattr(mod, "__version__", "unknown")
 
@@ -71,7 +71,9 @@ def environment() -> dict[str, str]:
     if torch.cuda.is_available():
         idx = torch.cuda.current_device()
         cc = torch.cuda.get_device_capability(idx)
-        info["device"] = f"{torch.cuda.get_device_name(idx)} (capability {cc[0]}.{cc[1]}, {torch.cuda.device_count()} visible)"
+        info["device"] = (
+            f"{torch.cuda.get_device_name(idx)} (capability {cc[0]}.{cc[1]}, {torch.cuda.device_count()} visible)"
+        )
     else:
         info["device"] = f"cpu ({platform.processor() or platform.machine()}), no CUDA/ROCm device"
     for name, value in env.snapshot().items():

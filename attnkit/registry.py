@@ -68,7 +68,9 @@ class BackendCapabilities:
             "dtypes": ",".join(str(d).removeprefix("torch.") for d in sorted(self.dtypes, key=str)),
             "head dims": f"{self.min_head_dim}..{self.max_head_dim}"
             + (f" (multiple of {self.head_dim_multiple})" if self.head_dim_multiple > 1 else ""),
-            "ops": ",".join(o for o in ("attention", "varlen", "kvcache", "paged_kvcache", "piecewise") if o in self.ops),
+            "ops": ",".join(
+                o for o in ("attention", "varlen", "kvcache", "paged_kvcache", "piecewise") if o in self.ops
+            ),
             "features": ",".join(sorted(self.features)),
             "backward": "yes" if self.backward else "no",
         }
@@ -288,7 +290,7 @@ class Registry:
                 module_name, _, attr = entry.target.partition(":")
                 obj = getattr(importlib.import_module(module_name), attr)
                 entry.instance = obj() if isinstance(obj, type) else obj
-            except Exception as exc:  # noqa: BLE001 - any import failure becomes a reason, never a crash
+            except Exception as exc:
                 entry.instance = BrokenBackend(name, f"{type(exc).__name__}: {exc}")
         return entry.instance
 
@@ -311,7 +313,7 @@ class Registry:
 def _entry_points() -> Iterable[metadata.EntryPoint]:
     try:
         return metadata.entry_points(group=ENTRY_POINT_GROUP)
-    except Exception:  # noqa: BLE001 - broken metadata of some unrelated distribution
+    except Exception:
         return []
 
 
@@ -335,4 +337,3 @@ def _clear_caches() -> None:
     from . import dispatch
 
     dispatch.clear_cache()
-

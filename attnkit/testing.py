@@ -19,10 +19,10 @@ from collections.abc import Sequence
 import torch
 
 from . import dropout as dropout_rng
-from .params import lse_dtype
 from .ops.attention import attention
 from .ops.piecewise import piecewise_attention
 from .ops.varlen import attention_varlen
+from .params import lse_dtype
 
 
 def _mask(sq: int, sk: int, window_left: int, window_right: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,7 +78,11 @@ def attention_naive(
     if dropout_p > 0:
         bh = (batch_offset + torch.arange(batch, device=q.device))[:, None] * hq + torch.arange(hq, device=q.device)
         keep = dropout_rng.keep_mask(
-            dropout_seed, dropout_p, bh.reshape(-1), torch.arange(sq, device=q.device), torch.arange(sk, device=q.device)
+            dropout_seed,
+            dropout_p,
+            bh.reshape(-1),
+            torch.arange(sq, device=q.device),
+            torch.arange(sk, device=q.device),
         ).view(batch, hq, sq, sk)
         p = p * keep.to(dtype) / (1 - dropout_p)
     out = torch.einsum("bhij,bjhd->bihd", p, vf)
@@ -159,7 +163,7 @@ def piecewise_attention_ref(
             q1.double(), k1.double(), q2.double(), k2.double(), v.double(), dist_threshold, causal=causal,
             softmax_scale=softmax_scale, return_lse=return_lse, backend="reference",
         )  # fmt: skip
-    batch, sq, hq, d = q1.shape
+    _batch, sq, hq, d = q1.shape
     sk, hk = k1.shape[1], k1.shape[2]
     scale = softmax_scale if softmax_scale is not None else d**-0.5
     rep = hq // hk

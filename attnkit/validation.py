@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 
@@ -127,9 +128,7 @@ def alibi_slopes(slopes: object, batch: int, num_heads_q: int, device: torch.dev
     return slopes.contiguous()
 
 
-def cu_seqlens(
-    name: str, cu: object, max_name: str, max_seqlen: object, total: int, device: torch.device
-) -> list[int]:
+def cu_seqlens(name: str, cu: object, max_name: str, max_seqlen: object, total: int, device: torch.device) -> list[int]:
     """Checks one cu_seqlens tensor against its max_seqlen and the packed length; returns it as a list."""
     if not isinstance(cu, torch.Tensor):
         raise InvalidArgumentTypeError(f"{name} must be a torch.Tensor, got {type(cu).__name__}")
@@ -143,7 +142,7 @@ def cu_seqlens(
     if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0:
         raise InvalidArgumentError(f"{max_name} is {max_seqlen!r}; allowed: an int >= 0")
     values = cu.tolist()
-    lengths = [b - a for a, b in zip(values, values[1:])]
+    lengths = [b - a for a, b in itertools.pairwise(values)]
     if values[0] != 0 or any(n < 0 for n in lengths):
         raise InvalidArgumentError(f"{name}={values} must start at 0 and never decrease")
     if values[-1] > total:

@@ -12,7 +12,6 @@ import pytest
 import torch
 
 import attnkit
-from attnkit.dispatch import select_backend_name
 from attnkit import (
     AttnkitError,
     Backend,
@@ -26,6 +25,7 @@ from attnkit import (
     select_backend,
     use_backend,
 )
+from attnkit.dispatch import select_backend_name
 from attnkit.registry import REGISTRY
 from attnkit.spec import AttentionSpec
 

@@ -9,6 +9,8 @@ results, whereas any other exception becomes "error".
 
 from __future__ import annotations
 
+import abc
+
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -47,7 +49,7 @@ class DeviceInfo:
     rotations: int = 1  # input sets alive at once; providers that keep S^2 activations per set multiply by it
 
 
-class Provider:
+class Provider(abc.ABC):
     name: str = ""
     kind: str = "peer"  # "attnkit" or "peer"
 
@@ -59,8 +61,9 @@ class Provider:
         """Why this provider cannot run ``case``, decided without running it, or None."""
         return None
 
+    @abc.abstractmethod
     def build(self, case: Case, device: torch.device) -> Kernel:
-        raise NotImplementedError
+        """The callable to time for ``case`` (inputs allocated, correctness not yet checked)."""
 
     def first_run(self, seconds: float) -> None:
         """Told how long the first (compiling) call of a case took; FlexAttention budgets its compiles with it."""

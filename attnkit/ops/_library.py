@@ -6,8 +6,6 @@ name), so they trace cleanly. Autograd is registered on the forward ops; the bac
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor
 
@@ -42,11 +40,11 @@ def attention_forward(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    cu_seqlens_q: Optional[Tensor],
-    cu_seqlens_k: Optional[Tensor],
+    cu_seqlens_q: Tensor | None,
+    cu_seqlens_k: Tensor | None,
     max_seqlen_q: int,
     max_seqlen_k: int,
-    alibi_slopes: Optional[Tensor],
+    alibi_slopes: Tensor | None,
     softmax_scale: float,
     causal: bool,
     window_left: int,
@@ -80,11 +78,11 @@ def attention_backward(
     v: Tensor,
     out: Tensor,
     lse: Tensor,
-    cu_seqlens_q: Optional[Tensor],
-    cu_seqlens_k: Optional[Tensor],
+    cu_seqlens_q: Tensor | None,
+    cu_seqlens_k: Tensor | None,
     max_seqlen_q: int,
     max_seqlen_k: int,
-    alibi_slopes: Optional[Tensor],
+    alibi_slopes: Tensor | None,
     softmax_scale: float,
     causal: bool,
     window_left: int,
@@ -130,7 +128,14 @@ attention_forward.register_autograd(_attention_grad, setup_context=_attention_se
 
 @torch.library.custom_op("attnkit::piecewise_forward", mutates_args=())
 def piecewise_forward(
-    q1: Tensor, k1: Tensor, q2: Tensor, k2: Tensor, v: Tensor, dist_threshold: int, softmax_scale: float, causal: bool,
+    q1: Tensor,
+    k1: Tensor,
+    q2: Tensor,
+    k2: Tensor,
+    v: Tensor,
+    dist_threshold: int,
+    softmax_scale: float,
+    causal: bool,
     backend: str,
 ) -> tuple[Tensor, Tensor]:
     params = AttentionParams(softmax_scale=softmax_scale, causal=causal, window_right=0 if causal else -1)
@@ -145,13 +150,21 @@ def _(q1, k1, q2, k2, v, *rest):
 
 @torch.library.custom_op("attnkit::piecewise_backward", mutates_args=())
 def piecewise_backward(
-    dout: Tensor, q1: Tensor, k1: Tensor, q2: Tensor, k2: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-    dist_threshold: int, softmax_scale: float, causal: bool, backend: str,
+    dout: Tensor,
+    q1: Tensor,
+    k1: Tensor,
+    q2: Tensor,
+    k2: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    dist_threshold: int,
+    softmax_scale: float,
+    causal: bool,
+    backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     params = AttentionParams(softmax_scale=softmax_scale, causal=causal, window_right=0 if causal else -1)
-    return tuple(
-        REGISTRY.get(backend).piecewise_backward(dout, q1, k1, q2, k2, v, out, lse, dist_threshold, params)
-    )
+    return tuple(REGISTRY.get(backend).piecewise_backward(dout, q1, k1, q2, k2, v, out, lse, dist_threshold, params))
 
 
 @piecewise_backward.register_fake
@@ -187,9 +200,9 @@ def kvcache_forward(
     k_cache: Tensor,
     v_cache: Tensor,
     cache_seqlens: Tensor,
-    cache_batch_idx: Optional[Tensor],
-    block_table: Optional[Tensor],
-    alibi_slopes: Optional[Tensor],
+    cache_batch_idx: Tensor | None,
+    block_table: Tensor | None,
+    alibi_slopes: Tensor | None,
     softmax_scale: float,
     causal: bool,
     window_left: int,

@@ -209,7 +209,7 @@ def _append(k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table)
             k_cache[pages, pos % page_size] = k.to(k_cache.dtype)
             v_cache[pages, pos % page_size] = v.to(v_cache.dtype)
         else:
-            rows = (cache_batch_idx.long() if cache_batch_idx is not None else torch.arange(batch, device=device))
+            rows = cache_batch_idx.long() if cache_batch_idx is not None else torch.arange(batch, device=device)
             rows = rows[:, None].expand(batch, seqlen_new)
             k_cache[rows, pos] = k.to(k_cache.dtype)
             v_cache[rows, pos] = v.to(v_cache.dtype)

@@ -56,7 +56,14 @@ def backward(dout, q, k, v, out, lse, alibi, params, varlen, compute_dtype):
         qb, kb, vb = q[None, q0:q1], k[None, k0:k1], v[None, k0:k1]
         pb = core.make_problem(params, qb, kb, batch_offset=b)
         dqs, dks, dvb = core.backward(
-            dout[None, q0:q1], [qb], [kb], vb, out[None, q0:q1], lse[None, :, q0:q1], _slopes_row(alibi, b), pb,
+            dout[None, q0:q1],
+            [qb],
+            [kb],
+            vb,
+            out[None, q0:q1],
+            lse[None, :, q0:q1],
+            _slopes_row(alibi, b),
+            pb,
             compute_dtype,
         )
         dq[q0:q1] = dqs[0][0]
