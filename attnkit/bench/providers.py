@@ -10,7 +10,6 @@ results, whereas any other exception becomes "error".
 from __future__ import annotations
 
 import abc
-
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -67,6 +66,7 @@ class Provider(abc.ABC):
 
     def first_run(self, seconds: float) -> None:
         """Told how long the first (compiling) call of a case took; FlexAttention budgets its compiles with it."""
+        return None  # most providers have nothing to budget
 
 
 class AttnkitProvider(Provider):
