@@ -67,7 +67,6 @@ class Provider(abc.ABC):
     def first_run(self, seconds: float) -> None:
         """Told how long the first (compiling) call of a case took; FlexAttention budgets its compiles with it."""
         return None  # most providers have nothing to budget
-        return None  # most providers have nothing to budget
 
 
 class AttnkitProvider(Provider):
