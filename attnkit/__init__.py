@@ -7,6 +7,17 @@
 
 from __future__ import annotations
 
+import importlib.util as _importlib_util
+import os as _os
+
+# backends/ installs as attnkit.backends through a package-dir mapping. A plain source checkout on sys.path, or an
+# old-style "develop" install that only adds the repository root, lacks that mapping: fall back to the sibling
+# folder so that the built-in backends still load.
+if _importlib_util.find_spec(__name__ + ".backends") is None:
+    _root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+    if _os.path.isfile(_os.path.join(_root, "backends", "__init__.py")):
+        __path__.append(_root)
+
 from .dispatch import select_backend, use_backend
 from .errors import (
     AttnkitError,
