@@ -1,0 +1,158 @@
+"""The Triton backends: ``triton_cuda`` (NVIDIA, sm_80+) and ``triton_rocm`` (AMD), sharing one set of kernels.
+
+This module imports neither triton nor the kernels; :mod:`.launch` is imported on the first call, so the
+backends can explain why they cannot run on machines without triton or without a GPU.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import ClassVar
+
+import torch
+
+from attnkit.params import AttentionParams, VarlenInfo
+from attnkit.registry import Backend, BackendCapabilities
+from attnkit.spec import AttentionSpec
+
+from . import probes
+
+_FEATURES = frozenset({"causal", "window", "alibi", "softcap", "dropout", "gqa", "dv_ne_d", "deterministic"})
+_OPS = frozenset({"attention", "varlen", "piecewise"})
+_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32})
+
+
+def _launch() -> ModuleType:
+    from . import launch
+
+    return launch
+
+
+class _TritonBackend(Backend):
+    vendor: ClassVar[str]
+    gpu_label: ClassVar[str]
+
+    def unavailable_reason(self) -> str | None:
+        if not probes.triton_installed():
+            return f"triton is not installed: {probes.INSTALL_HINT}"
+        if probes.interpreter_enabled():
+            return None
+        if not torch.cuda.is_available():
+            return (
+                f"no {self.gpu_label} GPU visible to torch (CPU tensors run only under the Triton interpreter, "
+                "TRITON_INTERPRET=1, which is meant for tests)"
+            )
+        if self.vendor == "nvidia" and probes.hip_build():
+            return "this torch is a ROCm build: use triton_rocm on AMD GPUs"
+        if self.vendor == "amd" and not probes.hip_build():
+            return "this torch is a CUDA build: use triton_cuda on NVIDIA GPUs"
+        return None
+
+    def extra_why_not(self, spec: AttentionSpec) -> list[str]:
+        if spec.device_type == "cpu" and not probes.interpreter_enabled():
+            return [
+                "CPU tensors run only under the Triton interpreter (set TRITON_INTERPRET=1 before importing "
+                "triton; for tests)"
+            ]
+        return []
+
+    def why_not_auto(self, spec: AttentionSpec) -> list[str]:
+        if spec.device_type == "cpu":
+            return ["the Triton interpreter is for tests only; automatic choice keeps CPU calls on the reference"]
+        return []
+
+    def info(self) -> dict[str, str]:
+        return probes.summary()
+
+    # ---- kernels ---------------------------------------------------------------------------------------------
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        alibi_slopes: torch.Tensor | None,
+        params: AttentionParams,
+        varlen: VarlenInfo | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return _launch().forward(q, k, v, alibi_slopes, params, varlen, self.vendor)
+
+    def backward(
+        self,
+        dout: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        out: torch.Tensor,
+        lse: torch.Tensor,
+        alibi_slopes: torch.Tensor | None,
+        params: AttentionParams,
+        varlen: VarlenInfo | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        dq, dk, dv = _launch().backward(dout, q, k, v, out, lse, alibi_slopes, params, varlen, self.vendor)
+        return dq, dk, dv
+
+    def piecewise_forward(
+        self,
+        q1: torch.Tensor,
+        k1: torch.Tensor,
+        q2: torch.Tensor,
+        k2: torch.Tensor,
+        v: torch.Tensor,
+        dist_threshold: int,
+        params: AttentionParams,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return _launch().forward(
+            q1, k1, v, None, params, None, self.vendor, q2=q2, k2=k2, dist_threshold=dist_threshold
+        )
+
+    def piecewise_backward(
+        self,
+        dout: torch.Tensor,
+        q1: torch.Tensor,
+        k1: torch.Tensor,
+        q2: torch.Tensor,
+        k2: torch.Tensor,
+        v: torch.Tensor,
+        out: torch.Tensor,
+        lse: torch.Tensor,
+        dist_threshold: int,
+        params: AttentionParams,
+    ) -> tuple[torch.Tensor, ...]:
+        return _launch().backward(
+            dout, q1, k1, v, out, lse, None, params, None, self.vendor, q2=q2, k2=k2, dist_threshold=dist_threshold
+        )
+
+
+class TritonCudaBackend(_TritonBackend):
+    name = "triton_cuda"
+    priority = 30
+    vendor = "nvidia"
+    gpu_label = "NVIDIA"
+    description = "FlashAttention-2 in Triton for NVIDIA GPUs (sm_80+); deterministic backward, no atomics"
+    capabilities = BackendCapabilities(
+        device_types=frozenset({"cuda", "cpu"}),
+        vendors=frozenset({"nvidia", "cpu"}),
+        min_compute_capability=(8, 0),
+        dtypes=_DTYPES,
+        ops=_OPS,
+        features=_FEATURES,
+        min_head_dim=1,
+        max_head_dim=256,
+    )
+
+
+class TritonRocmBackend(_TritonBackend):
+    name = "triton_rocm"
+    priority = 30
+    vendor = "amd"
+    gpu_label = "AMD (ROCm)"
+    description = "FlashAttention-2 in Triton for AMD GPUs (ROCm), with its own tuning table; no TMA"
+    capabilities = BackendCapabilities(
+        device_types=frozenset({"cuda", "cpu"}),
+        vendors=frozenset({"amd", "cpu"}),
+        dtypes=_DTYPES,
+        ops=_OPS,
+        features=_FEATURES,
+        min_head_dim=1,
+        max_head_dim=256,
+    )

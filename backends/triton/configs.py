@@ -1,0 +1,150 @@
+"""Tile configurations: fixed defaults, small autotune spaces, one table per vendor.
+
+Kernels: "fwd" (BLOCK_M query rows x BLOCK_N keys), "dkdv" (BLOCK_N keys owned, BLOCK_M query rows per step),
+"dq" (BLOCK_M query rows owned, BLOCK_N keys per step). Spaces are keyed by the padded head dim and the element
+size, because those decide register and shared-memory pressure; the autotuner key adds dtype, masking flags and
+a sequence-length bucket.
+
+The CUDA entries were picked from sm_90 compiles with triton 3.6 (benchmarks/NOTES-triton.md): every tile listed
+for 16-bit inputs compiles without register spills; tiles that spilled, or crashed ptxas with TMA (head dim 256,
+several num_stages=2 tiles), are left out. Plain-tile defaults are the H200 autotuning winners of
+benchmarks/results/triton_h200_run1.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+KINDS = ("fwd", "dkdv", "dq")
+
+
+@dataclass(frozen=True)
+class Tile:
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+    use_tma: bool = False  # tiles streamed through TMA tensor descriptors (Hopper)
+    waves_per_eu: int | None = None  # ROCm occupancy hint (a compile option, not a kernel argument)
+
+    def meta(self) -> dict[str, int]:
+        meta = {"BLOCK_M": self.block_m, "BLOCK_N": self.block_n, "USE_TMA": self.use_tma}
+        if self.waves_per_eu is not None:
+            meta["waves_per_eu"] = self.waves_per_eu
+        return meta
+
+    def launch_kwargs(self) -> dict[str, int]:
+        return {**self.meta(), "num_warps": self.num_warps, "num_stages": self.num_stages}
+
+
+# Under the interpreter speed comes from few, large numpy ops; BLOCK_M != BLOCK_N on purpose so the tests
+# exercise the block-range arithmetic with unequal tiles.
+INTERPRETER_TILES = {
+    "fwd": Tile(32, 16, 4, 1),
+    "dkdv": Tile(16, 32, 4, 1),
+    "dq": Tile(32, 16, 4, 1),
+}
+PREPROCESS_BLOCK_M = 64
+
+
+def _d_class(block_d: int) -> str:
+    return "small" if block_d <= 64 else ("mid" if block_d <= 128 else "large")
+
+
+# (block_m, block_n, num_warps, num_stages, tma), best first: candidates() drops the TMA entries for calls that
+# cannot use TMA, and the first remaining entry is the fixed default (ATTNKIT_TRITON_AUTOTUNE=0). Orders follow
+# the H200 autotuning winners (benchmarks/results/triton_h200_run2.md); TMA entries are Hopper-only.
+_T = True
+_F = False
+_CUDA: dict[tuple[str, str, int], list[tuple[int, int, int, int, bool]]] = {
+    ("fwd", "small", 2): [
+        (64, 64, 4, 3, _F),
+        (128, 64, 4, 3, _F),
+        (128, 64, 4, 4, _F),
+        (128, 128, 8, 3, _F),
+        (128, 128, 8, 3, _T),
+        (128, 64, 4, 3, _T),
+        (128, 64, 4, 4, _T),
+    ],
+    ("fwd", "mid", 2): [
+        (64, 64, 4, 3, _T),
+        (64, 64, 4, 3, _F),
+        (128, 64, 8, 3, _F),
+        (128, 128, 8, 2, _F),
+        (128, 64, 8, 3, _T),
+        (128, 64, 8, 4, _T),
+    ],
+    ("fwd", "large", 2): [(64, 64, 8, 2, _F), (64, 32, 4, 2, _F)],
+    ("dkdv", "small", 2): [
+        (64, 64, 4, 3, _F),
+        (32, 64, 4, 3, _F),
+        (64, 128, 8, 2, _F),
+        (64, 64, 4, 3, _T),
+        (64, 128, 8, 2, _T),
+    ],
+    ("dkdv", "mid", 2): [(32, 64, 4, 3, _F), (32, 128, 8, 3, _F), (32, 128, 8, 3, _T), (32, 64, 4, 3, _T)],
+    ("dkdv", "large", 2): [(16, 32, 4, 2, _F), (32, 32, 4, 2, _F)],
+    ("dq", "small", 2): [
+        (64, 64, 4, 3, _F),
+        (64, 64, 4, 3, _T),
+        (128, 64, 8, 2, _F),
+        (64, 32, 4, 3, _F),
+        (128, 32, 4, 3, _T),
+    ],
+    ("dq", "mid", 2): [(64, 32, 4, 3, _F), (128, 64, 8, 2, _F), (64, 64, 4, 3, _F), (64, 64, 4, 3, _T)],
+    ("dq", "large", 2): [(64, 32, 8, 2, _F), (32, 32, 4, 2, _F)],
+    # float32 (tf32x3: three tensor-core products per dot, so registers run out early; the smallest
+    # spills win).
+    ("fwd", "small", 4): [(64, 32, 4, 2, _F), (64, 64, 4, 2, _F)],
+    ("fwd", "mid", 4): [(64, 32, 4, 2, _F), (32, 32, 4, 2, _F)],
+    ("fwd", "large", 4): [(32, 16, 4, 2, _F), (32, 32, 4, 2, _F)],
+    ("dkdv", "small", 4): [(32, 32, 4, 2, _F), (32, 64, 4, 2, _F)],
+    ("dkdv", "mid", 4): [(16, 32, 4, 2, _F), (32, 32, 4, 2, _F)],
+    ("dkdv", "large", 4): [(16, 16, 4, 1, _F)],
+    ("dq", "small", 4): [(64, 32, 4, 2, _F), (32, 32, 4, 2, _F)],
+    ("dq", "mid", 4): [(16, 32, 4, 2, _F), (32, 32, 4, 2, _F)],
+    ("dq", "large", 4): [(16, 16, 4, 1, _F)],
+}
+
+# ROCm (CDNA): wavefronts of 64, no TMA, one pipelining stage is usually best; waves_per_eu trades
+# registers for occupancy. (block_m, block_n, num_warps, num_stages, waves_per_eu)
+_ROCM: dict[tuple[str, str, int], list[tuple[int, int, int, int, int]]] = {
+    ("fwd", "small", 2): [(128, 64, 4, 1, 2), (128, 128, 4, 1, 2), (64, 64, 4, 1, 3)],
+    ("fwd", "mid", 2): [(128, 64, 4, 1, 2), (128, 32, 4, 1, 2), (64, 64, 4, 1, 2)],
+    ("fwd", "large", 2): [(64, 64, 4, 1, 1), (64, 32, 4, 1, 2), (32, 32, 4, 1, 2)],
+    ("dkdv", "small", 2): [(32, 128, 4, 1, 1), (64, 64, 4, 1, 2), (32, 64, 4, 1, 2)],
+    ("dkdv", "mid", 2): [(32, 128, 4, 1, 1), (32, 64, 4, 1, 2), (16, 64, 4, 1, 2)],
+    ("dkdv", "large", 2): [(16, 64, 4, 1, 1), (32, 32, 4, 1, 1), (16, 32, 4, 1, 2)],
+    ("dq", "small", 2): [(128, 32, 4, 1, 1), (64, 64, 4, 1, 2), (64, 32, 4, 1, 2)],
+    ("dq", "mid", 2): [(128, 32, 4, 1, 1), (64, 32, 4, 1, 2), (64, 64, 4, 1, 2)],
+    ("dq", "large", 2): [(64, 16, 4, 1, 1), (32, 32, 4, 1, 1), (32, 16, 4, 1, 2)],
+    ("fwd", "small", 4): [(64, 32, 4, 1, 2), (32, 32, 4, 1, 2)],
+    ("fwd", "mid", 4): [(64, 32, 4, 1, 2), (32, 32, 4, 1, 2)],
+    ("fwd", "large", 4): [(32, 32, 4, 1, 1), (32, 16, 4, 1, 2)],
+    ("dkdv", "small", 4): [(32, 32, 4, 1, 1), (16, 64, 4, 1, 1)],
+    ("dkdv", "mid", 4): [(16, 32, 4, 1, 1), (32, 32, 4, 1, 1)],
+    ("dkdv", "large", 4): [(16, 16, 4, 1, 1), (16, 32, 4, 1, 1)],
+    ("dq", "small", 4): [(32, 32, 4, 1, 1), (64, 16, 4, 1, 1)],
+    ("dq", "mid", 4): [(32, 16, 4, 1, 1), (32, 32, 4, 1, 1)],
+    ("dq", "large", 4): [(16, 16, 4, 1, 1), (32, 16, 4, 1, 1)],
+}
+
+
+def candidates(kind: str, vendor: str, block_d: int, elem_bytes: int, tma: bool = False) -> list[Tile]:
+    """The autotune space, default first. ``tma``: the call may use TMA descriptors (Hopper, aligned inputs)."""
+    key = (kind, _d_class(block_d), 4 if elem_bytes >= 4 else 2)
+    if vendor == "amd":
+        return [Tile(m, n, w, s, waves_per_eu=wpe) for m, n, w, s, wpe in _ROCM[key]]
+    return [Tile(m, n, w, s, use_tma=t) for m, n, w, s, t in _CUDA[key] if tma or not t]
+
+
+def default(kind: str, vendor: str, block_d: int, elem_bytes: int, tma: bool = False) -> Tile:
+    return candidates(kind, vendor, block_d, elem_bytes, tma)[0]
+
+
+def seq_bucket(seqlen: int) -> int:
+    """Autotune key for the sequence length: powers of two between 128 and 16384."""
+    bucket = 128
+    while bucket < seqlen and bucket < 16384:
+        bucket *= 2
+    return bucket

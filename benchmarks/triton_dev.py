@@ -1,0 +1,390 @@
+"""Development driver for the Triton backend: what runs on the GPU machine, plus a CPU-only compile report.
+
+Subcommands
+  xcompile [--dims 64,128] [--dtypes bf16,fp32]   compile every tile for sm_90 WITHOUT a GPU (fake driver) and
+                                                  print registers / stack (spills) / shared memory / TMA use
+  gputests [--procs N]                            run tests/triton/test_triton_gpu.py in N parallel shards
+  precompile [--procs N]                          fill triton's cache with every autotune candidate of the
+                                                  benchmark shapes, in parallel (the autotuner then only times)
+  bench [--seqlens ...] [--flex-seqlens ...] [--out FILE]
+                                                  check, then time triton_cuda against SDPA flash / cuDNN and
+                                                  FlexAttention on flash-attn's shapes (16k tokens, 2048 hidden)
+
+FLOPs follow flash-attn's benchmark: forward 4*B*H*Sq*Sk*D (halved when causal), backward 2.5x forward.
+Times are triton.testing.do_bench medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import itertools
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OUT = os.environ.get("OUT", os.path.join(ROOT, "benchmarks", "results"))
+TOKENS, HIDDEN = 16384, 2048
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# xcompile: sm_90 compile report on a machine without a GPU
+# ---------------------------------------------------------------------------------------------------------------
+def xcompile(args: argparse.Namespace) -> None:
+    os.environ.pop("TRITON_INTERPRET", None)
+    os.environ["ATTNKIT_TRITON_AUTOTUNE"] = "0"
+    import torch
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime import jit as jitmod
+    from triton.runtime.driver import driver
+
+    class FakeDriver:  # just enough of a driver for JITFunction.run(warmup=True) to compile
+        def get_current_target(self):
+            return GPUTarget("cuda", 90, 32)
+
+        def get_current_device(self):
+            return 0
+
+        def get_current_stream(self, device=None):
+            return 0
+
+    driver.set_active(FakeDriver())
+    compiled: list[tuple[str, dict, object, str | None]] = []
+    original_run = jitmod.JITFunction.run
+
+    def compile_only(self, *a, grid, warmup, **kw):
+        try:
+            compiled.append((self.fn.__name__, kw, original_run(self, *a, grid=grid, warmup=True, **kw), None))
+        except Exception as exc:
+            compiled.append((self.fn.__name__, kw, None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"))
+
+    jitmod.JITFunction.run = compile_only
+    from attnkit.backends.triton import configs, launch
+
+    from attnkit.params import AttentionParams
+
+    launch._tma_eligible = lambda prob, tensors: True
+    launch._tma_scratch = lambda enabled: contextlib.nullcontext()
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+    def resources(kernel) -> str:
+        with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+            f.write(kernel.asm["cubin"])
+        text = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+        fields = next(line for line in text.splitlines() if "REG:" in line).split()
+        ptx = kernel.asm["ptx"]
+        return " ".join(x for x in fields if x.startswith(("REG", "STACK"))) + (
+            f" smem={kernel.metadata.shared} wgmma={ptx.count('wgmma.mma_async')}"
+            f" tma={ptx.count('cp.async.bulk.tensor')}"
+        )
+
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    print(f"triton {triton.__version__}, target sm_90")
+    for d, dname in itertools.product([int(x) for x in args.dims.split(",")], args.dtypes.split(",")):
+        dtype = dtypes[dname]
+        cands = {kind: configs.candidates(kind, "nvidia", d, dtype.itemsize, tma=True) for kind in configs.KINDS}
+        original_default = configs.default
+        for i in range(max(len(c) for c in cands.values())):
+            configs.default = lambda kind, vendor, bd, eb, tma=False, i=i, c=cands: c[kind][min(i, len(c[kind]) - 1)]
+            compiled.clear()
+            q, k, v = (torch.randn(1, 256, 2, d, dtype=dtype) for _ in range(3))
+            params = AttentionParams(softmax_scale=0.1, causal=True, window_right=0)
+            out, lse = launch.forward(q, k, v, None, params, None, "nvidia")
+            launch.backward(out, q, k, v, out, lse, None, params, None, "nvidia")
+            for name, kw, kernel, err in compiled:
+                kind = {"attn_fwd": "fwd", "attn_bwd_dkdv": "dkdv", "attn_bwd_dq": "dq"}.get(name)
+                if kind is None or i >= len(cands[kind]):
+                    continue
+                tile = (
+                    f"d={d} {dname} {kind:4s} BM={kw['BLOCK_M']:<3} BN={kw['BLOCK_N']:<3} "
+                    f"w={kw['num_warps']} s={kw['num_stages']} tma={int(kw['USE_TMA'])}"
+                )
+                print(tile, err if err else resources(kernel))
+        configs.default = original_default
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# gputests: the GPU test module in parallel shards (compilation dominates; the GPU is mostly idle)
+# ---------------------------------------------------------------------------------------------------------------
+def gputests(args: argparse.Namespace) -> int:
+    # PYTHONSAFEPATH: `python -m pytest` from the repository root must not import ./attnkit (which lacks
+    # attnkit.backends) instead of the installed package.
+    env = {**os.environ, "ATTNKIT_TRITON_AUTOTUNE": "0", "PYTHONUNBUFFERED": "1", "PYTHONSAFEPATH": "1"}
+    test_file = os.path.join(ROOT, "tests", "triton", "test_triton_gpu.py")
+    listed = subprocess.run(
+        [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "--collect-only", test_file],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+    ).stdout
+    ids = [line.strip() for line in listed.splitlines() if "::" in line]
+    big = [i for i in ids if "int64" in i]  # tens of GB each: run alone, after the shards
+    small = [i for i in ids if i not in big]
+    shards = [small[i :: args.procs] for i in range(args.procs)]
+    procs = []
+    for n, shard in enumerate(s for s in shards if s):
+        log = open(os.path.join(OUT, f"gputests_{n}.log"), "w")
+        cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-x", "-p", "no:cacheprovider", *shard]
+        procs.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT), log))
+    rc = 0
+    for p, log in procs:
+        rc |= p.wait()
+        log.close()
+    if big:
+        with open(os.path.join(OUT, "gputests_big.log"), "w") as log:
+            rc |= subprocess.run(
+                [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", *big],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=ROOT,
+            ).returncode
+    for name in sorted(os.listdir(OUT)):
+        if name.startswith("gputests_"):
+            tail = open(os.path.join(OUT, name)).read().strip().splitlines()[-12:]
+            print(f"--- {name}\n" + "\n".join(tail))
+    return rc
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# bench
+# ---------------------------------------------------------------------------------------------------------------
+def _shapes(seqlens: list[int]) -> list[tuple[int, int, int, int, bool]]:
+    """(batch, seqlen, heads, headdim, causal) with 16k tokens and hidden 2048, as in flash-attn's benchmark."""
+    return [(TOKENS // s, s, HIDDEN // d, d, causal) for d in (64, 128) for causal in (False, True) for s in seqlens]
+
+
+def _flops(b: int, s: int, h: int, d: int, causal: bool) -> float:
+    return 4 * b * h * s * s * d / (2 if causal else 1)
+
+
+def _precompile_worker(task: tuple[int, bool, int]) -> str:
+    """Compile candidate ``i`` of every kernel kind for one (head dim, causal) at a benchmark-like shape."""
+    d, causal, i = task
+    os.environ["ATTNKIT_TRITON_AUTOTUNE"] = "0"
+    import torch
+    from attnkit.backends.triton import configs, launch
+
+    from attnkit.params import AttentionParams
+
+    def pick(kind, vendor, block_d, elem_bytes, tma=False):
+        cands = configs.candidates(kind, vendor, block_d, elem_bytes, tma)
+        return cands[min(i, len(cands) - 1)]
+
+    configs.default = pick
+    b, s, h = 1, 1024, HIDDEN // d
+    q, k, v = (torch.randn(b, s, h, d, dtype=torch.bfloat16, device="cuda") for _ in range(3))
+    params = AttentionParams(softmax_scale=d**-0.5, causal=causal, window_right=0 if causal else -1)
+    t = time.time()
+    try:
+        out, lse = launch.forward(q, k, v, None, params, None, "nvidia")
+        launch.backward(out, q, k, v, out, lse, None, params, None, "nvidia")
+        torch.cuda.synchronize()
+        return f"d={d} causal={causal} cand={i}: ok {time.time() - t:.1f}s"
+    except Exception as exc:
+        return f"d={d} causal={causal} cand={i}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+
+
+def precompile(args: argparse.Namespace) -> None:
+    import multiprocessing as mp
+
+    from attnkit.backends.triton import configs
+
+    tasks = []
+    for d, causal in itertools.product((64, 128), (False, True)):
+        n = max(len(configs.candidates(kind, "nvidia", d, 2, tma=True)) for kind in configs.KINDS)
+        tasks += [(d, causal, i) for i in range(n)]
+    t = time.time()
+    with mp.get_context("spawn").Pool(args.procs) as pool:
+        for line in pool.imap_unordered(_precompile_worker, tasks):
+            print(line, flush=True)
+    print(f"precompiled {len(tasks)} tasks in {time.time() - t:.0f}s")
+
+
+def _bench(fn: Callable[[], object]) -> float:
+    import triton
+
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def bench(args: argparse.Namespace) -> None:
+    import torch
+    import triton
+    from attnkit.backends.triton import launch
+
+    start = time.time()
+    seqlens = [int(x) for x in args.seqlens.split(",")]
+    flex_seqlens = {int(x) for x in args.flex_seqlens.split(",") if x}
+    flex = torch.compile(_flex_attention(), dynamic=False) if flex_seqlens else None
+    header = (
+        f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
+        f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC"
+    )
+    print(header, flush=True)
+    rows = []
+    for b, s, h, d, causal in _shapes(seqlens):
+        use_flex = flex if s in flex_seqlens and time.time() - start < args.budget_s else None
+        rows.append(_bench_shape(b, s, h, d, causal, use_flex))
+        print(_row_line(rows[-1]), flush=True)
+        torch.cuda.empty_cache()
+        _save(args, header, rows, launch)  # after every row: a run cut short still leaves its numbers
+    print(_table(header, rows))
+
+
+def _flex_attention():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return flex_attention
+
+
+def _bench_shape(b: int, s: int, h: int, d: int, causal: bool, flex) -> dict:
+    """Check triton_cuda against SDPA-flash on one shape, then time every implementation (TFLOP/s)."""
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    import attnkit
+
+    gen = torch.Generator(device="cuda").manual_seed(s + d)
+    q, k, v, dout = (torch.randn(b, s, h, d, dtype=torch.bfloat16, device="cuda", generator=gen) for _ in range(4))
+    for t in (q, k, v):
+        t.requires_grad_(True)
+    qt, kt, vt, dot = (t.detach().transpose(1, 2).contiguous() for t in (q, k, v, dout))
+    for t in (qt, kt, vt):
+        t.requires_grad_(True)
+    row: dict = {"seqlen": s, "d": d, "causal": causal, "batch": b, "heads": h}
+
+    def tri_fwd():
+        return attnkit.attention(q, k, v, causal=causal, backend="triton_cuda")
+
+    def sdpa_fwd():
+        return F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal)
+
+    out = tri_fwd()
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        ref = sdpa_fwd()
+    row["check_fwd"] = float((out.detach().transpose(1, 2) - ref.detach()).abs().max())
+    g_tri = torch.autograd.grad(out, (q, k, v), dout)
+    g_ref = torch.autograd.grad(ref, (qt, kt, vt), dot)
+    row["check_bwd"] = max(float((a.transpose(1, 2) - r).abs().max()) for a, r in zip(g_tri, g_ref))
+    row["ok"] = row["check_fwd"] < 0.05 and row["check_bwd"] < 0.25
+
+    def timed(label: str, fwd: Callable[[], torch.Tensor], inputs, grad_out) -> None:
+        try:
+            row[f"{label}_fwd"] = _bench(fwd)
+            o = fwd()
+            row[f"{label}_bwd"] = _bench(lambda: torch.autograd.grad(o, inputs, grad_out, retain_graph=True))
+        except Exception as exc:
+            row[f"{label}_err"] = f"{type(exc).__name__}: {str(exc)[:80]}"
+
+    timed("triton", tri_fwd, (q, k, v), dout)
+    os.environ["ATTNKIT_TRITON_AUTOTUNE"] = "0"
+    timed("triton_default", tri_fwd, (q, k, v), dout)
+    del os.environ["ATTNKIT_TRITON_AUTOTUNE"]
+    for label, kind in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
+        with sdpa_kernel(kind):
+            timed(label, sdpa_fwd, (qt, kt, vt), dot)
+    if flex is not None:
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        mask = create_block_mask(lambda b_, h_, i, j: i >= j, None, None, s, s, device="cuda") if causal else None
+        timed("flex", lambda: flex(qt, kt, vt, block_mask=mask), (qt, kt, vt), dot)
+    fwd_flops = _flops(b, s, h, d, causal)
+    for key in list(row):
+        if key.endswith("_fwd") and not key.startswith("check"):
+            row[key.replace("_fwd", "_fwd_tflops")] = fwd_flops / row[key] / 1e9
+        if key.endswith("_bwd") and not key.startswith("check"):
+            row[key.replace("_bwd", "_bwd_tflops")] = 2.5 * fwd_flops / row[key] / 1e9
+    return row
+
+
+def _save(args: argparse.Namespace, header: str, rows: list[dict], launch) -> None:
+    tuned = {" ".join(map(str, key)): str(tile) for key, tile in launch._tuned.items()}
+    path = args.out or os.path.join(OUT, "triton_bench.md")
+    with open(path, "w") as f:
+        f.write(
+            _table(header, rows)
+            + "\n\nAutotuned configs:\n\n"
+            + "\n".join(f"- `{k}`: {v}" for k, v in sorted(tuned.items()))
+            + "\n"
+        )
+    with open(os.path.join(OUT, "triton_bench.json"), "w") as f:
+        json.dump({"header": header, "rows": rows, "tuned": tuned}, f, indent=1)
+
+
+def _row_line(row: dict) -> str:
+    parts = [f"S={row['seqlen']:<5} d={row['d']:<3} causal={int(row['causal'])} ok={int(row['ok'])}"]
+    for label in ("triton", "triton_default", "flash", "cudnn", "flex"):
+        if f"{label}_fwd_tflops" in row:
+            parts.append(f"{label} {row[f'{label}_fwd_tflops']:.0f}/{row.get(f'{label}_bwd_tflops', 0):.0f}")
+        elif f"{label}_err" in row:
+            parts.append(f"{label} ERR")
+    return " | ".join(parts)
+
+
+def _table(header: str, rows: list[dict]) -> str:
+    cols = ("triton", "triton_default", "flash", "cudnn", "flex")
+    lines = [
+        f"### Triton backend vs baselines: TFLOP/s fwd / bwd ({header})",
+        "",
+        "bf16, 16k tokens, hidden 2048. `triton` = autotuned, `triton_default` = ATTNKIT_TRITON_AUTOTUNE=0. "
+        "ok = output and grads agree with SDPA-flash.",
+        "",
+        "| seqlen | d | causal | ok | " + " | ".join(cols) + " | fwd vs flash | bwd vs flash |",
+        "|---|---|---|---|" + "---|" * len(cols) + "---|---|",
+    ]
+    for r in rows:
+        cells = []
+        for c in cols:
+            if f"{c}_fwd_tflops" in r:
+                cells.append(f"{r[f'{c}_fwd_tflops']:.0f} / {r.get(f'{c}_bwd_tflops', float('nan')):.0f}")
+            else:
+                cells.append("err" if f"{c}_err" in r else "-")
+        vs_f = r.get("triton_fwd_tflops", 0) / r["flash_fwd_tflops"] if "flash_fwd_tflops" in r else float("nan")
+        vs_b = r.get("triton_bwd_tflops", 0) / r["flash_bwd_tflops"] if "flash_bwd_tflops" in r else float("nan")
+        lines.append(
+            f"| {r['seqlen']} | {r['d']} | {int(r['causal'])} | {'yes' if r['ok'] else 'NO'} | "
+            + " | ".join(cells)
+            + f" | {vs_f:.2f}x | {vs_b:.2f}x |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("xcompile")
+    p.add_argument("--dims", default="64,128,256")
+    p.add_argument("--dtypes", default="bf16")
+    p = sub.add_parser("gputests")
+    p.add_argument("--procs", type=int, default=4)
+    p = sub.add_parser("precompile")
+    p.add_argument("--procs", type=int, default=12)
+    p = sub.add_parser("bench")
+    p.add_argument("--seqlens", default="512,1024,2048,4096,8192,16384")
+    p.add_argument("--flex-seqlens", default="2048,8192")
+    p.add_argument("--budget-s", type=float, default=300.0, help="skip FlexAttention once this much time has passed")
+    p.add_argument("--out", default="")
+    args = parser.parse_args()
+    os.makedirs(OUT, exist_ok=True)
+    if args.cmd == "xcompile":
+        xcompile(args)
+    elif args.cmd == "gputests":
+        return gputests(args)
+    elif args.cmd == "precompile":
+        precompile(args)
+    else:
+        bench(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,52 @@
+"""Tile tables and the autotune switch (pure Python: no kernels run here)."""
+
+from __future__ import annotations
+
+import pytest
+from attnkit.backends.triton import configs
+
+from attnkit import env
+from attnkit.errors import EnvironmentVariableError
+
+
+@pytest.mark.parametrize("vendor", ["nvidia", "amd"])
+@pytest.mark.parametrize("kind", configs.KINDS)
+@pytest.mark.parametrize("block_d", [16, 64, 128, 256])
+@pytest.mark.parametrize("elem_bytes", [2, 4])
+def test_every_space_is_well_formed(vendor, kind, block_d, elem_bytes):
+    for tma in (False, True):
+        tiles = configs.candidates(kind, vendor, block_d, elem_bytes, tma)
+        assert tiles and configs.default(kind, vendor, block_d, elem_bytes, tma) == tiles[0]
+        for t in tiles:
+            for block in (t.block_m, t.block_n):
+                assert block >= 16 and block & (block - 1) == 0  # tl.dot needs >= 16, arange powers of two
+            assert t.num_warps in (4, 8) and 1 <= t.num_stages <= 4
+            assert not (t.use_tma and (vendor == "amd" or not tma or block_d > 128))
+            assert (t.waves_per_eu is not None) == (vendor == "amd")
+        assert len(set(tiles)) == len(tiles)
+
+
+def test_tma_tiles_lead_only_when_eligible():
+    assert configs.default("fwd", "nvidia", 128, 2, tma=True).use_tma
+    assert not configs.default("fwd", "nvidia", 128, 2, tma=False).use_tma
+
+
+def test_meta_carries_compile_options():
+    rocm = configs.default("fwd", "amd", 64, 2)
+    assert rocm.meta()["waves_per_eu"] == rocm.waves_per_eu
+    assert "waves_per_eu" not in configs.default("fwd", "nvidia", 64, 2).meta()
+
+
+@pytest.mark.parametrize("n,bucket", [(1, 128), (128, 128), (129, 256), (5000, 8192), (10**6, 16384)])
+def test_seq_bucket(n, bucket):
+    assert configs.seq_bucket(n) == bucket
+
+
+def test_autotune_switch(monkeypatch):
+    monkeypatch.delenv(env.TRITON_AUTOTUNE, raising=False)
+    assert env.triton_autotune()
+    monkeypatch.setenv(env.TRITON_AUTOTUNE, "0")
+    assert not env.triton_autotune()
+    monkeypatch.setenv(env.TRITON_AUTOTUNE, "maybe")
+    with pytest.raises(EnvironmentVariableError):
+        env.triton_autotune()
