@@ -9,7 +9,8 @@ Layouts (flash-attn's):
 * dense: q ``(B, Sq, Hq, D)``, k ``(B, Sk, Hk, D)``, v ``(B, Sk, Hk, Dv)``; out ``(B, Sq, Hq, Dv)`` in q's dtype,
   lse ``(B, Hq, Sq)`` float32 (float64 for float64 inputs; natural log).
 * varlen (``VarlenInfo`` given): q ``(Tq, Hq, D)``, k ``(Tk, Hk, D)``, v ``(Tk, Hk, Dv)``; out ``(Tq, Hq, Dv)``,
-  lse ``(Hq, Tq)``. Sequence ``b`` owns rows ``cu_seqlens[b]:cu_seqlens[b+1]``.
+  lse ``(Hq, Tq)``. Sequence ``b`` owns rows ``cu_seqlens[b]:cu_seqlens[b+1]``; rows past ``cu_seqlens_q[-1]``
+  (padding) get out = 0, lse = -inf and zero gradients.
 
 Masking, for query row ``i`` and key column ``j`` of one sequence with lengths ``Sq`` and ``Sk`` (bottom-right
 aligned, as in flash-attn 2.x): let ``d = i + Sk - Sq - j``. The key is visible iff
