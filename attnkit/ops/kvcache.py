@@ -69,7 +69,8 @@ def attention_with_kvcache(
     v_cache = validation.tensor("v_cache", v_cache, 4)
     validation.same_dtype_device({"q": q, "k_cache": k_cache, "v_cache": v_cache})
     validation.heads_and_dims(q.shape, k_cache.shape, v_cache.shape, seq_axis=None)
-    validation.last_dim_contiguous({"q": q})
+    # The cache is written in place, so it cannot be copied to make it contiguous: ask for it instead.
+    validation.last_dim_contiguous({"q": q, "k_cache": k_cache, "v_cache": v_cache})
     batch, seqlen_q, num_heads_q, head_dim = q.shape
     device = q.device
     paged = block_table is not None

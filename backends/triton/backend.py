@@ -11,14 +11,14 @@ from typing import ClassVar
 
 import torch
 
-from attnkit.params import AttentionParams, VarlenInfo
+from attnkit.params import AttentionParams, KVCacheInfo, VarlenInfo
 from attnkit.registry import Backend, BackendCapabilities
 from attnkit.spec import AttentionSpec
 
 from . import probes
 
 _FEATURES = frozenset({"causal", "window", "alibi", "softcap", "dropout", "gqa", "dv_ne_d", "deterministic"})
-_OPS = frozenset({"attention", "varlen", "piecewise"})
+_OPS = frozenset({"attention", "varlen", "piecewise", "kvcache", "paged_kvcache"})
 _DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32})
 
 
@@ -90,6 +90,19 @@ class _TritonBackend(Backend):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         dq, dk, dv = _launch().backward(dout, q, k, v, out, lse, alibi_slopes, params, varlen, self.vendor)
         return dq, dk, dv
+
+    def forward_kvcache(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        cache: KVCacheInfo,
+        alibi_slopes: torch.Tensor | None,
+        params: AttentionParams,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        from . import kvcache_launch
+
+        return kvcache_launch.forward_kvcache(q, k_cache, v_cache, cache, alibi_slopes, params)
 
     def piecewise_forward(
         self,

@@ -1,0 +1,153 @@
+"""Split-KV decoding kernel for ``attention_with_kvcache`` (contiguous or paged caches), forward only.
+
+Decoding reads the whole cache once per step, so it is memory-bound: one program handles one KV head and *all*
+query rows of its GQA group (``rows = g * Sq + i``), so each key/value block is read once per group instead of
+once per query head, and the key range is split across programs so that even batch 1 fills the GPU. Each split
+writes a normalised partial output and its log-sum-exp; ``combine_splits`` merges them.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .kernel_utils import LN2, LOG2E, dot_operand, tanh
+
+
+@triton.jit
+def kvcache_split_fwd(
+    Q, K, V, SLOPES, SEQLENS, BATCH_IDX, BLOCK_TABLE, OUT_PART, LSE_PART,
+    stride_qb, stride_qs, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_slope_b, stride_bt_b,
+    stride_os, stride_ob, stride_oh, stride_om,
+    stride_ls, stride_lb, stride_lh,
+    seqlen_q, group, num_kv_heads, keys_per_split,
+    scale_log2, softcap, window_left, window_right,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr,
+    PAGED: tl.constexpr, HAS_BATCH_IDX: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    HAS_WINDOW_LEFT: tl.constexpr, HAS_WINDOW_RIGHT: tl.constexpr, UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    split = tl.program_id(0)
+    bh = tl.program_id(1)
+    m_block = tl.program_id(2)
+    b = bh // num_kv_heads
+    hk = bh % num_kv_heads
+    seqlen_k = tl.load(SEQLENS + b)
+
+    rows = m_block * BLOCK_M + tl.arange(0, BLOCK_M)  # rows of the (group x seqlen_q) block of this kv head
+    g = rows // seqlen_q
+    qi = rows % seqlen_q
+    row_ok = rows < group * seqlen_q
+    hq = hk * group + g
+    d = tl.arange(0, BLOCK_D)
+    dv = tl.arange(0, BLOCK_DV)
+
+    q_ptrs = Q + b.to(tl.int64) * stride_qb + qi[:, None] * stride_qs + hq[:, None] * stride_qh + d[None, :]
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & (d[None, :] < HEAD_DIM), other=0.0)
+    q = dot_operand(q, UPCAST)
+
+    if HAS_ALIBI:
+        slope = tl.load(SLOPES + b * stride_slope_b + hq, mask=row_ok, other=0.0) * LOG2E
+
+    if HAS_BATCH_IDX:
+        cache_row = tl.load(BATCH_IDX + b).to(tl.int64)
+    else:
+        cache_row = b.to(tl.int64)
+
+    start = split * keys_per_split
+    end = tl.minimum(start + keys_per_split, seqlen_k)
+    # Bottom-right alignment: query i sits at key position i + seqlen_k - seqlen_q.
+    shift = seqlen_k - seqlen_q
+    if HAS_WINDOW_RIGHT:
+        end = tl.minimum(end, tl.max(tl.where(row_ok, qi, 0)) + shift + window_right + 1)
+    if HAS_WINDOW_LEFT:
+        start = tl.maximum(start, (tl.min(tl.where(row_ok, qi, seqlen_q)) + shift - window_left) // BLOCK_N * BLOCK_N)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    for block_start in range(start, end, BLOCK_N):
+        cols = block_start + tl.arange(0, BLOCK_N)
+        if PAGED:
+            # BLOCK_N divides PAGE_SIZE, so a block never straddles two pages.
+            page = tl.load(BLOCK_TABLE + b * stride_bt_b + block_start // PAGE_SIZE).to(tl.int64)
+            slot = cols % PAGE_SIZE
+            k_base = K + page * stride_kb + hk * stride_kh
+            v_base = V + page * stride_vb + hk * stride_vh
+        else:
+            slot = cols
+            k_base = K + cache_row * stride_kb + hk * stride_kh
+            v_base = V + cache_row * stride_vb + hk * stride_vh
+        col_ok = cols < end
+        k_mask = col_ok[None, :] & (d[:, None] < HEAD_DIM)
+        k = tl.load(k_base + slot[None, :] * stride_ks + d[:, None], mask=k_mask, other=0.0)
+        s = tl.dot(q, dot_operand(k, UPCAST), input_precision=DOT_PRECISION)
+        if HAS_SOFTCAP:
+            s = tanh(s * (scale_log2 * LN2 / softcap)) * (softcap * LOG2E)
+        else:
+            s = s * scale_log2
+        dist = qi[:, None] + shift - cols[None, :]
+        if HAS_ALIBI:
+            s = s - slope[:, None] * tl.abs(dist).to(tl.float32)
+        visible = col_ok[None, :] & row_ok[:, None]
+        if HAS_WINDOW_LEFT:
+            visible = visible & (dist <= window_left)
+        if HAS_WINDOW_RIGHT:
+            visible = visible & (dist >= -window_right)
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v_mask = col_ok[:, None] & (dv[None, :] < HEAD_DIM_V)
+        vt = tl.load(v_base + slot[:, None] * stride_vs + dv[None, :], mask=v_mask, other=0.0)
+        if UPCAST:
+            acc = acc * alpha[:, None] + tl.dot(p, vt.to(tl.float32), input_precision=DOT_PRECISION)
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * LN2)
+    o_ptrs = (OUT_PART + split * stride_os + b * stride_ob + hq[:, None] * stride_oh + qi[:, None] * stride_om
+              + dv[None, :])  # fmt: skip
+    tl.store(o_ptrs, out, mask=row_ok[:, None] & (dv[None, :] < HEAD_DIM_V))
+    tl.store(LSE_PART + split * stride_ls + b * stride_lb + hq * stride_lh + qi, lse, mask=row_ok)
+
+
+@triton.jit
+def combine_splits(
+    OUT_PART, LSE_PART, OUT, LSE, num_splits, num_heads_q, seqlen_q,
+    stride_os, stride_ob, stride_oh, stride_om,
+    stride_ls, stride_lb, stride_lh,
+    stride_out_b, stride_out_s, stride_out_h,
+    HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_SPLITS: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0)  # one (b, h, i) row per program
+    i = row % seqlen_q
+    h = (row // seqlen_q) % num_heads_q
+    b = row // (seqlen_q * num_heads_q)
+    splits = tl.arange(0, BLOCK_SPLITS)
+    ok = splits < num_splits
+    lses = tl.load(LSE_PART + splits * stride_ls + b * stride_lb + h * stride_lh + i, mask=ok, other=float("-inf"))
+    m = tl.max(lses, 0)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp(lses - m_safe)
+    total = tl.sum(w, 0)
+    dv = tl.arange(0, BLOCK_DV)
+    parts = tl.load(
+        OUT_PART + splits[:, None] * stride_os + b * stride_ob + h * stride_oh + i * stride_om + dv[None, :],
+        mask=ok[:, None] & (dv[None, :] < HEAD_DIM_V),
+        other=0.0,
+    )
+    out = tl.sum(parts * w[:, None], 0) / tl.where(total == 0.0, 1.0, total)
+    lse = tl.where(total == 0.0, float("-inf"), m_safe + tl.log(tl.where(total == 0.0, 1.0, total)))
+    tl.store(OUT + b * stride_out_b + i * stride_out_s + h * stride_out_h + dv, out.to(OUT.dtype.element_ty),
+             mask=dv < HEAD_DIM_V)  # fmt: skip
+    tl.store(LSE + (b * num_heads_q + h) * seqlen_q + i, lse)

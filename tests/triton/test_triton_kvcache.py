@@ -1,0 +1,141 @@
+"""The Triton split-KV decoding kernel (attention_with_kvcache) against the reference.
+
+CPU runs go through the Triton interpreter with small caches; the ``gpu`` test uses long caches where many splits
+and many pages are in play.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+import attnkit
+from attnkit.testing import max_abs_error
+
+
+def _cache_case(dtype, paged, batch, seqlen_q, heads_k, group, head_dim, head_dim_v, lengths, new, device, gen):
+    def rnd(*shape):
+        return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
+
+    heads_q = heads_k * group
+    q = rnd(batch, seqlen_q, heads_q, head_dim)
+    k_new = rnd(batch, new, heads_k, head_dim)
+    v_new = rnd(batch, new, heads_k, head_dim_v)
+    capacity = max(lengths) + new + 16
+    kw = {}
+    if paged:
+        page = 16 if device.type == "cpu" else 256
+        per_row = -(-capacity // page)
+        num_blocks = batch * per_row + 3
+        k_cache = rnd(num_blocks, page, heads_k, head_dim)
+        v_cache = rnd(num_blocks, page, heads_k, head_dim_v)
+        order = torch.randperm(num_blocks, generator=gen)[: batch * per_row]
+        kw["block_table"] = order.view(batch, per_row).to(device=device, dtype=torch.int32)
+    else:
+        k_cache = rnd(batch + 1, capacity, heads_k, head_dim)
+        v_cache = rnd(batch + 1, capacity, heads_k, head_dim_v)
+        kw["cache_batch_idx"] = torch.randperm(batch + 1, generator=gen)[:batch].to(device=device, dtype=torch.int32)
+    kw["cache_seqlens"] = torch.tensor(lengths, dtype=torch.int32, device=device)
+    return q, k_cache, v_cache, k_new, v_new, kw
+
+
+def _compare(dtype, paged, seqlen_q, group, causal, window, softcap, alibi, device, lengths, new=2, dims=(40, 24)):
+    gen = torch.Generator().manual_seed(hash((dtype, paged, seqlen_q, group, causal, window, softcap, alibi)) % 2**31)
+    batch, heads_k = len(lengths), 2
+    q, k_cache, v_cache, k_new, v_new, kw = _cache_case(
+        dtype, paged, batch, seqlen_q, heads_k, group, *dims, lengths, new, device, gen
+    )
+    slopes = (torch.rand(heads_k * group, generator=gen) * 0.3).to(device) if alibi else None
+    opts = dict(causal=causal, window_size=window, softcap=softcap, alibi_slopes=slopes, return_lse=True, **kw)
+    caches = {}
+    results = {}
+    for name, upcast in (("triton_cuda", None), ("exact", torch.float64), ("plain", None)):
+        kc, vc = k_cache.clone(), v_cache.clone()
+        args = (q, kc, vc, k_new, v_new)
+        if upcast is not None:
+            args = tuple(x.to(upcast) for x in args)
+            kc, vc = args[1], args[2]
+        backend = "triton_cuda" if name == "triton_cuda" else "reference"
+        results[name] = attnkit.attention_with_kvcache(*args, backend=backend, **opts)
+        caches[name] = (kc, vc)
+    # The append itself: identical bytes whichever backend attends afterwards.
+    assert torch.equal(caches["triton_cuda"][0], caches["plain"][0])
+    assert torch.equal(caches["triton_cuda"][1], caches["plain"][1])
+    out, lse = results["triton_cuda"]
+    exact_out, exact_lse = results["exact"]
+    plain_out, _ = results["plain"]
+    assert not out.isnan().any()
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(exact_lse))
+    # The reference accumulates in fp32 and rounds once, like the kernel: its error is the "plain" baseline.
+    allowed = 2 * max_abs_error(plain_out, exact_out) + (1e-5 if dtype == torch.float32 else 1e-3)
+    assert max_abs_error(out, exact_out) <= allowed
+    finite = torch.isfinite(exact_lse)
+    assert max_abs_error(lse[finite], exact_lse[finite]) <= 1e-3
+
+
+CPU_GRID = [
+    # dtype, paged, seqlen_q, group, causal, window, softcap, alibi
+    (torch.float32, False, 1, 4, False, (-1, -1), 0.0, False),
+    (torch.float16, False, 1, 4, True, (-1, -1), 0.0, True),
+    (torch.bfloat16, True, 1, 2, True, (-1, -1), 0.0, False),
+    (torch.float32, True, 3, 2, True, (20, 0), 5.0, True),
+    (torch.float16, False, 17, 1, False, (7, 3), 0.0, False),
+    (torch.float32, True, 5, 4, False, (-1, -1), 3.0, False),
+]
+
+
+@pytest.mark.parametrize("case", CPU_GRID, ids=lambda c: "-".join(map(str, c)).replace("torch.", ""))
+def test_kvcache_matches_reference(case):
+    _compare(*case, device=torch.device("cpu"), lengths=[37, 90])
+
+
+def test_kvcache_empty_row_gives_zero():
+    """A row whose window sees no cached key returns 0 and lse -inf, never NaN."""
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(1, 1, 2, 16, generator=gen)
+    k_cache = torch.randn(1, 64, 2, 16, generator=gen)
+    v_cache = torch.randn(1, 64, 2, 16, generator=gen)
+    lens = torch.tensor([0], dtype=torch.int32)
+    out, lse = attnkit.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=lens, return_lse=True,
+                                              backend="triton_cuda")  # fmt: skip
+    assert torch.equal(out, torch.zeros_like(out))
+    assert torch.isneginf(lse).all()
+
+
+def test_auto_does_not_pick_the_interpreter_for_kvcache(monkeypatch):
+    """On CPU, backend='auto' keeps kvcache calls on the reference even though the interpreter could run them."""
+    from attnkit.backends.triton import kvcache_launch
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("auto dispatched a CPU kvcache call to the Triton interpreter")
+
+    monkeypatch.setattr(kvcache_launch, "forward_kvcache", refuse)
+    q = torch.randn(1, 1, 2, 16)
+    cache = torch.randn(1, 32, 2, 16)
+    out = attnkit.attention_with_kvcache(q, cache, cache.clone(), cache_seqlens=torch.tensor([5], dtype=torch.int32))
+    assert out.shape == (1, 1, 2, 16)
+    with pytest.raises(AssertionError, match="interpreter"):
+        attnkit.attention_with_kvcache(q, cache, cache.clone(), cache_seqlens=torch.tensor([5], dtype=torch.int32),
+                                       backend="triton_cuda")  # fmt: skip
+
+
+GPU_GRID = list(
+    itertools.product(
+        [torch.bfloat16, torch.float16],
+        [False, True],
+        [(1, 4), (4, 8)],  # (seqlen_q, group): decode and speculative decoding with GQA
+        [False, True],
+    )
+)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", GPU_GRID, ids=str)
+def test_kvcache_gpu_long_caches(case):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    dtype, paged, (seqlen_q, group), causal = case
+    _compare(dtype, paged, seqlen_q, group, causal, (-1, -1), 0.0, False, device=torch.device("cuda"),
+             lengths=[1, 4000, 33000], new=3, dims=(128, 128))  # fmt: skip
