@@ -136,10 +136,14 @@ def attention_with_kvcache(
     if paged:
         num_blocks = k_cache.shape[0]
         page_size = k_cache.shape[1]
-        for b, n in enumerate(lengths):
-            used = block_table[b, : (n + seqlen_new + page_size - 1) // page_size].tolist()
-            if any(not 0 <= p < num_blocks for p in used):
-                raise InvalidArgumentError(f"block_table[{b}] uses pages {used} outside [0, {num_blocks})")
+        # One vectorised check (a single device sync) over the pages each row will touch.
+        pages_needed = torch.tensor([(n + seqlen_new + page_size - 1) // page_size for n in lengths], device=device)
+        touched = torch.arange(block_table.shape[1], device=device)[None, :] < pages_needed[:, None]
+        bad_rows = (touched & ((block_table < 0) | (block_table >= num_blocks))).any(dim=1)
+        if bool(bad_rows.any()):
+            b = int(bad_rows.nonzero()[0, 0])
+            used = block_table[b, : int(pages_needed[b])].tolist()
+            raise InvalidArgumentError(f"block_table[{b}] uses pages {used} outside [0, {num_blocks})")
 
     params = _common.resolve_params(
         head_dim=head_dim,
