@@ -6,8 +6,8 @@ Usage (on a CUDA machine): ``python benchmarks/cupy_dev.py [--out results.md] [-
 * timing: bf16, 16k tokens per batch, hidden 2048 (head dim 64 -> 32 heads, 128 -> 16 heads), seqlen 512..16k,
   forward and backward, medians of ``triton.testing.do_bench``; TFLOP/s use 4*B*H*Sq*Sk*D for the forward
   (halved when causal) and 2.5x that for the backward;
-* ``--variants``: re-times seqlen 4k under alternative tile configurations (dev only: patches the tables in
-  ``attnkit.backends.cupy.config``).
+* ``--variants``: first checks and times the forward under alternative tile configurations at 4k/16k (dev only:
+  patches the tables in ``attnkit.backends.cupy.config``).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import argparse
 import datetime
 import platform
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -27,40 +28,63 @@ from attnkit.testing import attention_ref, max_abs_error
 DEV = "cuda"
 
 
+def _poison_allocator() -> None:
+    """Fill freed blocks of the caching allocator with NaN so an output element the kernel never writes shows up."""
+    junk = torch.full((64 << 20,), float("nan"), device=DEV, dtype=torch.float32)
+    del junk
+
+
+def check_case(b, sq, sk, hq, hk, d, causal, **kw) -> tuple[bool, str]:
+    torch.manual_seed(sq * 7 + sk + d)
+    q = torch.randn(b, sq, hq, d, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(b, sk, hk, d, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(b, sk, hk, d, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+    dout = torch.randn(b, sq, hq, d, device=DEV, dtype=torch.bfloat16)
+    _poison_allocator()
+    out = attnkit.attention(q, k, v, causal=causal, backend="cupy_cuda", **kw)
+    _poison_allocator()
+    out.backward(dout)
+    got = [out, q.grad, k.grad, v.grad]
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = attention_ref(q64, k64, v64, causal=causal, **kw)
+    ref.backward(dout.double())
+    exact = [ref, q64.grad, k64.grad, v64.grad]
+    ql, kl, vl = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    plain = attention_ref(ql, kl, vl, causal=causal, upcast=False, **kw)
+    plain.backward(dout)
+    low = [plain, ql.grad, kl.grad, vl.grad]
+    errs = []
+    ok = True
+    for i, name in enumerate(("out", "dq", "dk", "dv")):
+        e, p = max_abs_error(got[i], exact[i]), max_abs_error(low[i], exact[i])
+        ok &= bool(torch.isfinite(got[i]).all()) and e <= (2 if i == 0 else 3) * p + 2e-3
+        errs.append(f"{name} {e:.2e}/{p:.2e}")
+    extra = "".join(f" {k}={v}" for k, v in kw.items())
+    case = f"{b}x{sq}x{sk} hq{hq} hk{hk} d{d} causal={causal}{extra}"
+    return ok, f"| {case} | {'ok' if ok else 'FAIL'} | {'; '.join(errs)} |"
+
+
 def correctness() -> list[str]:
-    rows = []
     cases = [
-        (2, 300, 300, 16, 16, 128, True),
-        (2, 257, 513, 8, 2, 64, False),
-        (1, 513, 129, 4, 4, 96, True),
-        (1, 200, 200, 4, 4, 256, True),
+        ((2, 300, 300, 16, 16, 128, True), {}),
+        ((2, 257, 513, 8, 2, 64, False), {}),
+        ((1, 513, 129, 4, 4, 96, True), {}),
+        ((1, 200, 200, 4, 4, 256, True), {}),
+        ((1, 700, 700, 4, 2, 64, False), {"window_size": (100, 30)}),
+        ((1, 333, 400, 4, 1, 128, True), {"softcap": 5.0}),
     ]
-    for b, sq, sk, hq, hk, d, causal in cases:
-        torch.manual_seed(sq + d)
-        q = torch.randn(b, sq, hq, d, device=DEV, dtype=torch.bfloat16, requires_grad=True)
-        k = torch.randn(b, sk, hk, d, device=DEV, dtype=torch.bfloat16, requires_grad=True)
-        v = torch.randn(b, sk, hk, d, device=DEV, dtype=torch.bfloat16, requires_grad=True)
-        dout = torch.randn(b, sq, hq, d, device=DEV, dtype=torch.bfloat16)
-        out = attnkit.attention(q, k, v, causal=causal, backend="cupy_cuda")
-        out.backward(dout)
-        got = [out, q.grad, k.grad, v.grad]
-        q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-        ref = attention_ref(q64, k64, v64, causal=causal)
-        ref.backward(dout.double())
-        exact = [ref, q64.grad, k64.grad, v64.grad]
-        ql, kl, vl = (t.detach().clone().requires_grad_() for t in (q, k, v))
-        plain = attention_ref(ql, kl, vl, causal=causal, upcast=False)
-        plain.backward(dout)
-        low = [plain, ql.grad, kl.grad, vl.grad]
-        errs = []
-        ok = True
-        for i, name in enumerate(("out", "dq", "dk", "dv")):
-            e, p = max_abs_error(got[i], exact[i]), max_abs_error(low[i], exact[i])
-            ok &= e <= (2 if i == 0 else 3) * p + 2e-3
-            errs.append(f"{name} {e:.2e}/{p:.2e}")
-        case = f"{b}x{sq}x{sk} hq{hq} hk{hk} d{d} causal={causal}"
-        rows.append(f"| {case} | {'ok' if ok else 'FAIL'} | {'; '.join(errs)} |")
-    return rows
+    return [check_case(*c, **kw)[1] for c, kw in cases]
+
+
+def variant_correctness(d: int) -> tuple[bool, list[str]]:
+    """Forward tiles under test, at shapes with partial blocks, causal, GQA and a window."""
+    rows, all_ok = [], True
+    for c in ((2, 1031, 1031, 8, 2, d, True), (1, 517, 1300, 4, 4, d, False), (1, 2048, 2048, 4, 1, d, True)):
+        ok, row = check_case(*c)
+        all_ok &= ok
+        rows.append(row)
+    ok, row = check_case(1, 900, 900, 4, 2, d, False, window_size=(200, 0))
+    return all_ok and ok, [*rows, row]
 
 
 def _bench(fn) -> float:
@@ -74,7 +98,9 @@ def _flops(b: int, h: int, s: int, d: int, causal: bool) -> float:
     return f / 2 if causal else f
 
 
-def time_one(seqlen: int, d: int, causal: bool, tokens: int = 16384, hidden: int = 2048) -> dict[str, float]:
+def time_one(
+    seqlen: int, d: int, causal: bool, tokens: int = 16384, hidden: int = 2048, backward: bool = True
+) -> dict[str, float]:
     h = hidden // d
     b = max(1, tokens // seqlen)
     q, k, v = (torch.randn(b, seqlen, h, d, device=DEV, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
@@ -96,6 +122,8 @@ def time_one(seqlen: int, d: int, causal: bool, tokens: int = 16384, hidden: int
             ms = _bench(fn)
         res[f"{name}_fwd_ms"] = ms
         res[f"{name}_fwd_tflops"] = flops / ms / 1e9
+        if not backward:
+            continue
         out = fn()
         ms = _bench(lambda out=out: torch.autograd.grad(out, (q, k, v), dout, retain_graph=True))
         res[f"{name}_bwd_ms"] = ms
@@ -103,30 +131,61 @@ def time_one(seqlen: int, d: int, causal: bool, tokens: int = 16384, hidden: int
     return res
 
 
+# Forward (m_tiles, warps, block_n) alternatives checked and timed by --variants.
+FWD_VARIANTS = {
+    64: [(2, 4, 64), (1, 4, 64), (2, 4, 32)],
+    128: [(2, 4, 64), (1, 4, 64), (2, 4, 32)],
+}
+
+
+def _compile(spec) -> str:
+    from attnkit.backends.cupy import compiler
+
+    compiler.binary_path(spec)
+    return spec.source
+
+
+def precompile(with_variants: bool) -> None:
+    """Build every module this script loads in parallel processes (NVRTC is single-threaded per program)."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    from attnkit.backends.cupy import compiler
+
+    cap = torch.cuda.get_device_capability()
+    arch = compiler.pick_arch(cap, compiler.nvrtc_supported_archs())
+    specs = set()
+    for hd in cupy_config.KERNEL_HEAD_DIMS:
+        specs.add(compiler.ModuleSpec.make("fwd.cu", cupy_config.fwd_config(hd, torch.bfloat16).defines(), arch))
+        specs.add(compiler.ModuleSpec.make("bwd.cu", cupy_config.bwd_config(hd, torch.bfloat16).defines(), arch))
+    if with_variants:
+        for hd, tiles in FWD_VARIANTS.items():
+            for t in tiles:
+                specs.add(compiler.ModuleSpec.make("fwd.cu", cupy_config.FwdConfig(hd, True, *t).defines(), arch))
+    import multiprocessing
+
+    with ProcessPoolExecutor(max_workers=16, mp_context=multiprocessing.get_context("spawn")) as pool:
+        list(pool.map(_compile, sorted(specs, key=str)))
+
+
 def variants() -> list[str]:
+    """Forward tile variants at seqlen 4k and 16k (non-causal and causal), each checked for correctness first."""
     rows = []
-    fwd_opts = {
-        64: [(2, 4, 64), (1, 4, 64), (1, 8, 64), (2, 4, 32)],
-        128: [(1, 8, 64), (1, 4, 64), (2, 4, 64), (1, 8, 32)],
-    }
-    bwd_opts = {64: [(4, 1, 64), (8, 1, 64), (4, 1, 32)], 128: [(4, 1, 64), (4, 2, 64), (8, 1, 64), (4, 1, 32)]}
     for d in (64, 128):
-        saved_f, saved_b = dict(cupy_config._FWD_TILES), dict(cupy_config._BWD_TILES)
+        saved = dict(cupy_config._FWD_TILES)
         try:
-            for i in range(max(len(fwd_opts[d]), len(bwd_opts[d]))):
-                if i < len(fwd_opts[d]):
-                    cupy_config._FWD_TILES[d] = [fwd_opts[d][i]]
-                if i < len(bwd_opts[d]):
-                    cupy_config._BWD_TILES[d] = [bwd_opts[d][i]]
-                r = time_one(4096, d, False)
-                rows.append(
-                    f"| d{d} fwd{cupy_config._FWD_TILES[d][0]} bwd{cupy_config._BWD_TILES[d][0]} | "
-                    f"{r['cupy_fwd_tflops']:.0f} | {r['cupy_bwd_tflops']:.0f} | {r['sdpa_fwd_tflops']:.0f} | "
-                    f"{r['sdpa_bwd_tflops']:.0f} |"
-                )
+            for t in FWD_VARIANTS[d]:
+                cupy_config._FWD_TILES[d] = [t]
+                ok, checks = variant_correctness(d)
+                if not ok:
+                    print("\n".join(checks), flush=True)
+                cells = []
+                for s, causal in ((4096, False), (4096, True), (16384, False)):
+                    r = time_one(s, d, causal, backward=False)
+                    cells.append(f"{r['cupy_fwd_tflops']:.0f} ({r['sdpa_fwd_ms'] / r['cupy_fwd_ms']:.2f}x)")
+                rows.append(f"| d{d} fwd{t} | {'ok' if ok else 'FAIL'} | " + " | ".join(cells) + " |")
+                print(rows[-1], flush=True)
         finally:
-            cupy_config._FWD_TILES.update(saved_f)
-            cupy_config._BWD_TILES.update(saved_b)
+            cupy_config._FWD_TILES.update(saved)
     return rows
 
 
@@ -140,6 +199,12 @@ def main() -> int:
     import cupy
     import triton
 
+    t0 = time.time()
+    try:
+        precompile(args.variants)
+        print(f"precompiled in {time.time() - t0:.0f} s", flush=True)
+    except Exception as exc:  # modules then compile lazily on first use
+        print(f"precompile failed ({type(exc).__name__}: {exc}); compiling lazily", flush=True)
     lines = [
         f"# cupy_cuda vs SDPA-flash ({datetime.date.today().isoformat()})",
         "",
@@ -158,6 +223,13 @@ def main() -> int:
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     print("\n".join(lines), flush=True)
+    if args.variants:
+        head = ["", "## Forward tile variants: (m_tiles, warps, block_n); TFLOP/s (ratio to SDPA-flash)", "",
+                "| config | correct | 4k | 4k causal | 16k |",
+                "| --- | --- | --- | --- | --- |"]  # fmt: skip
+        print("\n".join(head), flush=True)
+        var_lines = head + variants()
+        print("\n".join(lines[-4:]), flush=True)  # the timing table's header again
     seqlens = (1024, 4096, 16384) if args.quick else (512, 1024, 2048, 4096, 8192, 16384)
     for d in (64, 128):
         for causal in (False, True):
@@ -173,14 +245,7 @@ def main() -> int:
                 lines.append(row)
                 print(row, flush=True)
     if args.variants:
-        head = ["", "## Tile variants at seqlen 4096, non-causal (TFLOP/s)", "",
-                "| config | cupy fwd | cupy bwd | sdpa fwd | sdpa bwd |",
-                "| --- | --- | --- | --- | --- |"]  # fmt: skip
-        print("\n".join(head), flush=True)
-        lines += head
-        for row in variants():
-            lines.append(row)
-            print(row, flush=True)
+        lines += var_lines
     if args.out:
         with open(args.out, "w") as f:
             f.write("\n".join(lines) + "\n")

@@ -110,7 +110,7 @@ class BwdConfig:
 
 # Candidate tiles per kernel head dim, fastest first; a call takes the first that fits the device's shared memory
 # (sm_80/90: 163/227 KB per block, sm_86/89: 99 KB). Picked by timing on an H200 (benchmarks/NOTES-cupy.md);
-# the first D=128 forward entry spills ~190 bytes yet beats the spill-free (1, 8, 64) by 25%.
+# the first D=128 forward entry (20 bytes of spills) beats the spill-free (1, 8, 64) by 25%.
 # Forward: (m_tiles, warps, block_n).
 _FWD_TILES: dict[int, list[tuple[int, int, int]]] = {
     32: [(2, 4, 64)],

@@ -6,7 +6,8 @@
 // adds dQ into a float32 buffer with atomics. Warps are laid out WN along the keys (16 keys each) times WD
 // along the head dim: each of the WD warps of one key slice recomputes S and dP for it (cheap for WD = 1,
 // the common case) and accumulates its own D/WD columns of dK and dV, which bounds the registers for D = 256.
-// The next Q/dO tile is in flight while the current one is processed.
+// The next Q/dO tile is in flight while the current one is processed. Tiles with every key visible to every
+// query (and no softcap/ALiBi) take a lean P/dS step with the scale folded into the ex2 argument.
 //
 // Macros: ATTNKIT_HEAD_DIM, ATTNKIT_BF16 (see fwd.cu), ATTNKIT_BWD_WN, ATTNKIT_BWD_WD, ATTNKIT_BWD_BM.
 #include "common.cuh"
@@ -188,29 +189,45 @@ struct BwdKernel {
                 const bool need_mask = (n0 + BN > si.sk) || (m0 + BM > si.sq) ||
                                        (wr >= 0 && n0 + BN - 1 > m0 + shift + wr) ||
                                        (wl >= 0 && n0 < m0 + BM - 1 + shift - wl);
-                const bool generic = need_mask || sp.use_softcap || sp.use_alibi;
+                const bool plain = !need_mask && !sp.use_softcap && !sp.use_alibi;
+                if (plain) {
+                    // Every key visible to every query of the tile: lse is finite, and the scale folds into one
+                    // FMA before ex2.
 #pragma unroll
-                for (int j = 0; j < MTILE; ++j)
+                    for (int j = 0; j < MTILE; ++j)
 #pragma unroll
-                    for (int e = 0; e < 4; ++e) {
-                        const int cl = j * 8 + 2 * (lane & 3) + (e & 1);  // query inside the block
-                        const int key = n0 + wn * 16 + (lane >> 2) + (e >> 1) * 8;
-                        float lv = bL[cl];
-                        // A row that saw no key has lse = -inf; +inf makes all its probabilities 0.
-                        lv = lv == -AK_INF ? AK_INF : lv * AK_LOG2E;
-                        float x = sst[j][e], th = 0.f;
-                        if (generic) {
-                            x = transform_score(x, m0 + cl, key, shift, sp, th);
-                            if (need_mask && !visible(m0 + cl, key, shift, si.sq, si.sk, wl, wr)) x = -AK_INF;
-                        } else {
-                            x *= sp.scale_log2;
+                        for (int c = 0; c < 2; ++c) {
+                            const int cl = j * 8 + 2 * (lane & 3) + c;
+                            const float lv = bL[cl] * AK_LOG2E;
+                            const float dl = bD[cl];
+#pragma unroll
+                            for (int r = 0; r < 2; ++r) {
+                                const int e = 2 * r + c;
+                                const float p = fast_exp2(fmaf(sst[j][e], sp.scale_log2, -lv));
+                                sst[j][e] = p;
+                                dpt[j][e] = p * (dpt[j][e] - dl) * scale;
+                            }
                         }
-                        const float p = fast_exp2(x - lv);
-                        sst[j][e] = p;
-                        float ds = p * (dpt[j][e] - bD[cl]) * scale;
-                        if (sp.use_softcap) ds *= 1.f - th * th;
-                        dpt[j][e] = ds;
-                    }
+                } else {
+#pragma unroll
+                    for (int j = 0; j < MTILE; ++j)
+#pragma unroll
+                        for (int e = 0; e < 4; ++e) {
+                            const int cl = j * 8 + 2 * (lane & 3) + (e & 1);  // query inside the block
+                            const int key = n0 + wn * 16 + (lane >> 2) + (e >> 1) * 8;
+                            float lv = bL[cl];
+                            // A row that saw no key has lse = -inf; +inf makes all its probabilities 0.
+                            lv = lv == -AK_INF ? AK_INF : lv * AK_LOG2E;
+                            float th = 0.f;
+                            float x = transform_score(sst[j][e], m0 + cl, key, shift, sp, th);
+                            if (need_mask && !visible(m0 + cl, key, shift, si.sq, si.sk, wl, wr)) x = -AK_INF;
+                            const float p = fast_exp2(x - lv);
+                            sst[j][e] = p;
+                            float ds = p * (dpt[j][e] - bD[cl]) * scale;
+                            if (sp.use_softcap) ds *= 1.f - th * th;
+                            dpt[j][e] = ds;
+                        }
+                }
 
                 // dS^T to shared memory for dQ; one warp of each key slice writes it.
                 if (wd == 0) {

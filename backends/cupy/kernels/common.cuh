@@ -162,18 +162,39 @@ __device__ __forceinline__ SeqInfo seq_info(int b, const int* cu_q, const int* c
 
 // Asynchronously copy a ROWS x D tile (row stride `row_stride` elements in global memory) into shared memory
 // with a padded row pitch LD, so ldmatrix rows fall into distinct banks. Rows >= rows_valid and 16-byte chunks
-// >= d_chunks are zero-filled.
+// >= d_chunks are zero-filled. Each thread keeps one 16-byte column and walks down the rows with a running
+// pointer, so no per-chunk 64-bit offsets stay live in registers across the caller's loop.
 template <int ROWS, int D, int LD, int NT>
 __device__ __forceinline__ void load_tile(u32 smem, const u16* g, i64 row_stride, int rows_valid, int d_chunks,
                                           int tid) {
     constexpr int CPR = D / 8;
+    if constexpr (NT % CPR == 0) {
+        constexpr int RS = NT / CPR;  // rows advanced per step
+        const int c = tid % CPR;
+        int r = tid / CPR;
+        const bool col_ok = c < d_chunks;
+        const u16* src = g + (i64)r * row_stride + c * 8;
+        const i64 step = (i64)RS * row_stride;
+        u32 dst = smem + (u32)((r * LD + c * 8) * 2);
 #pragma unroll
-    for (int idx = tid; idx < ROWS * CPR; idx += NT) {
-        int r = idx / CPR;
-        int c = idx % CPR;
-        bool pred = r < rows_valid && c < d_chunks;
-        const u16* src = pred ? g + (i64)r * row_stride + c * 8 : g;
-        cp_async16(smem + (u32)((r * LD + c * 8) * 2), src, pred);
+        for (int i = 0; i < (ROWS + RS - 1) / RS; ++i) {
+            if ((ROWS % RS == 0) || r < ROWS) {
+                const bool pred = col_ok && r < rows_valid;
+                cp_async16(dst, pred ? src : g, pred);
+            }
+            src += step;
+            r += RS;
+            dst += (u32)(RS * LD * 2);
+        }
+    } else {
+#pragma unroll
+        for (int idx = tid; idx < ROWS * CPR; idx += NT) {
+            int r = idx / CPR;
+            int c = idx % CPR;
+            bool pred = r < rows_valid && c < d_chunks;
+            const u16* src = pred ? g + (i64)r * row_stride + c * 8 : g;
+            cp_async16(smem + (u32)((r * LD + c * 8) * 2), src, pred);
+        }
     }
 }
 

@@ -1,7 +1,10 @@
 // FlashAttention-2 style forward pass: one CTA owns BM query rows of one (batch, head) and streams key/value
 // tiles of BN rows through shared memory, keeping the running max, the running sum and the output in
 // registers. Each warp owns 16*MT query rows. Tensor cores via mma.sync m16n8k16; K/V loads overlap compute:
-// V_j is in flight during S = Q K_j^T, K_{j-1} during P V_j.
+// V_j is in flight during S = Q K_j^T, K_{j-1} during P V_j. (Double-buffering K and V with one barrier per
+// tile was measured slower on an H200: ptxas then spills for D = 128; benchmarks/NOTES-cupy.md.)
+// Tiles that need no mask (and calls without softcap/ALiBi) take a lean softmax: max on the raw scores, the
+// scale folded into one FMA before ex2; boundary tiles take the generic per-element path.
 //
 // Configuration comes from macros so one source serves NVRTC (run time) and nvcc (CI) alike:
 //   ATTNKIT_HEAD_DIM  padded head dim (multiple of 16; the real dim is a run-time argument, <= this)
@@ -38,6 +41,158 @@ struct FwdKernel {
     static constexpr int DTILE = D / 8;
     static_assert(D % 16 == 0 && BN % 16 == 0, "tile sizes must be multiples of 16");
 
+    // S = Q K^T for this warp's 16*MT rows and the BN keys of the tile at bK (raw dot products).
+    static __device__ __forceinline__ void gemm_qk(u32 sQa, u32 bK, int wrow, int lane, float (&s)[MT][NTILE][4]) {
+#pragma unroll
+        for (int t = 0; t < MT; ++t)
+#pragma unroll
+            for (int j = 0; j < NTILE; ++j)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) s[t][j][e] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+            u32 a[MT][4];
+#pragma unroll
+            for (int t = 0; t < MT; ++t)
+                ldsm_x4(sQa + (u32)(((wrow + t * 16 + (lane & 15)) * LD + kk * 16 + (lane >> 4) * 8) * 2), a[t][0],
+                        a[t][1], a[t][2], a[t][3]);
+#pragma unroll
+            for (int np = 0; np < BN / 16; ++np) {
+                u32 b0, b1, b2, b3;
+                ldsm_x4(bK + (u32)(((np * 16 + (lane & 7) + (lane >> 4) * 8) * LD + kk * 16 + ((lane >> 3) & 1) * 8) *
+                                   2),
+                        b0, b1, b2, b3);
+#pragma unroll
+                for (int t = 0; t < MT; ++t) {
+                    mma16816<BF16>(s[t][2 * np], a[t], b0, b1);
+                    mma16816<BF16>(s[t][2 * np + 1], a[t], b2, b3);
+                }
+            }
+        }
+    }
+
+    // O += P V with P (bf16/fp16) packed straight from the softmax registers.
+    static __device__ __forceinline__ void gemm_pv(u32 bV, int lane, const float (&s)[MT][NTILE][4],
+                                                   float (&acc_o)[MT][DTILE][4]) {
+#pragma unroll
+        for (int kk = 0; kk < BN / 16; ++kk) {
+            u32 a[MT][4];
+#pragma unroll
+            for (int t = 0; t < MT; ++t) {
+                a[t][0] = pack2<BF16>(s[t][2 * kk][0], s[t][2 * kk][1]);
+                a[t][1] = pack2<BF16>(s[t][2 * kk][2], s[t][2 * kk][3]);
+                a[t][2] = pack2<BF16>(s[t][2 * kk + 1][0], s[t][2 * kk + 1][1]);
+                a[t][3] = pack2<BF16>(s[t][2 * kk + 1][2], s[t][2 * kk + 1][3]);
+            }
+#pragma unroll
+            for (int dp = 0; dp < D / 16; ++dp) {
+                u32 b0, b1, b2, b3;
+                ldsm_x4_t(bV + (u32)(((kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + dp * 16 + (lane >> 4) * 8) *
+                                     2),
+                          b0, b1, b2, b3);
+#pragma unroll
+                for (int t = 0; t < MT; ++t) {
+                    mma16816<BF16>(acc_o[t][2 * dp], a[t], b0, b1);
+                    mma16816<BF16>(acc_o[t][2 * dp + 1], a[t], b2, b3);
+                }
+            }
+        }
+    }
+
+    // Online-softmax update for a tile where every key is visible and the score is plain q.k * scale: the row
+    // max is taken on the raw dot products and the scale folded into one FMA before ex2.
+    static __device__ __forceinline__ void softmax_plain(float (&s)[MT][NTILE][4], float (&acc_o)[MT][DTILE][4],
+                                                         float (&row_max)[MT][2], float (&row_sum)[MT][2],
+                                                         float scale_log2) {
+#pragma unroll
+        for (int t = 0; t < MT; ++t) {
+#pragma unroll
+            for (int hh = 0; hh < 2; ++hh) {
+                float mx = s[t][0][2 * hh];
+#pragma unroll
+                for (int j = 0; j < NTILE; ++j) mx = fmaxf(mx, fmaxf(s[t][j][2 * hh], s[t][j][2 * hh + 1]));
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+                const float m_new = fmaxf(row_max[t][hh], mx * scale_log2);
+                const float alpha = fast_exp2(row_max[t][hh] - m_new);  // ex2(-inf) = 0 on the first tile
+                row_max[t][hh] = m_new;
+                float sum = 0.f;
+#pragma unroll
+                for (int j = 0; j < NTILE; ++j)
+#pragma unroll
+                    for (int e = 0; e < 2; ++e) {
+                        const float p = fast_exp2(fmaf(s[t][j][2 * hh + e], scale_log2, -m_new));
+                        s[t][j][2 * hh + e] = p;
+                        sum += p;
+                    }
+                row_sum[t][hh] = row_sum[t][hh] * alpha + sum;
+#pragma unroll
+                for (int j = 0; j < DTILE; ++j) {
+                    acc_o[t][j][2 * hh] *= alpha;
+                    acc_o[t][j][2 * hh + 1] *= alpha;
+                }
+            }
+        }
+    }
+
+    // Online-softmax update with per-element visibility where `need_mask` (always for FULL = false) and, for
+    // FULL, the full score transform (softcap, ALiBi; otherwise the plain scale). `row0` is the sequence position
+    // of this warp's first row.
+    template <bool FULL>
+    static __device__ __forceinline__ void softmax_generic(float (&s)[MT][NTILE][4], float (&acc_o)[MT][DTILE][4],
+                                                        float (&row_max)[MT][2], float (&row_sum)[MT][2], int n0,
+                                                        int row0, int lane, bool need_mask, int shift,
+                                                        const SeqInfo& si, const ScoreParams& sp) {
+#pragma unroll
+        for (int t = 0; t < MT; ++t) {
+#pragma unroll
+            for (int hh = 0; hh < 2; ++hh) {
+                const int row = row0 + t * 16 + (lane >> 2) + hh * 8;
+                float mx = -AK_INF;
+#pragma unroll
+                for (int j = 0; j < NTILE; ++j)
+#pragma unroll
+                    for (int e = 0; e < 2; ++e) {
+                        const int col = n0 + j * 8 + 2 * (lane & 3) + e;
+                        float x;
+                        if (FULL) {
+                            float th;
+                            x = transform_score(s[t][j][2 * hh + e], row, col, shift, sp, th);
+                        } else {
+                            x = s[t][j][2 * hh + e] * sp.scale_log2;
+                        }
+                        if ((!FULL || need_mask) &&
+                            !visible(row, col, shift, si.sq, si.sk, sp.window_left, sp.window_right))
+                            x = -AK_INF;
+                        s[t][j][2 * hh + e] = x;
+                        mx = fmaxf(mx, x);
+                    }
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+                const float m_new = fmaxf(row_max[t][hh], mx);
+                // A row with nothing visible so far keeps max -inf; subtracting 0 instead avoids inf-inf.
+                const float m_use = m_new == -AK_INF ? 0.f : m_new;
+                const float alpha = fast_exp2(row_max[t][hh] - m_use);
+                row_max[t][hh] = m_new;
+                float sum = 0.f;
+#pragma unroll
+                for (int j = 0; j < NTILE; ++j)
+#pragma unroll
+                    for (int e = 0; e < 2; ++e) {
+                        const float p = fast_exp2(s[t][j][2 * hh + e] - m_use);
+                        s[t][j][2 * hh + e] = p;
+                        sum += p;
+                    }
+                row_sum[t][hh] = row_sum[t][hh] * alpha + sum;
+#pragma unroll
+                for (int j = 0; j < DTILE; ++j) {
+                    acc_o[t][j][2 * hh] *= alpha;
+                    acc_o[t][j][2 * hh + 1] *= alpha;
+                }
+            }
+        }
+    }
+
     static __device__ __forceinline__ void run(const u16* __restrict__ q, const u16* __restrict__ k,
                                                const u16* __restrict__ v, u16* __restrict__ o,
                                                float* __restrict__ lse, const int* __restrict__ cu_q,
@@ -46,8 +201,7 @@ struct FwdKernel {
                                                int d, int alibi_sb, ScoreParams sp) {
         extern __shared__ uint4_aligned smem_raw[];
         u16* sQ = reinterpret_cast<u16*>(smem_raw);
-        u16* sK = sQ + BM * LD;
-        u16* sV = sK + BN * LD;
+        u16* sK = sQ + BM * LD;  // then sV, BN * LD further
 
         const int tid = threadIdx.x;
         const int lane = tid & 31;
@@ -96,7 +250,11 @@ struct FwdKernel {
         if (n_hi > n_lo) {
             const int nb_lo = n_lo / BN;
             const int nb_hi = (n_hi + BN - 1) / BN;
-            const u32 sQa = smem_u32(sQ), sKa = smem_u32(sK), sVa = smem_u32(sV);
+            const u32 sQa = smem_u32(sQ), sKa = smem_u32(sK);
+            const u32 sVa = sKa + (u32)(BN * LD * 2);  // sV follows sK
+            const int wrow = warp * 16 * MT;  // first row of this warp inside the block
+            // The fast softmax folds the scale into one FMA per score, which needs max(s) * scale = max(s * scale).
+            const bool plain = !sp.use_softcap && !sp.use_alibi && sp.scale_log2 > 0.f;
             load_tile<BM, D, LD, NT>(sQa, qg, st[1], rows_q, d_chunks, tid);
             {
                 const int n0 = (nb_hi - 1) * BN;
@@ -104,7 +262,6 @@ struct FwdKernel {
             }
             cp_async_commit();
 
-            const int wrow = warp * 16 * MT;  // first row of this warp inside the block
             for (int nb = nb_hi - 1; nb >= nb_lo; --nb) {
                 const int n0 = nb * BN;
                 load_tile<BN, D, LD, NT>(sVa, vg + (i64)n0 * st[7], st[7], si.sk - n0, d_chunks, tid);
@@ -113,33 +270,7 @@ struct FwdKernel {
                 __syncthreads();
 
                 float s[MT][NTILE][4];
-#pragma unroll
-                for (int t = 0; t < MT; ++t)
-#pragma unroll
-                    for (int j = 0; j < NTILE; ++j)
-#pragma unroll
-                        for (int e = 0; e < 4; ++e) s[t][j][e] = 0.f;
-#pragma unroll
-                for (int kk = 0; kk < D / 16; ++kk) {
-                    u32 a[MT][4];
-#pragma unroll
-                    for (int t = 0; t < MT; ++t)
-                        ldsm_x4(sQa + (u32)(((wrow + t * 16 + (lane & 15)) * LD + kk * 16 + (lane >> 4) * 8) * 2),
-                                a[t][0], a[t][1], a[t][2], a[t][3]);
-#pragma unroll
-                    for (int np = 0; np < BN / 16; ++np) {
-                        u32 b0, b1, b2, b3;
-                        ldsm_x4(sKa + (u32)(((np * 16 + (lane & 7) + (lane >> 4) * 8) * LD + kk * 16 +
-                                             ((lane >> 3) & 1) * 8) *
-                                            2),
-                                b0, b1, b2, b3);
-#pragma unroll
-                        for (int t = 0; t < MT; ++t) {
-                            mma16816<BF16>(s[t][2 * np], a[t], b0, b1);
-                            mma16816<BF16>(s[t][2 * np + 1], a[t], b2, b3);
-                        }
-                    }
-                }
+                gemm_qk(sQa, sKa, wrow, lane, s);
                 __syncthreads();  // every warp is done with sK
                 if (nb > nb_lo) {
                     const int nn = n0 - BN;
@@ -149,80 +280,17 @@ struct FwdKernel {
 
                 const bool need_mask = (n0 + BN > si.sk) || (wr >= 0 && n0 + BN - 1 > m0 + shift + wr) ||
                                        (wl >= 0 && n0 < m0 + BM - 1 + shift - wl);
-                const bool generic = need_mask || sp.use_softcap || sp.use_alibi;
-#pragma unroll
-                for (int t = 0; t < MT; ++t) {
-#pragma unroll
-                    for (int hh = 0; hh < 2; ++hh) {
-                        const int row = m0 + wrow + t * 16 + (lane >> 2) + hh * 8;
-                        float mx = -AK_INF;
-#pragma unroll
-                        for (int j = 0; j < NTILE; ++j)
-#pragma unroll
-                            for (int e = 0; e < 2; ++e) {
-                                float x = s[t][j][2 * hh + e];
-                                if (generic) {
-                                    const int col = n0 + j * 8 + 2 * (lane & 3) + e;
-                                    float th;
-                                    x = transform_score(x, row, col, shift, sp, th);
-                                    if (need_mask && !visible(row, col, shift, si.sq, si.sk, wl, wr)) x = -AK_INF;
-                                } else {
-                                    x *= sp.scale_log2;
-                                }
-                                s[t][j][2 * hh + e] = x;
-                                mx = fmaxf(mx, x);
-                            }
-                        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-                        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-                        const float m_new = fmaxf(row_max[t][hh], mx);
-                        // A row with nothing visible so far keeps max -inf; subtracting 0 instead avoids inf-inf.
-                        const float m_use = m_new == -AK_INF ? 0.f : m_new;
-                        const float alpha = fast_exp2(row_max[t][hh] - m_use);
-                        row_max[t][hh] = m_new;
-                        float sum = 0.f;
-#pragma unroll
-                        for (int j = 0; j < NTILE; ++j)
-#pragma unroll
-                            for (int e = 0; e < 2; ++e) {
-                                const float p = fast_exp2(s[t][j][2 * hh + e] - m_use);
-                                s[t][j][2 * hh + e] = p;
-                                sum += p;
-                            }
-                        row_sum[t][hh] = row_sum[t][hh] * alpha + sum;
-#pragma unroll
-                        for (int j = 0; j < DTILE; ++j) {
-                            acc_o[t][j][2 * hh] *= alpha;
-                            acc_o[t][j][2 * hh + 1] *= alpha;
-                        }
-                    }
-                }
+                // Uniform branch per tile: only boundary tiles (or softcap/ALiBi calls) pay for the generic path.
+                if (!plain)
+                    softmax_generic<true>(s, acc_o, row_max, row_sum, n0, m0 + wrow, lane, need_mask, shift, si, sp);
+                else if (need_mask)
+                    softmax_generic<false>(s, acc_o, row_max, row_sum, n0, m0 + wrow, lane, true, shift, si, sp);
+                else
+                    softmax_plain(s, acc_o, row_max, row_sum, sp.scale_log2);
 
                 cp_async_wait<1>();
                 __syncthreads();  // V tile visible to every warp
-#pragma unroll
-                for (int kk = 0; kk < BN / 16; ++kk) {
-                    u32 a[MT][4];
-#pragma unroll
-                    for (int t = 0; t < MT; ++t) {
-                        a[t][0] = pack2<BF16>(s[t][2 * kk][0], s[t][2 * kk][1]);
-                        a[t][1] = pack2<BF16>(s[t][2 * kk][2], s[t][2 * kk][3]);
-                        a[t][2] = pack2<BF16>(s[t][2 * kk + 1][0], s[t][2 * kk + 1][1]);
-                        a[t][3] = pack2<BF16>(s[t][2 * kk + 1][2], s[t][2 * kk + 1][3]);
-                    }
-#pragma unroll
-                    for (int dp = 0; dp < D / 16; ++dp) {
-                        u32 b0, b1, b2, b3;
-                        ldsm_x4_t(sVa + (u32)(((kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + dp * 16 +
-                                               (lane >> 4) * 8) *
-                                              2),
-                                  b0, b1, b2, b3);
-#pragma unroll
-                        for (int t = 0; t < MT; ++t) {
-                            mma16816<BF16>(acc_o[t][2 * dp], a[t], b0, b1);
-                            mma16816<BF16>(acc_o[t][2 * dp + 1], a[t], b2, b3);
-                        }
-                    }
-                }
+                gemm_pv(sVa, lane, s, acc_o);
                 __syncthreads();  // every warp is done with sV before the next tile lands there
             }
             cp_async_wait<0>();
