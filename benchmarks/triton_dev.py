@@ -6,6 +6,11 @@ Subcommands
   gputests [--procs N]                            run tests/triton/test_triton_gpu.py in N parallel shards
   precompile [--procs N]                          fill triton's cache with every autotune candidate of the
                                                   benchmark shapes, in parallel (the autotuner then only times)
+  fastcheck                                       CPU only: the forward's host fast path hands the launcher what
+                                                  triton's JIT dispatch does (fake sm_90 driver), and host times
+  overhead                                        host time per forward call, fast launch path off / on
+  fwdsweep [--seqlens 2048,8192] [--procs N]       forward tile / persistent-grid variants vs SDPA flash, cuDNN,
+                                                  FlexAttention (all checked against SDPA), host overhead
   bench [--seqlens ...] [--flex-seqlens ...] [--out FILE]
                                                   check, then time triton_cuda against SDPA flash / cuDNN and
                                                   FlexAttention on flash-attn's shapes (16k tokens, 2048 hidden)
@@ -19,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import functools
 import itertools
 import json
 import os
@@ -93,6 +99,7 @@ def xcompile(args: argparse.Namespace) -> None:
         original_default = configs.default
         for i in range(max(len(c) for c in cands.values())):
             configs.default = lambda kind, vendor, bd, eb, tma=False, i=i, c=cands: c[kind][min(i, len(c[kind]) - 1)]
+            launch.FAST_LAUNCH = False  # every candidate must go through the JIT (and compile)
             compiled.clear()
             q, k, v = (torch.randn(1, 256, 2, d, dtype=dtype) for _ in range(3))
             params = AttentionParams(softmax_scale=0.1, causal=True, window_right=0)
@@ -108,6 +115,82 @@ def xcompile(args: argparse.Namespace) -> None:
                 )
                 print(tile, err if err else resources(kernel))
         configs.default = original_default
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# fastcheck: the forward's host fast path against triton's own JIT dispatch, on a machine without a GPU
+# ---------------------------------------------------------------------------------------------------------------
+def fastcheck(args: argparse.Namespace) -> int:
+    """Compile for sm_90 through a fake driver, stub the launcher, and check that the fast path hands it exactly
+    the arguments triton's JIT path does (the real JIT of the installed triton); then time both on the host."""
+    os.environ.pop("TRITON_INTERPRET", None)
+    os.environ["ATTNKIT_TRITON_AUTOTUNE"] = "0"
+    import torch
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import compiler
+    from triton.runtime.driver import driver
+
+    class FakeDriver:
+        def get_current_target(self):
+            return GPUTarget("cuda", 90, 32)
+
+        def get_current_device(self):
+            return 0
+
+        def get_current_stream(self, device=None):
+            return 0
+
+    driver.set_active(FakeDriver())
+    launches: list[tuple] = []
+    compiler.CompiledKernel.run = property(lambda self: lambda *a: launches.append(a))  # the launcher, stubbed
+    compiler.CompiledKernel._init_handles = lambda self: None  # no module load: nothing runs
+    compiler.CompiledKernel.function = None
+    from attnkit.backends.triton import launch
+
+    from attnkit.params import AttentionParams
+
+    launch._tma_eligible = lambda prob, tensors: False  # CPU tensors
+    print(f"triton {triton.__version__}, fast path supported: {launch._FAST_LAUNCH_SUPPORTED}")
+    cases = [
+        ((8, 2048, 32, 64), None, AttentionParams(softmax_scale=0.125)),
+        ((1, 128, 2, 64), None, AttentionParams(softmax_scale=0.125, causal=True, window_right=0)),
+        (
+            (2, 300, 4, 96),
+            torch.rand(4),
+            AttentionParams(softmax_scale=0.1, window_left=50, window_right=0, softcap=5.0),
+        ),
+    ]
+    rc = 0
+    for shape, alibi, params in cases:
+        q, k, v = (torch.randn(*shape, dtype=torch.bfloat16) for _ in range(3))
+        launch.FAST_LAUNCH = True
+        launch._fwd_plans.clear()
+        launches.clear()
+        o1, l1 = launch.forward(q, k, v, alibi, params, None, "nvidia")  # triton's JIT dispatch
+        o2, l2 = launch.forward(q, k, v, alibi, params, None, "nvidia")  # the plan
+        same = len(launches) == 2 and len(launches[0]) == len(launches[1])
+        for i, (a, b) in enumerate(zip(*launches)) if same else ():
+            if isinstance(a, torch.Tensor):
+                same &= a is b or (a is o1 and b is o2) or (a is l1 and b is l2)
+            elif i not in (6, 7, 8):  # launch metadata and hooks: per call objects
+                same &= a == b and type(a) is type(b)
+        rc |= not same
+        times = {}
+        for fast in (False, True):
+            launch.FAST_LAUNCH = fast
+            reps = []
+            for _ in range(5):
+                t = time.perf_counter()
+                for _ in range(300):
+                    launch.forward(q, k, v, alibi, params, None, "nvidia")
+                reps.append((time.perf_counter() - t) / 300 * 1e6)
+            times[fast] = sorted(reps)[2]
+        print(
+            f"{shape} alibi={alibi is not None} {params}: launcher arguments identical: {same} "
+            f"({len(launches[0])}); host us/call full {times[False]:.1f}, fast {times[True]:.1f}"
+        )
+    return rc
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -180,6 +263,7 @@ def _precompile_worker(task: tuple[int, bool, int]) -> str:
         return cands[min(i, len(cands) - 1)]
 
     configs.default = pick
+    launch.FAST_LAUNCH = False  # a pool process runs several candidates of one shape: no remembered tile
     b, s, h = 1, 1024, HIDDEN // d
     q, k, v = (torch.randn(b, s, h, d, dtype=torch.bfloat16, device="cuda") for _ in range(3))
     params = AttentionParams(softmax_scale=d**-0.5, causal=causal, window_right=0 if causal else -1)
@@ -249,6 +333,7 @@ def _bench_shape(b: int, s: int, h: int, d: int, causal: bool, flex) -> dict:
     """Check triton_cuda against SDPA-flash on one shape, then time every implementation (TFLOP/s)."""
     import torch
     import torch.nn.functional as F
+    from attnkit.backends.triton import launch
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     import attnkit
@@ -286,6 +371,14 @@ def _bench_shape(b: int, s: int, h: int, d: int, causal: bool, flex) -> dict:
             row[f"{label}_err"] = f"{type(exc).__name__}: {str(exc)[:80]}"
 
     timed("triton", tri_fwd, (q, k, v), dout)
+    # Repeated calls ran the host fast path (launch.FAST_LAUNCH): it must give the first call's bits.
+    row["fast_bitwise"] = bool(torch.equal(tri_fwd().detach(), out.detach()))
+    row["ok"] = row["ok"] and row["fast_bitwise"]
+    launch.FAST_LAUNCH = False
+    try:
+        row["triton_slow_fwd"] = _bench(tri_fwd)
+    finally:
+        launch.FAST_LAUNCH = True
     os.environ["ATTNKIT_TRITON_AUTOTUNE"] = "0"
     timed("triton_default", tri_fwd, (q, k, v), dout)
     del os.environ["ATTNKIT_TRITON_AUTOTUNE"]
@@ -322,7 +415,7 @@ def _save(args: argparse.Namespace, header: str, rows: list[dict], launch) -> No
 
 def _row_line(row: dict) -> str:
     parts = [f"S={row['seqlen']:<5} d={row['d']:<3} causal={int(row['causal'])} ok={int(row['ok'])}"]
-    for label in ("triton", "triton_default", "flash", "cudnn", "flex"):
+    for label in ("triton", "triton_slow", "triton_default", "flash", "cudnn", "flex"):
         if f"{label}_fwd_tflops" in row:
             parts.append(f"{label} {row[f'{label}_fwd_tflops']:.0f}/{row.get(f'{label}_bwd_tflops', 0):.0f}")
         elif f"{label}_err" in row:
@@ -331,15 +424,16 @@ def _row_line(row: dict) -> str:
 
 
 def _table(header: str, rows: list[dict]) -> str:
-    cols = ("triton", "triton_default", "flash", "cudnn", "flex")
+    cols = ("triton", "triton_slow", "triton_default", "flash", "cudnn", "flex")
     lines = [
         f"### Triton backend vs baselines: TFLOP/s fwd / bwd ({header})",
         "",
-        "bf16, 16k tokens, hidden 2048. `triton` = autotuned, `triton_default` = ATTNKIT_TRITON_AUTOTUNE=0. "
-        "ok = output and grads agree with SDPA-flash.",
+        "bf16, 16k tokens, hidden 2048. `triton` = autotuned, `triton_slow` = the same with the forward's host "
+        "fast path off (forward only), `triton_default` = ATTNKIT_TRITON_AUTOTUNE=0. "
+        "ok = output and grads agree with SDPA-flash, and the fast path's output is bitwise the first call's.",
         "",
-        "| seqlen | d | causal | ok | " + " | ".join(cols) + " | fwd vs flash | bwd vs flash |",
-        "|---|---|---|---|" + "---|" * len(cols) + "---|---|",
+        "| seqlen | d | causal | ok | " + " | ".join(cols) + " | fwd vs flash | bwd vs flash | fwd vs flex |",
+        "|---|---|---|---|" + "---|" * len(cols) + "---|---|---|",
     ]
     for r in rows:
         cells = []
@@ -353,9 +447,218 @@ def _table(header: str, rows: list[dict]) -> str:
         lines.append(
             f"| {r['seqlen']} | {r['d']} | {int(r['causal'])} | {'yes' if r['ok'] else 'NO'} | "
             + " | ".join(cells)
-            + f" | {vs_f:.2f}x | {vs_b:.2f}x |"
+            + f" | {vs_f:.2f}x | {vs_b:.2f}x | "
+            + (f"{r['triton_fwd_tflops'] / r['flex_fwd_tflops']:.2f}x |" if "flex_fwd_tflops" in r else "- |")
         )
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# fwdsweep: forward tile / grid variants against SDPA flash, cuDNN and FlexAttention, plus host overhead
+# ---------------------------------------------------------------------------------------------------------------
+def _sweep_tiles(d: int) -> list:
+    """Every forward candidate for this head dim, extra tiles that the tables do not list, and persistent grids."""
+    from attnkit.backends.triton import configs
+
+    T = configs.Tile
+    tiles = list(configs.candidates("fwd", "nvidia", d, 2, tma=True))
+    if d <= 64:
+        extra = [
+            T(128, 128, 4, 3),
+            T(64, 128, 4, 3),
+            T(128, 64, 8, 3),
+            T(128, 128, 8, 4),
+            T(64, 64, 4, 4),
+            T(64, 64, 4, 3, persistent=2),
+            T(64, 64, 4, 3, persistent=4),
+            T(128, 64, 8, 3, persistent=2),
+        ]
+    else:
+        extra = [
+            T(128, 128, 8, 3),
+            T(128, 128, 8, 3, use_tma=True),
+            T(128, 64, 8, 4),
+            T(64, 128, 4, 3),
+            T(64, 64, 4, 4, use_tma=True),
+            T(64, 64, 4, 3, use_tma=True, persistent=2),
+            T(64, 64, 4, 3, use_tma=True, persistent=4),
+            T(64, 64, 4, 3, persistent=4),
+        ]
+    return tiles + [t for t in extra if t not in tiles]
+
+
+def _tile_name(t) -> str:
+    return f"{t.block_m}x{t.block_n} w{t.num_warps} s{t.num_stages}{' tma' if t.use_tma else ''}" + (
+        f" p{t.persistent}" if t.persistent else ""
+    )
+
+
+@contextlib.contextmanager
+def _forced_fwd_tile(tile):
+    from attnkit.backends.triton import launch
+
+    # The host fast path remembers the tile of the first call per shape: off while tiles are forced.
+    original, fast = launch._tile, launch.FAST_LAUNCH
+    launch._tile = lambda kind, *a, **k: tile if kind == "fwd" else original(kind, *a, **k)
+    launch.FAST_LAUNCH = False
+    try:
+        yield
+    finally:
+        launch._tile, launch.FAST_LAUNCH = original, fast
+
+
+def _sweep_compile_worker(task: tuple[int, bool, int]) -> str:
+    d, causal, i = task
+    import torch
+
+    import attnkit
+
+    tile = _sweep_tiles(d)[i]
+    b, s, h = 2, 1024, HIDDEN // d
+    q, k, v = (torch.randn(b, s, h, d, dtype=torch.bfloat16, device="cuda") for _ in range(3))
+    t = time.time()
+    try:
+        with _forced_fwd_tile(tile):
+            attnkit.attention(q, k, v, causal=causal, backend="triton_cuda")
+        torch.cuda.synchronize()
+        return f"compiled d={d} causal={int(causal)} {_tile_name(tile)}: {time.time() - t:.0f}s"
+    except Exception as exc:
+        return f"compiled d={d} causal={int(causal)} {_tile_name(tile)}: {type(exc).__name__} {str(exc)[:120]}"
+
+
+def _host_overhead() -> str:
+    """Per-call host time (wall clock over back-to-back calls, no sync) vs device time, with the forward's fast
+    launch path off and on; the tiny shape is CPU-bound, so its do_bench time is the host time."""
+    import torch
+    import torch.nn.functional as F
+    from attnkit.backends.triton import launch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    import attnkit
+
+    lines = []
+    for b, s, h, d in ((1, 128, 2, 64), (8, 2048, 32, 64)):
+        q, k, v = (torch.randn(b, s, h, d, dtype=torch.bfloat16, device="cuda") for _ in range(3))
+        qt, kt, vt = (t.transpose(1, 2).contiguous() for t in (q, k, v))
+        params = attnkit.AttentionParams(softmax_scale=d**-0.5)
+        calls = {
+            "attnkit.attention": functools.partial(attnkit.attention, q, k, v, backend="triton_cuda"),
+            "launch.forward": functools.partial(launch.forward, q, k, v, None, params, None, "nvidia"),
+            "sdpa_flash": functools.partial(F.scaled_dot_product_attention, qt, kt, vt),
+        }
+        for fast in (False, True):
+            launch.FAST_LAUNCH = fast
+            for name, fn in calls.items():
+                if name == "sdpa_flash" and not fast:
+                    continue
+                with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                    for _ in range(20):
+                        fn()
+                    torch.cuda.synchronize()
+                    n = 200
+                    t = time.perf_counter()
+                    for _ in range(n):
+                        fn()
+                    host = (time.perf_counter() - t) / n * 1e6
+                    torch.cuda.synchronize()
+                    wall = (time.perf_counter() - t) / n * 1e6
+                    dev = _bench(fn) * 1e3
+                label = name if name == "sdpa_flash" else f"{name} fast={int(fast)}"
+                lines.append(
+                    f"B={b} S={s} H={h} d={d} {label:26s} host {host:6.1f} us/call, wall {wall:7.1f}, "
+                    f"do_bench {dev:7.1f} us"
+                )
+    launch.FAST_LAUNCH = True
+    return "\n".join(lines)
+
+
+def overhead(args: argparse.Namespace) -> None:
+    text = _host_overhead()
+    with open(os.path.join(OUT, "overhead.txt"), "w") as f:
+        f.write(text + "\n")
+    print(text)
+
+
+def fwdsweep(args: argparse.Namespace) -> None:
+    import multiprocessing as mp
+
+    import torch
+    import torch.nn.functional as F
+    import triton
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    import attnkit
+
+    start = time.time()
+    header = (
+        f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
+        f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC"
+    )
+    print(header, flush=True)
+    tasks = [(d, c, i) for d in (64, 128) for c in (False, True) for i in range(len(_sweep_tiles(d)))]
+    with mp.get_context("spawn").Pool(args.procs) as pool:
+        for line in pool.imap_unordered(_sweep_compile_worker, tasks):
+            print(line, flush=True)
+    print(f"compiled {len(tasks)} variants in {time.time() - start:.0f}s", flush=True)
+    if args.compile_only:
+        return
+    overhead = _host_overhead()
+    print(overhead, flush=True)
+    flex = torch.compile(_flex_attention(), dynamic=False)
+    seqlens = [int(x) for x in args.seqlens.split(",")]
+    results = []
+    for b, s, h, d, causal in sorted(_shapes(seqlens), key=lambda x: -x[1]):
+        gen = torch.Generator(device="cuda").manual_seed(s + d)
+        q, k, v = (torch.randn(b, s, h, d, dtype=torch.bfloat16, device="cuda", generator=gen) for _ in range(3))
+        qt, kt, vt = (t.transpose(1, 2).contiguous() for t in (q, k, v))
+        flops = _flops(b, s, h, d, causal)
+        row = {"seqlen": s, "d": d, "causal": causal, "variants": {}}
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            ref = F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal).transpose(1, 2)
+        for tile in _sweep_tiles(d):
+            name = _tile_name(tile)
+            try:
+                with _forced_fwd_tile(tile):
+                    fn = functools.partial(attnkit.attention, q, k, v, causal=causal, backend="triton_cuda")
+                    err = float((fn() - ref).abs().max())
+                    ms = _bench(fn)
+                row["variants"][name] = (flops / ms / 1e9, err)
+            except Exception as exc:
+                row["variants"][name] = (0.0, f"{type(exc).__name__}")
+        for label, kind in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
+            with sdpa_kernel(kind):
+                sdpa = functools.partial(F.scaled_dot_product_attention, qt, kt, vt, is_causal=causal)
+                row[label] = flops / _bench(sdpa) / 1e9
+        if time.time() - start < args.budget_s:
+            from torch.nn.attention.flex_attention import create_block_mask
+
+            mask = create_block_mask(lambda b_, h_, i, j: i >= j, None, None, s, s, device="cuda") if causal else None
+            try:
+                row["flex"] = flops / _bench(functools.partial(flex, qt, kt, vt, block_mask=mask)) / 1e9
+            except Exception as exc:
+                print(f"flex failed: {type(exc).__name__}: {str(exc)[:200]}")
+        results.append(row)
+        best = max(row["variants"].items(), key=lambda kv: kv[1][0])
+        print(
+            f"S={s} d={d} causal={int(causal)} flash {row['flash']:.0f} cudnn {row['cudnn']:.0f} "
+            f"flex {row.get('flex', 0):.0f} best {best[0]} {best[1][0]:.0f}",
+            flush=True,
+        )
+        with open(os.path.join(OUT, "fwdsweep.json"), "w") as f:
+            json.dump({"header": header, "overhead": overhead, "rows": results}, f, indent=1)
+        torch.cuda.empty_cache()
+    lines = [f"### Forward variants, TFLOP/s ({header})", "", "```", overhead, "```", ""]
+    for row in results:
+        lines.append(
+            f"S={row['seqlen']} d={row['d']} causal={int(row['causal'])}: flash {row['flash']:.0f}, "
+            f"cudnn {row['cudnn']:.0f}, flex {row.get('flex', 0):.0f}"
+        )
+        for name, (tf, err) in sorted(row["variants"].items(), key=lambda kv: -kv[1][0]):
+            lines.append(f"    {name:24s} {tf:6.0f}  {tf / row['flash']:.2f}x flash  err {err}")
+    text = "\n".join(lines)
+    with open(os.path.join(OUT, "fwdsweep.md"), "w") as f:
+        f.write(text + "\n")
+    print(text)
 
 
 def main() -> int:
@@ -368,6 +671,13 @@ def main() -> int:
     p.add_argument("--procs", type=int, default=4)
     p = sub.add_parser("precompile")
     p.add_argument("--procs", type=int, default=12)
+    sub.add_parser("overhead")
+    sub.add_parser("fastcheck")
+    p = sub.add_parser("fwdsweep")
+    p.add_argument("--seqlens", default="2048,8192")
+    p.add_argument("--procs", type=int, default=16)
+    p.add_argument("--budget-s", type=float, default=200.0, help="skip FlexAttention once this much time has passed")
+    p.add_argument("--compile-only", action="store_true", help="only fill triton's cache with the variants")
     p = sub.add_parser("bench")
     p.add_argument("--seqlens", default="512,1024,2048,4096,8192,16384")
     p.add_argument("--flex-seqlens", default="2048,8192")
@@ -379,6 +689,12 @@ def main() -> int:
         xcompile(args)
     elif args.cmd == "gputests":
         return gputests(args)
+    elif args.cmd == "fastcheck":
+        return fastcheck(args)
+    elif args.cmd == "overhead":
+        overhead(args)
+    elif args.cmd == "fwdsweep":
+        fwdsweep(args)
     elif args.cmd == "precompile":
         precompile(args)
     else:

@@ -26,9 +26,12 @@ class Tile:
     num_stages: int
     use_tma: bool = False  # tiles streamed through TMA tensor descriptors (Hopper)
     waves_per_eu: int | None = None  # ROCm occupancy hint (a compile option, not a kernel argument)
+    persistent: int = 0  # forward only: >0 launches this many programs per SM, each walking several tiles
 
     def meta(self) -> dict[str, int]:
         meta = {"BLOCK_M": self.block_m, "BLOCK_N": self.block_n, "USE_TMA": self.use_tma}
+        if self.persistent:
+            meta["PERSISTENT"] = True
         if self.waves_per_eu is not None:
             meta["waves_per_eu"] = self.waves_per_eu
         return meta
@@ -51,28 +54,27 @@ def _d_class(block_d: int) -> str:
     return "small" if block_d <= 64 else ("mid" if block_d <= 128 else "large")
 
 
-# (block_m, block_n, num_warps, num_stages, tma), best first: candidates() drops the TMA entries for calls that
-# cannot use TMA, and the first remaining entry is the fixed default (ATTNKIT_TRITON_AUTOTUNE=0). Orders follow
-# the H200 autotuning winners (benchmarks/results/triton_h200_run2.md); TMA entries are Hopper-only.
+# (block_m, block_n, num_warps, num_stages, tma[, persistent programs per SM]), best first: candidates() drops the
+# TMA entries for calls that cannot use TMA, and the first remaining entry is the fixed default
+# (ATTNKIT_TRITON_AUTOTUNE=0). The forward lists keep the tiles that won or came within 2% somewhere in the H200
+# sweep of benchmarks/results/triton_h200_run3.md (d<=64: 128x64 w8 leads non-causal, 64x64 causal; d=128: the
+# persistent TMA tile leads non-causal 8k); the others follow run 2's winners. TMA entries are Hopper-only.
 _T = True
 _F = False
-_CUDA: dict[tuple[str, str, int], list[tuple[int, int, int, int, bool]]] = {
+_CUDA: dict[tuple[str, str, int], list[tuple]] = {
     ("fwd", "small", 2): [
         (64, 64, 4, 3, _F),
-        (128, 64, 4, 3, _F),
-        (128, 64, 4, 4, _F),
-        (128, 128, 8, 3, _F),
-        (128, 128, 8, 3, _T),
+        (128, 64, 8, 3, _F),
         (128, 64, 4, 3, _T),
         (128, 64, 4, 4, _T),
+        (128, 64, 4, 3, _F),
     ],
     ("fwd", "mid", 2): [
         (64, 64, 4, 3, _T),
+        (64, 64, 4, 3, _T, 2),
         (64, 64, 4, 3, _F),
         (128, 64, 8, 3, _F),
         (128, 128, 8, 2, _F),
-        (128, 64, 8, 3, _T),
-        (128, 64, 8, 4, _T),
     ],
     ("fwd", "large", 2): [(64, 64, 8, 2, _F), (64, 32, 4, 2, _F)],
     ("dkdv", "small", 2): [
@@ -135,7 +137,9 @@ def candidates(kind: str, vendor: str, block_d: int, elem_bytes: int, tma: bool 
     key = (kind, _d_class(block_d), 4 if elem_bytes >= 4 else 2)
     if vendor == "amd":
         return [Tile(m, n, w, s, waves_per_eu=wpe) for m, n, w, s, wpe in _ROCM[key]]
-    return [Tile(m, n, w, s, use_tma=t) for m, n, w, s, t in _CUDA[key] if tma or not t]
+    return [
+        Tile(m, n, w, s, use_tma=t, persistent=p[0] if p else 0) for m, n, w, s, t, *p in _CUDA[key] if tma or not t
+    ]
 
 
 def default(kind: str, vendor: str, block_d: int, elem_bytes: int, tma: bool = False) -> Tile:

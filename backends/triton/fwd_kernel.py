@@ -126,7 +126,8 @@ def _fwd_key_blocks(
 
 
 @triton.jit
-def attn_fwd(
+def _fwd_tile(
+    pid_m, bh,
     Q, K, V, Q2, K2, Out, Lse, Slopes, CuQ, CuK,
     sqb, sqm, sqh, sqd,
     skb, skn, skh, skd,
@@ -145,12 +146,7 @@ def attn_fwd(
     UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, IDX64: tl.constexpr,
     USE_TMA: tl.constexpr,
 ):
-    # One flat grid, query block fastest: programs running together share a head's K/V in L2, and each head's
-    # heaviest (causal: last) query block starts first.
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(seqlen_q, BLOCK_M)
-    pid_m = num_m - 1 - pid % num_m
-    bh = pid // num_m
+    """Query block ``pid_m`` of (batch, head) ``bh``; blocks past a (varlen) sequence's end do nothing."""
     b = bh // num_heads_q
     h = bh % num_heads_q
     hk = h // group
@@ -168,91 +164,143 @@ def attn_fwd(
         k_start = 0
         sk = seqlen_k
     m0 = pid_m * BLOCK_M
-    if m0 >= sq:
-        return
+    if m0 < sq:
+        b64 = b.to(tl.int64)
+        q_base = b64 * sqb + h.to(tl.int64) * sqh + q_start * sqm
+        k_base = b64 * skb + hk.to(tl.int64) * skh + k_start * skn
+        v_base = b64 * svb + hk.to(tl.int64) * svh + k_start * svn
 
-    b64 = b.to(tl.int64)
-    q_base = b64 * sqb + h.to(tl.int64) * sqh + q_start * sqm
-    k_base = b64 * skb + hk.to(tl.int64) * skh + k_start * skn
-    v_base = b64 * svb + hk.to(tl.int64) * svh + k_start * svn
+        rows = m0 + tl.arange(0, BLOCK_M)
+        rows_i = rows
+        if IDX64:
+            rows_i = rows.to(tl.int64)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        offs_dv = tl.arange(0, BLOCK_DV)
 
-    rows = m0 + tl.arange(0, BLOCK_M)
-    rows_i = rows
-    if IDX64:
-        rows_i = rows.to(tl.int64)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
+        q = load_tile(Q + q_base + rows_i[:, None] * sqm + offs_d[None, :] * sqd, rows, sq, offs_d, HEAD_DIM, BLOCK_D,
+                      True)
+        q = dot_operand(q, UPCAST)
+        q2 = q
+        K2_base = K
+        if PIECEWISE:
+            q2_base = b64 * sq2b + h.to(tl.int64) * sq2h + q_start * sq2m
+            q2 = load_tile(Q2 + q2_base + rows_i[:, None] * sq2m + offs_d[None, :] * sq2d,
+                           rows, sq, offs_d, HEAD_DIM, BLOCK_D, True)
+            q2 = dot_operand(q2, UPCAST)
+            K2_base = K2 + b64 * sk2b + hk.to(tl.int64) * sk2h + k_start * sk2n
 
-    q = load_tile(Q + q_base + rows_i[:, None] * sqm + offs_d[None, :] * sqd, rows, sq, offs_d, HEAD_DIM, BLOCK_D, True)
-    q = dot_operand(q, UPCAST)
-    q2 = q
-    K2_base = K
-    if PIECEWISE:
-        q2_base = b64 * sq2b + h.to(tl.int64) * sq2h + q_start * sq2m
-        q2 = load_tile(Q2 + q2_base + rows_i[:, None] * sq2m + offs_d[None, :] * sq2d,
-                       rows, sq, offs_d, HEAD_DIM, BLOCK_D, True)
-        q2 = dot_operand(q2, UPCAST)
-        K2_base = K2 + b64 * sk2b + hk.to(tl.int64) * sk2h + k_start * sk2n
+        slope = 0.0
+        if ALIBI:
+            slope = tl.load(Slopes + b * ssb + h) * LOG2E
+        qk_scale = sm_scale * LOG2E
+        cap_in = 0.0
+        cap_out = 0.0
+        if SOFTCAP:
+            cap_in = sm_scale / softcap
+            cap_out = softcap * LOG2E
 
-    slope = 0.0
-    if ALIBI:
-        slope = tl.load(Slopes + b * ssb + h) * LOG2E
-    qk_scale = sm_scale * LOG2E
-    cap_in = 0.0
-    cap_out = 0.0
-    if SOFTCAP:
-        cap_in = sm_scale / softcap
-        cap_out = softcap * LOG2E
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
 
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+        if USE_TMA:
+            # Per-program descriptors bounded by this sequence: the copy engine zero-fills past its end (no leak from
+            # the next varlen sequence) and past HEAD_DIM (padded head dims need no mask).
+            K_src = tl.make_tensor_descriptor(K + k_base, shape=[sk, HEAD_DIM], strides=[skn, 1],
+                                              block_shape=[BLOCK_N, BLOCK_D])
+            V_src = tl.make_tensor_descriptor(V + v_base, shape=[sk, HEAD_DIM_V], strides=[svn, 1],
+                                              block_shape=[BLOCK_N, BLOCK_DV])
+        else:
+            K_src = K + k_base
+            V_src = V + v_base
 
-    if USE_TMA:
-        # Per-program descriptors bounded by this sequence: the copy engine zero-fills past its end (no leak from
-        # the next varlen sequence) and past HEAD_DIM (padded head dims need no mask).
-        K_src = tl.make_tensor_descriptor(K + k_base, shape=[sk, HEAD_DIM], strides=[skn, 1],
-                                          block_shape=[BLOCK_N, BLOCK_D])
-        V_src = tl.make_tensor_descriptor(V + v_base, shape=[sk, HEAD_DIM_V], strides=[svn, 1],
-                                          block_shape=[BLOCK_N, BLOCK_DV])
+        lo, full_lo, full_hi, hi = q_block_kv_range(m0, sq, sk, window_left, window_right,
+                                                    BLOCK_M, BLOCK_N, HAS_WL, HAS_WR)
+        acc, l_i, m_i = _fwd_key_blocks(
+            acc, l_i, m_i, q, q2, K_src, V_src, K2_base, skn, skd, svn, svd, sk2n, sk2d,
+            full_lo, full_hi, rows, offs_n, offs_d, offs_dv, sq, sk,
+            qk_scale, cap_in, cap_out, window_left, window_right, slope, dropout_p, seed, bh, dist_threshold,
+            False, BLOCK_N, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV,
+            HAS_WL, HAS_WR, SOFTCAP, ALIBI, DROPOUT, PIECEWISE, UPCAST, DOT_PREC, IDX64, USE_TMA,
+        )
+        acc, l_i, m_i = _fwd_key_blocks(
+            acc, l_i, m_i, q, q2, K_src, V_src, K2_base, skn, skd, svn, svd, sk2n, sk2d,
+            lo, full_lo, rows, offs_n, offs_d, offs_dv, sq, sk,
+            qk_scale, cap_in, cap_out, window_left, window_right, slope, dropout_p, seed, bh, dist_threshold,
+            True, BLOCK_N, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV,
+            HAS_WL, HAS_WR, SOFTCAP, ALIBI, DROPOUT, PIECEWISE, UPCAST, DOT_PREC, IDX64, USE_TMA,
+        )
+        acc, l_i, m_i = _fwd_key_blocks(
+            acc, l_i, m_i, q, q2, K_src, V_src, K2_base, skn, skd, svn, svd, sk2n, sk2d,
+            full_hi, hi, rows, offs_n, offs_d, offs_dv, sq, sk,
+            qk_scale, cap_in, cap_out, window_left, window_right, slope, dropout_p, seed, bh, dist_threshold,
+            True, BLOCK_N, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV,
+            HAS_WL, HAS_WR, SOFTCAP, ALIBI, DROPOUT, PIECEWISE, UPCAST, DOT_PREC, IDX64, USE_TMA,
+        )
+
+        empty = l_i == 0.0  # no visible key: out = 0, lse = -inf
+        inv_l = tl.where(empty, 0.0, 1.0 / tl.where(empty, 1.0, l_i))
+        if DROPOUT:
+            inv_l = inv_l / (1.0 - dropout_p)
+        out = acc * inv_l[:, None]
+        lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * LN2)
+
+        o_base = b64 * sob + h.to(tl.int64) * soh + q_start * som
+        store_tile(Out + o_base + rows_i[:, None] * som + offs_dv[None, :] * sod, out.to(Out.dtype.element_ty),
+                   rows, sq, offs_dv, HEAD_DIM_V, BLOCK_DV)
+        l_base = b64 * slb + h.to(tl.int64) * slh + q_start * slm
+        tl.store(Lse + l_base + rows_i * slm, lse, mask=rows < sq)
+
+
+@triton.jit(do_not_specialize=["batch"])  # one compile for every batch size, 1 included (precompile uses 1)
+def attn_fwd(
+    Q, K, V, Q2, K2, Out, Lse, Slopes, CuQ, CuK,
+    sqb, sqm, sqh, sqd,
+    skb, skn, skh, skd,
+    svb, svn, svh, svd,
+    sq2b, sq2m, sq2h, sq2d,
+    sk2b, sk2n, sk2h, sk2d,
+    sob, som, soh, sod,
+    slb, slh, slm,
+    ssb,
+    num_heads_q, group, seqlen_q, seqlen_k,
+    sm_scale, softcap, window_left, window_right, dropout_p, seed, dist_threshold,
+    batch,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    VARLEN: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, SOFTCAP: tl.constexpr,
+    ALIBI: tl.constexpr, DROPOUT: tl.constexpr, PIECEWISE: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, IDX64: tl.constexpr,
+    USE_TMA: tl.constexpr,
+    PERSISTENT: tl.constexpr = False,
+):
+    # Query block fastest: programs running together share a head's K/V in L2, and each head's heaviest
+    # (causal: last) query block comes first. One program per tile, or (PERSISTENT) a grid of a few programs
+    # per SM, each walking the tiles pid, pid + nprog, ... in that order: no partial last wave.
+    num_m = tl.cdiv(seqlen_q, BLOCK_M)
+    if PERSISTENT:
+        num_tiles = num_m * batch * num_heads_q
+        for tile in range(tl.program_id(0), num_tiles, tl.num_programs(0)):
+            _fwd_tile(
+                num_m - 1 - tile % num_m, tile // num_m,
+                Q, K, V, Q2, K2, Out, Lse, Slopes, CuQ, CuK,
+                sqb, sqm, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd,
+                sq2b, sq2m, sq2h, sq2d, sk2b, sk2n, sk2h, sk2d, sob, som, soh, sod, slb, slh, slm, ssb,
+                num_heads_q, group, seqlen_q, seqlen_k,
+                sm_scale, softcap, window_left, window_right, dropout_p, seed, dist_threshold,
+                BLOCK_M, BLOCK_N, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV,
+                VARLEN, HAS_WL, HAS_WR, SOFTCAP, ALIBI, DROPOUT, PIECEWISE, UPCAST, DOT_PREC, IDX64, USE_TMA,
+            )
     else:
-        K_src = K + k_base
-        V_src = V + v_base
-
-    lo, full_lo, full_hi, hi = q_block_kv_range(m0, sq, sk, window_left, window_right,
-                                                BLOCK_M, BLOCK_N, HAS_WL, HAS_WR)
-    acc, l_i, m_i = _fwd_key_blocks(
-        acc, l_i, m_i, q, q2, K_src, V_src, K2_base, skn, skd, svn, svd, sk2n, sk2d,
-        full_lo, full_hi, rows, offs_n, offs_d, offs_dv, sq, sk,
-        qk_scale, cap_in, cap_out, window_left, window_right, slope, dropout_p, seed, bh, dist_threshold,
-        False, BLOCK_N, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV,
-        HAS_WL, HAS_WR, SOFTCAP, ALIBI, DROPOUT, PIECEWISE, UPCAST, DOT_PREC, IDX64, USE_TMA,
-    )
-    acc, l_i, m_i = _fwd_key_blocks(
-        acc, l_i, m_i, q, q2, K_src, V_src, K2_base, skn, skd, svn, svd, sk2n, sk2d,
-        lo, full_lo, rows, offs_n, offs_d, offs_dv, sq, sk,
-        qk_scale, cap_in, cap_out, window_left, window_right, slope, dropout_p, seed, bh, dist_threshold,
-        True, BLOCK_N, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV,
-        HAS_WL, HAS_WR, SOFTCAP, ALIBI, DROPOUT, PIECEWISE, UPCAST, DOT_PREC, IDX64, USE_TMA,
-    )
-    acc, l_i, m_i = _fwd_key_blocks(
-        acc, l_i, m_i, q, q2, K_src, V_src, K2_base, skn, skd, svn, svd, sk2n, sk2d,
-        full_hi, hi, rows, offs_n, offs_d, offs_dv, sq, sk,
-        qk_scale, cap_in, cap_out, window_left, window_right, slope, dropout_p, seed, bh, dist_threshold,
-        True, BLOCK_N, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV,
-        HAS_WL, HAS_WR, SOFTCAP, ALIBI, DROPOUT, PIECEWISE, UPCAST, DOT_PREC, IDX64, USE_TMA,
-    )
-
-    empty = l_i == 0.0  # no visible key: out = 0, lse = -inf
-    inv_l = tl.where(empty, 0.0, 1.0 / tl.where(empty, 1.0, l_i))
-    if DROPOUT:
-        inv_l = inv_l / (1.0 - dropout_p)
-    out = acc * inv_l[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * LN2)
-
-    o_base = b64 * sob + h.to(tl.int64) * soh + q_start * som
-    store_tile(Out + o_base + rows_i[:, None] * som + offs_dv[None, :] * sod, out.to(Out.dtype.element_ty),
-               rows, sq, offs_dv, HEAD_DIM_V, BLOCK_DV)
-    l_base = b64 * slb + h.to(tl.int64) * slh + q_start * slm
-    tl.store(Lse + l_base + rows_i * slm, lse, mask=rows < sq)
+        pid = tl.program_id(0)
+        _fwd_tile(
+            num_m - 1 - pid % num_m, pid // num_m,
+            Q, K, V, Q2, K2, Out, Lse, Slopes, CuQ, CuK,
+            sqb, sqm, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd,
+            sq2b, sq2m, sq2h, sq2d, sk2b, sk2n, sk2h, sk2d, sob, som, soh, sod, slb, slh, slm, ssb,
+            num_heads_q, group, seqlen_q, seqlen_k,
+            sm_scale, softcap, window_left, window_right, dropout_p, seed, dist_threshold,
+            BLOCK_M, BLOCK_N, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV,
+            VARLEN, HAS_WL, HAS_WR, SOFTCAP, ALIBI, DROPOUT, PIECEWISE, UPCAST, DOT_PREC, IDX64, USE_TMA,
+        )

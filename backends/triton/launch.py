@@ -7,6 +7,9 @@ reads that variable when the kernels are decorated.
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
+import itertools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -67,6 +70,21 @@ def lse_strides(lse: torch.Tensor, varlen: VarlenInfo | None) -> tuple[int, int,
     if varlen is None:
         return lse.stride(0), lse.stride(1), lse.stride(2)
     return 0, lse.stride(0), lse.stride(1)
+
+
+_SM_COUNT: dict[int, int] = {}
+INTERPRETER_SM_COUNT = 2  # persistent grids under the interpreter: few programs, each walking many tiles
+
+
+def _sm_count(device: torch.device) -> int:
+    """Multiprocessors of ``device`` (persistent grids); a small fixed number for the interpreter."""
+    if device.type != "cuda":
+        return INTERPRETER_SM_COUNT
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    count = _SM_COUNT.get(index)
+    if count is None:
+        count = _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return count
 
 
 def _needs_idx64(prob: Problem, tensors: list[torch.Tensor]) -> bool:
@@ -245,6 +263,98 @@ def _slopes(alibi: torch.Tensor | None, q: torch.Tensor) -> tuple[torch.Tensor, 
     return alibi, (alibi.stride(0) if alibi.dim() == 2 else 0)
 
 
+# Host-side fast path of the forward (dense, no dropout, compiled kernels): per call the slow path builds ~80
+# arguments, checks index widths and TMA eligibility, picks the tile and goes through triton's JIT dispatch
+# (binding, specialisation key, cache lookup): ~200 us of Python per call on the H200 host, more than the GPU
+# time of a 2k causal forward (benchmarks/NOTES-triton.md, run 3). Everything but the tensor addresses is a
+# function of shapes, strides, dtypes, devices, parameters and the 16-byte alignment of each input, so one plan
+# per such key holds the compiled kernel (from a normal first launch, so triton specialised it for exactly these
+# arguments), its grid and the argument tail; a repeated call allocates the outputs and launches that kernel.
+# A plan keeps the tile chosen on its first call: code that forces tiles (patching _tile or configs.default)
+# sets FAST_LAUNCH = False, and clearing _tuned does not clear _fwd_plans.
+FAST_LAUNCH = True
+_PLAN_LIMIT = 1024
+# Since triton 3.3 the JIT hands the launcher every bound argument, constexprs included (``*bound_args.values()``),
+# and so does ``CompiledKernel[grid](...)``; 3.2 and older pass only the non-constexpr ones.
+_FAST_LAUNCH_MIN_TRITON = (3, 3)
+_fwd_plans: dict[tuple, _FwdPlan] = {}
+
+
+@dataclass(frozen=True)
+class _FwdPlan:
+    kernel: object  # triton CompiledKernel
+    grid: tuple[int, int, int]
+    tail: tuple  # arguments after the ten tensors, in signature order, constexprs included
+    tma: bool
+    out_shape: tuple[int, ...]
+    lse_shape: tuple[int, ...]
+
+
+def _triton_at_least(version: str, minimum: tuple[int, int]) -> bool:
+    parts = []
+    for piece in version.split(".")[:2]:
+        digits = "".join(itertools.takewhile(str.isdigit, piece))
+        if not digits:
+            return False
+        parts.append(int(digits))
+    return tuple(parts) >= minimum
+
+
+_FAST_LAUNCH_SUPPORTED = _triton_at_least(triton.__version__, _FAST_LAUNCH_MIN_TRITON)
+
+
+def _aligned(t: torch.Tensor) -> bool:
+    return t.data_ptr() % 16 == 0
+
+
+def _fwd_plan_key(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alibi: torch.Tensor | None, params: AttentionParams, vendor: str
+) -> tuple:
+    """Everything the launch depends on besides the tensor addresses (triton specialises pointers on 16-byte
+    alignment, integers on divisibility by 16 and on being 1; all those integers follow from this key)."""
+    slopes = None if alibi is None else (alibi.shape, alibi.stride(), alibi.dtype, _aligned(alibi))
+    return (
+        q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), q.dtype, k.dtype, v.dtype, q.device,
+        k.device, v.device, _aligned(q), _aligned(k), _aligned(v), slopes, params, vendor, env.triton_autotune(),
+    )  # fmt: skip
+
+
+@functools.cache
+def _parameters(fn: Callable) -> tuple[tuple[str, object], ...]:
+    """(name, default) of every parameter of a kernel's Python function, in order (inspect is slow: cached)."""
+    return tuple((name, param.default) for name, param in inspect.signature(fn).parameters.items())
+
+
+def _signature_tail(kernel_fn: object, n_leading: int, kwargs: dict[str, object]) -> tuple | None:
+    """Values of the kernel's parameters after the first ``n_leading`` (keyword or default), in order; None when
+    one has neither (then the fast path is not used)."""
+    fn = getattr(kernel_fn, "fn", None)
+    if fn is None:
+        return None
+    values = []
+    for name, default in _parameters(fn)[n_leading:]:
+        if name in kwargs:
+            values.append(kwargs[name])
+        elif default is not inspect.Parameter.empty:
+            values.append(default)
+        else:
+            return None
+    return tuple(values)
+
+
+def _remember_fwd_plan(key: tuple, kernel: object, grid: tuple[int, ...], positional: tuple, kwargs: dict,
+                       tma: bool, out: torch.Tensor, lse: torch.Tensor) -> None:  # fmt: skip
+    if not callable(getattr(kernel, "__getitem__", None)):
+        return
+    tail = _signature_tail(attn_fwd, len(positional), kwargs)
+    if tail is None:
+        return
+    if len(_fwd_plans) >= _PLAN_LIMIT:
+        _fwd_plans.clear()
+    grid3 = (grid[0], 1, 1)
+    _fwd_plans[key] = _FwdPlan(kernel, grid3, (*positional[10:], *tail), tma, tuple(out.shape), tuple(lse.shape))
+
+
 def forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -257,6 +367,21 @@ def forward(
     k2: torch.Tensor | None = None,
     dist_threshold: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    interpreted = _interpreted()
+    plan_key = None
+    # Dropout draws a new seed (an integer argument) per call; varlen and piecewise are rare: slow path.
+    fast = FAST_LAUNCH and _FAST_LAUNCH_SUPPORTED and not interpreted
+    if fast and varlen is None and q2 is None and params.dropout_p == 0.0:
+        plan_key = _fwd_plan_key(q, k, v, alibi, params, vendor)
+        plan = _fwd_plans.get(plan_key)
+        if plan is not None:
+            out = _empty(plan.out_shape, q.dtype, q.device)
+            lse = _empty(plan.lse_shape, torch.float32, q.device)
+            if _aligned(out) and _aligned(lse):
+                with _on_device(q), _tma_scratch(plan.tma):
+                    plan.kernel[plan.grid](q, k, v, q, k, out, lse, q if alibi is None else alibi, q, q, *plan.tail)
+                return out, lse
+            plan_key = None
     prob = problem_of(q, k, v, varlen)
     piecewise = q2 is not None
     q2_, k2_ = (q2, k2) if piecewise else (q, k)
@@ -293,15 +418,24 @@ def forward(
         *lse_strides(lse, varlen),
         ssb,
         *_scalars(prob, params, dist_threshold),
+        prob.batch,
     )
     flags = _flags(prob, params, alibi, piecewise, idx64, q.dtype)
 
-    def launch_with(tile: configs.Tile) -> None:
-        grid = (triton.cdiv(prob.seqlen_q, tile.block_m) * prob.batch * prob.heads_q,)
-        attn_fwd[grid](*args, **flags, **tile.launch_kwargs())
+    def grid_of(tile: configs.Tile) -> tuple[int]:
+        tiles = triton.cdiv(prob.seqlen_q, tile.block_m) * prob.batch * prob.heads_q
+        if tile.persistent:
+            tiles = min(tiles, tile.persistent * _sm_count(q.device))
+        return (tiles,)
+
+    def launch_with(tile: configs.Tile) -> object:
+        return attn_fwd[grid_of(tile)](*args, **flags, **tile.launch_kwargs())
 
     with _on_device(q), _tma_scratch(tma):
-        launch_with(_tile("fwd", vendor, prob, q.dtype, tma, flags, launch_with))
+        tile = _tile("fwd", vendor, prob, q.dtype, tma, flags, launch_with)
+        kernel = launch_with(tile)
+    if plan_key is not None and _aligned(out) and _aligned(lse):
+        _remember_fwd_plan(plan_key, kernel, grid_of(tile), args, {**flags, **tile.meta()}, tma, out, lse)
     return out, lse
 
 

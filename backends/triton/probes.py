@@ -47,8 +47,10 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "").strip().lower() in _TRUE
 
 
+@functools.cache
 def kernels_interpreted() -> bool:
-    """Whether the already-imported kernels were built for the interpreter (only call after importing them)."""
+    """Whether the kernels were built for the interpreter; fixed once they are imported (triton decides when it
+    decorates them), so the answer is cached: it is asked on every launch."""
     from triton.runtime.interpreter import InterpretedFunction
 
     from . import fwd_kernel

@@ -62,7 +62,6 @@ def test_auto_never_picks_triton_on_cpu():
         (_spec(device_type="cuda", compute_capability=(7, 5)), "compute capability 7.5"),
         (_spec(dtype=torch.float64), "dtype float64"),
         (_spec(head_dim=512), "head_dim=512"),
-        (_spec(op="kvcache"), "operator 'kvcache'"),
         (_spec(device_type="cuda", compute_capability=(9, 0), is_hip=True), "amd devices"),
     ],
 )
@@ -82,7 +81,7 @@ def test_every_feature_declared_is_a_known_feature():
     for be in (TritonCudaBackend(), TritonRocmBackend()):
         assert be.capabilities.features <= set(FEATURES)
         assert be.capabilities.ops <= set(OPS)
-        assert "kvcache" not in be.capabilities.ops  # no decode kernel: never declared
+        assert {"kvcache", "paged_kvcache"} <= be.capabilities.ops  # the split-KV decode kernel (kvcache_kernel.py)
 
 
 def test_probe_summary_has_versions():

@@ -23,6 +23,7 @@ def test_every_space_is_well_formed(vendor, kind, block_d, elem_bytes):
             assert t.num_warps in (4, 8) and 1 <= t.num_stages <= 4
             assert not (t.use_tma and (vendor == "amd" or not tma or block_d > 128))
             assert (t.waves_per_eu is not None) == (vendor == "amd")
+            assert t.persistent == 0 or kind == "fwd"  # only the forward kernel has a persistent grid
         assert len(set(tiles)) == len(tiles)
 
 

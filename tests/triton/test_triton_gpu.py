@@ -204,3 +204,36 @@ def test_fp32_ieee_dots(monkeypatch):
     monkeypatch.setattr(launch, "FP32_DOT_PRECISION", "ieee")
     case = Case(b=1, sq=512, sk=700, hq=2, hk=1, d=128, dtype=F32, causal=True, device="cuda")
     assert_ok(check_dense(case))
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        Case(b=2, sq=1000, sk=1000, hq=4, hk=2, d=128, dtype=BF16, causal=True, device="cuda", seed=31),
+        Case(b=1, sq=777, sk=900, hq=4, hk=4, d=96, dv=64, dtype=F16, window=(100, 3), softcap=15.0, alibi="bh",
+             device="cuda", seed=32),
+    ],
+)  # fmt: skip
+def test_fast_launch_and_persistent_grid_bitwise(case, monkeypatch):
+    """The host fast path (second call with the same key) and the persistent forward grid give the full
+    path's bits; outputs are poisoned first, so unwritten elements show."""
+    from attnkit.backends.triton import configs, launch
+
+    monkeypatch.setattr(launch, "_fwd_plans", {})
+    poisoned = lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device)
+    monkeypatch.setattr(launch, "_empty", poisoned)
+    q, k, v, _, slopes = case.tensors()
+    params = case.params()
+    full = launch.forward(q, k, v, slopes, params, None, "nvidia")
+    assert len(launch._fwd_plans) == 1
+    fast = launch.forward(q, k, v, slopes, params, None, "nvidia")
+    assert all(torch.equal(a, b) for a, b in zip(full, fast))
+    assert not torch.isnan(full[0]).any()
+    default = configs.default("fwd", "nvidia", max(16, 1 << (case.d - 1).bit_length()), 2, tma=True)
+    tile = configs.Tile(
+        default.block_m, default.block_n, default.num_warps, default.num_stages, default.use_tma, None, 1
+    )
+    monkeypatch.setattr(launch, "_tile", lambda kind, *a, **kw: tile)
+    monkeypatch.setattr(launch, "FAST_LAUNCH", False)
+    persistent = launch.forward(q, k, v, slopes, params, None, "nvidia")
+    assert all(torch.equal(a, b) for a, b in zip(full, persistent))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from attnkit.backends.triton import configs, launch
-from triton_checks import Case, assert_ok, backend, check_dense
+from triton_checks import Case, assert_ok, backend, check_dense, check_varlen
 
 
 def _run(q, k, v, dout, params, slopes=None):
@@ -107,3 +107,84 @@ def test_interpreter_switch_after_import_is_reported(monkeypatch):
 
     with pytest.raises(AttnkitError, match="TRITON_INTERPRET"):
         launch._interpreted()
+
+
+def test_persistent_forward_matches(monkeypatch):
+    """The persistent forward grid (few programs, each walking tiles heaviest first) gives the same answers,
+    bitwise, as one program per tile: every tile is computed by the same code, only the scheduling differs."""
+    fwd = configs.INTERPRETER_TILES["fwd"]
+    persistent = configs.Tile(fwd.block_m, fwd.block_n, fwd.num_warps, fwd.num_stages, persistent=1)
+    case = Case(b=2, sq=70, sk=53, hq=4, hk=2, d=24, dtype=torch.bfloat16, causal=True, alibi="h", seed=11)
+    q, k, v, slopes = case.tensors()[:4]
+    params = case.params()
+    out_ref, lse_ref = backend().forward(q, k, v, slopes, params, None)
+    monkeypatch.setitem(configs.INTERPRETER_TILES, "fwd", persistent)
+    out, lse = backend().forward(q, k, v, slopes, params, None)
+    assert torch.equal(out, out_ref) and torch.equal(lse, lse_ref)
+    assert_ok(check_dense(Case(sq=45, sk=61, hq=4, hk=2, d=40, window=(9, 3), dropout_p=0.2, seed=12)))
+    # Varlen: the longest sequence sets the tile count, so shorter ones leave tiles with nothing to do.
+    assert_ok(check_varlen(Case(hq=4, hk=2, d=24, dtype=torch.bfloat16, causal=True, seed=13), [7, 70, 0], [12, 60, 4]))
+
+
+def test_forward_fast_launch_reuses_the_compiled_kernel(monkeypatch):
+    """The compiled-kernel fast path (GPU only, so faked here): a repeated call with the same key launches the
+    kernel of the first call with exactly the arguments triton's JIT dispatch would bind; anything in the key
+    (parameters, alignment, shapes) going differently takes the full path again."""
+    import inspect
+
+    real_fn = launch.attn_fwd.fn
+    jit_calls, fast_calls = [], []
+
+    class FakeCompiled:
+        def __getitem__(self, grid):
+            return lambda *args: fast_calls.append((grid, args))
+
+    class FakeJit:
+        fn = staticmethod(real_fn)
+
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                sig = inspect.signature(real_fn)
+                bound = sig.bind(*args, **{n: v for n, v in kwargs.items() if n in sig.parameters})
+                bound.apply_defaults()
+                jit_calls.append(((grid[0], 1, 1), tuple(bound.arguments.values())))
+                return FakeCompiled()
+
+            return run
+
+    monkeypatch.setattr(launch, "attn_fwd", FakeJit())
+    monkeypatch.setattr(launch, "_interpreted", lambda: False)
+    monkeypatch.setattr(launch, "_fwd_plans", {})
+    monkeypatch.setenv("ATTNKIT_TRITON_AUTOTUNE", "0")
+    case = Case(b=2, sq=40, sk=24, hq=4, hk=2, d=32, dtype=torch.bfloat16, alibi="h", softcap=5.0)
+    q, k, v, _, slopes = case.tensors()
+    params = case.params()
+    out1, _ = launch.forward(q, k, v, slopes, params, None, "nvidia")
+    out2, lse2 = launch.forward(q, k, v, slopes, params, None, "nvidia")
+    assert len(jit_calls) == 1 and len(fast_calls) == 1
+    (grid, expected), (fast_grid, got) = jit_calls[0], fast_calls[0]
+    assert fast_grid == grid and len(got) == len(expected)
+    assert got[5] is out2 and got[6] is lse2 and out2 is not out1
+    for i, (a, b) in enumerate(zip(got, expected)):
+        if i not in (5, 6):
+            assert a is b or (not isinstance(a, torch.Tensor) and a == b and type(a) is type(b)), i
+    # Different parameters, a misaligned view, another shape: the full path (and a new plan) each time.
+    launch.forward(q, k, v, slopes, Case(causal=True).params(), None, "nvidia")
+    flat = torch.empty(q.numel() + 1, dtype=q.dtype)[1:].view(q.shape)
+    launch.forward(flat, k, v, slopes, params, None, "nvidia")
+    launch.forward(q[:, :20], k, v, slopes, params, None, "nvidia")
+    assert len(jit_calls) == 4 and len(fast_calls) == 1
+    # Dropout and varlen never use it.
+    drop = Case(dropout_p=0.1).params()
+    launch.forward(q, k, v, slopes, drop, None, "nvidia")
+    launch.forward(q, k, v, slopes, drop, None, "nvidia")
+    assert len(jit_calls) == 6 and len(fast_calls) == 1
+
+
+@pytest.mark.parametrize(
+    "version,ok", [("3.2.0", False), ("3.3.0", True), ("3.6.0", True), ("3.10.1", True), ("3.3.0+git1a2b", True),
+                   ("4.0", True), ("2.3.1", False), ("main", False)],
+)  # fmt: skip
+def test_fast_launch_version_gate(version, ok):
+    """Triton <= 3.2 hands the launcher only non-constexpr arguments: the fast path must stay off there."""
+    assert launch._triton_at_least(version, launch._FAST_LAUNCH_MIN_TRITON) is ok
