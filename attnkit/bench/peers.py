@@ -204,6 +204,7 @@ class FlexProvider(Provider):
 
         if self._compiled is None:
             _raise_recompile_limits()
+            _allow_repeated_backward()
             self._compiled = torch.compile(flex_attention, dynamic=False)
         compiled = self._compiled
         block_mask = self._block_mask(case, device) if case.causal else None
@@ -292,3 +293,14 @@ def peer_providers(compile_budget_s: float | None = None) -> list[Provider]:
         FlashAttnProvider("flash_attn", "flash_attn"),
         FlashAttnProvider("flash_attn_interface", "flash_attn3"),
     ]
+
+
+def _allow_repeated_backward() -> None:
+    """The bwd benchmark replays one graph's backward (retain_graph=True), which compiled graphs with donated
+    buffers refuse ("compiled with non-empty donated buffers", seen on torch 2.11); turn donation off."""
+    try:
+        import torch._functorch.config as functorch_config
+    except ImportError:
+        return
+    if hasattr(functorch_config, "donated_buffer"):
+        functorch_config.donated_buffer = False

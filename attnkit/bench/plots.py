@@ -93,7 +93,8 @@ def _figure(plt: Any, mode: str, panels: dict, providers: Sequence[str], colors:
         ncols = min(3, len(keys))
         nrows = (len(keys) + ncols - 1) // ncols
         grid = {(i // ncols, i % ncols): k for i, k in enumerate(keys)}
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.2 * nrows + 0.9), squeeze=False)
+    # At least 7.5 in wide: a single panel must still fit the provider legend below it.
+    fig, axes = plt.subplots(nrows, ncols, figsize=(max(4.2 * ncols, 7.5), 3.2 * nrows + 0.9), squeeze=False)
     for (row, col), key in grid.items():
         ax = axes[row][col]
         _draw(ax, mode, panels[key], providers, colors)
@@ -140,6 +141,6 @@ def plot_results(records: Sequence[Record], out_dir: Path, providers: Sequence[s
 
 
 def _save(plt: Any, fig: Any, path: Path) -> Path:
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # single panels are narrower than their legend
     plt.close(fig)
     return path
