@@ -21,6 +21,7 @@ from .kernel_utils import (
     kv_block_q_range,
     load_tile,
     q_block_kv_range,
+    sequence_bounds,
     store_tile,
     tanh,
 )
@@ -193,18 +194,7 @@ def attn_bwd_dkdv(
     num_heads_k = num_heads_q // group
     b = bhk // num_heads_k
     hk = bhk % num_heads_k
-    if VARLEN:
-        q_start = tl.load(CuQ + b)
-        sq = tl.load(CuQ + b + 1) - q_start
-        k_start = tl.load(CuK + b)
-        sk = tl.load(CuK + b + 1) - k_start
-        q_start = q_start.to(tl.int64)
-        k_start = k_start.to(tl.int64)
-    else:
-        q_start = 0
-        sq = seqlen_q
-        k_start = 0
-        sk = seqlen_k
+    q_start, sq, k_start, sk = sequence_bounds(CuQ, CuK, b, seqlen_q, seqlen_k, VARLEN)
     n0 = pid_n * BLOCK_N
     if n0 >= sk:
         return
@@ -390,18 +380,7 @@ def attn_bwd_dq(
     b = bh // num_heads_q
     h = bh % num_heads_q
     hk = h // group
-    if VARLEN:
-        q_start = tl.load(CuQ + b)
-        sq = tl.load(CuQ + b + 1) - q_start
-        k_start = tl.load(CuK + b)
-        sk = tl.load(CuK + b + 1) - k_start
-        q_start = q_start.to(tl.int64)
-        k_start = k_start.to(tl.int64)
-    else:
-        q_start = 0
-        sq = seqlen_q
-        k_start = 0
-        sk = seqlen_k
+    q_start, sq, k_start, sk = sequence_bounds(CuQ, CuK, b, seqlen_q, seqlen_k, VARLEN)
     m0 = pid_m * BLOCK_M
     if m0 >= sq:
         return

@@ -17,6 +17,7 @@ from .kernel_utils import (
     dropout_keep,
     load_tile,
     q_block_kv_range,
+    sequence_bounds,
     store_tile,
     tanh,
 )
@@ -151,18 +152,7 @@ def _fwd_tile(
     h = bh % num_heads_q
     hk = h // group
 
-    if VARLEN:
-        q_start = tl.load(CuQ + b)
-        sq = tl.load(CuQ + b + 1) - q_start
-        k_start = tl.load(CuK + b)
-        sk = tl.load(CuK + b + 1) - k_start
-        q_start = q_start.to(tl.int64)
-        k_start = k_start.to(tl.int64)
-    else:
-        q_start = 0
-        sq = seqlen_q
-        k_start = 0
-        sk = seqlen_k
+    q_start, sq, k_start, sk = sequence_bounds(CuQ, CuK, b, seqlen_q, seqlen_k, VARLEN)
     m0 = pid_m * BLOCK_M
     if m0 < sq:
         b64 = b.to(tl.int64)

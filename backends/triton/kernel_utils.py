@@ -132,3 +132,21 @@ def kv_block_q_range(
     full_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
     full_hi = tl.minimum(tl.maximum(full_hi, full_lo), hi)
     return lo, full_lo, full_hi, hi
+
+
+@triton.jit
+def sequence_bounds(CuQ, CuK, b, seqlen_q, seqlen_k, VARLEN: tl.constexpr):
+    """(q_start, seqlen_q, k_start, seqlen_k) of sequence ``b``: packed offsets for varlen, the whole axis else."""
+    if VARLEN:
+        q_start = tl.load(CuQ + b)
+        sq = tl.load(CuQ + b + 1) - q_start
+        k_start = tl.load(CuK + b)
+        sk = tl.load(CuK + b + 1) - k_start
+        q_start = q_start.to(tl.int64)
+        k_start = k_start.to(tl.int64)
+    else:
+        q_start = 0
+        sq = seqlen_q
+        k_start = 0
+        sk = seqlen_k
+    return q_start, sq, k_start, sk
