@@ -396,15 +396,8 @@ extern "C" __global__ void __launch_bounds__(ATTNKIT_BWD_WN * ATTNKIT_BWD_WD * 3
                 int seqlen_k, int group, int d, int alibi_sb, float scale, float scale_log2, float cap_pre,
                 float cap_post, int use_softcap, int use_alibi, int window_left, int window_right) {
     const ak::i64 strides[20] = {s0, s1, s2, s3, s4, s5, s6, s7, s8, s9, s10, s11, s12, s13, s14, s15, s16, s17, s18, s19};
-    ak::ScoreParams sp;
-    sp.scale_log2 = scale_log2;
-    sp.cap_pre = cap_pre;
-    sp.cap_post = cap_post;
-    sp.slope_log2 = 0.f;
-    sp.use_softcap = use_softcap;
-    sp.use_alibi = use_alibi;
-    sp.window_left = window_left;
-    sp.window_right = window_right;
+    const ak::ScoreParams sp =
+        ak::make_score_params(scale_log2, cap_pre, cap_post, use_softcap, use_alibi, window_left, window_right);
     ak::BwdKernel<ATTNKIT_HEAD_DIM, ATTNKIT_BWD_WN, ATTNKIT_BWD_WD, ATTNKIT_BWD_BM, ATTNKIT_BF16 != 0>::run(
         q, k, v, dout, lse, delta, dq_acc, dk, dv, cu_q, cu_k, alibi, strides, seqlen_q, seqlen_k, group, d, alibi_sb,
         scale, sp);

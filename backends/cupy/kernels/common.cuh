@@ -114,6 +114,22 @@ struct ScoreParams {
     int window_right;    // -1: unbounded
 };
 
+// Kernel entry points receive these as separate scalars (NVRTC launch arguments); one place packs them.
+__device__ __forceinline__ ScoreParams make_score_params(float scale_log2, float cap_pre, float cap_post,
+                                                         int use_softcap, int use_alibi, int window_left,
+                                                         int window_right) {
+    ScoreParams sp;
+    sp.scale_log2 = scale_log2;
+    sp.cap_pre = cap_pre;
+    sp.cap_post = cap_post;
+    sp.slope_log2 = 0.f;  // set per (batch, head) inside the kernels
+    sp.use_softcap = use_softcap;
+    sp.use_alibi = use_alibi;
+    sp.window_left = window_left;
+    sp.window_right = window_right;
+    return sp;
+}
+
 // Key `col` is visible from query `row` (both relative to their sequence start); shift = Sk - Sq aligns the
 // diagonal bottom-right as in flash-attn 2.x.
 __device__ __forceinline__ bool visible(int row, int col, int shift, int sq, int sk, int wl, int wr) {
