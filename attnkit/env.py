@@ -16,6 +16,7 @@ DISABLE = "ATTNKIT_DISABLE"
 DEBUG = "ATTNKIT_DEBUG"
 TRITON_AUTOTUNE = "ATTNKIT_TRITON_AUTOTUNE"
 CUPY_CACHE_DIR = "ATTNKIT_CUPY_CACHE_DIR"
+CUPY_WGMMA = "ATTNKIT_CUPY_WGMMA"
 
 ALL_VARIABLES = {
     BACKEND: "force one backend, or an ordered allow-list: name[,name...]",
@@ -23,6 +24,7 @@ ALL_VARIABLES = {
     DEBUG: "1 logs every dispatch decision with the reasons other backends were rejected (0/1)",
     TRITON_AUTOTUNE: "0 uses the Triton backend's fixed default tile configs instead of autotuning (0/1)",
     CUPY_CACHE_DIR: "directory for compiled CuPy kernels (default: ~/.cache/attnkit/cupy)",
+    CUPY_WGMMA: "0 keeps the CuPy backend's forward on mma.sync on Hopper instead of its wgmma kernel (0/1)",
 }
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -89,6 +91,10 @@ def cupy_cache_dir() -> str:
     if value:
         return os.path.expanduser(value)
     return os.path.join(os.path.expanduser("~"), ".cache", "attnkit", "cupy")
+
+
+def cupy_wgmma() -> bool:
+    return _flag(CUPY_WGMMA, True)
 
 
 def snapshot() -> dict[str, str | None]:

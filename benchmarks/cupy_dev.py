@@ -7,7 +7,9 @@ Usage (on a CUDA machine): ``python benchmarks/cupy_dev.py [--out results.md] [-
   forward and backward, medians of ``triton.testing.do_bench``; TFLOP/s use 4*B*H*Sq*Sk*D for the forward
   (halved when causal) and 2.5x that for the backward;
 * ``--variants``: first checks and times the forward under alternative tile configurations at 4k/16k (dev only:
-  patches the tables in ``attnkit.backends.cupy.config``).
+  patches the tables in ``attnkit.backends.cupy.config``);
+* ``--sm90``: the Hopper wgmma forward's tile variants, each checked first, timed next to the mma.sync forward
+  (``ATTNKIT_CUPY_WGMMA=0``) and SDPA-flash at 2k/8k/16k, causal and not.
 """
 
 from __future__ import annotations
@@ -189,11 +191,84 @@ def variants() -> list[str]:
     return rows
 
 
+# Hopper wgmma forward (warpgroups, block_n) alternatives checked and timed by --sm90.
+SM90_VARIANTS = {
+    64: [(1, 128), (1, 64), (2, 128), (3, 128)],
+    128: [(1, 64), (1, 128), (2, 128), (3, 64)],
+}
+
+
+def _fwd_ms(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, sdpa: bool = False) -> float:
+    def run():
+        if not sdpa:
+            return attnkit.attention(q, k, v, causal=causal, backend="cupy_cuda")
+        with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
+            return F.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal
+            )
+
+    with torch.no_grad():
+        return _bench(run)
+
+
+def sm90_variants() -> list[str]:
+    """Each wgmma tile variant: correctness (bf16: GQA, causal, window, softcap), then forward TFLOP/s vs mma.sync
+    and SDPA-flash."""
+    import os
+
+    shapes = [(s, causal) for s in (2048, 8192, 16384) for causal in (False, True)]
+    rows = []
+    for d in (64, 128):
+        base: dict[tuple[int, bool], tuple[float, float]] = {}
+        for s, causal in shapes:
+            h, b = 2048 // d, max(1, 16384 // s)
+            q, k, v = (torch.randn(b, s, h, d, device=DEV, dtype=torch.bfloat16) for _ in range(3))
+            os.environ["ATTNKIT_CUPY_WGMMA"] = "0"
+            mma = _fwd_ms(q, k, v, causal)
+            os.environ.pop("ATTNKIT_CUPY_WGMMA")
+            base[(s, causal)] = (mma, _fwd_ms(q, k, v, causal, sdpa=True))
+        saved = dict(cupy_config.SM90_FWD_TILES)
+        try:
+            for t in SM90_VARIANTS[d]:
+                cupy_config.SM90_FWD_TILES[d] = [t]
+                ok, checks = variant_correctness(d)
+                for kw in ({"softcap": 5.0}, {"window_size": (300, 40)}):
+                    good, row = check_case(1, 777, 1029, 4, 2, d, False, **kw)
+                    ok &= good
+                    checks.append(row)
+                if not ok:
+                    print("\n".join(checks), flush=True)
+                cells = []
+                for s, causal in shapes:
+                    h, b = 2048 // d, max(1, 16384 // s)
+                    q, k, v = (torch.randn(b, s, h, d, device=DEV, dtype=torch.bfloat16) for _ in range(3))
+                    ms = _fwd_ms(q, k, v, causal)
+                    mma, sdpa_ms = base[(s, causal)]
+                    tf = _flops(b, h, s, d, causal) / ms / 1e9
+                    cells.append(f"{tf:.0f} ({sdpa_ms / ms:.2f}x sdpa, {mma / ms:.2f}x mma)")
+                rows.append(f"| d{d} wg{t[0]} bn{t[1]} | {'ok' if ok else 'FAIL'} | " + " | ".join(cells) + " |")
+                print(rows[-1], flush=True)
+        finally:
+            cupy_config.SM90_FWD_TILES.clear()
+            cupy_config.SM90_FWD_TILES.update(saved)
+        cells = []
+        for s, causal in shapes:
+            h, b = 2048 // d, max(1, 16384 // s)
+            mma, sdpa_ms = base[(s, causal)]
+            f = _flops(b, h, s, d, causal)
+            cells.append(f"mma {f / mma / 1e9:.0f}, sdpa {f / sdpa_ms / 1e9:.0f}")
+        rows.append(f"| d{d} baselines | - | " + " | ".join(cells) + " |")
+        print(rows[-1], flush=True)
+    return rows
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
     ap.add_argument("--variants", action="store_true")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--sm90", action="store_true")
+    ap.add_argument("--no-table", action="store_true", help="skip the full timing table")
     args = ap.parse_args()
 
     import cupy
@@ -223,6 +298,17 @@ def main() -> int:
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     print("\n".join(lines), flush=True)
+    if args.sm90:
+        head = ["", "## Hopper wgmma forward variants: TFLOP/s (vs SDPA-flash, vs the mma.sync forward)", "",
+                "| config | correct | 2k | 2k causal | 8k | 8k causal | 16k | 16k causal |",
+                "| --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+        print("\n".join(head), flush=True)
+        lines += head + sm90_variants()
+        if args.out:
+            with open(args.out, "w") as f:
+                f.write("\n".join(lines) + "\n")
+    if args.no_table:
+        return 0
     if args.variants:
         head = ["", "## Forward tile variants: (m_tiles, warps, block_n); TFLOP/s (ratio to SDPA-flash)", "",
                 "| config | correct | 4k | 4k causal | 16k |",

@@ -22,7 +22,17 @@ from attnkit.registry import Backend, BackendCapabilities
 from attnkit.spec import AttentionSpec
 
 from . import compiler
-from .config import MAX_GRID_YZ, PRE_THREADS, bwd_config, fwd_config, padded_head_dim, pre_grid
+from .config import (
+    MAX_GRID_YZ,
+    PRE_THREADS,
+    FwdConfig,
+    Sm90FwdConfig,
+    bwd_config,
+    fwd_config,
+    padded_head_dim,
+    pre_grid,
+    sm90_fwd_config,
+)
 
 LOG2E = 1.4426950408889634
 
@@ -58,6 +68,18 @@ def _max_smem_optin(device: int) -> int:
 def _arch(device: int) -> str:
     cap = torch.cuda.get_device_capability(device)
     return compiler.pick_arch((cap[0], cap[1]), compiler.nvrtc_supported_archs())
+
+
+def forward_kernel(
+    head_dim: int, dtype: torch.dtype, arch: str, smem_limit: int
+) -> tuple[str, str, FwdConfig | Sm90FwdConfig]:
+    """(source, kernel name, tiles) of the forward for this call: the wgmma kernel on sm_90 (when it covers the
+    head dim and ``ATTNKIT_CUPY_WGMMA`` is not 0), the mma.sync kernel everywhere else."""
+    if arch == "sm_90" and env.cupy_wgmma():
+        cfg = sm90_fwd_config(head_dim, dtype, smem_limit)
+        if cfg is not None:
+            return "fwd_sm90.cu", "attnkit_fwd_sm90", cfg
+    return "fwd.cu", "attnkit_fwd", fwd_config(head_dim, dtype, smem_limit)
 
 
 def _ptr(t: torch.Tensor | None) -> Any:
@@ -170,7 +192,10 @@ class _Launcher:
 class CupyCudaBackend(Backend):
     name = "cupy_cuda"
     priority = 20
-    description = "FlashAttention-2 style CUDA C++ kernels (mma.sync, ldmatrix, cp.async) compiled by NVRTC via CuPy"
+    description = (
+        "FlashAttention-2 style CUDA C++ kernels (mma.sync, ldmatrix, cp.async; wgmma forward on Hopper) "
+        "compiled by NVRTC via CuPy"
+    )
     capabilities = BackendCapabilities(
         device_types=frozenset({"cuda"}),
         dtypes=frozenset({torch.float16, torch.bfloat16}),
@@ -230,7 +255,12 @@ class CupyCudaBackend(Backend):
         }
         if torch.cuda.is_available():
             dev = torch.cuda.current_device()
-            out["arch"] = f"{_arch(dev)} ({torch.cuda.get_device_name(dev)})"
+            arch = _arch(dev)
+            out["arch"] = f"{arch} ({torch.cuda.get_device_name(dev)})"
+            if arch == "sm_90" and env.cupy_wgmma():
+                out["forward kernel"] = "wgmma (fwd_sm90.cu, sm_90a) for kernel head dims 64/128, mma.sync otherwise"
+            else:
+                out["forward kernel"] = "mma.sync (fwd.cu)"
         return out
 
     # ---- kernels ----------------------------------------------------------------------------------------------
@@ -255,7 +285,8 @@ class CupyCudaBackend(Backend):
         self._check(q, k, v, params)
         d = q.shape[-1]
         launch = _Launcher(q.device)
-        cfg = fwd_config(d, q.dtype, launch.smem_limit())
+        arch = _arch(launch.index)
+        source, kernel_name, cfg = forward_kernel(d, q.dtype, arch, launch.smem_limit())
         dp = padded_head_dim(d)
         is_var = varlen is not None
         hq, hk = q.shape[-2], k.shape[-2]
@@ -298,8 +329,9 @@ class CupyCudaBackend(Backend):
             *_f32(scale_log2, cap_pre, cap_post),
             *_i32(use_cap, use_alibi, params.window_left, params.window_right),
         ]
-        spec = compiler.ModuleSpec.make("fwd.cu", cfg.defines(), _arch(launch.index))
-        launch(spec, "attnkit_fwd", cfg.grid(max_sq, hq, batch), cfg.threads, cfg.smem_bytes, args)
+        # The wgmma kernel needs the arch-specific target: wgmma does not exist in plain sm_90 code.
+        spec = compiler.ModuleSpec.make(source, cfg.defines(), "sm_90a" if source == "fwd_sm90.cu" else arch)
+        launch(spec, kernel_name, cfg.grid(max_sq, hq, batch), cfg.threads, cfg.smem_bytes, args)
         return (out if dp == d else out[..., :d].contiguous()), lse
 
     def backward(

@@ -23,8 +23,10 @@ from attnkit import env
 from attnkit.errors import BackendCompileError
 
 KERNEL_DIR = Path(__file__).resolve().parent / "kernels"
-SOURCES = ("fwd.cu", "bwd.cu")
-HEADERS = ("common.cuh",)
+SOURCES = ("fwd.cu", "fwd_sm90.cu", "bwd.cu")
+HEADERS = ("common.cuh", "softmax.cuh", "wgmma.cuh")
+# Sources that use sm_90a-only instructions (wgmma); they are built for that target alone.
+SM90A_SOURCES = ("fwd_sm90.cu",)
 
 # Options shared by NVRTC and the nvcc CI build; the architecture and -D macros are added per module.
 BASE_OPTIONS = ("-std=c++17", "-lineinfo")
@@ -39,7 +41,8 @@ def read_kernel_text(name: str) -> str:
 
 @dataclass(frozen=True)
 class ModuleSpec:
-    """One compilation unit: a source file, its macros and the target architecture (``sm_90`` or ``compute_90``)."""
+    """One compilation unit: a source file, its macros and the target architecture (``sm_90``, ``sm_90a`` or
+    ``compute_90``)."""
 
     source: str
     defines: tuple[tuple[str, int], ...]
@@ -49,6 +52,8 @@ class ModuleSpec:
     def make(source: str, defines: Mapping[str, int], arch: str) -> ModuleSpec:
         if source not in SOURCES:
             raise BackendCompileError(f"unknown CuPy kernel source {source!r}; known: {', '.join(SOURCES)}")
+        if source in SM90A_SOURCES and arch != "sm_90a":
+            raise BackendCompileError(f"{source} uses wgmma and builds only for sm_90a, not {arch!r}")
         return ModuleSpec(source, tuple(sorted(defines.items())), arch)
 
     def options(self) -> tuple[str, ...]:

@@ -74,6 +74,44 @@ class FwdConfig:
 
 
 @dataclass(frozen=True)
+class Sm90FwdConfig:
+    """Tiles of the Hopper wgmma forward (fwd_sm90.cu): 64 query rows per warpgroup, 128-byte-swizzled tiles."""
+
+    head_dim: int  # kernel head dim: 64 or 128
+    bf16: bool
+    warpgroups: int
+    block_n: int
+
+    @property
+    def block_m(self) -> int:
+        return 64 * self.warpgroups
+
+    @property
+    def threads(self) -> int:
+        return 128 * self.warpgroups
+
+    @property
+    def smem_bytes(self) -> int:
+        # Q plus two stages of K and V, unpadded (the swizzle replaces the padding), and 1 KB so the kernel can
+        # align its tiles to the swizzle's 1024-byte period.
+        return (self.block_m + 4 * self.block_n) * self.head_dim * 2 + SM90_ALIGN_SLACK
+
+    def defines(self) -> dict[str, int]:
+        return {
+            "ATTNKIT_HEAD_DIM": self.head_dim,
+            "ATTNKIT_BF16": int(self.bf16),
+            "ATTNKIT_FWD_WG": self.warpgroups,
+            "ATTNKIT_FWD_BN": self.block_n,
+        }
+
+    def grid(self, max_seqlen_q: int, heads_q: int, batch: int) -> tuple[int, int, int]:
+        return (-(-max_seqlen_q // self.block_m), heads_q, batch)
+
+
+SM90_ALIGN_SLACK = 1024
+
+
+@dataclass(frozen=True)
 class BwdConfig:
     head_dim: int
     bf16: bool
@@ -119,6 +157,13 @@ _FWD_TILES: dict[int, list[tuple[int, int, int]]] = {
     128: [(2, 4, 64), (1, 4, 64)],
     256: [(1, 4, 64), (1, 4, 32)],
 }
+# Hopper wgmma forward: (warpgroups, block_n), for the kernel head dims it is built for. Picked on an H200
+# (benchmarks/results/cupy_h200_sm90.md): for d = 64 one warpgroup per CTA wins (several CTAs per SM overlap one
+# another's loads and softmax without a shared barrier), for d = 128 two warpgroups with 128-key tiles.
+SM90_FWD_TILES: dict[int, list[tuple[int, int]]] = {
+    64: [(1, 128)],
+    128: [(2, 128), (1, 64)],
+}
 # Backward: (warps_n, warps_d, block_m); D = 256 splits dK/dV over two warps to bound registers.
 _BWD_TILES: dict[int, list[tuple[int, int, int]]] = {
     32: [(4, 1, 64)],
@@ -148,6 +193,16 @@ def fwd_config(head_dim: int, dtype: torch.dtype, smem_limit: int | None = None)
     hd = kernel_head_dim(padded_head_dim(head_dim))
     bf16 = bool(dtype_flag(dtype))
     return _pick([FwdConfig(hd, bf16, *t) for t in _FWD_TILES[hd]], smem_limit)
+
+
+def sm90_fwd_config(head_dim: int, dtype: torch.dtype, smem_limit: int | None = None) -> Sm90FwdConfig | None:
+    """The wgmma forward's tiles for this head dim, or None when no wgmma kernel covers it (or none fits)."""
+    hd = kernel_head_dim(padded_head_dim(head_dim))
+    if hd not in SM90_FWD_TILES:
+        return None
+    bf16 = bool(dtype_flag(dtype))
+    cfg = _pick([Sm90FwdConfig(hd, bf16, *t) for t in SM90_FWD_TILES[hd]], smem_limit)
+    return cfg if smem_limit is None or cfg.smem_bytes <= smem_limit else None
 
 
 def bwd_config(head_dim: int, dtype: torch.dtype, smem_limit: int | None = None) -> BwdConfig:

@@ -207,7 +207,7 @@ class _FakeNvrtc:
 
     def createProgram(self, src, name, headers, include_names):
         assert isinstance(src, str) and all(isinstance(h, bytes) for h in headers)
-        assert include_names == (b"common.cuh",)
+        assert include_names == tuple(h.encode() for h in compiler.HEADERS)
         return 7
 
     def compileProgram(self, prog, options):
@@ -267,7 +267,9 @@ def _ints(args, start, n):
     return [int(a) for a in args[start : start + n]]
 
 
-def test_forward_dense_arguments(recorder):
+@pytest.mark.parametrize("wgmma", [True, False])
+def test_forward_dense_arguments(recorder, monkeypatch, wgmma):
+    monkeypatch.setenv("ATTNKIT_CUPY_WGMMA", "1" if wgmma else "0")
     q = torch.randn(2, 37, 4, 64, dtype=torch.bfloat16)
     k = torch.randn(2, 53, 2, 64, dtype=torch.bfloat16)
     v = torch.randn(2, 53, 2, 64, dtype=torch.bfloat16)
@@ -276,9 +278,14 @@ def test_forward_dense_arguments(recorder):
     out, lse = cb.CupyCudaBackend().forward(q, k, v, slopes, params, None)
     assert out.shape == q.shape and out.dtype == q.dtype and lse.shape == (2, 4, 37) and lse.dtype == torch.float32
     (call,) = recorder
-    cfg = config.fwd_config(64, torch.bfloat16)
-    assert call["name"] == "attnkit_fwd" and call["spec"].source == "fwd.cu"
-    assert dict(call["spec"].defines) == cfg.defines() and call["spec"].arch == "sm_90"
+    if wgmma:  # sm_90 with head dim 64: the Hopper kernel, built for the arch-specific target
+        cfg = config.sm90_fwd_config(64, torch.bfloat16)
+        assert call["name"] == "attnkit_fwd_sm90" and call["spec"].source == "fwd_sm90.cu"
+        assert dict(call["spec"].defines) == cfg.defines() and call["spec"].arch == "sm_90a"
+    else:
+        cfg = config.fwd_config(64, torch.bfloat16)
+        assert call["name"] == "attnkit_fwd" and call["spec"].source == "fwd.cu"
+        assert dict(call["spec"].defines) == cfg.defines() and call["spec"].arch == "sm_90"
     assert call["grid"] == (math.ceil(37 / cfg.block_m), 4, 2) and call["threads"] == cfg.threads
     assert call["smem"] == cfg.smem_bytes
     a = call["args"]
@@ -366,3 +373,61 @@ def test_kernel_sources_have_no_cuda_includes():
     for name in (*compiler.SOURCES, *compiler.HEADERS):
         for inc in re.findall(r'#include\s+[<"]([^>"]+)[>"]', compiler.read_kernel_text(name)):
             assert inc in compiler.HEADERS, f"{name} includes {inc}"
+
+
+# ---- Hopper wgmma forward ------------------------------------------------------------------------------------------
+def test_wgmma_header_matches_its_generator():
+    from attnkit.backends.cupy import gen_wgmma
+
+    assert gen_wgmma.HEADER_PATH.read_text() == gen_wgmma.render(), "run python -m attnkit.backends.cupy.gen_wgmma"
+
+
+@pytest.mark.parametrize("hd", sorted(config.SM90_FWD_TILES))
+def test_sm90_tiles_fit_and_keep_the_swizzle_phase(hd):
+    for t in config.SM90_FWD_TILES[hd]:
+        for bf16 in (False, True):
+            cfg = config.Sm90FwdConfig(hd, bf16, *t)
+            assert cfg.smem_bytes <= 227 * 1024 and cfg.threads <= 1024
+            # Mirrors load_sw128's static_assert: a thread's rows step by a multiple of 8.
+            assert (cfg.threads // (hd // 8)) % 8 == 0 and cfg.threads % (hd // 8) == 0
+            assert cfg.block_n in (64, 128) and cfg.block_m == 64 * cfg.warpgroups
+
+
+@pytest.mark.parametrize(
+    "head_dim, arch, env_value, smem, expected",
+    [
+        (128, "sm_90", None, 227 * 1024, "fwd_sm90.cu"),
+        (64, "sm_90", "1", 227 * 1024, "fwd_sm90.cu"),
+        (40, "sm_90", None, 227 * 1024, "fwd_sm90.cu"),  # padded to the 64 kernel
+        (96, "sm_90", None, 227 * 1024, "fwd.cu"),  # no wgmma kernel for 96
+        (256, "sm_90", None, 227 * 1024, "fwd.cu"),
+        (32, "sm_90", None, 227 * 1024, "fwd.cu"),
+        (128, "sm_90", "0", 227 * 1024, "fwd.cu"),  # ATTNKIT_CUPY_WGMMA=0
+        (128, "sm_80", None, 163 * 1024, "fwd.cu"),
+        (128, "sm_89", None, 99 * 1024, "fwd.cu"),
+        (128, "compute_90", None, 227 * 1024, "fwd.cu"),  # PTX fallback: no sm_90a machine code
+        (128, "sm_90", None, 99 * 1024, "fwd.cu"),  # the wgmma tiles do not fit
+    ],
+)
+def test_forward_kernel_choice(monkeypatch, head_dim, arch, env_value, smem, expected):
+    if env_value is None:
+        monkeypatch.delenv("ATTNKIT_CUPY_WGMMA", raising=False)
+    else:
+        monkeypatch.setenv("ATTNKIT_CUPY_WGMMA", env_value)
+    source, name, cfg = cb.forward_kernel(head_dim, torch.float16, arch, smem)
+    assert source == expected and cfg.smem_bytes <= smem
+    assert name == ("attnkit_fwd_sm90" if expected == "fwd_sm90.cu" else "attnkit_fwd")
+
+
+def test_bad_wgmma_switch_is_rejected(monkeypatch):
+    from attnkit.errors import EnvironmentVariableError
+
+    monkeypatch.setenv("ATTNKIT_CUPY_WGMMA", "maybe")
+    with pytest.raises(EnvironmentVariableError, match="ATTNKIT_CUPY_WGMMA='maybe'"):
+        cb.forward_kernel(128, torch.float16, "sm_90", 227 * 1024)
+
+
+def test_wgmma_source_builds_only_for_sm90a():
+    with pytest.raises(BackendCompileError, match="sm_90a"):
+        compiler.ModuleSpec.make("fwd_sm90.cu", {}, "sm_90")
+    assert compiler.ModuleSpec.make("fwd_sm90.cu", {}, "sm_90a").arch == "sm_90a"

@@ -143,6 +143,40 @@ def test_varlen(dtype, causal, d):
         _check(name, fast, exact, plain, 3.0)
 
 
+def _is_hopper() -> bool:
+    return torch.cuda.get_device_capability() == (9, 0)
+
+
+def test_hopper_forward_uses_wgmma():
+    """On sm_90 the head-dim-64/128 forwards must take the wgmma kernel (the grid above then tests it)."""
+    if not _is_hopper():
+        pytest.skip(f"the wgmma forward exists for sm_90 only; this GPU is {torch.cuda.get_device_capability()}")
+    from attnkit.backends.cupy import backend as cb
+
+    dev = torch.cuda.current_device()
+    for d in (40, 64, 128):
+        source, _, _ = cb.forward_kernel(d, torch.bfloat16, cb._arch(dev), cb._max_smem_optin(dev))
+        assert source == "fwd_sm90.cu", d
+
+
+@pytest.mark.parametrize("wgmma", ["0", "1"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
+@pytest.mark.parametrize("case", [1, 3, 4, 5, 6, 8])
+def test_both_forward_kernels(monkeypatch, wgmma, dtype, case):
+    """The mma.sync and wgmma forwards agree with the reference on the same cases (on non-Hopper GPUs both
+    settings run the mma.sync kernel)."""
+    monkeypatch.setenv("ATTNKIT_CUPY_WGMMA", wgmma)
+    b, sq, sk, hq, hk, opts = CASES[case]
+    for d in (64, 128):
+        _run_case(b, sq, sk, hq, hk, d, dtype, grad=False, **opts)
+
+
+@pytest.mark.parametrize("d", [64, 128])
+def test_long_keys_many_tiles(d):
+    """Thousands of keys through the two-stage pipeline, uneven lengths, GQA, causal, forward and backward."""
+    _run_case(1, 1500, 4133, 8, 2, d, torch.bfloat16, causal=True)
+
+
 def test_noncontiguous_inputs():
     """Strided views (heads-major storage, a sliced head dim) reach the kernel through their strides or a copy."""
     torch.manual_seed(0)
