@@ -24,7 +24,7 @@ ALL_VARIABLES = {
     DEBUG: "1 logs every dispatch decision with the reasons other backends were rejected (0/1)",
     TRITON_AUTOTUNE: "0 uses the Triton backend's fixed default tile configs instead of autotuning (0/1)",
     CUPY_CACHE_DIR: "directory for compiled CuPy kernels (default: ~/.cache/attnkit/cupy)",
-    CUPY_WGMMA: "0 keeps the CuPy backend's forward on mma.sync on Hopper instead of its wgmma kernel (0/1)",
+    CUPY_WGMMA: "0 keeps the CuPy backend on its mma.sync kernels on Hopper instead of the wgmma ones (0/1)",
 }
 
 _TRUE = {"1", "true", "yes", "on"}

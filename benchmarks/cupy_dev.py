@@ -262,12 +262,52 @@ def sm90_variants() -> list[str]:
     return rows
 
 
+def _bwd_ms(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, sdpa: bool = False) -> float:
+    dout = torch.randn_like(q)
+    if sdpa:
+        with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
+            out = F.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal
+            ).transpose(1, 2)
+    else:
+        out = attnkit.attention(q, k, v, causal=causal, backend="cupy_cuda")
+    return _bench(lambda: torch.autograd.grad(out, (q, k, v), dout, retain_graph=True))
+
+
+def sm90_backward() -> list[str]:
+    """Backward TFLOP/s of the wgmma kernel next to the mma.sync one and SDPA-flash (correctness: the checks of
+    ``correctness()`` and the GPU tests run the wgmma backward on sm_90)."""
+    import os
+
+    rows = []
+    for d in (64, 128):
+        for causal in (False, True):
+            for s in (2048, 4096, 8192, 16384):
+                h, b = 2048 // d, max(1, 16384 // s)
+                q, k, v = (
+                    torch.randn(b, s, h, d, device=DEV, dtype=torch.bfloat16, requires_grad=True) for _ in range(3)
+                )
+                wg = _bwd_ms(q, k, v, causal)
+                os.environ["ATTNKIT_CUPY_WGMMA"] = "0"
+                mma = _bwd_ms(q, k, v, causal)
+                os.environ.pop("ATTNKIT_CUPY_WGMMA")
+                sd = _bwd_ms(q, k, v, causal, sdpa=True)
+                f = 2.5 * _flops(b, h, s, d, causal) / 1e9
+                rows.append(
+                    f"| {d} | {causal} | {s} | {f / wg:.0f} | {f / mma:.0f} | {f / sd:.0f} | {sd / wg:.2f} | "
+                    f"{mma / wg:.2f} |"
+                )
+                print(rows[-1], flush=True)
+    return rows
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
     ap.add_argument("--variants", action="store_true")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--sm90", action="store_true")
+    ap.add_argument("--sm90-bwd", action="store_true")
     ap.add_argument("--no-table", action="store_true", help="skip the full timing table")
     args = ap.parse_args()
 
@@ -304,6 +344,15 @@ def main() -> int:
                 "| --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
         print("\n".join(head), flush=True)
         lines += head + sm90_variants()
+        if args.out:
+            with open(args.out, "w") as f:
+                f.write("\n".join(lines) + "\n")
+    if args.sm90_bwd:
+        head = ["", "## Hopper wgmma backward: TFLOP/s", "",
+                "| hd | causal | seqlen | wgmma | mma.sync | sdpa-flash | wgmma/sdpa | wgmma/mma |",
+                "| --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+        print("\n".join(head), flush=True)
+        lines += head + sm90_backward()
         if args.out:
             with open(args.out, "w") as f:
                 f.write("\n".join(lines) + "\n")

@@ -25,12 +25,15 @@ from . import compiler
 from .config import (
     MAX_GRID_YZ,
     PRE_THREADS,
+    BwdConfig,
     FwdConfig,
+    Sm90BwdConfig,
     Sm90FwdConfig,
     bwd_config,
     fwd_config,
     padded_head_dim,
     pre_grid,
+    sm90_bwd_config,
     sm90_fwd_config,
 )
 
@@ -80,6 +83,22 @@ def forward_kernel(
         if cfg is not None:
             return "fwd_sm90.cu", "attnkit_fwd_sm90", cfg
     return "fwd.cu", "attnkit_fwd", fwd_config(head_dim, dtype, smem_limit)
+
+
+def backward_kernel(
+    head_dim: int, dtype: torch.dtype, arch: str, smem_limit: int
+) -> tuple[str, str, BwdConfig | Sm90BwdConfig]:
+    """(source, kernel name, tiles) of the main backward kernel, chosen like :func:`forward_kernel`."""
+    if arch == "sm_90" and env.cupy_wgmma():
+        cfg = sm90_bwd_config(head_dim, dtype, smem_limit)
+        if cfg is not None:
+            return "bwd_sm90.cu", "attnkit_bwd_sm90", cfg
+    return "bwd.cu", "attnkit_bwd", bwd_config(head_dim, dtype, smem_limit)
+
+
+def _module_arch(source: str, arch: str) -> str:
+    # The wgmma kernels need the arch-specific target: wgmma does not exist in plain sm_90 code.
+    return "sm_90a" if source in compiler.SM90A_SOURCES else arch
 
 
 def _ptr(t: torch.Tensor | None) -> Any:
@@ -193,7 +212,7 @@ class CupyCudaBackend(Backend):
     name = "cupy_cuda"
     priority = 20
     description = (
-        "FlashAttention-2 style CUDA C++ kernels (mma.sync, ldmatrix, cp.async; wgmma forward on Hopper) "
+        "FlashAttention-2 style CUDA C++ kernels (mma.sync, ldmatrix, cp.async; wgmma on Hopper) "
         "compiled by NVRTC via CuPy"
     )
     capabilities = BackendCapabilities(
@@ -258,9 +277,11 @@ class CupyCudaBackend(Backend):
             arch = _arch(dev)
             out["arch"] = f"{arch} ({torch.cuda.get_device_name(dev)})"
             if arch == "sm_90" and env.cupy_wgmma():
-                out["forward kernel"] = "wgmma (fwd_sm90.cu, sm_90a) for kernel head dims 64/128, mma.sync otherwise"
+                out["kernels"] = (
+                    "wgmma (fwd_sm90.cu, bwd_sm90.cu; sm_90a) for kernel head dims 64/128, mma.sync otherwise"
+                )
             else:
-                out["forward kernel"] = "mma.sync (fwd.cu)"
+                out["kernels"] = "mma.sync (fwd.cu, bwd.cu)"
         return out
 
     # ---- kernels ----------------------------------------------------------------------------------------------
@@ -329,8 +350,7 @@ class CupyCudaBackend(Backend):
             *_f32(scale_log2, cap_pre, cap_post),
             *_i32(use_cap, use_alibi, params.window_left, params.window_right),
         ]
-        # The wgmma kernel needs the arch-specific target: wgmma does not exist in plain sm_90 code.
-        spec = compiler.ModuleSpec.make(source, cfg.defines(), "sm_90a" if source == "fwd_sm90.cu" else arch)
+        spec = compiler.ModuleSpec.make(source, cfg.defines(), _module_arch(source, arch))
         launch(spec, kernel_name, cfg.grid(max_sq, hq, batch), cfg.threads, cfg.smem_bytes, args)
         return (out if dp == d else out[..., :d].contiguous()), lse
 
@@ -349,7 +369,8 @@ class CupyCudaBackend(Backend):
         self._check(q, k, v, params)
         d = q.shape[-1]
         launch = _Launcher(q.device)
-        cfg = bwd_config(d, q.dtype, launch.smem_limit())
+        arch = _arch(launch.index)
+        source, kernel_name, cfg = backward_kernel(d, q.dtype, arch, launch.smem_limit())
         dp = padded_head_dim(d)
         is_var = varlen is not None
         hq, hk = q.shape[-2], k.shape[-2]
@@ -375,7 +396,13 @@ class CupyCudaBackend(Backend):
         qp, kp, vp, op, dop = (kernel_ready(t, dp) for t in (q, k, v, out, dout))
         lse_c = lse.to(torch.float32).contiguous()
         delta = torch.zeros_like(lse_c) if is_var else torch.empty_like(lse_c)
-        spec = compiler.ModuleSpec.make("bwd.cu", cfg.defines(), _arch(launch.index))
+        spec = compiler.ModuleSpec.make(source, cfg.defines(), _module_arch(source, arch))
+        # delta = rowsum(dO * O) comes from bwd.cu's pre-pass whichever main kernel runs.
+        pre_spec = (
+            spec
+            if source == "bwd.cu"
+            else compiler.ModuleSpec.make("bwd.cu", bwd_config(d, q.dtype, launch.smem_limit()).defines(), arch)
+        )
 
         pre_args = [
             _ptr(op),
@@ -384,7 +411,7 @@ class CupyCudaBackend(Backend):
             *_i64(*seq_strides(op, is_var), *seq_strides(dop, is_var), *lse_strides),
             *_i32(pre_seqlen, hq, dp),
         ]
-        launch(spec, "attnkit_bwd_pre", pre_grid(pre_seqlen, hq, pre_batch), PRE_THREADS, 0, pre_args)
+        launch(pre_spec, "attnkit_bwd_pre", pre_grid(pre_seqlen, hq, pre_batch), PRE_THREADS, 0, pre_args)
 
         alibi, alibi_sb = alibi_ready(alibi_slopes)
         scale_log2, cap_pre, cap_post, use_cap, use_alibi = score_args(params, alibi)
@@ -414,7 +441,7 @@ class CupyCudaBackend(Backend):
             *_f32(params.softmax_scale, scale_log2, cap_pre, cap_post),
             *_i32(use_cap, use_alibi, params.window_left, params.window_right),
         ]
-        launch(spec, "attnkit_bwd", cfg.grid(max_sk, hk, batch), cfg.threads, cfg.smem_bytes, args)
+        launch(spec, kernel_name, cfg.grid(max_sk, hk, batch), cfg.threads, cfg.smem_bytes, args)
         dq = dq_acc[..., :d].to(q.dtype)
         if dp != d:
             dk, dv = dk[..., :d].contiguous(), dv[..., :d].contiguous()

@@ -112,6 +112,32 @@ SM90_ALIGN_SLACK = 1024
 
 
 @dataclass(frozen=True)
+class Sm90BwdConfig:
+    """The Hopper wgmma backward (bwd_sm90.cu): one warpgroup per CTA, 64 keys per CTA, 64 queries per step."""
+
+    head_dim: int  # kernel head dim: 64 or 128
+    bf16: bool
+    block_n: int = 64
+    block_m: int = 64
+    threads: int = 128
+
+    @property
+    def smem_bytes(self) -> int:
+        # K, V; Q and dO double-buffered; dS^T; lse and delta double-buffered (float32); alignment slack.
+        d, bn, bm = self.head_dim, self.block_n, self.block_m
+        return (2 * bn * d + 4 * bm * d + bn * bm) * 2 + 4 * bm * 4 + SM90_ALIGN_SLACK
+
+    def defines(self) -> dict[str, int]:
+        return {"ATTNKIT_HEAD_DIM": self.head_dim, "ATTNKIT_BF16": int(self.bf16)}
+
+    def grid(self, max_seqlen_k: int, heads_k: int, batch: int) -> tuple[int, int, int]:
+        return (-(-max_seqlen_k // self.block_n), heads_k, batch)
+
+
+SM90_BWD_HEAD_DIMS = (64, 128)
+
+
+@dataclass(frozen=True)
 class BwdConfig:
     head_dim: int
     bf16: bool
@@ -202,6 +228,16 @@ def sm90_fwd_config(head_dim: int, dtype: torch.dtype, smem_limit: int | None = 
         return None
     bf16 = bool(dtype_flag(dtype))
     cfg = _pick([Sm90FwdConfig(hd, bf16, *t) for t in SM90_FWD_TILES[hd]], smem_limit)
+    return cfg if smem_limit is None or cfg.smem_bytes <= smem_limit else None
+
+
+def sm90_bwd_config(head_dim: int, dtype: torch.dtype, smem_limit: int | None = None) -> Sm90BwdConfig | None:
+    """The wgmma backward's configuration for this head dim, or None when no wgmma kernel covers it (or it does
+    not fit)."""
+    hd = kernel_head_dim(padded_head_dim(head_dim))
+    if hd not in SM90_BWD_HEAD_DIMS:
+        return None
+    cfg = Sm90BwdConfig(hd, bool(dtype_flag(dtype)))
     return cfg if smem_limit is None or cfg.smem_bytes <= smem_limit else None
 
 

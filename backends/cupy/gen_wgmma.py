@@ -85,14 +85,16 @@ def _specialisation(n: int, ptx_type: str, bf16: bool) -> str:
     return f"""
 template <>
 struct Wgmma<{n}, {"true" if bf16 else "false"}> {{
+    // TRANS_A / TRANS_B = 1: that operand is stored M-/N-major (contiguous along M or N) instead of K-major.
+    template <int TRANS_A, int TRANS_B>
     static __device__ __forceinline__ void ss(float (&d)[{n // 8}][4], u64 desc_a, u64 desc_b, int accumulate) {{
         asm volatile(
             "{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{r + 2}, 0;\\n"
             "wgmma.mma_async.sync.aligned.{shape} "
             "{{{acc}}}, "
-            "%{r}, %{r + 1}, p, 1, 1, 0, 0;\\n}}\\n"
+            "%{r}, %{r + 1}, p, 1, 1, %{r + 3}, %{r + 4};\\n}}\\n"
             : {cons}
-            : "l"(desc_a), "l"(desc_b), "r"(accumulate));
+            : "l"(desc_a), "l"(desc_b), "r"(accumulate), "n"(TRANS_A), "n"(TRANS_B));
     }}
 
     // TRANS_B = 1: B is stored N-major (contiguous along N), e.g. V[key][dim] as the B of P V.

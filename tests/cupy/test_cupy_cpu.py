@@ -323,7 +323,9 @@ def test_forward_varlen_and_padding(recorder):
     assert call["grid"][1:] == (6, 3)
 
 
-def test_backward_arguments(recorder):
+@pytest.mark.parametrize("wgmma", [True, False])
+def test_backward_arguments(recorder, monkeypatch, wgmma):
+    monkeypatch.setenv("ATTNKIT_CUPY_WGMMA", "1" if wgmma else "0")
     q = torch.randn(2, 37, 4, 128, dtype=torch.float16)
     k = torch.randn(2, 50, 1, 128, dtype=torch.float16)
     v = torch.randn(2, 50, 1, 128, dtype=torch.float16)
@@ -335,10 +337,16 @@ def test_backward_arguments(recorder):
     assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
     assert dq.dtype == dk.dtype == dv.dtype == torch.float16
     pre, main = recorder
-    assert pre["name"] == "attnkit_bwd_pre" and main["name"] == "attnkit_bwd"
-    assert pre["spec"] == main["spec"] and pre["smem"] == 0
+    assert pre["name"] == "attnkit_bwd_pre" and pre["smem"] == 0
+    assert pre["spec"].source == "bwd.cu" and pre["spec"].arch == "sm_90"
     assert pre["grid"] == config.pre_grid(37, 4, 2) and pre["threads"] == config.PRE_THREADS
-    cfg = config.bwd_config(128, torch.float16)
+    if wgmma:
+        cfg = config.sm90_bwd_config(128, torch.float16)
+        assert main["name"] == "attnkit_bwd_sm90" and main["spec"].source == "bwd_sm90.cu"
+        assert main["spec"].arch == "sm_90a" and main["threads"] == 128
+    else:
+        cfg = config.bwd_config(128, torch.float16)
+        assert main["name"] == "attnkit_bwd" and pre["spec"] == main["spec"]
     assert main["grid"] == (math.ceil(50 / cfg.block_n), 1, 2) and main["smem"] == cfg.smem_bytes
     a = main["args"]
     assert len(a) == 12 + 20 + 5 + 4 + 4
@@ -406,7 +414,8 @@ def test_sm90_tiles_fit_and_keep_the_swizzle_phase(hd):
         (128, "sm_80", None, 163 * 1024, "fwd.cu"),
         (128, "sm_89", None, 99 * 1024, "fwd.cu"),
         (128, "compute_90", None, 227 * 1024, "fwd.cu"),  # PTX fallback: no sm_90a machine code
-        (128, "sm_90", None, 99 * 1024, "fwd.cu"),  # the wgmma tiles do not fit
+        (128, "sm_90", None, 99 * 1024, "fwd_sm90.cu"),  # the smaller wgmma tile (1, 64) fits
+        (128, "sm_90", None, 60 * 1024, "fwd.cu"),  # no wgmma tile fits
     ],
 )
 def test_forward_kernel_choice(monkeypatch, head_dim, arch, env_value, smem, expected):
@@ -427,7 +436,31 @@ def test_bad_wgmma_switch_is_rejected(monkeypatch):
         cb.forward_kernel(128, torch.float16, "sm_90", 227 * 1024)
 
 
-def test_wgmma_source_builds_only_for_sm90a():
-    with pytest.raises(BackendCompileError, match="sm_90a"):
-        compiler.ModuleSpec.make("fwd_sm90.cu", {}, "sm_90")
-    assert compiler.ModuleSpec.make("fwd_sm90.cu", {}, "sm_90a").arch == "sm_90a"
+def test_wgmma_sources_build_only_for_sm90a():
+    for source in ("fwd_sm90.cu", "bwd_sm90.cu"):
+        with pytest.raises(BackendCompileError, match="sm_90a"):
+            compiler.ModuleSpec.make(source, {}, "sm_90")
+        assert compiler.ModuleSpec.make(source, {}, "sm_90a").arch == "sm_90a"
+
+
+@pytest.mark.parametrize(
+    "head_dim, arch, env_value, expected",
+    [
+        (128, "sm_90", None, "bwd_sm90.cu"),
+        (64, "sm_90", None, "bwd_sm90.cu"),
+        (48, "sm_90", None, "bwd_sm90.cu"),
+        (96, "sm_90", None, "bwd.cu"),
+        (256, "sm_90", None, "bwd.cu"),
+        (128, "sm_90", "0", "bwd.cu"),
+        (128, "sm_80", None, "bwd.cu"),
+    ],
+)
+def test_backward_kernel_choice(monkeypatch, head_dim, arch, env_value, expected):
+    if env_value is None:
+        monkeypatch.delenv("ATTNKIT_CUPY_WGMMA", raising=False)
+    else:
+        monkeypatch.setenv("ATTNKIT_CUPY_WGMMA", env_value)
+    source, name, cfg = cb.backward_kernel(head_dim, torch.bfloat16, arch, 227 * 1024)
+    assert source == expected and cfg.smem_bytes <= 227 * 1024
+    assert name == ("attnkit_bwd_sm90" if expected == "bwd_sm90.cu" else "attnkit_bwd")
+    assert cb.backward_kernel(head_dim, torch.bfloat16, arch, 40 * 1024)[0] == "bwd.cu"  # does not fit: fallback

@@ -47,6 +47,9 @@ def _units() -> list[compiler.ModuleSpec]:
             for bf16 in (False, True):
                 defines = config.Sm90FwdConfig(hd, bf16, *t).defines()
                 specs.append(compiler.ModuleSpec.make("fwd_sm90.cu", defines, "sm_90a"))
+    for hd in config.SM90_BWD_HEAD_DIMS:
+        for bf16 in (False, True):
+            specs.append(compiler.ModuleSpec.make("bwd_sm90.cu", config.Sm90BwdConfig(hd, bf16).defines(), "sm_90a"))
     # The smaller-tile fallbacks chosen on 99 KB shared-memory GPUs (sm_86/89), built once for sm_80.
     for hd in config.KERNEL_HEAD_DIMS:
         for t in config._FWD_TILES[hd][1:]:
@@ -88,6 +91,7 @@ def test_macros_used_by_python_exist_in_sources():
         ("fwd.cu", config.fwd_config(64, torch.float16)),
         ("fwd_sm90.cu", config.sm90_fwd_config(64, torch.float16)),
         ("bwd.cu", config.bwd_config(64, torch.float16)),
+        ("bwd_sm90.cu", config.sm90_bwd_config(64, torch.float16)),
     )
     for source, cfg in pairs:
         text = compiler.read_kernel_text(source)

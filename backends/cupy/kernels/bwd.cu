@@ -30,17 +30,6 @@
 
 namespace ak {
 
-// dst[0] += a, dst[1] += b in global memory (8-byte aligned). Hopper has a paired float reduction, which halves
-// the atomic traffic of the dQ accumulation.
-__device__ __forceinline__ void red_add2(float* dst, float a, float b) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(dst), "f"(a), "f"(b) : "memory");
-#else
-    atomicAdd(dst, a);
-    atomicAdd(dst + 1, b);
-#endif
-}
-
 template <int D, int WN, int WD, int BM, bool BF16>
 struct BwdKernel {
     static constexpr int NW = WN * WD;

@@ -75,6 +75,17 @@ __device__ __forceinline__ void mma16816(float (&d)[4], const u32 (&a)[4], u32 b
     }
 }
 
+// dst[0] += a, dst[1] += b in global memory (8-byte aligned). Hopper has a paired float reduction, which halves
+// the atomic traffic of the dQ accumulation.
+__device__ __forceinline__ void red_add2(float* dst, float a, float b) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(dst), "f"(a), "f"(b) : "memory");
+#else
+    atomicAdd(dst, a);
+    atomicAdd(dst + 1, b);
+#endif
+}
+
 // Two floats -> one register of two 16-bit values; `lo` lands in the low half (the lower column index).
 template <bool BF16>
 __device__ __forceinline__ u32 pack2(float lo, float hi) {

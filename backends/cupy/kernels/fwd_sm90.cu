@@ -161,7 +161,7 @@ struct FwdSm90Kernel {
                     const u32 slab_off = (u32)(kk >> 2);
                     const u64 da = sw128_desc(q_wg + slab_off * (BM * SLAB) + (u32)(kk & 3) * 32, 16, 1024);
                     const u64 db = sw128_desc(sK + slab_off * (BN * SLAB) + (u32)(kk & 3) * 32, 16, 1024);
-                    MmaS::ss(s[0], da, db, kk > 0);
+                    MmaS::template ss<0, 0>(s[0], da, db, kk > 0);
                 }
                 wgmma_commit();
                 wgmma_wait<0>();

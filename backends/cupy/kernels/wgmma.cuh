@@ -36,20 +36,22 @@ struct Wgmma;
 
 template <>
 struct Wgmma<64, true> {
+    // TRANS_A / TRANS_B = 1: that operand is stored M-/N-major (contiguous along M or N) instead of K-major.
+    template <int TRANS_A, int TRANS_B>
     static __device__ __forceinline__ void ss(float (&d)[8][4], u64 desc_a, u64 desc_b, int accumulate) {
         asm volatile(
             "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
             "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
             "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
             "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
-            "%32, %33, p, 1, 1, 0, 0;\n}\n"
+            "%32, %33, p, 1, 1, %35, %36;\n}\n"
             : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]),
               "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]),
               "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]),
               "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]),
               "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]),
               "+f"(d[7][2]), "+f"(d[7][3])
-            : "l"(desc_a), "l"(desc_b), "r"(accumulate));
+            : "l"(desc_a), "l"(desc_b), "r"(accumulate), "n"(TRANS_A), "n"(TRANS_B));
     }
 
     // TRANS_B = 1: B is stored N-major (contiguous along N), e.g. V[key][dim] as the B of P V.
@@ -73,20 +75,22 @@ struct Wgmma<64, true> {
 
 template <>
 struct Wgmma<64, false> {
+    // TRANS_A / TRANS_B = 1: that operand is stored M-/N-major (contiguous along M or N) instead of K-major.
+    template <int TRANS_A, int TRANS_B>
     static __device__ __forceinline__ void ss(float (&d)[8][4], u64 desc_a, u64 desc_b, int accumulate) {
         asm volatile(
             "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
             "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 "
             "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
             "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
-            "%32, %33, p, 1, 1, 0, 0;\n}\n"
+            "%32, %33, p, 1, 1, %35, %36;\n}\n"
             : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]),
               "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]),
               "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]),
               "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]),
               "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]),
               "+f"(d[7][2]), "+f"(d[7][3])
-            : "l"(desc_a), "l"(desc_b), "r"(accumulate));
+            : "l"(desc_a), "l"(desc_b), "r"(accumulate), "n"(TRANS_A), "n"(TRANS_B));
     }
 
     // TRANS_B = 1: B is stored N-major (contiguous along N), e.g. V[key][dim] as the B of P V.
@@ -110,6 +114,8 @@ struct Wgmma<64, false> {
 
 template <>
 struct Wgmma<128, true> {
+    // TRANS_A / TRANS_B = 1: that operand is stored M-/N-major (contiguous along M or N) instead of K-major.
+    template <int TRANS_A, int TRANS_B>
     static __device__ __forceinline__ void ss(float (&d)[16][4], u64 desc_a, u64 desc_b, int accumulate) {
         asm volatile(
             "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
@@ -118,7 +124,7 @@ struct Wgmma<128, true> {
             "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
             "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
             "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
-            "%64, %65, p, 1, 1, 0, 0;\n}\n"
+            "%64, %65, p, 1, 1, %67, %68;\n}\n"
             : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]),
               "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]),
               "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]),
@@ -130,7 +136,7 @@ struct Wgmma<128, true> {
               "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]), "+f"(d[13][0]), "+f"(d[13][1]),
               "+f"(d[13][2]), "+f"(d[13][3]), "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]),
               "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3])
-            : "l"(desc_a), "l"(desc_b), "r"(accumulate));
+            : "l"(desc_a), "l"(desc_b), "r"(accumulate), "n"(TRANS_A), "n"(TRANS_B));
     }
 
     // TRANS_B = 1: B is stored N-major (contiguous along N), e.g. V[key][dim] as the B of P V.
@@ -161,6 +167,8 @@ struct Wgmma<128, true> {
 
 template <>
 struct Wgmma<128, false> {
+    // TRANS_A / TRANS_B = 1: that operand is stored M-/N-major (contiguous along M or N) instead of K-major.
+    template <int TRANS_A, int TRANS_B>
     static __device__ __forceinline__ void ss(float (&d)[16][4], u64 desc_a, u64 desc_b, int accumulate) {
         asm volatile(
             "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
@@ -169,7 +177,7 @@ struct Wgmma<128, false> {
             "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
             "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
             "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
-            "%64, %65, p, 1, 1, 0, 0;\n}\n"
+            "%64, %65, p, 1, 1, %67, %68;\n}\n"
             : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]),
               "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]),
               "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]),
@@ -181,7 +189,7 @@ struct Wgmma<128, false> {
               "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]), "+f"(d[13][0]), "+f"(d[13][1]),
               "+f"(d[13][2]), "+f"(d[13][3]), "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]),
               "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3])
-            : "l"(desc_a), "l"(desc_b), "r"(accumulate));
+            : "l"(desc_a), "l"(desc_b), "r"(accumulate), "n"(TRANS_A), "n"(TRANS_B));
     }
 
     // TRANS_B = 1: B is stored N-major (contiguous along N), e.g. V[key][dim] as the B of P V.
