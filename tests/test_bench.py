@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from attnkit.bench import cases as bc
+from attnkit.bench import peers
 from attnkit.bench.cases import Case, case_flops, forward_flops, kv_bytes
 from attnkit.bench.correctness import reference_attention, verify
 from attnkit.bench.peers import FlashAttnProvider, FlexProvider, SdpaProvider, math_bytes
@@ -223,6 +224,41 @@ def test_loop_records_every_outcome():
         assert "second line" not in by[mode, "boom"].reason
         assert (by[mode, "na"].status, by[mode, "na"].reason) == ("n/a", "not for this case")
         assert (by[mode, "na-late"].status, by[mode, "na-late"].reason) == ("n/a", "found out late")
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        Case("decode", "fp32", 2, 8, 2, 1, 64, 16, False),  # small: the whole output is checked
+        Case("decode", "fp32", 1, 8, 2, 1, 70000, 16, False),  # K/V too large to expand: slice of heads 0 and 7
+        Case("bwd", "fp32", 2, 4, 2, 40, 40, 16, True),  # gradients: dk and dv reach the case's 2 KV heads
+    ],
+    ids=["decode-full", "decode-slice", "bwd-gqa"],
+)
+def test_sdpa_without_gqa_kernel_repeats_kv_and_passes(monkeypatch, case):
+    """The path sdpa:efficient takes on a GPU (no GQA kernel, so K/V are repeated per query head by
+    Kernel.prepare before timing), taken here by SDPA-math on CPU: its output is right and must be judged so.
+    The H200 run of 2026-11-22 flagged it WRONG because the check compared query head h with *prepared* KV
+    head h // group, i.e. original KV head h // group**2."""
+    real_probe = peers._probe
+
+    def probe_without_gqa(fn, case, device, repeat=False):
+        return real_probe(fn, case, device, repeat) if repeat else "no GQA kernel in this test"
+
+    monkeypatch.setattr(peers, "_probe", probe_without_gqa)
+    config = BenchConfig([case], {"sdpa:math": SdpaProvider("math")}, CPU, case_time_s=0.001, min_repeats=2,
+                         max_repeats=2, warmup=0)  # fmt: skip
+    (record,) = run_bench(config).records
+    assert f"K/V repeated {case.heads_q // case.heads_k}x" in record.note
+    assert record.status == "ok", record.reason
+    assert set(record.errors) == ({"out", "dq", "dk", "dv"} if case.needs_grad else {"out"})
+
+
+def test_verify_rejects_inputs_that_do_not_match_the_case():
+    case = Case("decode", "fp32", 1, 4, 2, 1, 16, 8, False)
+    q, k, v, _ = _inputs(case)
+    with pytest.raises(ValueError, match=r"k has shape \(1, 16, 4, 8\), expected \(1, 16, 2, 8\)"):
+        verify(_right(False), q, k.repeat_interleave(2, 2), v, None, case)
 
 
 # ---- the command line, end to end -----------------------------------------------------------------------------

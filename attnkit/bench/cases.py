@@ -100,6 +100,46 @@ def input_bytes(case: Case) -> int:
     return tensors * case.element_size
 
 
+# The memory target of forward+backward: peak within this factor of the bytes of the tensors it cannot avoid.
+MEMORY_TARGET = 1.10
+LSE_BYTES = 4  # the float32 log-sum-exp per (batch, query head, query row) a fused forward keeps for backward
+
+
+@dataclass(frozen=True)
+class MemoryBudget:
+    """Bytes of the tensors one forward+backward cannot avoid, split by when they are allocated.
+
+    ``before``: q, k, v and dout, made by the runner before the measurement starts, so *not* part of the
+    measured "peak extra". ``during``: out, dq, dk, dv and the float32 lse, made by the step, so part of it.
+    Comparing like with like: the step's peak is ``before + peak extra``, its budget ``before + during``.
+    """
+
+    before: int
+    during: int
+
+    @property
+    def total(self) -> int:
+        return self.before + self.during
+
+    def ratio(self, peak_extra_bytes: float) -> float:
+        """Peak memory of the step (inputs included) over the budget; the target is <= MEMORY_TARGET."""
+        return (self.before + peak_extra_bytes) / self.total
+
+    def max_peak_extra(self) -> float:
+        """The largest "peak extra" that still meets the target, in bytes."""
+        return MEMORY_TARGET * self.total - self.before
+
+
+def memory_budget(case: Case) -> MemoryBudget:
+    """The budget of one forward+backward of ``case`` (any mode that trains; see :class:`MemoryBudget`)."""
+    if not case.needs_grad:
+        raise ValueError(f"case.mode={case.mode!r} has no backward; the memory budget is for bwd, fwdbwd, memory")
+    q = case.batch * case.seqlen_q * case.heads_q * case.head_dim * case.element_size
+    kv = case.batch * case.seqlen_k * case.heads_k * case.head_dim * case.element_size
+    lse = case.batch * case.heads_q * case.seqlen_q * LSE_BYTES
+    return MemoryBudget(before=2 * q + 2 * kv, during=2 * q + 2 * kv + lse)  # (q, dout, k, v), (out, dq, dk, dv)
+
+
 def scores_elements(case: Case) -> int:
     """Size of the full score matrix, the memory a non-fused implementation materialises."""
     return case.batch * case.heads_q * case.seqlen_q * case.seqlen_k
@@ -121,7 +161,8 @@ class Grid:
     decode_heads: tuple[int, int] = (32, 8)  # GQA, as in Llama-3-8B
     decode_dim: int = 128
     decode_tokens: int = 131072  # batch = decode_tokens // kv_len: every decode case reads the same bytes
-    memory_seqlens: tuple[int, ...] = (512, 1024, 2048, 4096, 8192, 16384)
+    # Up to 32k: the O(seqlen) memory target is stated at B=1, H=16, D=128, S=32k (see MemoryBudget).
+    memory_seqlens: tuple[int, ...] = (512, 1024, 2048, 4096, 8192, 16384, 32768)
     memory_batch: int = 1  # fixed batch, so the score matrix grows as S^2 and the curves show it
     memory_heads: int = 16
     memory_dim: int = 128

@@ -15,6 +15,7 @@ examples:
   attnkit bench                                   # default grid on the GPU (flash-attn's), all providers
   attnkit bench --mode fwd --dims 128 --causal true --providers triton,sdpa:flash,flex
   attnkit bench --mode decode --kv-lens 4k,32k,128k
+  attnkit bench --mode memory --memory-seqlens 32k  # the O(seqlen) memory target: peak vs budget, pass/fail
   attnkit bench --quick --out /tmp/bench          # tiny sizes, also on CPU
   attnkit bench --plot-from results/results.json  # figures from a saved run (e.g. where matplotlib is missing)
 providers: attnkit:<backend> (or just the backend name), sdpa:flash, sdpa:cudnn, sdpa:efficient, sdpa:math, flex,
@@ -38,7 +39,10 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
                    help="fwd, bwd, fwdbwd, decode, memory (repeatable or comma list; default on GPU: "
                         "fwd,bwd,decode,memory; on CPU: fwd,bwd)")  # fmt: skip
     p.add_argument("--dims", help="head dims, comma list (default 64,128,256)")
-    p.add_argument("--seqlens", help="sequence lengths, comma list, 1k = 1024 (default 512..16k)")
+    p.add_argument("--seqlens", help="sequence lengths, comma list, 1k = 1024 (default 512..16k; sets the memory "
+                                     "mode's too unless --memory-seqlens is given)")  # fmt: skip
+    p.add_argument("--memory-seqlens", help="sequence lengths of the memory mode (batch 1, 16 heads, head dim 128), "
+                                            "comma list (default 512..32k)")  # fmt: skip
     p.add_argument("--causal", choices=("true", "false", "both"), default="both")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="default bf16 on GPU, fp32 on CPU")
     p.add_argument("--providers", action="append", help="repeatable or comma list (default: see --list-providers)")
@@ -73,6 +77,8 @@ def grid_from_args(args: argparse.Namespace, on_gpu: bool) -> Grid:
         changes["dims"] = parse_ints(args.dims, "--dims")
     if args.seqlens:
         changes["seqlens"] = changes["memory_seqlens"] = parse_ints(args.seqlens, "--seqlens")
+    if args.memory_seqlens:
+        changes["memory_seqlens"] = parse_ints(args.memory_seqlens, "--memory-seqlens")
     changes["causal"] = {"true": (True,), "false": (False,), "both": (False, True)}[args.causal]
     for name in ("tokens", "hidden", "heads"):
         if getattr(args, name) is not None:

@@ -70,9 +70,30 @@ def _max_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.detach().double() - b.detach().double()).abs().max()) if a.numel() else 0.0
 
 
+def _check_shapes(case: Case, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor | None) -> None:
+    """The reference maps query head h to KV head h // (Hq // Hk) of ``k``/``v``; on tensors of other shapes
+    (e.g. K/V already repeated per query head) that mapping silently picks wrong heads, so refuse them."""
+    shape_q = (case.batch, case.seqlen_q, case.heads_q, case.head_dim)
+    shape_kv = (case.batch, case.seqlen_k, case.heads_k, case.head_dim)
+    expected = {"q": shape_q, "k": shape_kv, "v": shape_kv}
+    tensors = {"q": q, "k": k, "v": v}
+    if case.needs_grad:
+        if dout is None:
+            raise ValueError(f"dout is None, expected a tensor of shape {shape_q} for {case.label()}")
+        expected["dout"], tensors["dout"] = shape_q, dout
+    for name, tensor in tensors.items():
+        if tuple(tensor.shape) != expected[name]:
+            raise ValueError(f"{name} has shape {tuple(tensor.shape)}, expected {expected[name]} for {case.label()} "
+                             "(verify takes the case's own inputs, before any Kernel.prepare)")  # fmt: skip
+
+
 def verify(fn: AttnFn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor | None,
            case: Case) -> Verdict:  # fmt: skip
-    """Run ``fn`` once on these inputs (with a backward pass when the case trains) and judge the results."""
+    """Run ``fn`` once on these inputs (with a backward pass when the case trains) and judge the results.
+
+    The inputs are the case's own (K/V with ``case.heads_k`` heads); a kernel that wants them transformed first
+    (K/V repeated per query head) is passed with the transform inside ``fn``."""
+    _check_shapes(case, q, k, v, dout)
     grads = case.needs_grad
     if grads:
         leaves = [t.detach().requires_grad_() for t in (q, k, v)]

@@ -2,7 +2,8 @@
 
 One multi-panel figure per mode: fwd / bwd / fwdbwd (TFLOP/s vs sequence length, a panel per dtype, causal and
 head dim), decode (GB/s vs KV length), and memory (peak MiB vs sequence length on log-log axes, where linear
-memory has slope 1 and quadratic memory slope 2). attnkit providers are solid lines, peers dashed.
+memory has slope 1 and quadratic memory slope 2, with the O(seqlen) target drawn as a dotted line). attnkit
+providers are solid lines, peers dashed.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .cases import DENSE_MODES
+from .cases import DENSE_MODES, MEMORY_TARGET, memory_budget
 from .runner import Record
 
 INSTALL_HINT = "plots need matplotlib: pip install matplotlib (or pip install 'attnkit[bench]')"
@@ -68,6 +69,8 @@ def _draw(ax: Any, mode: str, records: Sequence[Record], providers: Sequence[str
         style = "-" if name.startswith("attnkit:") else "--"
         ax.plot([p[0] for p in points], [p[1] for p in points], style, marker="o", markersize=3, color=colors[name],
                 label=name)  # fmt: skip
+    if mode == "memory":
+        _draw_memory_target(ax, records)
     ax.set_xscale("log", base=2)
     if mode == "memory":
         ax.set_yscale("log")
@@ -79,6 +82,16 @@ def _draw(ax: Any, mode: str, records: Sequence[Record], providers: Sequence[str
     ax.set_ylabel(YLABEL.get(mode, "TFLOP/s"), fontsize=8)
     ax.tick_params(axis="y", labelsize=7)
     ax.grid(True, alpha=0.3)
+
+
+def _draw_memory_target(ax: Any, records: Sequence[Record]) -> None:
+    """The largest peak extra that meets the target at each sequence length of the panel: points of a provider
+    under this line pass (the inputs q, k, v, dout are outside the measured peak, so the line is the budget
+    times the target minus them; see cases.MemoryBudget)."""
+    cases = {r.case.x: r.case for r in records}
+    xs = sorted(cases)
+    ys = [memory_budget(cases[x]).max_peak_extra() / 2**20 for x in xs]
+    ax.plot(xs, ys, ":", color="black", linewidth=1, label=f"target: {MEMORY_TARGET:.2f}x budget - inputs")
 
 
 def _figure(plt: Any, mode: str, panels: dict, providers: Sequence[str], colors: dict, title: str) -> Any:

@@ -9,15 +9,16 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
-from .cases import Case, case_flops, kv_bytes
-from .runner import Record
+from .cases import MEMORY_TARGET, Case, case_flops, kv_bytes, memory_budget
+from .runner import Record, within_target
 
 UNITS = {"decode": "GB/s of K/V read", "memory": "peak extra MiB, forward+backward (lower is better)"}
 DEFAULT_UNIT = "TFLOP/s (higher is better)"
 
 CSV_FIELDS = [
     "mode", "dtype", "batch", "heads_q", "heads_k", "seqlen_q", "seqlen_k", "head_dim", "causal", "provider",
-    "status", "ms", "min_ms", "tflops", "gbps", "peak_mib", "flops", "kv_bytes", "repeats", "rotations",
+    "status", "ms", "min_ms", "tflops", "gbps", "peak_mib", "inputs_mib", "budget_mib", "budget_ratio", "flops",
+    "kv_bytes", "repeats", "rotations",
     "max_error", "allowed_error", "check_scope", "reason", "note",
 ]  # fmt: skip
 
@@ -71,6 +72,26 @@ def write_csv(path: Path, records: Sequence[Record]) -> None:
             writer.writerow(row)
 
 
+MEMORY_LEGEND = (
+    "Peak extra: memory allocated during one forward+backward beyond what was allocated before it, i.e. out, "
+    "lse and other saved tensors, dq, dk, dv and any workspace (q, k, v and dout exist before and are not in "
+    "it). Budget: the bytes of q, k, v, out, dout, dq, dk, dv and the float32 lse. In brackets: "
+    "(inputs + peak extra) / budget, both sides counting the same tensors, and whether it meets the O(seqlen) "
+    f"target of {MEMORY_TARGET:.2f}x (pass) or not (fail)."
+)
+
+
+def _memory_cell(record: Record, text: str) -> str:
+    if record.budget_ratio is None:
+        return text
+    return f"{text} ({record.budget_ratio:.2f}x, {'pass' if within_target(record) else 'fail'})"
+
+
+def _memory_columns(case: Case) -> list[str]:
+    budget = memory_budget(case)
+    return [_fmt(budget.before / 2**20), _fmt(budget.total / 2**20)]
+
+
 def _fmt(value: float) -> str:
     # Three significant digits at most: GPU rates in the hundreds, CPU smoke-test rates in the thousandths.
     if value >= 100:
@@ -108,8 +129,13 @@ def markdown(records: Sequence[Record], meta: dict, notes: Sequence[str], provid
         axis = "kv len" if mode == "decode" else "seqlen"
         title = f"{mode}, {dtype}, head dim {dim}, {'causal' if causal else 'non-causal'}"
         lines += [f"## {title}: {UNITS.get(mode, DEFAULT_UNIT)}", ""]
-        lines.append(f"| {axis} | batch x heads | " + " | ".join(f"`{c}`" for c in columns) + " |")
-        lines.append("|---:|---:|" + "---:|" * len(columns))
+        memory = mode == "memory"
+        fixed = ["inputs MiB (q+k+v+dout)", "budget MiB"] if memory else []
+        if memory:
+            lines += [MEMORY_LEGEND, ""]
+        lines.append(f"| {axis} | batch x heads | " + "".join(f"{f} | " for f in fixed)
+                     + " | ".join(f"`{c}`" for c in columns) + " |")  # fmt: skip
+        lines.append("|---:|---:|" + "---:|" * (len(fixed) + len(columns)))
         by_case: dict[Case, dict[str, Record]] = {}
         for r in rows:
             by_case.setdefault(r.case, {})[r.provider] = r
@@ -128,8 +154,10 @@ def markdown(records: Sequence[Record], meta: dict, notes: Sequence[str], provid
                     out.append("-")
                 else:
                     text = _fmt(r.value)
-                    out.append(f"**{text}**" if r.value == best else text)
+                    text = f"**{text}**" if r.value == best else text
+                    out.append(_memory_cell(r, text) if memory else text)
             heads = f"{case.heads_q}/{case.heads_k}" if case.heads_q != case.heads_k else str(case.heads_q)
+            out = (_memory_columns(case) if memory else []) + out
             lines.append(f"| {case.x} | {case.batch}x{heads} | " + " | ".join(out) + " |")
         lines.append("")
     if footnotes.items:

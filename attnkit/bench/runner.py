@@ -14,10 +14,10 @@ from pathlib import Path
 
 import torch
 
-from .cases import Case, case_flops, input_bytes, kv_bytes
+from .cases import MEMORY_TARGET, Case, case_flops, input_bytes, kv_bytes, memory_budget
 from .correctness import verify
 from .progress import PlainProgress, Progress
-from .providers import AttnFn, DeviceInfo, NotApplicable, Provider
+from .providers import AttnFn, DeviceInfo, Kernel, NotApplicable, Provider
 from .timing import Timing, clock_for, l2_cache_bytes, measure, rotation_count
 
 Inputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]
@@ -40,6 +40,11 @@ class Record:
     tflops: float | None = None
     gbps: float | None = None
     peak_mib: float | None = None
+    # Training cases with a measured peak: the memory target's budget (cases.MemoryBudget), the part of it
+    # allocated before the measurement (q, k, v, dout; not in peak_mib), and (inputs + peak) / budget.
+    budget_mib: float | None = None
+    inputs_mib: float | None = None
+    budget_ratio: float | None = None
     errors: dict[str, float] = field(default_factory=dict)
     allowed: dict[str, float] = field(default_factory=dict)
     check_scope: str = ""
@@ -144,7 +149,9 @@ def make_step(fn: AttnFn, case: Case, sets: list[Inputs]) -> Callable[[int], obj
 
 def peak_memory_mib(fn: AttnFn, case: Case, inputs: Inputs, device: torch.device) -> float | None:
     """Peak memory allocated by one forward (plus backward when training) beyond what was allocated before,
-    i.e. beyond the inputs; it includes the output and gradients. CUDA only: the CPU allocator keeps no peak."""
+    i.e. beyond the inputs (q, k, v, dout); it includes the output, the lse and other saved tensors, the
+    gradients and any workspace. One-time allocations (cuBLAS workspaces, autotuning) were made by the
+    correctness check that ran first. CUDA only: the CPU allocator keeps no peak."""
     if device.type != "cuda":
         return None
     step = make_step(fn, replace(case, mode="fwdbwd") if case.needs_grad else case, [inputs])
@@ -156,6 +163,22 @@ def peak_memory_mib(fn: AttnFn, case: Case, inputs: Inputs, device: torch.device
     peak = torch.cuda.max_memory_allocated(device) - base
     del result
     return peak / 2**20
+
+
+def as_case_sees_it(kernel: Kernel) -> AttnFn:
+    """``kernel.fn`` behind ``kernel.prepare``: a function of the case's own inputs, which is what
+    :func:`verify` must judge. Its float64 reference pairs query head h with KV head h // (Hq // Hk) of the
+    case's K/V; given K/V already repeated per query head by ``prepare``, that index picks the wrong head (the
+    sdpa:efficient decode cells read WRONG for this reason). Gradients flow back through ``prepare`` too, so dk
+    and dv come out with the case's KV heads."""
+    if kernel.prepare is None:
+        return kernel.fn
+    fn, prepare = kernel.fn, kernel.prepare
+
+    def call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return fn(*prepare(q, k, v))
+
+    return call
 
 
 def _message(exc: BaseException) -> str:
@@ -177,10 +200,9 @@ def run_provider(provider: Provider, case: Case, sets: list[Inputs], config: Ben
     try:
         kernel = provider.build(case, config.device)
         record.note = kernel.note
-        prepared = [(*kernel.prepare(*s[:3]), s[3]) for s in sets] if kernel.prepare else sets
         start = time.perf_counter()
         try:
-            verdict = verify(kernel.fn, *prepared[0], case)
+            verdict = verify(as_case_sees_it(kernel), *sets[0], case)
             _synchronize(config.device)
         finally:
             # Charged even when the first call fails: a compile that errors out took its time too.
@@ -189,9 +211,13 @@ def run_provider(provider: Provider, case: Case, sets: list[Inputs], config: Ben
         if not verdict.ok:
             record.status, record.reason = "WRONG", verdict.summary()
             return record
-        record.peak_mib = peak_memory_mib(kernel.fn, case, prepared[0], config.device)
+        # Measured from the case's inputs, so a provider's input transform (K/V repeated for a backend without
+        # a GQA kernel) counts as the extra memory it is.
+        record.peak_mib = peak_memory_mib(as_case_sees_it(kernel), case, sets[0], config.device)
+        _fill_budget(record)
         if case.mode == "memory":
             return record
+        prepared = [(*kernel.prepare(*s[:3]), s[3]) for s in sets] if kernel.prepare else sets
         timing = measure(make_step(kernel.fn, case, prepared), len(prepared), clock_for(config.device),
                          warmup=config.warmup, min_repeats=config.min_repeats, max_repeats=config.max_repeats,
                          budget_s=config.case_time_s)  # fmt: skip
@@ -216,6 +242,21 @@ def _release(device: torch.device) -> None:
             torch.cuda.empty_cache()
         except RuntimeError:
             pass
+
+
+def _fill_budget(record: Record) -> None:
+    """Set the memory target's numbers where they mean something: a training case with a measured peak."""
+    if record.peak_mib is None or not record.case.needs_grad:
+        return
+    budget = memory_budget(record.case)
+    record.budget_mib = budget.total / 2**20
+    record.inputs_mib = budget.before / 2**20
+    record.budget_ratio = budget.ratio(record.peak_mib * 2**20)
+
+
+def within_target(record: Record) -> bool | None:
+    """Whether the record's peak meets the memory target (None where there is no ratio)."""
+    return None if record.budget_ratio is None else record.budget_ratio <= MEMORY_TARGET
 
 
 def _fill_rates(record: Record, timing: Timing) -> None:
@@ -300,7 +341,10 @@ def _describe(record: Record) -> str:
     if record.status != "ok":
         return f"{what}: {record.status} {record.reason}".rstrip()
     if record.case.mode == "memory":
-        peak = "n/a on this device" if record.peak_mib is None else f"{record.peak_mib:.1f} MiB"
-        return f"{what}: peak {peak}"
+        if record.peak_mib is None:
+            return f"{what}: peak n/a on this device"
+        verdict = "pass" if within_target(record) else "fail"
+        ratio = f"(inputs {record.inputs_mib:.1f} + peak) / budget {record.budget_mib:.1f} MiB"
+        return f"{what}: peak extra {record.peak_mib:.1f} MiB; {ratio} = {record.budget_ratio:.3f}x, {verdict}"
     rate = f"{record.gbps:.1f} GB/s" if record.gbps is not None else f"{record.tflops:.2f} TFLOP/s"
     return f"{what}: {record.ms:.3f} ms, {rate}"
