@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime
 import functools
 import itertools
@@ -458,7 +459,7 @@ def _table(header: str, rows: list[dict]) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 def _sweep_tiles(d: int) -> list:
     """Every forward candidate for this head dim, extra tiles that the tables do not list, and persistent grids."""
-    from attnkit.backends.triton import configs
+    from attnkit.backends.triton import configs, probes
 
     T = configs.Tile
     tiles = list(configs.candidates("fwd", "nvidia", d, 2, tma=True))
@@ -484,12 +485,27 @@ def _sweep_tiles(d: int) -> list:
             T(64, 64, 4, 3, use_tma=True, persistent=4),
             T(64, 64, 4, 3, persistent=4),
         ]
+    if probes.has_warp_specialize():
+        # Warp-specialised key loops (triton's own producer/consumer split), on the leading tiles of each class.
+        base = (
+            [T(128, 64, 8, 3), T(128, 64, 4, 3, use_tma=True)]
+            if d <= 64
+            else [
+                T(128, 128, 8, 3, use_tma=True),
+                T(128, 128, 8, 3),
+                T(64, 64, 4, 3, use_tma=True),
+                T(128, 64, 8, 3, use_tma=True),
+            ]
+        )
+        extra += [dataclasses.replace(t, warp_specialize=True) for t in base]
     return tiles + [t for t in extra if t not in tiles]
 
 
 def _tile_name(t) -> str:
-    return f"{t.block_m}x{t.block_n} w{t.num_warps} s{t.num_stages}{' tma' if t.use_tma else ''}" + (
-        f" p{t.persistent}" if t.persistent else ""
+    return (
+        f"{t.block_m}x{t.block_n} w{t.num_warps} s{t.num_stages}{' tma' if t.use_tma else ''}"
+        + (f" p{t.persistent}" if t.persistent else "")
+        + (" ws" if t.warp_specialize else "")
     )
 
 

@@ -27,11 +27,14 @@ class Tile:
     use_tma: bool = False  # tiles streamed through TMA tensor descriptors (Hopper)
     waves_per_eu: int | None = None  # ROCm occupancy hint (a compile option, not a kernel argument)
     persistent: int = 0  # forward only: >0 launches this many programs per SM, each walking several tiles
+    warp_specialize: bool = False  # forward only: tl.range(..., warp_specialize=True) over the key blocks
 
     def meta(self) -> dict[str, int]:
         meta = {"BLOCK_M": self.block_m, "BLOCK_N": self.block_n, "USE_TMA": self.use_tma}
         if self.persistent:
             meta["PERSISTENT"] = True
+        if self.warp_specialize:
+            meta["WARP_SPEC"] = True
         if self.waves_per_eu is not None:
             meta["waves_per_eu"] = self.waves_per_eu
         return meta
@@ -58,7 +61,8 @@ def _d_class(block_d: int) -> str:
 # TMA entries for calls that cannot use TMA, and the first remaining entry is the fixed default
 # (ATTNKIT_TRITON_AUTOTUNE=0). The forward lists keep the tiles that won or came within 2% somewhere in the H200
 # sweep of benchmarks/results/triton_h200_run3.md (d<=64: 128x64 w8 leads non-causal, 64x64 causal; d=128: the
-# persistent TMA tile leads non-causal 8k); the others follow run 2's winners. TMA entries are Hopper-only.
+# persistent TMA tile leads non-causal 8k; 128x128 w8 s3 leads at 16k, causal and not, and non-causal 4k in
+# benchmarks/results/triton_h200_sweep4.md); the others follow run 2's winners. TMA entries are Hopper-only.
 _T = True
 _F = False
 _CUDA: dict[tuple[str, str, int], list[tuple]] = {
@@ -74,6 +78,8 @@ _CUDA: dict[tuple[str, str, int], list[tuple]] = {
         (64, 64, 4, 3, _T, 2),
         (64, 64, 4, 3, _F),
         (128, 64, 8, 3, _F),
+        (128, 128, 8, 3, _T),
+        (128, 128, 8, 3, _F),
         (128, 128, 8, 2, _F),
     ],
     ("fwd", "large", 2): [(64, 64, 8, 2, _F), (64, 32, 4, 2, _F)],

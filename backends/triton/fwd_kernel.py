@@ -113,16 +113,28 @@ def _fwd_key_blocks(
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
     DROPOUT: tl.constexpr, PIECEWISE: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
-    IDX64: tl.constexpr, USE_TMA: tl.constexpr,
+    IDX64: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr,
 ):
-    for start_n in range(lo, hi, BLOCK_N):
-        acc, l_i, m_i = _fwd_step(
-            acc, l_i, m_i, q, q2, start_n, K_src, V_src, K2_base, skn, skd, svn, svd, sk2n, sk2d,
-            rows, offs_n, offs_d, offs_dv, sq, sk,
-            qk_scale, cap_in, cap_out, window_left, window_right, slope, dropout_p, seed, bh, dist_threshold,
-            MASKED, BLOCK_N, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV,
-            HAS_WL, HAS_WR, SOFTCAP, ALIBI, DROPOUT, PIECEWISE, UPCAST, DOT_PREC, IDX64, USE_TMA,
-        )
+    if WARP_SPEC:
+        # triton partitions the loop into load and compute warps (Hopper/Blackwell); only compiled when a tile
+        # asks for it, so tritons without the keyword never see it (probes.has_warp_specialize gates the tiles).
+        for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=True):
+            acc, l_i, m_i = _fwd_step(
+                acc, l_i, m_i, q, q2, start_n, K_src, V_src, K2_base, skn, skd, svn, svd, sk2n, sk2d,
+                rows, offs_n, offs_d, offs_dv, sq, sk,
+                qk_scale, cap_in, cap_out, window_left, window_right, slope, dropout_p, seed, bh, dist_threshold,
+                MASKED, BLOCK_N, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV,
+                HAS_WL, HAS_WR, SOFTCAP, ALIBI, DROPOUT, PIECEWISE, UPCAST, DOT_PREC, IDX64, USE_TMA,
+            )
+    else:
+        for start_n in range(lo, hi, BLOCK_N):
+            acc, l_i, m_i = _fwd_step(
+                acc, l_i, m_i, q, q2, start_n, K_src, V_src, K2_base, skn, skd, svn, svd, sk2n, sk2d,
+                rows, offs_n, offs_d, offs_dv, sq, sk,
+                qk_scale, cap_in, cap_out, window_left, window_right, slope, dropout_p, seed, bh, dist_threshold,
+                MASKED, BLOCK_N, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV,
+                HAS_WL, HAS_WR, SOFTCAP, ALIBI, DROPOUT, PIECEWISE, UPCAST, DOT_PREC, IDX64, USE_TMA,
+            )
     return acc, l_i, m_i
 
 
@@ -145,7 +157,7 @@ def _fwd_tile(
     VARLEN: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, SOFTCAP: tl.constexpr,
     ALIBI: tl.constexpr, DROPOUT: tl.constexpr, PIECEWISE: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, IDX64: tl.constexpr,
-    USE_TMA: tl.constexpr,
+    USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr,
 ):
     """Query block ``pid_m`` of (batch, head) ``bh``; blocks past a (varlen) sequence's end do nothing."""
     b = bh // num_heads_q
@@ -212,21 +224,21 @@ def _fwd_tile(
             full_lo, full_hi, rows, offs_n, offs_d, offs_dv, sq, sk,
             qk_scale, cap_in, cap_out, window_left, window_right, slope, dropout_p, seed, bh, dist_threshold,
             False, BLOCK_N, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV,
-            HAS_WL, HAS_WR, SOFTCAP, ALIBI, DROPOUT, PIECEWISE, UPCAST, DOT_PREC, IDX64, USE_TMA,
+            HAS_WL, HAS_WR, SOFTCAP, ALIBI, DROPOUT, PIECEWISE, UPCAST, DOT_PREC, IDX64, USE_TMA, WARP_SPEC,
         )
         acc, l_i, m_i = _fwd_key_blocks(
             acc, l_i, m_i, q, q2, K_src, V_src, K2_base, skn, skd, svn, svd, sk2n, sk2d,
             lo, full_lo, rows, offs_n, offs_d, offs_dv, sq, sk,
             qk_scale, cap_in, cap_out, window_left, window_right, slope, dropout_p, seed, bh, dist_threshold,
             True, BLOCK_N, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV,
-            HAS_WL, HAS_WR, SOFTCAP, ALIBI, DROPOUT, PIECEWISE, UPCAST, DOT_PREC, IDX64, USE_TMA,
+            HAS_WL, HAS_WR, SOFTCAP, ALIBI, DROPOUT, PIECEWISE, UPCAST, DOT_PREC, IDX64, USE_TMA, WARP_SPEC,
         )
         acc, l_i, m_i = _fwd_key_blocks(
             acc, l_i, m_i, q, q2, K_src, V_src, K2_base, skn, skd, svn, svd, sk2n, sk2d,
             full_hi, hi, rows, offs_n, offs_d, offs_dv, sq, sk,
             qk_scale, cap_in, cap_out, window_left, window_right, slope, dropout_p, seed, bh, dist_threshold,
             True, BLOCK_N, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV,
-            HAS_WL, HAS_WR, SOFTCAP, ALIBI, DROPOUT, PIECEWISE, UPCAST, DOT_PREC, IDX64, USE_TMA,
+            HAS_WL, HAS_WR, SOFTCAP, ALIBI, DROPOUT, PIECEWISE, UPCAST, DOT_PREC, IDX64, USE_TMA, WARP_SPEC,
         )
 
         empty = l_i == 0.0  # no visible key: out = 0, lse = -inf
@@ -264,6 +276,7 @@ def attn_fwd(
     UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, IDX64: tl.constexpr,
     USE_TMA: tl.constexpr,
     PERSISTENT: tl.constexpr = False,
+    WARP_SPEC: tl.constexpr = False,
 ):
     # Query block fastest: programs running together share a head's K/V in L2, and each head's heaviest
     # (causal: last) query block comes first. One program per tile, or (PERSISTENT) a grid of a few programs
@@ -281,6 +294,7 @@ def attn_fwd(
                 sm_scale, softcap, window_left, window_right, dropout_p, seed, dist_threshold,
                 BLOCK_M, BLOCK_N, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV,
                 VARLEN, HAS_WL, HAS_WR, SOFTCAP, ALIBI, DROPOUT, PIECEWISE, UPCAST, DOT_PREC, IDX64, USE_TMA,
+                WARP_SPEC,
             )
     else:
         pid = tl.program_id(0)
@@ -293,4 +307,5 @@ def attn_fwd(
             sm_scale, softcap, window_left, window_right, dropout_p, seed, dist_threshold,
             BLOCK_M, BLOCK_N, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV,
             VARLEN, HAS_WL, HAS_WR, SOFTCAP, ALIBI, DROPOUT, PIECEWISE, UPCAST, DOT_PREC, IDX64, USE_TMA,
+            WARP_SPEC,
         )
