@@ -24,7 +24,7 @@ from attnkit.errors import BackendCompileError
 
 KERNEL_DIR = Path(__file__).resolve().parent / "kernels"
 SOURCES = ("fwd.cu", "fwd_sm90.cu", "bwd.cu", "bwd_sm90.cu")
-HEADERS = ("common.cuh", "softmax.cuh", "wgmma.cuh")
+HEADERS = ("common.cuh", "softmax.cuh", "sw128.cuh", "wgmma.cuh")
 # Sources that use sm_90a-only instructions (wgmma); they are built for that target alone.
 SM90A_SOURCES = ("fwd_sm90.cu", "bwd_sm90.cu")
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import triton
@@ -110,41 +112,27 @@ def test_interpreter_switch_after_import_is_reported(monkeypatch):
         launch._interpreted()
 
 
-def test_persistent_forward_matches(monkeypatch):
-    """The persistent forward grid (few programs, each walking tiles heaviest first) gives the same answers,
-    bitwise, as one program per tile: every tile is computed by the same code, only the scheduling differs."""
+@pytest.mark.parametrize("variant", ["persistent", "warp_specialize"])
+def test_forward_loop_variants_match(monkeypatch, variant):
+    """Scheduling variants of the forward run the same step per key block, so they give the plain tile's answers
+    bitwise: the persistent grid (few programs, each walking tiles heaviest first) and the warp-specialised key
+    loop (``tl.range(..., warp_specialize=True)``); masks, dropout and varlen (whose shorter sequences leave
+    tiles with nothing to do) included."""
+    from attnkit.backends.triton import probes
+
+    if variant == "warp_specialize" and not probes.has_warp_specialize():
+        pytest.skip(f"this triton ({triton.__version__}) has no tl.range(warp_specialize=...)")
     fwd = configs.INTERPRETER_TILES["fwd"]
-    persistent = configs.Tile(fwd.block_m, fwd.block_n, fwd.num_warps, fwd.num_stages, persistent=1)
+    tile = dataclasses.replace(fwd, **({"persistent": 1} if variant == "persistent" else {"warp_specialize": True}))
     case = Case(b=2, sq=70, sk=53, hq=4, hk=2, d=24, dtype=torch.bfloat16, causal=True, alibi="h", seed=11)
     q, k, v, slopes = case.tensors()[:4]
     params = case.params()
     out_ref, lse_ref = backend().forward(q, k, v, slopes, params, None)
-    monkeypatch.setitem(configs.INTERPRETER_TILES, "fwd", persistent)
+    monkeypatch.setitem(configs.INTERPRETER_TILES, "fwd", tile)
     out, lse = backend().forward(q, k, v, slopes, params, None)
     assert torch.equal(out, out_ref) and torch.equal(lse, lse_ref)
     assert_ok(check_dense(Case(sq=45, sk=61, hq=4, hk=2, d=40, window=(9, 3), dropout_p=0.2, seed=12)))
-    # Varlen: the longest sequence sets the tile count, so shorter ones leave tiles with nothing to do.
     assert_ok(check_varlen(Case(hq=4, hk=2, d=24, dtype=torch.bfloat16, causal=True, seed=13), [7, 70, 0], [12, 60, 4]))
-
-
-def test_warp_specialized_forward_matches(monkeypatch):
-    """The warp-specialised key loop (``tl.range(..., warp_specialize=True)``) runs the same step per key block:
-    same answers as the plain loop, masks, dropout and varlen included."""
-    from attnkit.backends.triton import probes
-
-    if not probes.has_warp_specialize():
-        pytest.skip(f"this triton ({triton.__version__}) has no tl.range(warp_specialize=...)")
-    fwd = configs.INTERPRETER_TILES["fwd"]
-    ws = configs.Tile(fwd.block_m, fwd.block_n, fwd.num_warps, fwd.num_stages, warp_specialize=True)
-    case = Case(b=2, sq=70, sk=53, hq=4, hk=2, d=24, dtype=torch.bfloat16, causal=True, alibi="h", seed=14)
-    q, k, v, slopes = case.tensors()[:4]
-    params = case.params()
-    out_ref, lse_ref = backend().forward(q, k, v, slopes, params, None)
-    monkeypatch.setitem(configs.INTERPRETER_TILES, "fwd", ws)
-    out, lse = backend().forward(q, k, v, slopes, params, None)
-    assert torch.equal(out, out_ref) and torch.equal(lse, lse_ref)
-    assert_ok(check_dense(Case(sq=45, sk=61, hq=4, hk=2, d=40, window=(9, 3), dropout_p=0.2, seed=15)))
-    assert_ok(check_varlen(Case(hq=4, hk=2, d=24, dtype=torch.float16, causal=True, seed=16), [7, 70, 0], [12, 60, 4]))
 
 
 def test_forward_fast_launch_reuses_the_compiled_kernel(monkeypatch):

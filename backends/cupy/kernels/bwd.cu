@@ -11,6 +11,7 @@
 //
 // Macros: ATTNKIT_HEAD_DIM, ATTNKIT_BF16 (see fwd.cu), ATTNKIT_BWD_WN, ATTNKIT_BWD_WD, ATTNKIT_BWD_BM.
 #include "common.cuh"
+#include "softmax.cuh"
 
 #ifndef ATTNKIT_HEAD_DIM
 #define ATTNKIT_HEAD_DIM 64
@@ -174,49 +175,12 @@ struct BwdKernel {
                     }
                 }
 
-                // P^T (in sst) and dS^T (in dpt), scaled by softmax_scale so dK and dQ need no later scaling.
+                // P^T (in sst) and dS^T (in dpt).
                 const bool need_mask = (n0 + BN > si.sk) || (m0 + BM > si.sq) ||
                                        (wr >= 0 && n0 + BN - 1 > m0 + shift + wr) ||
                                        (wl >= 0 && n0 < m0 + BM - 1 + shift - wl);
-                const bool plain = !need_mask && !sp.use_softcap && !sp.use_alibi;
-                if (plain) {
-                    // Every key visible to every query of the tile: lse is finite, and the scale folds into one
-                    // FMA before ex2.
-#pragma unroll
-                    for (int j = 0; j < MTILE; ++j)
-#pragma unroll
-                        for (int c = 0; c < 2; ++c) {
-                            const int cl = j * 8 + 2 * (lane & 3) + c;
-                            const float lv = bL[cl] * AK_LOG2E;
-                            const float dl = bD[cl];
-#pragma unroll
-                            for (int r = 0; r < 2; ++r) {
-                                const int e = 2 * r + c;
-                                const float p = fast_exp2(fmaf(sst[j][e], sp.scale_log2, -lv));
-                                sst[j][e] = p;
-                                dpt[j][e] = p * (dpt[j][e] - dl) * scale;
-                            }
-                        }
-                } else {
-#pragma unroll
-                    for (int j = 0; j < MTILE; ++j)
-#pragma unroll
-                        for (int e = 0; e < 4; ++e) {
-                            const int cl = j * 8 + 2 * (lane & 3) + (e & 1);  // query inside the block
-                            const int key = n0 + wn * 16 + (lane >> 2) + (e >> 1) * 8;
-                            float lv = bL[cl];
-                            // A row that saw no key has lse = -inf; +inf makes all its probabilities 0.
-                            lv = lv == -AK_INF ? AK_INF : lv * AK_LOG2E;
-                            float th = 0.f;
-                            float x = transform_score(sst[j][e], m0 + cl, key, shift, sp, th);
-                            if (need_mask && !visible(m0 + cl, key, shift, si.sq, si.sk, wl, wr)) x = -AK_INF;
-                            const float p = fast_exp2(x - lv);
-                            sst[j][e] = p;
-                            float ds = p * (dpt[j][e] - bD[cl]) * scale;
-                            if (sp.use_softcap) ds *= 1.f - th * th;
-                            dpt[j][e] = ds;
-                        }
-                }
+                const int key0 = n0 + wn * 16 + (lane >> 2);
+                backward_scores(sst, dpt, bL, bD, m0, key0, lane, need_mask, scale, shift, si, sp);
 
                 // dS^T to shared memory for dQ; one warp of each key slice writes it.
                 if (wd == 0) {
@@ -314,22 +278,7 @@ struct BwdKernel {
         // dK and dV rows of this CTA; keys that no query sees get zeros.
         u16* dkg = dk + (i64)b * st[17] + (i64)(si.k_start + n0) * st[18] + (i64)hk * st[19];
         u16* dvg = dv + (i64)b * st[17] + (i64)(si.k_start + n0) * st[18] + (i64)hk * st[19];
-#pragma unroll
-        for (int hh = 0; hh < 2; ++hh) {
-            const int r = wn * 16 + (lane >> 2) + hh * 8;
-            if (r < rows_k) {
-                u32* krow = reinterpret_cast<u32*>(dkg + (i64)r * st[18]);
-                u32* vrow = reinterpret_cast<u32*>(dvg + (i64)r * st[18]);
-#pragma unroll
-                for (int j = 0; j < DP / 8; ++j) {
-                    const int c = wd * DP + j * 8 + 2 * (lane & 3);
-                    if (c < d) {
-                        krow[c / 2] = pack2<BF16>(acc_dk[j][2 * hh], acc_dk[j][2 * hh + 1]);
-                        vrow[c / 2] = pack2<BF16>(acc_dv[j][2 * hh], acc_dv[j][2 * hh + 1]);
-                    }
-                }
-            }
-        }
+        store_dk_dv<BF16>(acc_dk, acc_dv, dkg, dvg, st[18], wn * 16, wd * DP, rows_k, d, lane);
     }
 };
 

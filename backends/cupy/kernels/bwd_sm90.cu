@@ -16,6 +16,8 @@
 //
 // Macros: ATTNKIT_HEAD_DIM (64 or 128), ATTNKIT_BF16.
 #include "common.cuh"
+#include "softmax.cuh"
+#include "sw128.cuh"
 #include "wgmma.cuh"
 
 #ifndef ATTNKIT_HEAD_DIM
@@ -34,7 +36,7 @@ struct BwdSm90Kernel {
     static constexpr int BM = 64;  // queries per step
     static constexpr int DTILE = D / 8;
     static constexpr int MTILE = BM / 8;
-    static constexpr u32 SLAB = 128;  // bytes per swizzled row (64 elements)
+    static constexpr u32 SLAB = SW128_ROW_BYTES;
     static constexpr u32 KV_BYTES = BN * D * 2;
     static constexpr u32 QO_BYTES = BM * D * 2;
     static constexpr u32 DS_BYTES = BN * BM * 2;
@@ -42,31 +44,6 @@ struct BwdSm90Kernel {
     using MmaS = Wgmma<BM, BF16>;  // S^T, dP^T: 64 keys x BM queries
     using MmaKV = Wgmma<D, BF16>;  // dK, dV: 64 keys x D
     using MmaQ = Wgmma<64, BF16>;  // dQ: BM queries x 64 columns per pass
-
-    // Same swizzled tile load as the forward (one thread per 16-byte column chunk, rows in steps of 8).
-    template <int ROWS>
-    static __device__ __forceinline__ void load_sw128(u32 smem, const u16* g, i64 row_stride, int rows_valid,
-                                                      int d_chunks, int tid) {
-        constexpr int CPR = D / 8;
-        constexpr int RS = NT / CPR;
-        static_assert(NT % CPR == 0 && RS % 8 == 0, "row step must keep the swizzle phase");
-        const int c = tid % CPR;
-        int r = tid / CPR;
-        const bool col_ok = c < d_chunks;
-        const u16* src = g + (i64)r * row_stride + c * 8;
-        const i64 step = (i64)RS * row_stride;
-        u32 dst = smem + (u32)(c >> 3) * (ROWS * SLAB) + (u32)r * SLAB + (u32)(((c & 7) ^ (r & 7)) << 4);
-#pragma unroll
-        for (int i = 0; i < (ROWS + RS - 1) / RS; ++i) {
-            if ((ROWS % RS == 0) || r < ROWS) {
-                const bool pred = col_ok && r < rows_valid;
-                cp_async16(dst, pred ? src : g, pred);
-            }
-            src += step;
-            r += RS;
-            dst += (u32)(RS * SLAB);
-        }
-    }
 
     static __device__ __forceinline__ void run(const u16* __restrict__ q, const u16* __restrict__ k,
                                                const u16* __restrict__ v, const u16* __restrict__ dout,
@@ -124,17 +101,17 @@ struct BwdSm90Kernel {
         const int key_row = warp * 16 + (lane >> 2);  // this thread's first key row inside the block (+8 for e >= 2)
 
         if (total > 0) {
-            load_sw128<BN>(sKa, kg, st[4], rows_k, d_chunks, tid);
-            load_sw128<BN>(sVa, vg, st[7], rows_k, d_chunks, tid);
+            load_sw128<BN, D, NT>(sKa, kg, st[4], rows_k, d_chunks, tid);
+            load_sw128<BN, D, NT>(sVa, vg, st[7], rows_k, d_chunks, tid);
             // Iteration `it` handles query head hk*group + it / nmb and query block mb_lo + it % nmb.
             auto issue = [&](int it, int buf) {
                 const int h = hk * group + it / nmb;
                 const int m0 = (mb_lo + it % nmb) * BM;
                 const i64 qrow = si.q_start + m0;
                 const int rows = min(BM, si.sq - m0);
-                load_sw128<BM>(sQa + buf * QO_BYTES, q + (i64)b * st[0] + qrow * st[1] + (i64)h * st[2], st[1],
+                load_sw128<BM, D, NT>(sQa + buf * QO_BYTES, q + (i64)b * st[0] + qrow * st[1] + (i64)h * st[2], st[1],
                                rows, d_chunks, tid);
-                load_sw128<BM>(sdOa + buf * QO_BYTES, dout + (i64)b * st[9] + qrow * st[10] + (i64)h * st[11],
+                load_sw128<BM, D, NT>(sdOa + buf * QO_BYTES, dout + (i64)b * st[9] + qrow * st[10] + (i64)h * st[11],
                                st[10], rows, d_chunks, tid);
                 const i64 loff = (i64)b * st[12] + (i64)h * st[13] + qrow;
                 for (int i = tid; i < BM; i += NT) {
@@ -175,46 +152,11 @@ struct BwdSm90Kernel {
                 wgmma_commit();
                 wgmma_wait<0>();
 
-                // P^T (in sst) and dS^T (in dpt), scaled by softmax_scale so dK and dQ need no later scaling.
+                // P^T (in sst) and dS^T (in dpt).
                 const bool need_mask = (n0 + BN > si.sk) || (m0 + BM > si.sq) ||
                                        (wr >= 0 && n0 + BN - 1 > m0 + shift + wr) ||
                                        (wl >= 0 && n0 < m0 + BM - 1 + shift - wl);
-                if (!need_mask && !sp.use_softcap && !sp.use_alibi) {
-#pragma unroll
-                    for (int j = 0; j < MTILE; ++j)
-#pragma unroll
-                        for (int c = 0; c < 2; ++c) {
-                            const int cl = j * 8 + 2 * (lane & 3) + c;
-                            const float lv = bL[cl] * AK_LOG2E;
-                            const float dl = bD[cl];
-#pragma unroll
-                            for (int r = 0; r < 2; ++r) {
-                                const int e = 2 * r + c;
-                                const float p = fast_exp2(fmaf(sst[j][e], sp.scale_log2, -lv));
-                                sst[j][e] = p;
-                                dpt[j][e] = p * (dpt[j][e] - dl) * scale;
-                            }
-                        }
-                } else {
-#pragma unroll
-                    for (int j = 0; j < MTILE; ++j)
-#pragma unroll
-                        for (int e = 0; e < 4; ++e) {
-                            const int cl = j * 8 + 2 * (lane & 3) + (e & 1);  // query inside the block
-                            const int key = n0 + key_row + (e >> 1) * 8;
-                            float lv = bL[cl];
-                            // A row that saw no key has lse = -inf; +inf makes all its probabilities 0.
-                            lv = lv == -AK_INF ? AK_INF : lv * AK_LOG2E;
-                            float th = 0.f;
-                            float x = transform_score(sst[j][e], m0 + cl, key, shift, sp, th);
-                            if (need_mask && !visible(m0 + cl, key, shift, si.sq, si.sk, wl, wr)) x = -AK_INF;
-                            const float p = fast_exp2(x - lv);
-                            sst[j][e] = p;
-                            float ds = p * (dpt[j][e] - bD[cl]) * scale;
-                            if (sp.use_softcap) ds *= 1.f - th * th;
-                            dpt[j][e] = ds;
-                        }
-                }
+                backward_scores(sst, dpt, bL, bD, m0, n0 + key_row, lane, need_mask, scale, shift, si, sp);
 
                 // Pack P^T and dS^T as A fragments; dS^T also goes to shared memory (swizzled) for dQ.
                 u32 ap[BM / 16][4], as[BM / 16][4];
@@ -291,22 +233,7 @@ struct BwdSm90Kernel {
         // dK and dV rows of this CTA; keys that no query sees get zeros.
         u16* dkg = dk + (i64)b * st[17] + (i64)(si.k_start + n0) * st[18] + (i64)hk * st[19];
         u16* dvg = dv + (i64)b * st[17] + (i64)(si.k_start + n0) * st[18] + (i64)hk * st[19];
-#pragma unroll
-        for (int hh = 0; hh < 2; ++hh) {
-            const int r = key_row + hh * 8;
-            if (r < rows_k) {
-                u32* krow = reinterpret_cast<u32*>(dkg + (i64)r * st[18]);
-                u32* vrow = reinterpret_cast<u32*>(dvg + (i64)r * st[18]);
-#pragma unroll
-                for (int j = 0; j < DTILE; ++j) {
-                    const int c = j * 8 + 2 * (lane & 3);
-                    if (c < d) {
-                        krow[c / 2] = pack2<BF16>(acc_dk[j][2 * hh], acc_dk[j][2 * hh + 1]);
-                        vrow[c / 2] = pack2<BF16>(acc_dv[j][2 * hh], acc_dv[j][2 * hh + 1]);
-                    }
-                }
-            }
-        }
+        store_dk_dv<BF16>(acc_dk, acc_dv, dkg, dvg, st[18], warp * 16, 0, rows_k, d, lane);
     }
 };
 

@@ -148,6 +148,15 @@ __device__ __forceinline__ bool visible(int row, int col, int shift, int sq, int
     return row < sq && col < sk && (wl < 0 || d <= wl) && (wr < 0 || d >= -wr);
 }
 
+// Keys [lo, hi) that query rows [m0, m0 + rows) can see through the window (-1: unbounded side); causal is
+// window_right = 0. Ranges may be empty (hi <= lo).
+__device__ __forceinline__ void keys_in_view(int m0, int rows, int sk, int shift, int wl, int wr, int& lo, int& hi) {
+    lo = 0;
+    hi = sk;
+    if (wr >= 0) hi = min(sk, m0 + rows - 1 + shift + wr + 1);
+    if (wl >= 0) lo = max(0, m0 + shift - wl);
+}
+
 // Raw q.k -> log2-domain score. `th` returns tanh(.) for the softcap chain rule in the backward pass.
 __device__ __forceinline__ float transform_score(float acc, int row, int col, int shift, const ScoreParams& sp,
                                                  float& th) {

@@ -134,9 +134,8 @@ struct FwdKernel {
         float* lg = lse + (i64)b * st[12] + (i64)h * st[13] + si.q_start + m0;
         const int rows_q = min(BM, si.sq - m0);
 
-        int n_lo = 0, n_hi = si.sk;
-        if (wr >= 0) n_hi = min(si.sk, m0 + BM - 1 + shift + wr + 1);
-        if (wl >= 0) n_lo = max(0, m0 + shift - wl);
+        int n_lo, n_hi;
+        keys_in_view(m0, BM, si.sk, shift, wl, wr, n_lo, n_hi);
         const int d_chunks = d / 8;
 
         float acc_o[MT][DTILE][4];
@@ -188,13 +187,7 @@ struct FwdKernel {
 
                 const bool need_mask = (n0 + BN > si.sk) || (wr >= 0 && n0 + BN - 1 > m0 + shift + wr) ||
                                        (wl >= 0 && n0 < m0 + BM - 1 + shift - wl);
-                // Uniform branch per tile: only boundary tiles (or softcap/ALiBi calls) pay for the generic path.
-                if (!plain)
-                    Softmax::template generic<true>(s, acc_o, row_max, row_sum, n0, m0 + wrow, lane, need_mask, shift, si, sp);
-                else if (need_mask)
-                    Softmax::template generic<false>(s, acc_o, row_max, row_sum, n0, m0 + wrow, lane, true, shift, si, sp);
-                else
-                    Softmax::plain(s, acc_o, row_max, row_sum, sp.scale_log2);
+                Softmax::update(s, acc_o, row_max, row_sum, n0, m0 + wrow, lane, plain, need_mask, shift, si, sp);
 
                 cp_async_wait<1>();
                 __syncthreads();  // V tile visible to every warp
@@ -204,27 +197,7 @@ struct FwdKernel {
             cp_async_wait<0>();
         }
 
-        // Epilogue: normalise, write out (zeros for rows that saw no key) and the natural-log LSE.
-#pragma unroll
-        for (int t = 0; t < MT; ++t) {
-#pragma unroll
-            for (int hh = 0; hh < 2; ++hh) {
-                float l = row_sum[t][hh];
-                l += __shfl_xor_sync(0xffffffffu, l, 1);
-                l += __shfl_xor_sync(0xffffffffu, l, 2);
-                const float inv = l > 0.f ? 1.f / l : 0.f;
-                const int r = warp * 16 * MT + t * 16 + (lane >> 2) + hh * 8;
-                if (r < rows_q) {
-                    u32* orow = reinterpret_cast<u32*>(og + (i64)r * st[10]);
-#pragma unroll
-                    for (int j = 0; j < DTILE; ++j) {
-                        const int c = j * 8 + 2 * (lane & 3);
-                        if (c < d) orow[c / 2] = pack2<BF16>(acc_o[t][j][2 * hh] * inv, acc_o[t][j][2 * hh + 1] * inv);
-                    }
-                    if ((lane & 3) == 0) lg[r] = l > 0.f ? row_max[t][hh] * AK_LN2 + logf(l) : -AK_INF;
-                }
-            }
-        }
+        Softmax::template finish<BF16>(acc_o, row_max, row_sum, og, st[10], lg, warp * 16 * MT, rows_q, d, lane);
     }
 };
 

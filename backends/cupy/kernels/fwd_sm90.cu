@@ -14,6 +14,7 @@
 //   ATTNKIT_FWD_BN    keys per tile (64 or 128)
 #include "common.cuh"
 #include "softmax.cuh"
+#include "sw128.cuh"
 #include "wgmma.cuh"
 
 #ifndef ATTNKIT_HEAD_DIM
@@ -37,7 +38,7 @@ struct FwdSm90Kernel {
     static constexpr int BM = 64 * NWG;
     static constexpr int NTILE = BN / 8;
     static constexpr int DTILE = D / 8;
-    static constexpr u32 SLAB = 128;  // bytes per swizzled row (64 elements)
+    static constexpr u32 SLAB = SW128_ROW_BYTES;
     static constexpr u32 Q_BYTES = BM * D * 2;
     static constexpr u32 KV_BYTES = BN * D * 2;
     static_assert(D == 64 || D == 128, "wgmma forward is built for head dims 64 and 128");
@@ -45,33 +46,6 @@ struct FwdSm90Kernel {
     using Softmax = OnlineSoftmax<1, NTILE, DTILE>;
     using MmaS = Wgmma<BN, BF16>;
     using MmaO = Wgmma<D, BF16>;
-
-    // ROWS x D tile from global memory (row stride in elements) into the swizzled slab layout; rows past
-    // rows_valid and 16-byte chunks past d_chunks are zero-filled. The rows a thread visits step by a multiple
-    // of 8, so its swizzled chunk offset is fixed and the destination just advances.
-    template <int ROWS>
-    static __device__ __forceinline__ void load_sw128(u32 smem, const u16* g, i64 row_stride, int rows_valid,
-                                                      int d_chunks, int tid) {
-        constexpr int CPR = D / 8;
-        constexpr int RS = NT / CPR;
-        static_assert(NT % CPR == 0 && RS % 8 == 0, "row step must keep the swizzle phase");
-        const int c = tid % CPR;
-        int r = tid / CPR;
-        const bool col_ok = c < d_chunks;
-        const u16* src = g + (i64)r * row_stride + c * 8;
-        const i64 step = (i64)RS * row_stride;
-        u32 dst = smem + (u32)(c >> 3) * (ROWS * SLAB) + (u32)r * SLAB + (u32)(((c & 7) ^ (r & 7)) << 4);
-#pragma unroll
-        for (int i = 0; i < (ROWS + RS - 1) / RS; ++i) {
-            if ((ROWS % RS == 0) || r < ROWS) {
-                const bool pred = col_ok && r < rows_valid;
-                cp_async16(dst, pred ? src : g, pred);
-            }
-            src += step;
-            r += RS;
-            dst += (u32)(RS * SLAB);
-        }
-    }
 
     static __device__ __forceinline__ void run(const u16* __restrict__ q, const u16* __restrict__ k,
                                                const u16* __restrict__ v, u16* __restrict__ o,
@@ -106,9 +80,8 @@ struct FwdSm90Kernel {
         float* lg = lse + (i64)b * st[12] + (i64)h * st[13] + si.q_start + m0;
         const int rows_q = min(BM, si.sq - m0);
 
-        int n_lo = 0, n_hi = si.sk;
-        if (wr >= 0) n_hi = min(si.sk, m0 + BM - 1 + shift + wr + 1);
-        if (wl >= 0) n_lo = max(0, m0 + shift - wl);
+        int n_lo, n_hi;
+        keys_in_view(m0, BM, si.sk, shift, wl, wr, n_lo, n_hi);
         const int d_chunks = d / 8;
         const int wrow = warp * 16;  // first row of this warp inside the block (warpgroup wg owns 64 wg .. +63)
 
@@ -131,11 +104,11 @@ struct FwdSm90Kernel {
             const bool plain = !sp.use_softcap && !sp.use_alibi && sp.scale_log2 > 0.f;
             // Descriptor of this warpgroup's 64 Q rows; a k-step of 16 columns moves 32 bytes inside a slab.
             const u32 q_wg = sQa + (u32)wg * (64 * SLAB);
-            load_sw128<BM>(sQa, qg, st[1], rows_q, d_chunks, tid);
+            load_sw128<BM, D, NT>(sQa, qg, st[1], rows_q, d_chunks, tid);
             {
                 const int n0 = (nb_hi - 1) * BN;
-                load_sw128<BN>(sKV, kg + (i64)n0 * st[4], st[4], si.sk - n0, d_chunks, tid);
-                load_sw128<BN>(sKV + KV_BYTES, vg + (i64)n0 * st[7], st[7], si.sk - n0, d_chunks, tid);
+                load_sw128<BN, D, NT>(sKV, kg + (i64)n0 * st[4], st[4], si.sk - n0, d_chunks, tid);
+                load_sw128<BN, D, NT>(sKV + KV_BYTES, vg + (i64)n0 * st[7], st[7], si.sk - n0, d_chunks, tid);
             }
             cp_async_commit();
 
@@ -150,8 +123,8 @@ struct FwdSm90Kernel {
                 if (nb > nb_lo) {
                     const int nn = n0 - BN;
                     const u32 sKn = sKV + (u32)(stage ^ 1) * (2 * KV_BYTES);
-                    load_sw128<BN>(sKn, kg + (i64)nn * st[4], st[4], si.sk - nn, d_chunks, tid);
-                    load_sw128<BN>(sKn + KV_BYTES, vg + (i64)nn * st[7], st[7], si.sk - nn, d_chunks, tid);
+                    load_sw128<BN, D, NT>(sKn, kg + (i64)nn * st[4], st[4], si.sk - nn, d_chunks, tid);
+                    load_sw128<BN, D, NT>(sKn + KV_BYTES, vg + (i64)nn * st[7], st[7], si.sk - nn, d_chunks, tid);
                 }
                 cp_async_commit();
 
@@ -168,14 +141,7 @@ struct FwdSm90Kernel {
 
                 const bool need_mask = (n0 + BN > si.sk) || (wr >= 0 && n0 + BN - 1 > m0 + shift + wr) ||
                                        (wl >= 0 && n0 < m0 + BM - 1 + shift - wl);
-                if (!plain)
-                    Softmax::template generic<true>(s, acc_o, row_max, row_sum, n0, m0 + wrow, lane, need_mask,
-                                                    shift, si, sp);
-                else if (need_mask)
-                    Softmax::template generic<false>(s, acc_o, row_max, row_sum, n0, m0 + wrow, lane, true, shift,
-                                                     si, sp);
-                else
-                    Softmax::plain(s, acc_o, row_max, row_sum, sp.scale_log2);
+                Softmax::update(s, acc_o, row_max, row_sum, n0, m0 + wrow, lane, plain, need_mask, shift, si, sp);
 
                 u32 p[BN / 16][4];
 #pragma unroll
@@ -199,24 +165,7 @@ struct FwdSm90Kernel {
             cp_async_wait<0>();
         }
 
-        // Epilogue: normalise, write out (zeros for rows that saw no key) and the natural-log LSE.
-#pragma unroll
-        for (int hh = 0; hh < 2; ++hh) {
-            float l = row_sum[0][hh];
-            l += __shfl_xor_sync(0xffffffffu, l, 1);
-            l += __shfl_xor_sync(0xffffffffu, l, 2);
-            const float inv = l > 0.f ? 1.f / l : 0.f;
-            const int r = wrow + (lane >> 2) + hh * 8;
-            if (r < rows_q) {
-                u32* orow = reinterpret_cast<u32*>(og + (i64)r * st[10]);
-#pragma unroll
-                for (int j = 0; j < DTILE; ++j) {
-                    const int c = j * 8 + 2 * (lane & 3);
-                    if (c < d) orow[c / 2] = pack2<BF16>(acc_o[0][j][2 * hh] * inv, acc_o[0][j][2 * hh + 1] * inv);
-                }
-                if ((lane & 3) == 0) lg[r] = l > 0.f ? row_max[0][hh] * AK_LN2 + logf(l) : -AK_INF;
-            }
-        }
+        Softmax::template finish<BF16>(acc_o, row_max, row_sum, og, st[10], lg, wrow, rows_q, d, lane);
     }
 };
 

@@ -1,4 +1,5 @@
-// Online softmax of the forward kernels, shared by the mma.sync (fwd.cu) and wgmma (fwd_sm90.cu) paths.
+// Online softmax of the forward kernels and the P / dS step of the backward kernels, shared by the mma.sync
+// (fwd.cu, bwd.cu) and wgmma (fwd_sm90.cu, bwd_sm90.cu) paths.
 //
 // Both keep scores in the m16n8 accumulator layout: per warp 16*MT rows; s[t][j][e] holds row
 // t*16 + lane/4 (+8 for e >= 2) and key j*8 + 2*(lane%4) + (e&1). acc_o has the same layout over head-dim
@@ -103,6 +104,121 @@ struct OnlineSoftmax {
             }
         }
     }
+
+    // One tile's update with the cheapest path that is exact for it: `plain_scores` (no softcap/ALiBi, positive
+    // scale) and no mask take plain(); a masked tile of plain scores the mask-only generic path; anything else the
+    // full transform. The branch is uniform per tile, so only boundary tiles pay for per-element work.
+    static __device__ __forceinline__ void update(float (&s)[MT][NTILE][4], float (&acc_o)[MT][DTILE][4],
+                                                  float (&row_max)[MT][2], float (&row_sum)[MT][2], int n0,
+                                                  int row0, int lane, bool plain_scores, bool need_mask, int shift,
+                                                  const SeqInfo& si, const ScoreParams& sp) {
+        if (!plain_scores)
+            generic<true>(s, acc_o, row_max, row_sum, n0, row0, lane, need_mask, shift, si, sp);
+        else if (need_mask)
+            generic<false>(s, acc_o, row_max, row_sum, n0, row0, lane, true, shift, si, sp);
+        else
+            plain(s, acc_o, row_max, row_sum, sp.scale_log2);
+    }
+
+    // Epilogue: normalise, write this warp's rows of O (zeros for rows that saw no key) and the natural-log LSE.
+    // row0: the warp's first row inside the query block; og/lg point at the block's first row.
+    template <bool BF16>
+    static __device__ __forceinline__ void finish(const float (&acc_o)[MT][DTILE][4], const float (&row_max)[MT][2],
+                                                  const float (&row_sum)[MT][2], u16* og, i64 o_row_stride,
+                                                  float* lg, int row0, int rows_q, int d, int lane) {
+#pragma unroll
+        for (int t = 0; t < MT; ++t) {
+#pragma unroll
+            for (int hh = 0; hh < 2; ++hh) {
+                float l = row_sum[t][hh];
+                l += __shfl_xor_sync(0xffffffffu, l, 1);
+                l += __shfl_xor_sync(0xffffffffu, l, 2);
+                const float inv = l > 0.f ? 1.f / l : 0.f;
+                const int r = row0 + t * 16 + (lane >> 2) + hh * 8;
+                if (r < rows_q) {
+                    u32* orow = reinterpret_cast<u32*>(og + (i64)r * o_row_stride);
+#pragma unroll
+                    for (int j = 0; j < DTILE; ++j) {
+                        const int c = j * 8 + 2 * (lane & 3);
+                        if (c < d) orow[c / 2] = pack2<BF16>(acc_o[t][j][2 * hh] * inv, acc_o[t][j][2 * hh + 1] * inv);
+                    }
+                    if ((lane & 3) == 0) lg[r] = l > 0.f ? row_max[t][hh] * AK_LN2 + logf(l) : -AK_INF;
+                }
+            }
+        }
+    }
 };
+
+// Backward: P^T and dS^T of one warp's 16 keys x (8 * MTILE) queries in the m16n8 accumulator layout (row = key,
+// column = query): sst holds raw q.k on entry and P^T on exit, dpt holds dP^T on entry and dS^T on exit, scaled
+// by softmax_scale so that neither dK nor dQ needs a later scaling. bL/bD are this query block's lse and delta,
+// key0 the sequence position of the thread's first key row (+8 for e >= 2), m0 the block's first query.
+template <int MTILE>
+__device__ __forceinline__ void backward_scores(float (&sst)[MTILE][4], float (&dpt)[MTILE][4], const float* bL,
+                                                const float* bD, int m0, int key0, int lane, bool need_mask,
+                                                float scale, int shift, const SeqInfo& si, const ScoreParams& sp) {
+    if (!need_mask && !sp.use_softcap && !sp.use_alibi) {
+        // Every key visible to every query of the tile: lse is finite, and the scale folds into one FMA before ex2.
+#pragma unroll
+        for (int j = 0; j < MTILE; ++j)
+#pragma unroll
+            for (int c = 0; c < 2; ++c) {
+                const int cl = j * 8 + 2 * (lane & 3) + c;
+                const float lv = bL[cl] * AK_LOG2E;
+                const float dl = bD[cl];
+#pragma unroll
+                for (int r = 0; r < 2; ++r) {
+                    const int e = 2 * r + c;
+                    const float p = fast_exp2(fmaf(sst[j][e], sp.scale_log2, -lv));
+                    sst[j][e] = p;
+                    dpt[j][e] = p * (dpt[j][e] - dl) * scale;
+                }
+            }
+    } else {
+#pragma unroll
+        for (int j = 0; j < MTILE; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int cl = j * 8 + 2 * (lane & 3) + (e & 1);  // query inside the block
+                const int key = key0 + (e >> 1) * 8;
+                float lv = bL[cl];
+                // A row that saw no key has lse = -inf; +inf makes all its probabilities 0.
+                lv = lv == -AK_INF ? AK_INF : lv * AK_LOG2E;
+                float th = 0.f;
+                float x = transform_score(sst[j][e], m0 + cl, key, shift, sp, th);
+                if (need_mask && !visible(m0 + cl, key, shift, si.sq, si.sk, sp.window_left, sp.window_right))
+                    x = -AK_INF;
+                const float p = fast_exp2(x - lv);
+                sst[j][e] = p;
+                float ds = p * (dpt[j][e] - bD[cl]) * scale;
+                if (sp.use_softcap) ds *= 1.f - th * th;
+                dpt[j][e] = ds;
+            }
+    }
+}
+
+// Backward epilogue: this warp's rows of dK and dV (same layout) as 16-bit values. Rows row0 + lane/4 (+8) of the
+// CTA's key block, columns col0 + 8j + 2*(lane%4) (+1); rows >= rows_k and columns >= d are skipped.
+template <bool BF16, int NJ>
+__device__ __forceinline__ void store_dk_dv(const float (&acc_dk)[NJ][4], const float (&acc_dv)[NJ][4], u16* dkg,
+                                            u16* dvg, i64 row_stride, int row0, int col0, int rows_k, int d,
+                                            int lane) {
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+        const int r = row0 + (lane >> 2) + hh * 8;
+        if (r < rows_k) {
+            u32* krow = reinterpret_cast<u32*>(dkg + (i64)r * row_stride);
+            u32* vrow = reinterpret_cast<u32*>(dvg + (i64)r * row_stride);
+#pragma unroll
+            for (int j = 0; j < NJ; ++j) {
+                const int c = col0 + j * 8 + 2 * (lane & 3);
+                if (c < d) {
+                    krow[c / 2] = pack2<BF16>(acc_dk[j][2 * hh], acc_dk[j][2 * hh + 1]);
+                    vrow[c / 2] = pack2<BF16>(acc_dv[j][2 * hh], acc_dv[j][2 * hh + 1]);
+                }
+            }
+        }
+    }
+}
 
 }  // namespace ak
