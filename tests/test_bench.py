@@ -18,7 +18,7 @@ from attnkit.bench.correctness import reference_attention, verify
 from attnkit.bench.peers import FlashAttnProvider, FlexProvider, SdpaProvider, math_bytes
 from attnkit.bench.providers import DeviceInfo, Kernel, NotApplicable, Provider, all_providers, resolve_names
 from attnkit.bench.runner import BenchConfig, run_bench
-from attnkit.bench.timing import measure, rotation_count
+from attnkit.bench.timing import measure, measure_interleaved, rotation_count
 from attnkit.cli import main as cli_main
 
 CPU = torch.device("cpu")
@@ -108,6 +108,31 @@ def test_measure_repeats_clamped():
     clock = FakeClock([1.0] * 50)
     t = measure(lambda i: clock.run(), 1, clock, warmup=1, min_repeats=3, max_repeats=7, budget_s=10.0)
     assert t.repeats == 7
+
+
+def test_measure_interleaved_times_in_rounds_and_drops_failures():
+    """Implementations of one case are timed one call each per round, so clock changes under sustained load hit
+    them alike; each keeps its own repeat count and rotation, and one that raises is reported, not timed again."""
+    clock = FakeClock([])
+    order = []
+
+    def step(name, ms, fail_on=None):
+        def run(i):
+            order.append((name, i))
+            if len([n for n, _ in order if n == name]) == fail_on:
+                raise RuntimeError(f"{name} broke")
+            clock.now += ms
+
+        return run
+
+    steps = {"slow": step("slow", 10.0), "fast": step("fast", 1.0), "flaky": step("flaky", 2.0, fail_on=4)}
+    got = measure_interleaved(steps, 2, clock, warmup=1, min_repeats=2, max_repeats=4, budget_s=0.03)
+    assert (got["slow"].repeats, got["fast"].repeats) == (3, 4)  # 30 ms / 10 ms; 30 ms / 1 ms capped at 4
+    assert got["slow"].median_ms == 10.0 and got["fast"].median_ms == 1.0 and got["fast"].rotations == 2
+    assert isinstance(got["flaky"], RuntimeError) and "flaky broke" in str(got["flaky"])
+    timed = order[6:]  # after warm-up + estimate (2 calls) of each, in turn
+    assert [n for n, _ in timed] == ["slow", "fast", "flaky", "slow", "fast", "flaky", "slow", "fast", "fast"]
+    assert [i for n, i in order if n == "fast"] == [0, 1, 0, 1, 0, 1]  # rotation continues across rounds
 
 
 def test_rotation_count():

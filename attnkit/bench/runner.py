@@ -1,5 +1,6 @@
 """The benchmark loop: for each case, make rotated random inputs; for each provider, decide applicability, check
-correctness on those inputs, measure peak memory, then time. Nothing a provider does stops the run: every outcome
+correctness on those inputs and measure peak memory; then time all providers of the case together, one call of
+each per round. Nothing a provider does stops the run: every outcome
 is a :class:`Record` with a status of ``ok``, ``n/a``, ``WRONG`` or ``error``.
 """
 
@@ -18,7 +19,7 @@ from .cases import MEMORY_TARGET, Case, case_flops, input_bytes, kv_bytes, memor
 from .correctness import verify
 from .progress import PlainProgress, Progress
 from .providers import AttnFn, DeviceInfo, Kernel, NotApplicable, Provider
-from .timing import Timing, clock_for, l2_cache_bytes, measure, rotation_count
+from .timing import Timing, clock_for, l2_cache_bytes, measure_interleaved, rotation_count
 
 Inputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]
 
@@ -190,13 +191,16 @@ def _message(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first}{where}"
 
 
-def run_provider(provider: Provider, case: Case, sets: list[Inputs], config: BenchConfig, info: DeviceInfo) -> Record:
+def prepare_provider(
+    provider: Provider, case: Case, sets: list[Inputs], config: BenchConfig, info: DeviceInfo
+) -> tuple[Record, Callable[[int], object] | None]:
+    """Applicability, correctness on the case's inputs and peak memory; returns the record and, when the
+    provider is to be timed, its timed step (see :func:`make_step`), else None."""
     record = Record(case, provider.name, "ok", rotations=len(sets))
     reason = provider.unavailable() or provider.na_reason(case, info)
     if reason:
         record.status, record.reason = "n/a", reason
-        return record
-    prepared: list[Inputs] = []
+        return record, None
     try:
         kernel = provider.build(case, config.device)
         record.note = kernel.note
@@ -210,28 +214,45 @@ def run_provider(provider: Provider, case: Case, sets: list[Inputs], config: Ben
         record.errors, record.allowed, record.check_scope = verdict.errors, verdict.allowed, verdict.scope
         if not verdict.ok:
             record.status, record.reason = "WRONG", verdict.summary()
-            return record
+            return record, None
         # Measured from the case's inputs, so a provider's input transform (K/V repeated for a backend without
         # a GQA kernel) counts as the extra memory it is.
         record.peak_mib = peak_memory_mib(as_case_sees_it(kernel), case, sets[0], config.device)
         _fill_budget(record)
         if case.mode == "memory":
-            return record
+            return record, None
         prepared = [(*kernel.prepare(*s[:3]), s[3]) for s in sets] if kernel.prepare else sets
-        timing = measure(make_step(kernel.fn, case, prepared), len(prepared), clock_for(config.device),
-                         warmup=config.warmup, min_repeats=config.min_repeats, max_repeats=config.max_repeats,
-                         budget_s=config.case_time_s)  # fmt: skip
-        _fill_rates(record, timing)
-    except NotApplicable as exc:
-        record.status, record.reason = "n/a", str(exc)
-    except torch.cuda.OutOfMemoryError as exc:
-        record.status, record.reason = "error", f"out of memory: {_message(exc)}"
+        return record, make_step(kernel.fn, case, prepared)
     except Exception as exc:
+        _record_failure(record, exc)
+        return record, None
+
+
+def time_providers(prepared: list[tuple[Record, Callable[[int], object]]], rotations: int, config: BenchConfig) -> None:
+    """Time the prepared providers of one case in rounds (:func:`timing.measure_interleaved`), filling their
+    records."""
+    steps = {str(i): step for i, (_, step) in enumerate(prepared)}
+    try:
+        timings = measure_interleaved(steps, rotations, clock_for(config.device), warmup=config.warmup,
+                                      min_repeats=config.min_repeats, max_repeats=config.max_repeats,
+                                      budget_s=config.case_time_s)  # fmt: skip
+    except Exception as exc:  # raised outside any one provider's call: a sticky CUDA error, say
+        timings = dict.fromkeys(steps, exc)
+    for key, (record, _) in zip(steps, prepared):
+        timing = timings[key]
+        if isinstance(timing, Exception):
+            _record_failure(record, timing)
+        else:
+            _fill_rates(record, timing)
+
+
+def _record_failure(record: Record, exc: Exception) -> None:
+    if isinstance(exc, NotApplicable):
+        record.status, record.reason = "n/a", str(exc)
+    elif isinstance(exc, torch.cuda.OutOfMemoryError):
+        record.status, record.reason = "error", f"out of memory: {_message(exc)}"
+    else:
         record.status, record.reason = "error", _message(exc)
-    finally:
-        del prepared
-        _release(config.device)
-    return record
 
 
 def _release(device: torch.device) -> None:
@@ -303,10 +324,21 @@ def run_bench(
         try:
             sets = make_inputs(case, config.device, _rotations(case, config.device), config.seed + index)
             info = DeviceInfo(config.device, free_bytes(config.device), capability, len(sets))
+            # Every provider is checked first, then all are timed together, in rounds (see measure_interleaved).
+            case_records, to_time = [], []
             for provider in config.providers.values():
-                record = run_provider(provider, case, sets, config, info)
-                records.append(record)
-                progress.advance(_describe(record))
+                record, step = prepare_provider(provider, case, sets, config, info)
+                case_records.append(record)
+                if step is None:
+                    progress.advance(_describe(record))
+                else:
+                    to_time.append((record, step))
+            if to_time:
+                time_providers(to_time, len(sets), config)
+                for record, _ in to_time:
+                    progress.advance(_describe(record))
+            records.extend(case_records)
+            del to_time
         except KeyboardInterrupt:
             # A wall-clock limit (timeout --signal=INT) or Ctrl-C: keep what was measured, write it, stop.
             notes.append(f"interrupted after {time.perf_counter() - start:.0f} s during {case.label()}: "

@@ -76,6 +76,7 @@ def run(cases: Sequence[Case], options: Options) -> BenchResult:
         "warmup": options.warmup,
         "repeats": [options.min_repeats, options.max_repeats],
         "timer": "cuda events" if options.device.type == "cuda" else "time.perf_counter",
+        "timing": "providers of a case interleaved, one call each per round",
         **options.extra_config,
     }
     log = open(options.log_path, "w", buffering=1) if options.log_path else None

@@ -1,5 +1,6 @@
-"""Timing that does not flatter: warm-up outside the timed region, a median over many calls, and inputs rotated
-among several buffers so that small problems cannot sit in L2 between calls.
+"""Timing that does not flatter: warm-up outside the timed region, a median over many calls, inputs rotated among
+several buffers so that small problems cannot sit in L2 between calls, and the implementations of one case timed
+in rounds so that all of them see the same GPU clocks (``measure_interleaved``; docs/bench.md, "Timing").
 
 On CUDA each call is bracketed by CUDA events (GPU timestamps, no host sync inside the loop); elsewhere by
 ``time.perf_counter``. The number of repeats adapts to a per-case time budget, within [min_repeats, max_repeats].
@@ -101,25 +102,68 @@ def measure(
     cost so that ``repeats`` fits ``budget_s``. Results of ``step`` are dropped right away so that their memory is
     reused, as in a real training loop.
     """
+    result = measure_interleaved({"step": step}, rotations, clock, warmup=warmup, min_repeats=min_repeats,
+                                 max_repeats=max_repeats, budget_s=budget_s)["step"]  # fmt: skip
+    if isinstance(result, BaseException):
+        raise result
+    return result
+
+
+def measure_interleaved(
+    steps: dict[str, Callable[[int], object]],
+    rotations: int,
+    clock: Clock,
+    *,
+    warmup: int = 2,
+    min_repeats: int = 5,
+    max_repeats: int = 100,
+    budget_s: float = 0.2,
+) -> dict[str, Timing | Exception]:
+    """:func:`measure` for several implementations of one case, timed in rounds of one call each.
+
+    A GPU under sustained load runs into its power cap and lowers its clock within ~100 ms (an H200 went from
+    1980 to 1665-1830 MHz, docs/bench.md), so back-to-back blocks of calls favour whichever
+    implementation runs first after a lighter one. In rounds every implementation sees the same clocks. Each
+    has its own warm-up, estimate and repeat count; one that raises is reported as its exception and dropped
+    from later rounds.
+    """
     rotations = max(1, rotations)
-    call = 0
-    for _ in range(max(1, warmup)):
-        step(call % rotations)
-        call += 1
+    calls = dict.fromkeys(steps, 0)
+    repeats: dict[str, int] = {}
+    results: dict[str, Timing | Exception] = {}
+
+    def call(name: str) -> None:
+        steps[name](calls[name] % rotations)
+        calls[name] += 1
+
+    for name in steps:
+        try:
+            for _ in range(max(1, warmup)):
+                call(name)
+            clock.synchronize()
+            start = clock.mark()
+            call(name)
+            end = clock.mark()
+            clock.synchronize()
+        except Exception as exc:
+            results[name] = exc
+            continue
+        estimate_ms = max(clock.elapsed_ms(start, end), 1e-3)
+        repeats[name] = int(min(max_repeats, max(min_repeats, budget_s * 1e3 // estimate_ms)))
+    marks: dict[str, list] = {name: [] for name in repeats}
+    for round_ in range(max(repeats.values(), default=0)):
+        for name, count in repeats.items():
+            if round_ >= count or name in results:
+                continue
+            try:
+                start = clock.mark()
+                call(name)
+                marks[name].append((start, clock.mark()))
+            except Exception as exc:
+                results[name] = exc
     clock.synchronize()
-    start = clock.mark()
-    step(call % rotations)
-    call += 1
-    end = clock.mark()
-    clock.synchronize()
-    estimate_ms = max(clock.elapsed_ms(start, end), 1e-3)
-    repeats = int(min(max_repeats, max(min_repeats, budget_s * 1e3 // estimate_ms)))
-    marks = []
-    for _ in range(repeats):
-        start = clock.mark()
-        step(call % rotations)
-        call += 1
-        marks.append((start, clock.mark()))
-    clock.synchronize()
-    times = [clock.elapsed_ms(a, b) for a, b in marks]
-    return Timing(statistics.median(times), min(times), max(times), repeats, rotations)
+    for name, count in repeats.items():
+        if name not in results:
+            times = [clock.elapsed_ms(a, b) for a, b in marks[name]]
+            results[name] = Timing(statistics.median(times), min(times), max(times), count, rotations)
+    return {name: results[name] for name in steps}
