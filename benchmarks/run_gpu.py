@@ -7,8 +7,8 @@ dims 64/128/256, backward for 64/128, decode (1 query token, GQA 32/8, head dim 
 (batch 1, 16 heads, head dim 128, seqlen 512..32k). ``--part d128`` / ``--part d64`` run the two halves of the list
 separately (each fits a 10-minute command with FlexAttention's compiles). They run in order of interest -- head dim
 128 first, then decode and memory, then the other head dims -- so that if the time budget runs out, what is missing
-is least missed. Writes results.json, results.csv, results.md, log.txt and up to four PNGs (fwd, bwd, decode,
-memory).
+is least missed. Writes results.json, results.csv, results.md, log.txt, triton_tiles.txt (the autotuned tiles)
+and up to four PNGs (fwd, bwd, decode, memory).
 
 Cost model (H100): ~75 cases x ~8 providers, ~0.25 s each for probing, correctness, peak memory and timing (case
 time 0.08 s, at most 50 repeats) = ~150 s; Triton/CuPy first-call compiles and autotuning ~60-90 s; FlexAttention
@@ -64,6 +64,15 @@ def gpu_cases(dtype: str = "bf16", part: str = "all") -> list[Case]:
     return {"all": first + second, "d128": first, "d64": second}[part]
 
 
+def _write_triton_tiles(path: Path) -> None:
+    """The tiles triton_cuda's autotuner chose, one line per tuning key (kind, vendor, dtype, TMA, seqlen bucket,
+    masking flags), so a table cell can be traced to the kernel that produced it."""
+    launch = sys.modules.get("attnkit.backends.triton.launch")
+    if launch is None or not launch._tuned:
+        return
+    path.write_text("".join(f"{key}: {tile}\n" for key, tile in sorted(launch._tuned.items(), key=str)))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="output directory (created)")
@@ -90,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         extra_config={"argv": sys.argv[1:], "entry": "benchmarks/run_gpu.py", "part": args.part},
     )
     result = run(gpu_cases(args.dtype, args.part), options)
+    _write_triton_tiles(args.out / "triton_tiles.txt")
     print(summary(result, args.out))
     print(f"per-run log: {args.out / 'log.txt'}; tables: {args.out / 'results.md'}")
     return 0

@@ -9,8 +9,11 @@ Subcommands
   fastcheck                                       CPU only: the forward's host fast path hands the launcher what
                                                   triton's JIT dispatch does (fake sm_90 driver), and host times
   overhead                                        host time per forward call, fast launch path off / on
-  fwdsweep [--seqlens 2048,8192] [--procs N]       forward tile / persistent-grid variants vs SDPA flash, cuDNN,
+  fwdsweep [--seqlens ...] [--dims ...] [--ws]    forward tile / persistent-grid variants vs SDPA flash, cuDNN,
                                                   FlexAttention (all checked against SDPA), host overhead
+  spread [--seqlen 8192 --dim 128 --causal]       per-call times of triton (autotuned and forced tiles), SDPA
+                                                  flash / cuDNN and FlexAttention: back-to-back blocks, blocks
+                                                  after a pause, round-robin
   bench [--seqlens ...] [--flex-seqlens ...] [--out FILE]
                                                   check, then time triton_cuda against SDPA flash / cuDNN and
                                                   FlexAttention on flash-attn's shapes (16k tokens, 2048 hidden)
@@ -457,8 +460,9 @@ def _table(header: str, rows: list[dict]) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 # fwdsweep: forward tile / grid variants against SDPA flash, cuDNN and FlexAttention, plus host overhead
 # ---------------------------------------------------------------------------------------------------------------
-def _sweep_tiles(d: int) -> list:
-    """Every forward candidate for this head dim, extra tiles that the tables do not list, and persistent grids."""
+def _sweep_tiles(d: int, warp_specialize: bool = False) -> list:
+    """Every forward candidate for this head dim, extra tiles that the tables do not list, persistent grids and
+    (``warp_specialize``) triton's warp-specialised loops."""
     from attnkit.backends.triton import configs, probes
 
     T = configs.Tile
@@ -485,7 +489,7 @@ def _sweep_tiles(d: int) -> list:
             T(64, 64, 4, 3, use_tma=True, persistent=4),
             T(64, 64, 4, 3, persistent=4),
         ]
-    if probes.has_warp_specialize():
+    if warp_specialize and probes.has_warp_specialize():
         # Warp-specialised key loops (triton's own producer/consumer split), on the leading tiles of each class.
         base = (
             [T(128, 64, 8, 3), T(128, 64, 4, 3, use_tma=True)]
@@ -523,13 +527,13 @@ def _forced_fwd_tile(tile):
         launch._tile, launch.FAST_LAUNCH = original, fast
 
 
-def _sweep_compile_worker(task: tuple[int, bool, int]) -> str:
-    d, causal, i = task
+def _sweep_compile_worker(task: tuple[int, bool, int, bool]) -> str:
+    d, causal, i, ws = task
     import torch
 
     import attnkit
 
-    tile = _sweep_tiles(d)[i]
+    tile = _sweep_tiles(d, ws)[i]
     b, s, h = 2, 1024, HIDDEN // d
     q, k, v = (torch.randn(b, s, h, d, dtype=torch.bfloat16, device="cuda") for _ in range(3))
     t = time.time()
@@ -611,7 +615,8 @@ def fwdsweep(args: argparse.Namespace) -> None:
         f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC"
     )
     print(header, flush=True)
-    tasks = [(d, c, i) for d in (64, 128) for c in (False, True) for i in range(len(_sweep_tiles(d)))]
+    dims = [int(x) for x in args.dims.split(",")]
+    tasks = [(d, c, i, args.ws) for d in dims for c in (False, True) for i in range(len(_sweep_tiles(d, args.ws)))]
     with mp.get_context("spawn").Pool(args.procs) as pool:
         for line in pool.imap_unordered(_sweep_compile_worker, tasks):
             print(line, flush=True)
@@ -624,6 +629,8 @@ def fwdsweep(args: argparse.Namespace) -> None:
     seqlens = [int(x) for x in args.seqlens.split(",")]
     results = []
     for b, s, h, d, causal in sorted(_shapes(seqlens), key=lambda x: -x[1]):
+        if d not in dims:
+            continue
         gen = torch.Generator(device="cuda").manual_seed(s + d)
         q, k, v = (torch.randn(b, s, h, d, dtype=torch.bfloat16, device="cuda", generator=gen) for _ in range(3))
         qt, kt, vt = (t.transpose(1, 2).contiguous() for t in (q, k, v))
@@ -631,7 +638,7 @@ def fwdsweep(args: argparse.Namespace) -> None:
         row = {"seqlen": s, "d": d, "causal": causal, "variants": {}}
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
             ref = F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal).transpose(1, 2)
-        for tile in _sweep_tiles(d):
+        for tile in _sweep_tiles(d, args.ws):
             name = _tile_name(tile)
             try:
                 with _forced_fwd_tile(tile):
@@ -677,6 +684,125 @@ def fwdsweep(args: argparse.Namespace) -> None:
     print(text)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# spread: where the run-to-run spread of the forward timings comes from
+# ---------------------------------------------------------------------------------------------------------------
+def spread(args: argparse.Namespace) -> None:
+    """Per-call CUDA-event times of several forwards on one shape, three ways: blocks of back-to-back calls (as
+    `attnkit bench` times them), the same blocks each after an idle pause, and round-robin (one call of each
+    implementation per round, so all see the same clocks and temperature). The autotuned triton tile is named.
+    Run `nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw,temperature.gpu,clocks_throttle_reasons.active
+    --format=csv -lms 50` beside it to line the times up with clocks; block start/end times are in the JSON."""
+    import statistics
+
+    import torch
+    import torch.nn.functional as F
+    import triton
+    from attnkit.backends.triton import configs, launch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    import attnkit
+
+    T = configs.Tile
+    s, d, causal = args.seqlen, args.dim, args.causal
+    b, h = TOKENS // s, HIDDEN // d
+    gen = torch.Generator(device="cuda").manual_seed(s)
+    q, k, v = (torch.randn(b, s, h, d, dtype=torch.bfloat16, device="cuda", generator=gen) for _ in range(3))
+    qt, kt, vt = (t.transpose(1, 2).contiguous() for t in (q, k, v))
+    flops = _flops(b, s, h, d, causal)
+    fns: dict[str, Callable[[], object]] = {}
+    fns["triton auto"] = functools.partial(attnkit.attention, q, k, v, causal=causal, backend="triton_cuda")
+    fns["triton auto"]()  # autotunes
+    tuned = {str(key): _tile_name(t) for key, t in launch._tuned.items() if key[0] == "fwd"}
+    forced = [
+        T(64, 64, 4, 3, use_tma=True),
+        T(64, 64, 4, 3, use_tma=True, persistent=2),
+        T(128, 128, 8, 3, use_tma=True),
+        T(128, 64, 8, 3),
+    ]
+    for tile in forced:
+
+        def call(tile=tile):
+            with _forced_fwd_tile(tile):
+                return attnkit.attention(q, k, v, causal=causal, backend="triton_cuda")
+
+        fns[f"triton {_tile_name(tile)}"] = call
+    flex = torch.compile(_flex_attention(), dynamic=False)
+    mask = None
+    if causal:
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        mask = create_block_mask(lambda b_, h_, i, j: i >= j, None, None, s, s, device="cuda")
+    fns["flex"] = functools.partial(flex, qt, kt, vt, block_mask=mask)
+    for label, kind in (("sdpa flash", SDPBackend.FLASH_ATTENTION), ("sdpa cudnn", SDPBackend.CUDNN_ATTENTION)):
+
+        def sdpa(kind=kind):
+            with sdpa_kernel(kind):
+                return F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal)
+
+        fns[label] = sdpa
+    for fn in fns.values():  # compile / warm
+        fn()
+        fn()
+    torch.cuda.synchronize()
+
+    def one(fn) -> tuple[torch.cuda.Event, torch.cuda.Event]:
+        a, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        e.record()
+        return a, e
+
+    def tflops(ms: float) -> float:
+        return flops / ms / 1e9
+
+    results: dict[str, dict] = {"blocks": {}, "blocks_after_pause": {}, "round_robin": {}}
+    for mode in ("blocks", "blocks_after_pause"):
+        for name, fn in fns.items():
+            if mode == "blocks_after_pause":
+                time.sleep(args.pause)
+            t0 = time.time()
+            marks = [one(fn) for _ in range(args.calls)]
+            torch.cuda.synchronize()
+            results[mode][name] = {"t0": t0, "t1": time.time(), "ms": [a.elapsed_time(e) for a, e in marks]}
+    rr: dict[str, list] = {name: [] for name in fns}
+    t0 = time.time()
+    for _ in range(args.calls):
+        for name, fn in fns.items():
+            rr[name].append(one(fn))
+    torch.cuda.synchronize()
+    for name, marks in rr.items():
+        results["round_robin"][name] = {"t0": t0, "t1": time.time(), "ms": [a.elapsed_time(e) for a, e in marks]}
+    header = (
+        f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
+        f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; B={b} H={h} S={s} D={d} "
+        f"causal={int(causal)} bf16, {args.calls} calls per cell; autotuned: {tuned}"
+    )
+    lines = [
+        f"### Forward timing spread ({header})",
+        "",
+        "TFLOP/s from per-call CUDA events: median / best / worst, and median of the first and last quarter",
+        "",
+        "| mode | implementation | median | best | worst | first 25% | last 25% |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for mode, cells in results.items():
+        for name, cell in cells.items():
+            ms = cell["ms"]
+            n = max(1, len(ms) // 4)
+            lines.append(
+                f"| {mode} | {name} | {tflops(statistics.median(ms)):.0f} | {tflops(min(ms)):.0f} | "
+                f"{tflops(max(ms)):.0f} | {tflops(statistics.median(ms[:n])):.0f} | "
+                f"{tflops(statistics.median(ms[-n:])):.0f} |"
+            )
+    text = "\n".join(lines)
+    print(text, flush=True)
+    with open(os.path.join(OUT, f"spread_{s}_{d}_{int(causal)}.md"), "w") as f:
+        f.write(text + "\n")
+    with open(os.path.join(OUT, f"spread_{s}_{d}_{int(causal)}.json"), "w") as f:
+        json.dump({"header": header, "results": results}, f)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -694,6 +820,14 @@ def main() -> int:
     p.add_argument("--procs", type=int, default=16)
     p.add_argument("--budget-s", type=float, default=200.0, help="skip FlexAttention once this much time has passed")
     p.add_argument("--compile-only", action="store_true", help="only fill triton's cache with the variants")
+    p.add_argument("--dims", default="64,128")
+    p.add_argument("--ws", action="store_true", help="also the warp-specialised loops (some tiles abort triton 3.6)")
+    p = sub.add_parser("spread")
+    p.add_argument("--seqlen", type=int, default=8192)
+    p.add_argument("--dim", type=int, default=128)
+    p.add_argument("--causal", action="store_true")
+    p.add_argument("--calls", type=int, default=40)
+    p.add_argument("--pause", type=float, default=1.0, help="idle seconds before each block in the second pass")
     p = sub.add_parser("bench")
     p.add_argument("--seqlens", default="512,1024,2048,4096,8192,16384")
     p.add_argument("--flex-seqlens", default="2048,8192")
@@ -713,6 +847,8 @@ def main() -> int:
         fwdsweep(args)
     elif args.cmd == "precompile":
         precompile(args)
+    elif args.cmd == "spread":
+        spread(args)
     else:
         bench(args)
     return 0
