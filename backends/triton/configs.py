@@ -5,10 +5,11 @@ Kernels: "fwd" (BLOCK_M query rows x BLOCK_N keys), "dkdv" (BLOCK_N keys owned, 
 size, because those decide register and shared-memory pressure; the autotuner key adds dtype, masking flags and
 a sequence-length bucket.
 
-The CUDA entries were picked from sm_90 compiles with triton 3.6 (benchmarks/NOTES-triton.md): every tile listed
-for 16-bit inputs compiles without register spills; tiles that spilled, or crashed ptxas with TMA (head dim 256,
-several num_stages=2 tiles), are left out. Plain-tile defaults are the H200 autotuning winners of
-benchmarks/results/triton_h200_run1.md.
+The CUDA entries were picked from sm_90 compiles with triton 3.6 (benchmarks/NOTES-triton.md): the tiles listed
+for 16-bit inputs compile without register spills, except the head-dim-128 dK/dV tile of 64 queries x 128 keys
+(16-24 bytes of stack), which measured fastest anyway (benchmarks/results/h200_2026-11-30_bwd/); tiles that
+spilled more, or crashed ptxas with TMA (head dim 256, several num_stages=2 tiles), are left out. Plain-tile
+defaults are the H200 autotuning winners of benchmarks/results/triton_h200_run1.md.
 """
 
 from __future__ import annotations
@@ -90,7 +91,13 @@ _CUDA: dict[tuple[str, str, int], list[tuple]] = {
         (64, 64, 4, 3, _T),
         (64, 128, 8, 2, _T),
     ],
-    ("dkdv", "mid", 2): [(32, 64, 4, 3, _F), (32, 128, 8, 3, _F), (32, 128, 8, 3, _T), (32, 64, 4, 3, _T)],
+    ("dkdv", "mid", 2): [
+        (64, 128, 8, 3, _T),
+        (32, 64, 4, 3, _F),
+        (64, 128, 8, 3, _F),
+        (32, 128, 8, 3, _F),
+        (32, 64, 4, 3, _T),
+    ],
     ("dkdv", "large", 2): [(16, 32, 4, 2, _F), (32, 32, 4, 2, _F)],
     ("dq", "small", 2): [
         (64, 64, 4, 3, _F),
@@ -98,6 +105,7 @@ _CUDA: dict[tuple[str, str, int], list[tuple]] = {
         (128, 64, 8, 2, _F),
         (64, 32, 4, 3, _F),
         (128, 32, 4, 3, _T),
+        (128, 64, 8, 3, _T),
     ],
     ("dq", "mid", 2): [(64, 32, 4, 3, _F), (128, 64, 8, 2, _F), (64, 64, 4, 3, _F), (64, 64, 4, 3, _T)],
     ("dq", "large", 2): [(64, 32, 8, 2, _F), (32, 32, 4, 2, _F)],
