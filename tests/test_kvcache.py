@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+import sys
 
 import pytest
 import torch
@@ -201,6 +203,31 @@ def test_overflow_raises_before_writing(lens):
             q, k_cache, v_cache, k_new, v_new, cache_seqlens=_lens(*lens), backend="reference"
         )
     assert isinstance(info.value, ValueError) and isinstance(info.value, attnkit.AttnkitError)
+    assert torch.equal(k_cache, bk) and torch.equal(v_cache, bv)
+
+
+def test_int_or_default_lengths_do_not_read_the_device(monkeypatch):
+    """Lengths given as an int or left to the capacity are checked on the host: no tensor is read back (on a GPU
+    that read is a sync that makes each decode step wait for the previous one). Bad ints still raise."""
+    k_cache, v_cache, bk, bv = _small_cache()
+    q, k_new, v_new = rand(2, 1, 1, 4), rand(2, 3, 1, 4), rand(2, 3, 1, 4)
+
+    real_tolist = torch.Tensor.tolist
+
+    def no_read_back_in_frontend(self):
+        caller = sys._getframe(1).f_code.co_filename  # the reference backend may read; the frontend may not
+        assert not caller.endswith(os.path.join("attnkit", "ops", "kvcache.py")), "lengths read back from a tensor"
+        return real_tolist(self)
+
+    monkeypatch.setattr(torch.Tensor, "tolist", no_read_back_in_frontend)
+    attnkit.attention_with_kvcache(q, k_cache, v_cache, backend="reference")
+    attnkit.attention_with_kvcache(q, k_cache, v_cache, k_new, v_new, cache_seqlens=5, backend="reference")
+    assert torch.equal(k_cache[:, 5:8], k_new) and torch.equal(v_cache[:, 5:8], v_new)
+    k_cache, v_cache, bk, bv = _small_cache()
+    with pytest.raises(KVCacheOverflowError, match="cache row"):
+        attnkit.attention_with_kvcache(q, k_cache, v_cache, k_new, v_new, cache_seqlens=14, backend="reference")
+    with pytest.raises(InvalidArgumentError, match="negative"):
+        attnkit.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=-1, backend="reference")
     assert torch.equal(k_cache, bk) and torch.equal(v_cache, bv)
 
 

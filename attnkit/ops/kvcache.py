@@ -118,12 +118,17 @@ def attention_with_kvcache(
     if cache_seqlens is None:
         if k is not None:
             raise InvalidArgumentError("cache_seqlens is required when appending k/v (where would they go?)")
+        lengths = [capacity] * batch
         cache_seqlens = torch.full((batch,), capacity, dtype=torch.int32, device=device)
     elif isinstance(cache_seqlens, int) and not isinstance(cache_seqlens, bool):
+        lengths = [cache_seqlens] * batch
         cache_seqlens = torch.full((batch,), cache_seqlens, dtype=torch.int32, device=device)
     else:
         cache_seqlens = _int32_vector("cache_seqlens", cache_seqlens, batch, device)
-    lengths = cache_seqlens.tolist()
+        # A device sync: the checks below must see the lengths before anything is read or written. Lengths given
+        # as an int (or left to the cache's capacity) are known on the host and cost none, so a decode step
+        # does not wait for the previous one to finish.
+        lengths = cache_seqlens.tolist()
     if any(n < 0 for n in lengths):
         raise InvalidArgumentError(f"cache_seqlens={lengths} has negative entries")
     too_long = [b for b, n in enumerate(lengths) if n + seqlen_new > capacity]
