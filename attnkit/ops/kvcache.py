@@ -129,11 +129,12 @@ def attention_with_kvcache(
         # as an int (or left to the cache's capacity) are known on the host and cost none, so a decode step
         # does not wait for the previous one to finish.
         lengths = cache_seqlens.tolist()
-    if any(n < 0 for n in lengths):
+    # min/max run in C: a decode batch of hundreds of rows costs no Python loop per call.
+    longest = max(lengths, default=0)
+    if lengths and min(lengths) < 0:
         raise InvalidArgumentError(f"cache_seqlens={lengths} has negative entries")
-    too_long = [b for b, n in enumerate(lengths) if n + seqlen_new > capacity]
-    if too_long:
-        b = too_long[0]
+    if longest + seqlen_new > capacity:
+        b = lengths.index(longest)
         raise KVCacheOverflowError(
             f"cache row {b} holds {lengths[b]} tokens; appending {seqlen_new} would need {lengths[b] + seqlen_new} "
             f"slots but the cache has room for {capacity}"
@@ -172,7 +173,7 @@ def attention_with_kvcache(
                 f"{tuple(rotary_cos.shape)} and {tuple(rotary_sin.shape)}"
             )
         per_query = params.is_masked
-        needed = max(n + max(seqlen_new, seqlen_q if per_query else 1) for n in lengths)
+        needed = longest + max(seqlen_new, seqlen_q if per_query else 1)
         if rotary_cos.shape[0] < needed:
             raise InvalidArgumentError(f"rotary_cos has {rotary_cos.shape[0]} positions; this call needs {needed}")
         base = cache_seqlens.long()[:, None]
@@ -184,7 +185,7 @@ def attention_with_kvcache(
 
     if k is not None and seqlen_new:
         _append(k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table)
-    total = (cache_seqlens + seqlen_new).to(torch.int32)
+    total = cache_seqlens if not seqlen_new else (cache_seqlens + seqlen_new).to(torch.int32)
 
     chosen = _common.choose(
         "paged_kvcache" if paged else "kvcache",
@@ -194,7 +195,7 @@ def attention_with_kvcache(
         num_heads_k=k_cache.shape[2],
         batch=batch,
         seqlen_q=seqlen_q,
-        seqlen_k=max(n + seqlen_new for n in lengths) if lengths else 0,
+        seqlen_k=longest + seqlen_new if lengths else 0,
         params=params,
         alibi=slopes is not None,
         requires_grad=False,

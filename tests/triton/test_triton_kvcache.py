@@ -162,3 +162,94 @@ def test_kvcache_gpu_long_caches(case):
     dtype, paged, (seqlen_q, group), causal = case
     _compare(dtype, paged, seqlen_q, group, causal, (-1, -1), 0.0, False, device=torch.device("cuda"),
              lengths=[1, 4000, 33000], new=3, dims=(128, 128))  # fmt: skip
+
+
+def _fake_jit(real, jit_calls: list, fast_calls: list):
+    """Stands in for a @triton.jit kernel: records the arguments the JIT would bind (signature order, defaults
+    applied) and returns a fake compiled kernel that records direct launches."""
+    import inspect
+
+    class FakeCompiled:
+        def __getitem__(self, grid):
+            return lambda *args: fast_calls.append((grid, args))
+
+    class FakeJit:
+        fn = staticmethod(real.fn)
+
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                sig = inspect.signature(real.fn)
+                bound = sig.bind(*args, **{n: v for n, v in kwargs.items() if n in sig.parameters})
+                bound.apply_defaults()
+                jit_calls.append(((*grid, 1, 1)[:3], tuple(bound.arguments.values())))
+                return FakeCompiled()
+
+            return run
+
+    return FakeJit()
+
+
+def test_kvcache_fast_launch_passes_the_jit_arguments(monkeypatch):
+    """A repeated decode call with the same key launches the two kernels of the first call directly, with exactly
+    the arguments triton's JIT dispatch bound (faked here: the fast path is GPU only); new buffers each call."""
+    from attnkit.backends.triton import kvcache_launch, launch, probes
+
+    from attnkit.params import AttentionParams, KVCacheInfo
+
+    jit, fast = [], []
+    monkeypatch.setattr(kvcache_launch, "kvcache_split_fwd", _fake_jit(kvcache_launch.kvcache_split_fwd, jit, fast))
+    monkeypatch.setattr(kvcache_launch, "combine_splits", _fake_jit(kvcache_launch.combine_splits, jit, fast))
+    monkeypatch.setattr(probes, "interpreter_enabled", lambda: False)
+    monkeypatch.setattr(launch, "FAST_LAUNCH", True)
+    monkeypatch.setattr(kvcache_launch, "_plans", {})
+    gen = torch.Generator().manual_seed(5)
+    q = torch.randn(2, 1, 8, 64, generator=gen, dtype=torch.bfloat16)
+    k_cache = torch.randn(3, 96, 2, 64, generator=gen, dtype=torch.bfloat16)
+    info = KVCacheInfo(torch.tensor([40, 96], dtype=torch.int32), torch.tensor([2, 0], dtype=torch.int32))
+    slopes = torch.rand(8, generator=gen)
+    params = AttentionParams(softmax_scale=0.125, causal=True, window_left=30, window_right=0, softcap=4.0)
+    out1, _ = kvcache_launch.forward_kvcache(q, k_cache, k_cache, info, slopes, params)
+    out2, lse2 = kvcache_launch.forward_kvcache(q, k_cache, k_cache, info, slopes, params)
+    assert len(jit) == 2 and len(fast) == 2 and out2 is not out1
+    for (grid, expected), (fast_grid, got), fresh in zip(jit, fast, ((7, 8), (0, 1, 2, 3))):
+        assert fast_grid == grid and len(got) == len(expected)
+        for i, (a, b) in enumerate(zip(got, expected)):
+            if i in fresh:  # the workspace and the outputs: new tensors of the same layout
+                assert a is not b and (a.shape, a.stride(), a.dtype) == (b.shape, b.stride(), b.dtype)
+            else:
+                assert a is b or (not isinstance(a, torch.Tensor) and a == b and type(a) is type(b)), i
+    assert fast[1][1][2] is out2 and fast[1][1][3] is lse2
+    # Other parameters or another cache shape: the JIT path again.
+    kvcache_launch.forward_kvcache(q, k_cache, k_cache, info, None, params)
+    kvcache_launch.forward_kvcache(q, k_cache[:, :64], k_cache[:, :64], info, slopes, params)
+    assert len(jit) == 6 and len(fast) == 2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+def test_kvcache_gpu_fast_launch_bitwise(paged, monkeypatch):
+    """On the GPU the remembered kernels give the JIT path's bits, and the repeated call does not go through the
+    JIT (ALiBi, softcap and a window in play)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from attnkit.backends.triton import kvcache_launch, launch
+
+    gen = torch.Generator().manual_seed(11)
+    q, k_cache, v_cache, _, _, kw = _cache_case(torch.bfloat16, paged, 3, 1, 2, 4, 128, 128, [5, 3000, 9000], 0,
+                                                torch.device("cuda"), gen)  # fmt: skip
+    slopes = (torch.rand(8, generator=gen) * 0.3).cuda()
+    opts = dict(causal=True, window_size=(2000, 0), softcap=20.0, alibi_slopes=slopes, return_lse=True, **kw)
+    monkeypatch.setattr(launch, "FAST_LAUNCH", False)
+    slow = attnkit.attention_with_kvcache(q, k_cache, v_cache, backend="triton_cuda", **opts)
+    monkeypatch.setattr(launch, "FAST_LAUNCH", True)
+    first = attnkit.attention_with_kvcache(q, k_cache, v_cache, backend="triton_cuda", **opts)
+
+    class NoJit:
+        def __getitem__(self, grid):
+            raise AssertionError("the repeated call went through triton's JIT dispatch")
+
+    monkeypatch.setattr(kvcache_launch, "kvcache_split_fwd", NoJit())
+    monkeypatch.setattr(kvcache_launch, "combine_splits", NoJit())
+    second = attnkit.attention_with_kvcache(q, k_cache, v_cache, backend="triton_cuda", **opts)
+    for a, b, c in zip(slow, first, second):
+        assert torch.equal(a, b) and torch.equal(a, c)
