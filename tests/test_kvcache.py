@@ -231,6 +231,43 @@ def test_int_or_default_lengths_do_not_read_the_device(monkeypatch):
     assert torch.equal(k_cache, bk) and torch.equal(v_cache, bv)
 
 
+def test_checks_move_to_the_device_under_graph_capture(monkeypatch):
+    """While a CUDA graph is captured nothing may be read back: the checks on tensor lengths, rows and pages run as
+    device asserts instead (on the CPU, simulated here, torch._assert_async raises at once), still before any write."""
+    from attnkit.ops import kvcache as kvcache_op
+
+    monkeypatch.setattr(kvcache_op, "_capturing", lambda device: True)
+    real_tolist = torch.Tensor.tolist
+
+    def no_read_back_in_frontend(self):
+        caller = sys._getframe(1).f_code.co_filename
+        assert not caller.endswith(os.path.join("attnkit", "ops", "kvcache.py")), "read back during capture"
+        return real_tolist(self)
+
+    monkeypatch.setattr(torch.Tensor, "tolist", no_read_back_in_frontend)
+    k_cache, v_cache, bk, bv = _small_cache()
+    q, k_new, v_new = rand(2, 1, 1, 4), rand(2, 3, 1, 4), rand(2, 3, 1, 4)
+    attnkit.attention_with_kvcache(q, k_cache, v_cache, k_new, v_new, cache_seqlens=_lens(4, 13), backend="reference")
+    assert torch.equal(k_cache[0, 4:7], k_new[0]) and torch.equal(v_cache[1, 13:16], v_new[1])
+    k_cache, v_cache, bk, bv = _small_cache()
+    for lens in ((14, 0), (0, -1)):
+        with pytest.raises(RuntimeError, match="cache_seqlens"):
+            attnkit.attention_with_kvcache(
+                q, k_cache, v_cache, k_new, v_new, cache_seqlens=_lens(*lens), backend="reference"
+            )
+    idx = torch.tensor([1, 1], dtype=I32)
+    with pytest.raises(RuntimeError, match="cache_batch_idx"):
+        attnkit.attention_with_kvcache(
+            q, k_cache, v_cache, k_new, v_new, cache_seqlens=_lens(0, 0), cache_batch_idx=idx, backend="reference"
+        )
+    pages, table = rand(4, 16, 1, 4, seed=1), torch.tensor([[0, 1], [2, 9]], dtype=I32)
+    with pytest.raises(RuntimeError, match="block_table"):
+        attnkit.attention_with_kvcache(
+            q, pages, pages.clone(), k_new, v_new, cache_seqlens=_lens(3, 15), block_table=table, backend="reference"
+        )
+    assert torch.equal(k_cache, bk) and torch.equal(v_cache, bv)
+
+
 def test_paged_overflow_and_bad_block_table_raise_before_writing():
     k_pages, v_pages = rand(4, 16, 1, 4, seed=1), rand(4, 16, 1, 4, seed=2)
     bk, bv = k_pages.clone(), v_pages.clone()

@@ -50,7 +50,8 @@ def attention_with_kvcache(
         k_cache, v_cache: ``(batch_cache, seqlen_cache, nheads_k, headdim[_v])``, or, with ``block_table``, a paged
             cache ``(num_blocks, page_size, nheads_k, headdim[_v])`` with ``page_size`` a multiple of 16.
         k, v: optional new keys/values ``(batch, seqlen_new, nheads_k, headdim[_v])``, written into the cache at
-            positions ``cache_seqlens[b] ...`` before attending. attnkit checks first that they fit.
+            positions ``cache_seqlens[b] ...`` before attending. attnkit checks first that they fit (on the host,
+            or, while a CUDA graph is captured, on the device, where a failure is a device-side assert).
         cache_seqlens: int32 ``(batch,)`` (or an int): tokens already in each cache row *before* the append.
             Default: the whole cache (only without ``k``/``v``).
         cache_batch_idx: int32 ``(batch,)``: which cache row each batch row uses (default ``arange(batch)``).
@@ -73,6 +74,9 @@ def attention_with_kvcache(
     validation.last_dim_contiguous({"q": q, "k_cache": k_cache, "v_cache": v_cache})
     batch, seqlen_q, num_heads_q, head_dim = q.shape
     device = q.device
+    # Nothing can be read back to the host while a CUDA graph is captured: the checks that need tensor values then
+    # run on the device instead (_device_check), in stream order before any write.
+    capturing = _capturing(device)
     paged = block_table is not None
     if paged:
         block_table = validation.tensor("block_table", block_table, 2)
@@ -95,11 +99,20 @@ def attention_with_kvcache(
             )
         if cache_batch_idx is not None:
             cache_batch_idx = _int32_vector("cache_batch_idx", cache_batch_idx, batch, device)
-            idx = cache_batch_idx.tolist()
-            if any(not 0 <= i < k_cache.shape[0] for i in idx):
-                raise InvalidArgumentError(f"cache_batch_idx={idx} has entries outside [0, {k_cache.shape[0]})")
-            if k is not None and len(set(idx)) != len(idx):
-                raise InvalidArgumentError(f"cache_batch_idx={idx} repeats a row; appends would overwrite each other")
+            if capturing:
+                rows_ok = ((cache_batch_idx >= 0) & (cache_batch_idx < k_cache.shape[0])).all()
+                if k is not None:
+                    ordered = cache_batch_idx.sort().values
+                    rows_ok = rows_ok & (ordered[1:] != ordered[:-1]).all()
+                _device_check(rows_ok, f"cache_batch_idx has entries outside [0, {k_cache.shape[0]}) or repeats a row")
+            else:
+                idx = cache_batch_idx.tolist()
+                if any(not 0 <= i < k_cache.shape[0] for i in idx):
+                    raise InvalidArgumentError(f"cache_batch_idx={idx} has entries outside [0, {k_cache.shape[0]})")
+                if k is not None and len(set(idx)) != len(idx):
+                    raise InvalidArgumentError(
+                        f"cache_batch_idx={idx} repeats a row; appends would overwrite each other"
+                    )
     if (k is None) != (v is None):
         raise InvalidArgumentError("pass both k and v to append, or neither")
     seqlen_new = 0
@@ -128,25 +141,35 @@ def attention_with_kvcache(
         # A device sync: the checks below must see the lengths before anything is read or written. Lengths given
         # as an int (or left to the cache's capacity) are known on the host and cost none, so a decode step
         # does not wait for the previous one to finish.
-        lengths = cache_seqlens.tolist()
-    # min/max run in C: a decode batch of hundreds of rows costs no Python loop per call.
-    longest = max(lengths, default=0)
-    if lengths and min(lengths) < 0:
-        raise InvalidArgumentError(f"cache_seqlens={lengths} has negative entries")
-    if longest + seqlen_new > capacity:
-        b = lengths.index(longest)
-        raise KVCacheOverflowError(
-            f"cache row {b} holds {lengths[b]} tokens; appending {seqlen_new} would need {lengths[b] + seqlen_new} "
-            f"slots but the cache has room for {capacity}"
+        lengths = None if capturing else cache_seqlens.tolist()
+    if lengths is None:
+        longest = capacity - seqlen_new  # for the dispatch spec: the most a row may hold
+        _device_check(
+            ((cache_seqlens >= 0) & (cache_seqlens <= capacity - seqlen_new)).all(),
+            f"cache_seqlens has negative entries or a row without room for {seqlen_new} more tokens (capacity "
+            f"{capacity})",
         )
+    else:
+        # min/max run in C: a decode batch of hundreds of rows costs no Python loop per call.
+        longest = max(lengths, default=0)
+        if lengths and min(lengths) < 0:
+            raise InvalidArgumentError(f"cache_seqlens={lengths} has negative entries")
+        if longest + seqlen_new > capacity:
+            b = lengths.index(longest)
+            raise KVCacheOverflowError(
+                f"cache row {b} holds {lengths[b]} tokens; appending {seqlen_new} would need "
+                f"{lengths[b] + seqlen_new} slots but the cache has room for {capacity}"
+            )
     if paged:
         num_blocks = k_cache.shape[0]
         page_size = k_cache.shape[1]
         # One vectorised check (a single device sync) over the pages each row will touch.
-        pages_needed = torch.tensor([(n + seqlen_new + page_size - 1) // page_size for n in lengths], device=device)
+        pages_needed = (cache_seqlens.long() + seqlen_new + page_size - 1) // page_size
         touched = torch.arange(block_table.shape[1], device=device)[None, :] < pages_needed[:, None]
         bad_rows = (touched & ((block_table < 0) | (block_table >= num_blocks))).any(dim=1)
-        if bool(bad_rows.any()):
+        if capturing:
+            _device_check(~bad_rows.any(), f"block_table uses pages outside [0, {num_blocks})")
+        elif bool(bad_rows.any()):
             b = int(bad_rows.nonzero()[0, 0])
             used = block_table[b, : int(pages_needed[b])].tolist()
             raise InvalidArgumentError(f"block_table[{b}] uses pages {used} outside [0, {num_blocks})")
@@ -173,9 +196,14 @@ def attention_with_kvcache(
                 f"{tuple(rotary_cos.shape)} and {tuple(rotary_sin.shape)}"
             )
         per_query = params.is_masked
-        needed = longest + max(seqlen_new, seqlen_q if per_query else 1)
-        if rotary_cos.shape[0] < needed:
-            raise InvalidArgumentError(f"rotary_cos has {rotary_cos.shape[0]} positions; this call needs {needed}")
+        reach = max(seqlen_new, seqlen_q if per_query else 1)
+        if lengths is None:
+            _device_check((cache_seqlens + reach <= rotary_cos.shape[0]).all(),
+                          f"rotary_cos has {rotary_cos.shape[0]} positions; a row needs more")  # fmt: skip
+        elif rotary_cos.shape[0] < longest + reach:
+            raise InvalidArgumentError(
+                f"rotary_cos has {rotary_cos.shape[0]} positions; this call needs {longest + reach}"
+            )
         base = cache_seqlens.long()[:, None]
         k_pos = base + torch.arange(seqlen_new, device=device)[None, :]
         q_pos = base + (torch.arange(seqlen_q, device=device)[None, :] if per_query else 0)
@@ -195,7 +223,7 @@ def attention_with_kvcache(
         num_heads_k=k_cache.shape[2],
         batch=batch,
         seqlen_q=seqlen_q,
-        seqlen_k=longest + seqlen_new if lengths else 0,
+        seqlen_k=longest + seqlen_new if batch else 0,
         params=params,
         alibi=slopes is not None,
         requires_grad=False,
@@ -207,6 +235,16 @@ def attention_with_kvcache(
         params.softmax_scale, params.causal, params.window_left, params.window_right, params.softcap, chosen,
     )  # fmt: skip
     return (out, lse) if return_lse else out
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _device_check(ok: torch.Tensor, message: str) -> None:
+    """A check whose inputs stay on the device (CUDA-graph capture): it runs in stream order before the writes
+    that follow, and a failure stops the GPU with a device-side assert instead of raising here."""
+    torch._assert_async(ok, f"attention_with_kvcache: {message}")
 
 
 def _append(k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table) -> None:
