@@ -337,6 +337,21 @@ def _flex_attention():
     return flex_attention
 
 
+def _training_inputs(b: int, s: int, h: int, d: int) -> tuple:
+    """q, k, v, dout in attnkit's (B, S, H, D) layout and contiguous (B, H, S, D) copies for SDPA and
+    FlexAttention; the q/k/v of both need grad. Seeded by shape, so every run sees the same numbers."""
+    import torch
+
+    gen = torch.Generator(device="cuda").manual_seed(s + d)
+    q, k, v, dout = (torch.randn(b, s, h, d, dtype=torch.bfloat16, device="cuda", generator=gen) for _ in range(4))
+    for t in (q, k, v):
+        t.requires_grad_(True)
+    qt, kt, vt, dot = (t.detach().transpose(1, 2).contiguous() for t in (q, k, v, dout))
+    for t in (qt, kt, vt):
+        t.requires_grad_(True)
+    return q, k, v, dout, qt, kt, vt, dot
+
+
 def _bench_shape(b: int, s: int, h: int, d: int, causal: bool, flex) -> dict:
     """Check triton_cuda against SDPA-flash on one shape, then time every implementation (TFLOP/s)."""
     import torch
@@ -346,13 +361,7 @@ def _bench_shape(b: int, s: int, h: int, d: int, causal: bool, flex) -> dict:
 
     import attnkit
 
-    gen = torch.Generator(device="cuda").manual_seed(s + d)
-    q, k, v, dout = (torch.randn(b, s, h, d, dtype=torch.bfloat16, device="cuda", generator=gen) for _ in range(4))
-    for t in (q, k, v):
-        t.requires_grad_(True)
-    qt, kt, vt, dot = (t.detach().transpose(1, 2).contiguous() for t in (q, k, v, dout))
-    for t in (qt, kt, vt):
-        t.requires_grad_(True)
+    q, k, v, dout, qt, kt, vt, dot = _training_inputs(b, s, h, d)
     row: dict = {"seqlen": s, "d": d, "causal": causal, "batch": b, "heads": h}
 
     def tri_fwd():
@@ -886,13 +895,7 @@ def _bwd_sweep_case(b: int, s: int, h: int, d: int, causal: bool, flex, budget_s
     import attnkit
     from attnkit.bench.timing import CudaClock, measure_interleaved
 
-    gen = torch.Generator(device="cuda").manual_seed(s + d)
-    q, k, v, dout = (torch.randn(b, s, h, d, dtype=torch.bfloat16, device="cuda", generator=gen) for _ in range(4))
-    for t in (q, k, v):
-        t.requires_grad_(True)
-    qt, kt, vt, dot = (t.detach().transpose(1, 2).contiguous() for t in (q, k, v, dout))
-    for t in (qt, kt, vt):
-        t.requires_grad_(True)
+    q, k, v, dout, qt, kt, vt, dot = _training_inputs(b, s, h, d)
     with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
         ref_out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal)
     ref = [g.transpose(1, 2) for g in torch.autograd.grad(ref_out, (qt, kt, vt), dot, retain_graph=True)]
