@@ -309,17 +309,13 @@ def _bench(fn: Callable[[], object]) -> float:
 
 def bench(args: argparse.Namespace) -> None:
     import torch
-    import triton
     from attnkit.backends.triton import launch
 
     start = time.time()
     seqlens = [int(x) for x in args.seqlens.split(",")]
     flex_seqlens = {int(x) for x in args.flex_seqlens.split(",") if x}
     flex = torch.compile(_flex_attention(), dynamic=False) if flex_seqlens else None
-    header = (
-        f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
-        f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC"
-    )
+    header = _run_header()
     print(header, flush=True)
     rows = []
     for b, s, h, d, causal in _shapes(seqlens):
@@ -335,6 +331,17 @@ def _flex_attention():
     from torch.nn.attention.flex_attention import flex_attention
 
     return flex_attention
+
+
+def _run_header() -> str:
+    """GPU, versions and UTC time: the first line of every GPU report."""
+    import torch
+    import triton
+
+    return (
+        f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
+        f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC"
+    )
 
 
 def _training_inputs(b: int, s: int, h: int, d: int) -> tuple:
@@ -617,16 +624,12 @@ def fwdsweep(args: argparse.Namespace) -> None:
 
     import torch
     import torch.nn.functional as F
-    import triton
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     import attnkit
 
     start = time.time()
-    header = (
-        f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
-        f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC"
-    )
+    header = _run_header()
     print(header, flush=True)
     dims = [int(x) for x in args.dims.split(",")]
     tasks = [(d, c, i, args.ws) for d in dims for c in (False, True) for i in range(len(_sweep_tiles(d, args.ws)))]
@@ -962,14 +965,10 @@ def bwdsweep(args: argparse.Namespace) -> None:
     import multiprocessing as mp
 
     import torch
-    import triton
 
     os.environ["ATTNKIT_TRITON_AUTOTUNE"] = "0"
     start = time.time()
-    header = (
-        f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
-        f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC"
-    )
+    header = _run_header()
     print(header, flush=True)
     dims = [int(x) for x in args.dims.split(",")]
     tasks = [(d, c, i) for d in dims for c in (False, True) for i in range(len(_bwd_variants(d)))]
@@ -1109,12 +1108,8 @@ def decodesweep(args: argparse.Namespace) -> None:
     benchmark's decode case): each setting of the split kernel checked against SDPA-flash, then CUDA-graph replays
     timed in rounds with SDPA flash's and cuDNN's (GB/s of K/V read), and the eager wall time per call."""
     import torch
-    import triton
 
-    header = (
-        f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
-        f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC"
-    )
+    header = _run_header()
     lines = [f"### Decode settings (key block x warps x stages x waves), GB/s in rounds ({header})", ""]
     print(lines[0], flush=True)
     results = []
