@@ -59,6 +59,17 @@ def _plan_key(q, k_cache, v_cache, info: KVCacheInfo, alibi, params: AttentionPa
     )  # fmt: skip
 
 
+def _pointer_args(info: KVCacheInfo, alibi: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    """SLOPES, SEQLENS, BATCH_IDX, BLOCK_TABLE of the split kernel. The lengths stand in for absent optional
+    tensors: never read, since their constexpr flag is off."""
+    seqlens = info.cache_seqlens
+
+    def present(t: torch.Tensor | None) -> torch.Tensor:
+        return seqlens if t is None else t
+
+    return present(alibi), seqlens, present(info.cache_batch_idx), present(info.block_table)
+
+
 def _multiprocessors(device: torch.device) -> int:
     if device.type != "cuda":
         return 4
@@ -84,14 +95,10 @@ def forward_kvcache(
             out = torch.empty(q.shape[:3] + v_cache.shape[3:], dtype=q.dtype, device=q.device)
             lse = torch.empty(q.shape[0], q.shape[2], q.shape[1], dtype=torch.float32, device=q.device)
             if all(launch._aligned(t) for t in (out_part, lse_part, out, lse)):
-                seqlens = info.cache_seqlens
                 with launch._on_device(q):
                     plan.split_kernel[plan.split_grid](
-                        q, k_cache, v_cache, seqlens if alibi is None else alibi, seqlens,
-                        seqlens if info.cache_batch_idx is None else info.cache_batch_idx,
-                        seqlens if info.block_table is None else info.block_table, out_part, lse_part,
-                        *plan.split_tail,
-                    )  # fmt: skip
+                        q, k_cache, v_cache, *_pointer_args(info, alibi), out_part, lse_part, *plan.split_tail
+                    )
                     plan.combine_kernel[plan.combine_grid](out_part, lse_part, out, lse, *plan.combine_tail)
                 return out, lse
             plan_key = None
@@ -118,18 +125,13 @@ def forward_kvcache(
     if out.numel() == 0:
         return out, lse.fill_(float("-inf"))
 
-    seqlens = info.cache_seqlens
-    dummy = seqlens  # stands in for absent optional tensors; never read (the constexpr flag is off)
-    slopes = alibi if alibi is not None else dummy
     slope_stride_b = alibi.stride(0) if alibi is not None and alibi.dim() == 2 else 0
-    block_table = info.block_table if paged else dummy
-    batch_idx = info.cache_batch_idx if info.cache_batch_idx is not None else dummy
     split_args = (
-        q, k_cache, v_cache, slopes, seqlens, batch_idx, block_table, out_part, lse_part,
+        q, k_cache, v_cache, *_pointer_args(info, alibi), out_part, lse_part,
         q.stride(0), q.stride(1), q.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        slope_stride_b, block_table.stride(0) if paged else 0,
+        slope_stride_b, info.block_table.stride(0) if paged else 0,
         *out_part.stride()[:4],
         *lse_part.stride()[:3],
         seqlen_q, group, heads_k, keys_per_split,
@@ -179,6 +181,6 @@ def _remember(key: tuple, split_kernel, split_grid, split_args, split_kwargs, co
     if len(_plans) >= launch._PLAN_LIMIT:
         _plans.clear()
     _plans[key] = _DecodePlan(
-        split_kernel, (*split_grid, 1, 1)[:3], (*split_args[9:], *split_tail),
+        split_kernel, split_grid, (*split_args[9:], *split_tail),
         combine_kernel, (combine_grid[0], 1, 1), (*combine_args[4:], *combine_tail), part_shape,
     )  # fmt: skip
