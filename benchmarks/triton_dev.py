@@ -889,6 +889,17 @@ def _bwd_compile_worker(task: tuple[int, bool, int]) -> str:
         return f"compiled d={d} causal={int(causal)} {name}: {type(exc).__name__} {str(exc)[:120]}"
 
 
+def _sweep_report(name: str, header: str, case: list[str], lines: list[str], results: list[dict]) -> None:
+    """After each case of a sweep: its lines to stdout and to ``lines``, then OUT/<name>.md and .json rewritten,
+    so a run cut short still leaves complete files."""
+    print("\n".join(case), flush=True)
+    lines += case
+    with open(os.path.join(OUT, f"{name}.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    with open(os.path.join(OUT, f"{name}.json"), "w") as f:
+        json.dump({"header": header, "rows": results}, f, indent=1)
+
+
 def _bwd_sweep_case(b: int, s: int, h: int, d: int, causal: bool, flex, budget_s: float) -> dict:
     """One shape of `bwdsweep`: gradients of every variant checked against SDPA-flash's, then all timed."""
     import torch
@@ -993,13 +1004,8 @@ def bwdsweep(args: argparse.Namespace) -> None:
             case.append(f"    {name:28s} {tf[name]:6.0f}  {tf[name] / tf['flex']:.2f}x flex  err {errors[name]:.3g}")
         for name, kernels in row["kernels"].items():
             case.append(f"    {name} kernels (us/call): " + ", ".join(f"{k} {us:.0f}" for k, us in kernels.items()))
-        print("\n".join(case), flush=True)
-        lines += case
-        with open(os.path.join(OUT, "bwdsweep.json"), "w") as f:
-            json.dump({"header": header, "rows": results}, f, indent=1)
+        _sweep_report("bwdsweep", header, case, lines, results)
         torch.cuda.empty_cache()
-    with open(os.path.join(OUT, "bwdsweep.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1124,13 +1130,8 @@ def decodesweep(args: argparse.Namespace) -> None:
         ]
         for name in sorted(errors, key=lambda n: -gbs.get(n, 0)):
             case.append(f"    {name:12s} {gbs.get(name, 0):6.0f}  err {errors[name]:.3g}")
-        print("\n".join(case), flush=True)
-        lines += case
-        with open(os.path.join(OUT, "decodesweep.json"), "w") as f:
-            json.dump({"header": header, "rows": results}, f, indent=1)
+        _sweep_report("decodesweep", header, case, lines, results)
         torch.cuda.empty_cache()
-    with open(os.path.join(OUT, "decodesweep.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
 
 
 def main() -> int:
