@@ -206,20 +206,25 @@ def test_overflow_raises_before_writing(lens):
     assert torch.equal(k_cache, bk) and torch.equal(v_cache, bv)
 
 
+def _forbid_frontend_read_back(monkeypatch) -> None:
+    """Fail if attention_with_kvcache itself reads a tensor back to the host (the reference backend may)."""
+    real_tolist = torch.Tensor.tolist
+
+    def no_read_back_in_frontend(self):
+        caller = sys._getframe(1).f_code.co_filename
+        assert not caller.endswith(os.path.join("attnkit", "ops", "kvcache.py")), "frontend read a tensor back"
+        return real_tolist(self)
+
+    monkeypatch.setattr(torch.Tensor, "tolist", no_read_back_in_frontend)
+
+
 def test_int_or_default_lengths_do_not_read_the_device(monkeypatch):
     """Lengths given as an int or left to the capacity are checked on the host: no tensor is read back (on a GPU
     that read is a sync that makes each decode step wait for the previous one). Bad ints still raise."""
     k_cache, v_cache, bk, bv = _small_cache()
     q, k_new, v_new = rand(2, 1, 1, 4), rand(2, 3, 1, 4), rand(2, 3, 1, 4)
 
-    real_tolist = torch.Tensor.tolist
-
-    def no_read_back_in_frontend(self):
-        caller = sys._getframe(1).f_code.co_filename  # the reference backend may read; the frontend may not
-        assert not caller.endswith(os.path.join("attnkit", "ops", "kvcache.py")), "lengths read back from a tensor"
-        return real_tolist(self)
-
-    monkeypatch.setattr(torch.Tensor, "tolist", no_read_back_in_frontend)
+    _forbid_frontend_read_back(monkeypatch)
     attnkit.attention_with_kvcache(q, k_cache, v_cache, backend="reference")
     attnkit.attention_with_kvcache(q, k_cache, v_cache, k_new, v_new, cache_seqlens=5, backend="reference")
     assert torch.equal(k_cache[:, 5:8], k_new) and torch.equal(v_cache[:, 5:8], v_new)
@@ -237,14 +242,7 @@ def test_checks_move_to_the_device_under_graph_capture(monkeypatch):
     from attnkit.ops import kvcache as kvcache_op
 
     monkeypatch.setattr(kvcache_op, "_capturing", lambda device: True)
-    real_tolist = torch.Tensor.tolist
-
-    def no_read_back_in_frontend(self):
-        caller = sys._getframe(1).f_code.co_filename
-        assert not caller.endswith(os.path.join("attnkit", "ops", "kvcache.py")), "read back during capture"
-        return real_tolist(self)
-
-    monkeypatch.setattr(torch.Tensor, "tolist", no_read_back_in_frontend)
+    _forbid_frontend_read_back(monkeypatch)
     k_cache, v_cache, bk, bv = _small_cache()
     q, k_new, v_new = rand(2, 1, 1, 4), rand(2, 3, 1, 4), rand(2, 3, 1, 4)
     attnkit.attention_with_kvcache(q, k_cache, v_cache, k_new, v_new, cache_seqlens=_lens(4, 13), backend="reference")
