@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# GPU validation on a CUDA machine in one command (about 5-8 minutes on an H100/H200): install, `attnkit info`,
-# then `attnkit check` and every GPU test module side by side on the same GPU (correctness only, nothing timed):
-# the Triton module in parallel shards (its run time is mostly compilation), the CuPy module, the KV-cache one.
+# GPU validation on a CUDA machine in one command: install, `attnkit info`, then `attnkit check` and every GPU test
+# side by side on the same GPU (correctness only, nothing timed): the Triton tests (kernels, every autotune tile,
+# the full grid, KV cache) in parallel shards (their run time is mostly compilation) and the CuPy module; then the
+# differential fuzzer for FUZZ_SECONDS (default 300) in FUZZ_PROCS processes (default 12).
 #   benchmarks/gpu_validate.sh OUT_DIR
 # Writes OUT_DIR/validate.txt (environment, exit codes, pass/fail lines) and one log per job: check.txt,
-# triton_gpu.txt, cupy_gpu.txt, kvcache_gpu.txt.
+# triton_gpu.txt, cupy_gpu.txt, fuzz.txt. Exits non-zero when any job failed.
 set -uo pipefail
 out="$(mkdir -p "${1:?usage: benchmarks/gpu_validate.sh OUT_DIR}" && cd "$1" && pwd)"
 cd "$(dirname "$0")/.."
@@ -26,24 +27,30 @@ mkdir -p "$shards"
 start=$(date +%s)
 python3 -m attnkit check >"$out/check.txt" 2>&1 &
 pid_check=$!
-OUT="$shards" python3 benchmarks/triton_dev.py gputests --procs 6 >"$shards/summary.txt" 2>&1 &
+OUT="$shards" python3 benchmarks/triton_dev.py gputests --procs "${TEST_PROCS:-10}" >"$shards/summary.txt" 2>&1 &
 pid_triton=$!
 python3 -m pytest -m gpu tests/cupy/test_cupy_gpu.py -q -p no:cacheprovider -rfE >"$out/cupy_gpu.txt" 2>&1 &
 pid_cupy=$!
-python3 -m pytest -m gpu tests/triton/test_triton_kvcache.py -q -p no:cacheprovider -rfE >"$out/kvcache_gpu.txt" 2>&1 &
-pid_kv=$!
 wait $pid_check; rc_check=$?
 wait $pid_triton; rc_triton=$?
 wait $pid_cupy; rc_cupy=$?
-wait $pid_kv; rc_kv=$?
 cat "$shards"/gputests_*.log >"$out/triton_gpu.txt" 2>/dev/null
 rm -rf "$shards"
+tests_s=$(( $(date +%s) - start ))
+python3 -m attnkit check --fuzz "${FUZZ_SECONDS:-300}" --fuzz-procs "${FUZZ_PROCS:-12}" >"$out/fuzz.txt" 2>&1
+rc_fuzz=$?
 
+count() { grep -hoE '[0-9]+ (passed|failed|error|errors|skipped)' "$1" | awk '{n[$2]+=$1} END {for (k in n) printf "%s %s, ", n[k], k}'; }
 {
-    echo "## results ($(( $(date +%s) - start )) s for the four jobs together)"
+    echo "## results (tests: $tests_s s for the three jobs together; fuzz: ${FUZZ_SECONDS:-300} s)"
     echo "attnkit check: exit $rc_check; $(grep -E '[0-9]+ passed' "$out/check.txt" | tail -1)"
-    echo "triton GPU tests (shards): exit $rc_triton; $(grep -hE '^[0-9]+ (passed|failed)|^(FAILED|ERROR)' "$out/triton_gpu.txt" | tr '\n' ' ')"
+    echo "triton GPU tests (shards): exit $rc_triton; $(count "$out/triton_gpu.txt")"
+    grep -hE '^(FAILED|ERROR)' "$out/triton_gpu.txt" | head -40
     echo "cupy GPU tests: exit $rc_cupy; $(grep -E '[0-9]+ (passed|failed)' "$out/cupy_gpu.txt" | tail -1)"
-    echo "kvcache GPU tests: exit $rc_kv; $(grep -E '[0-9]+ (passed|failed)' "$out/kvcache_gpu.txt" | tail -1)"
+    grep -hE '^(FAILED|ERROR)' "$out/cupy_gpu.txt" | head -20
+    echo "fuzz: exit $rc_fuzz"
+    sed -n '/^backend /,$p' "$out/fuzz.txt"
+    grep -E '^FAIL ' "$out/fuzz.txt" | head -20
 } >>"$log"
-tail -6 "$log"
+sed -n '/^## results/,$p' "$log"
+exit $(( rc_check || rc_triton || rc_cupy || rc_fuzz ))

@@ -3,7 +3,7 @@
 Subcommands
   xcompile [--dims 64,128] [--dtypes bf16,fp32]   compile every tile for sm_90 WITHOUT a GPU (fake driver) and
                                                   print registers / stack (spills) / shared memory / TMA use
-  gputests [--procs N]                            run tests/triton/test_triton_gpu.py in N parallel shards
+  gputests [--procs N]                            run every GPU test under tests/triton in N parallel shards
   precompile [--procs N]                          fill triton's cache with every autotune candidate of the
                                                   benchmark shapes, in parallel (the autotuner then only times)
   fastcheck                                       CPU only: the forward's host fast path hands the launcher what
@@ -208,9 +208,10 @@ def gputests(args: argparse.Namespace) -> int:
     # PYTHONSAFEPATH: `python -m pytest` from the repository root must not import ./attnkit (which lacks
     # attnkit.backends) instead of the installed package.
     env = {**os.environ, "ATTNKIT_TRITON_AUTOTUNE": "0", "PYTHONUNBUFFERED": "1", "PYTHONSAFEPATH": "1"}
-    test_file = os.path.join(ROOT, "tests", "triton", "test_triton_gpu.py")
+    # Every GPU test of the Triton backends (tests/triton/*: kernels, every autotune tile, the full grid, KV cache).
+    test_dir = os.path.join(ROOT, "tests", "triton")
     listed = subprocess.run(
-        [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "--collect-only", test_file],
+        [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "--collect-only", test_dir],
         capture_output=True,
         text=True,
         env=env,
@@ -219,11 +220,15 @@ def gputests(args: argparse.Namespace) -> int:
     ids = [line.strip() for line in listed.splitlines() if "::" in line]
     big = [i for i in ids if "int64" in i]  # tens of GB each: run alone, after the shards
     small = [i for i in ids if i not in big]
+    if not ids:
+        print(f"no GPU tests collected from {test_dir}:\n{listed}")
+        return 1
     shards = [small[i :: args.procs] for i in range(args.procs)]
     procs = []
     for n, shard in enumerate(s for s in shards if s):
         log = open(os.path.join(OUT, f"gputests_{n}.log"), "w")
-        cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-x", "-p", "no:cacheprovider", *shard]
+        # No -x: a failure must not hide the tests after it in the shard.
+        cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-rfE", "-p", "no:cacheprovider", *shard]
         procs.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT), log))
     rc = 0
     for p, log in procs:

@@ -118,6 +118,28 @@ def _interpreted() -> bool:
     return interpreted
 
 
+# Tiles forced by forced_tiles(): kind -> Tile. Consulted before everything else, the interpreter included.
+_forced: dict[str, configs.Tile] = {}
+
+
+@contextlib.contextmanager
+def forced_tiles(**tiles: configs.Tile) -> Iterator[None]:
+    """Run the kernels named by keyword (``fwd``, ``dkdv``, ``dq``) with the given tiles inside the block, for
+    tests, sweeps and fuzzing. The forward fast path is off meanwhile, so every call goes through triton's JIT and
+    compiles the forced tile; the tiles chosen outside the block (autotuned or remembered) are left as they were.
+    """
+    unknown = sorted(set(tiles) - set(configs.KINDS))
+    if unknown:
+        raise ValueError(f"forced_tiles: unknown kernel kind(s) {unknown}; expected some of {configs.KINDS}")
+    saved = dict(_forced)
+    _forced.update(tiles)
+    try:
+        yield
+    finally:
+        _forced.clear()
+        _forced.update(saved)
+
+
 def _tile(
     kind: str,
     vendor: str,
@@ -133,6 +155,11 @@ def _tile(
     triton.autotune is not used: its per-call key building scans ~70 arguments in Python, which cost more than
     the kernel itself on short sequences (benchmarks/NOTES-triton.md).
     """
+    forced = _forced.get(kind)
+    if forced is not None:
+        if forced.use_tma and not tma:
+            raise ValueError(f"forced_tiles: {kind} tile {forced} streams through TMA, which this call cannot use")
+        return forced
     if _interpreted():
         return configs.INTERPRETER_TILES[kind]
     block_d = max(prob.block_d, prob.block_dv)
@@ -290,8 +317,8 @@ def _slopes(alibi: torch.Tensor | None, q: torch.Tensor) -> tuple[torch.Tensor, 
 # function of shapes, strides, dtypes, devices, parameters and the 16-byte alignment of each input, so one plan
 # per such key holds the compiled kernel (from a normal first launch, so triton specialised it for exactly these
 # arguments), its grid and the argument tail; a repeated call allocates the outputs and launches that kernel.
-# A plan keeps the tile chosen on its first call: code that forces tiles (patching _tile or configs.default)
-# sets FAST_LAUNCH = False, and clearing _tuned does not clear _fwd_plans.
+# A plan keeps the tile chosen on its first call: forced_tiles() bypasses the plans, and clearing _tuned does not
+# clear _fwd_plans.
 FAST_LAUNCH = True
 _PLAN_LIMIT = 1024
 # Since triton 3.3 the JIT hands the launcher every bound argument, constexprs included (``*bound_args.values()``),
@@ -390,7 +417,7 @@ def forward(
     interpreted = _interpreted()
     plan_key = None
     # Dropout draws a new seed (an integer argument) per call; varlen and piecewise are rare: slow path.
-    fast = FAST_LAUNCH and _FAST_LAUNCH_SUPPORTED and not interpreted
+    fast = FAST_LAUNCH and _FAST_LAUNCH_SUPPORTED and not interpreted and not _forced
     if fast and varlen is None and q2 is None and params.dropout_p == 0.0:
         plan_key = _fwd_plan_key(q, k, v, alibi, params, vendor)
         plan = _fwd_plans.get(plan_key)

@@ -98,5 +98,24 @@ def test_bf16_dot_is_exact_under_interpreter():
     torch.testing.assert_close(lse, torch.full_like(lse, 32 / 32**0.5 + float(torch.log(torch.tensor(40.0)))))
 
 
+def test_bf16_stores_truncate_under_interpreter():
+    """The interpreter converts float32 to bfloat16 by truncation (the GPU rounds to nearest), so interpreted
+    bf16 outputs can be one ulp off where the GPU is half an ulp off; attnkit.fuzz allows for exactly that
+    (fuzz.truncating_bf16). If this fails, triton fixed its interpreter: drop that allowance."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def store_bf16(X, Y):
+        offs = tl.arange(0, 4)
+        tl.store(Y + offs, tl.load(X + offs).to(tl.bfloat16))
+
+    x = torch.tensor([1.37109375 + 1e-6, -3.0897216796875, 2.0 - 2.0**-9 + 2.0**-12, 1.0])
+    y = torch.empty(4, dtype=BF16)
+    store_bf16[(1,)](x, y)
+    truncated = (x.view(torch.int32) & ~0xFFFF).view(torch.float32).to(BF16)
+    assert torch.equal(y, truncated) and not torch.equal(y, x.to(BF16))
+
+
 def test_rocm_backend_runs_the_same_kernels_under_interpreter():
     assert_ok(check_dense(Case(sq=30, sk=41, dtype=F16, causal=True), name="triton_rocm"))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from attnkit.backends.triton import configs
 
@@ -25,6 +27,24 @@ def test_every_space_is_well_formed(vendor, kind, block_d, elem_bytes):
             assert (t.waves_per_eu is not None) == (vendor == "amd")
             assert t.persistent == 0 or kind == "fwd"  # only the forward kernel has a persistent grid
         assert len(set(tiles)) == len(tiles)
+
+
+@pytest.mark.parametrize("key", sorted(configs.MISCOMPILED_TILES))
+def test_known_miscompiled_tiles_are_never_candidates(key):
+    kind, vendor, block_d, elem_bytes = key
+    for tma in (False, True):
+        tiles = configs.candidates(kind, vendor, block_d, elem_bytes, tma)
+        assert tiles and not any(configs.miscompiled(kind, vendor, block_d, elem_bytes, t) for t in tiles)
+    bad = configs.MISCOMPILED_TILES[key][0]
+    assert configs.miscompiled(kind, vendor, block_d, elem_bytes, dataclasses.replace(bad, use_tma=True))
+    assert not configs.miscompiled(kind, vendor, block_d, elem_bytes, dataclasses.replace(bad, num_warps=4))
+
+
+def test_forced_tiles_rejects_unknown_kinds():
+    from attnkit.backends.triton import launch
+
+    with pytest.raises(ValueError, match="fwdd"), launch.forced_tiles(fwdd=configs.Tile(16, 16, 4, 1)):
+        pass
 
 
 def test_tma_tiles_lead_only_when_eligible():

@@ -197,3 +197,25 @@ def test_forward_fast_launch_reuses_the_compiled_kernel(monkeypatch):
 def test_fast_launch_version_gate(version, ok):
     """Triton <= 3.2 hands the launcher only non-constexpr arguments: the fast path must stay off there."""
     assert launch._triton_at_least(version, launch._FAST_LAUNCH_MIN_TRITON) is ok
+
+
+def test_forced_tiles_reach_every_kernel(monkeypatch):
+    """launch.forced_tiles() decides the tile of each kernel it names (the GPU tile tests and the fuzzer force
+    every autotune candidate through it), and the choice ends with the block."""
+    seen: list[tuple[str, configs.Tile]] = []
+    original = launch._tile
+
+    def spy(kind, *args, **kwargs):
+        tile = original(kind, *args, **kwargs)
+        seen.append((kind, tile))
+        return tile
+
+    monkeypatch.setattr(launch, "_tile", spy)
+    forced = {"fwd": configs.Tile(16, 32, 4, 1), "dkdv": configs.Tile(32, 16, 4, 1), "dq": configs.Tile(16, 16, 4, 1)}
+    case = Case(sq=45, sk=29, hq=4, hk=2, d=40, dtype=torch.float16, causal=True, seed=21)
+    with launch.forced_tiles(**forced):
+        assert_ok(check_dense(case))
+    assert dict(seen) == forced
+    seen.clear()
+    assert_ok(check_dense(case))
+    assert dict(seen) == configs.INTERPRETER_TILES
