@@ -38,8 +38,12 @@ from .registry import REGISTRY
 from .testing import attention_naive, max_abs_error
 
 OPS = ("attention", "varlen", "kvcache")
-# Absolute floors of the tolerance rule, per dtype (errors of O(1) outputs and gradients).
+# Absolute floors of the tolerance rule, per dtype (errors of O(1) outputs and gradients). Where the exact gradient
+# is 0 (a row that sees one key: dS = P (dP - delta) = 0), plain PyTorch is exactly 0 too and the floor is the whole
+# allowance; a fused kernel leaves the float32 rounding of dP - delta there, |dout| |v| sqrt(D) 2^-22 and more with
+# tf32x3 products: 2.3e-5 was seen on an H200 for float32 at head dim 200, hence the larger float32 gradient floor.
 ATOL = {torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float32: 2e-5}
+GRAD_ATOL = {torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float32: 1e-4}
 HEAD_DIMS = (16, 24, 32, 36, 40, 48, 64, 64, 72, 80, 96, 100, 112, 128, 128, 136, 160, 192, 200, 224, 248, 256, 256)
 SPECIAL_LENGTHS = (1, 2, 15, 16, 17, 37, 63, 64, 65, 113, 127, 128, 129, 203, 255, 256, 257, 511, 1000, 1023,
                    1024, 1025, 2047, 2049, 3000, 4096)  # fmt: skip
@@ -167,8 +171,8 @@ def draw_case(seed: int, limits: Limits, ops: Sequence[str] = OPS) -> Case:
     if op == "varlen":
         lengths_q = tuple(rng.choice([0, 1, rng.randint(1, seqlen_q), seqlen_q]) for _ in range(batch))
         lengths_k = tuple(rng.choice([0, 1, rng.randint(1, seqlen_k), seqlen_k]) for _ in range(batch))
-        lengths_q = lengths_q[:-1] + (seqlen_q,)  # the longest is what max_seqlen claims
-        lengths_k = lengths_k[:-1] + (seqlen_k,)
+        lengths_q = (*lengths_q[:-1], seqlen_q)  # the longest is what max_seqlen claims
+        lengths_k = (*lengths_k[:-1], seqlen_k)
         return dataclasses.replace(case, lengths_q=lengths_q, lengths_k=lengths_k)
     if op == "kvcache":
         new_len = rng.choice([0, 0, seqlen_q, rng.randint(1, 16)])
@@ -218,7 +222,8 @@ class _Judge:
             self.failures.append(f"{name}: shape {tuple(fast.shape)}, expected {tuple(exact.shape)}")
             return
         err = max_abs_error(fast, exact)
-        allowed = factor * max_abs_error(plain, exact) + ATOL[self.dtype]
+        floor = (ATOL if name == "out" else GRAD_ATOL)[self.dtype]
+        allowed = factor * max_abs_error(plain, exact) + floor
         if self.truncates:
             allowed += _bf16_ulp(float(exact.detach().abs().max())) if exact.numel() else 0.0
         if not err <= allowed:
@@ -371,8 +376,8 @@ def _check_varlen(case: Case, name: str, device: torch.device) -> list[str]:
     seed = dropout_rng.draw_seed() if case.dropout_p else 0
     for t_name, t, rows in (("out", out, tq), ("dq", grads[0], tq), ("dk", grads[1], tk), ("dv", grads[2], tk)):
         judge.finite(t_name, t[:rows])
-    exact_in = [t[: rows].double().requires_grad_() for t, rows in ((q, tq), (k, tk), (v, tk))]
-    plain_in = [t[: rows].clone().requires_grad_() for t, rows in ((q, tq), (k, tk), (v, tk))]
+    exact_in = [t[:rows].double().requires_grad_() for t, rows in ((q, tq), (k, tk), (v, tk))]
+    plain_in = [t[:rows].clone().requires_grad_() for t, rows in ((q, tq), (k, tk), (v, tk))]
 
     def per_sequence(inputs):
         outs, lses = [], []
@@ -551,9 +556,11 @@ class Summary:
         return "\n".join(lines)
 
 
-def _format_failure(seed: int, description: str, outcome: Outcome) -> str:
+def _format_failure(seed: int, description: str, outcome: Outcome, device: torch.device) -> str:
     details = "\n".join(f"    {d}" for d in outcome.details)
-    return f"FAIL {outcome.backend} seed={seed}: {description}\n{details}\n    replay: attnkit check --fuzz-replay {seed}"
+    # The case of a seed depends on the device type's size limits: replay on the same kind of device.
+    replay = f"attnkit check --device {device.type} --backend {outcome.backend} --fuzz-replay {seed}"
+    return f"FAIL {outcome.backend} seed={seed}: {description}\n{details}\n    replay: {replay}"
 
 
 def fuzz(
@@ -582,7 +589,7 @@ def fuzz(
         summary.add(case, outcomes)
         for o in outcomes:
             if o.status == "FAIL":
-                log(_format_failure(seed, case.describe(), o))
+                log(_format_failure(seed, case.describe(), o, device))
         if device.type == "cuda":
             torch.cuda.empty_cache()
         seed += workers

@@ -3,7 +3,7 @@
 Subcommands
   xcompile [--dims 64,128] [--dtypes bf16,fp32]   compile every tile for sm_90 WITHOUT a GPU (fake driver) and
                                                   print registers / stack (spills) / shared memory / TMA use
-  gputests [--procs N]                            run every GPU test under tests/triton in N parallel shards
+  gputests [--procs N]                            run every GPU test but tests/cupy's in N parallel shards
   precompile [--procs N]                          fill triton's cache with every autotune candidate of the
                                                   benchmark shapes, in parallel (the autotuner then only times)
   fastcheck                                       CPU only: the forward's host fast path hands the launcher what
@@ -208,10 +208,21 @@ def gputests(args: argparse.Namespace) -> int:
     # PYTHONSAFEPATH: `python -m pytest` from the repository root must not import ./attnkit (which lacks
     # attnkit.backends) instead of the installed package.
     env = {**os.environ, "ATTNKIT_TRITON_AUTOTUNE": "0", "PYTHONUNBUFFERED": "1", "PYTHONSAFEPATH": "1"}
-    # Every GPU test of the Triton backends (tests/triton/*: kernels, every autotune tile, the full grid, KV cache).
-    test_dir = os.path.join(ROOT, "tests", "triton")
+    # Every GPU test but the CuPy module's (gpu_validate.sh runs that one beside): the Triton kernels, every
+    # autotune tile, the full grid, the KV cache, and the GPU tests of the frontend (compile, integrations...).
+    test_dir = os.path.join(ROOT, "tests")
     listed = subprocess.run(
-        [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "--collect-only", test_dir],
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-m",
+            "gpu",
+            "-q",
+            "--collect-only",
+            test_dir,
+            f"--ignore={os.path.join(test_dir, 'cupy')}",
+        ],
         capture_output=True,
         text=True,
         env=env,

@@ -1,5 +1,12 @@
-"""Diagnosis of the causal head-dim-256 triton_cuda error on the GPU (issue 11): which tiles, lengths and
-specialisations are wrong. Prints one line per variant: relative error of out and lse against float32."""
+"""Reproducer of triton 3.6's miscompile of the head-dim-256 forward tile 64x64 w8 s2 (issue 11), and the
+neighbourhood that is right: lengths, masks, tiles, head dims, integer specialisation, and the backward kernels
+alone. One line per variant: relative error of out and lse against float32. Needs a CUDA GPU:
+
+    python benchmarks/repro_d256_miscompile.py
+
+Results on an H200: benchmarks/results/h200_2026-12-01_trust/repro_d256.txt; notes: NOTES-triton.md, "Head dim 256".
+The tile is forced with launch.forced_tiles, so this still shows the bug after the tile left the autotune space.
+"""
 
 from __future__ import annotations
 
