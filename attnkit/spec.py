@@ -17,6 +17,7 @@ FEATURES = (
     "gqa",  # Hq != Hk
     "dv_ne_d",  # value head dim differs from qk head dim
     "deterministic",  # deterministic backward requested
+    "sink",  # learnable attention sink: a per-head logit in the softmax denominator
 )
 
 # Operators. Each backend lists those it implements.

@@ -52,8 +52,10 @@ def attention_naive(
     return_lse: bool = False,
     dtype: torch.dtype | None = None,
     batch_offset: int = 0,
+    learnable_sink: torch.Tensor | None = None,
 ):
-    """Plain attention over the whole (B, H, Sq, Sk) score matrix, computed in ``dtype`` (default: q's)."""
+    """Plain attention over the whole (B, H, Sq, Sk) score matrix, computed in ``dtype`` (default: q's).
+    ``learnable_sink`` (Hq,) is one more score column per head that gets probability but no value."""
     dtype = dtype or q.dtype
     batch, sq, hq, d = q.shape
     sk, hk = k.shape[1], k.shape[2]
@@ -73,8 +75,13 @@ def attention_naive(
         slopes = slopes[None, :, None, None] if slopes.dim() == 1 else slopes[:, :, None, None]
         s = s - slopes * dist.abs().to(dtype)
     s = s.masked_fill(~visible, float("-inf"))
-    lse = torch.logsumexp(s, dim=-1)
-    p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # rows with no visible key: all -inf -> NaN -> 0
+    if learnable_sink is not None:
+        sink = learnable_sink.to(dtype)[None, :, None, None].expand(batch, hq, sq, 1)
+        lse = torch.logsumexp(torch.cat((s, sink), dim=-1), dim=-1)
+        p = torch.exp(s - lse[..., None]).nan_to_num(0.0)
+    else:
+        lse = torch.logsumexp(s, dim=-1)
+        p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # rows with no visible key: all -inf -> NaN -> 0
     if dropout_p > 0:
         bh = (batch_offset + torch.arange(batch, device=q.device))[:, None] * hq + torch.arange(hq, device=q.device)
         keep = dropout_rng.keep_mask(
@@ -108,12 +115,16 @@ def attention_ref(
     return_lse: bool = False,
     backend: str | Sequence[str] = "reference",
     upcast: bool = True,
+    learnable_sink: torch.Tensor | None = None,
 ):
     """:func:`attnkit.attention` computed by the reference (``upcast=True``: float64 in, float64 out) or plainly
     in the inputs' dtype (``upcast=False``). Dropout draws its seed from the torch generator exactly like the real
     op, so calling ``torch.manual_seed(s)`` before each gives the same mask. ``backend`` is accepted for signature
     compatibility; the reference always runs."""
-    kw = dict(causal=causal, softmax_scale=softmax_scale, window_size=window_size, softcap=softcap)
+    kw = dict(
+        causal=causal, softmax_scale=softmax_scale, window_size=window_size, softcap=softcap,
+        learnable_sink=learnable_sink,
+    )  # fmt: skip
     if upcast:
         return attention(
             q.double(), k.double(), v.double(), alibi_slopes=alibi_slopes, dropout_p=dropout_p,
@@ -128,10 +139,13 @@ def attention_ref(
 def attention_varlen_ref(
     q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, causal=False, softmax_scale=None,
     window_size=(-1, -1), alibi_slopes=None, softcap=0.0, dropout_p=0.0, deterministic=False, return_lse=False,
-    backend="reference", upcast=True,
+    backend="reference", upcast=True, learnable_sink=None,
 ):  # fmt: skip
     """:func:`attnkit.attention_varlen` by the reference (see :func:`attention_ref`)."""
-    kw = dict(causal=causal, softmax_scale=softmax_scale, window_size=window_size, softcap=softcap)
+    kw = dict(
+        causal=causal, softmax_scale=softmax_scale, window_size=window_size, softcap=softcap,
+        learnable_sink=learnable_sink,
+    )  # fmt: skip
     if upcast:
         return attention_varlen(
             q.double(), k.double(), v.double(), cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,

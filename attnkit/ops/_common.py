@@ -39,7 +39,9 @@ def resolve_params(
     )
 
 
-def features(params: AttentionParams, *, alibi: bool, gqa: bool, dv_ne_d: bool, requires_grad: bool) -> frozenset[str]:
+def features(
+    params: AttentionParams, *, alibi: bool, gqa: bool, dv_ne_d: bool, requires_grad: bool, sink: bool = False
+) -> frozenset[str]:
     found = set()
     if params.causal:
         found.add("causal")
@@ -57,6 +59,8 @@ def features(params: AttentionParams, *, alibi: bool, gqa: bool, dv_ne_d: bool, 
         found.add("dv_ne_d")
     if params.deterministic and requires_grad:
         found.add("deterministic")
+    if sink:
+        found.add("sink")
     return frozenset(found)
 
 
@@ -73,6 +77,7 @@ def choose(
     params: AttentionParams,
     alibi: bool,
     requires_grad: bool,
+    sink: bool = False,
 ) -> str:
     """Registry name of the backend that will run this call."""
     num_heads_q, head_dim = q.shape[-2], q.shape[-1]
@@ -95,6 +100,7 @@ def choose(
             gqa=num_heads_q != num_heads_k,
             dv_ne_d=head_dim_v != head_dim,
             requires_grad=requires_grad,
+            sink=sink,
         ),
         requires_grad=requires_grad,
     )
@@ -103,6 +109,15 @@ def choose(
 
 def needs_grad(*tensors: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def sink_lse(lse: torch.Tensor, sink: torch.Tensor | None, head_axis: int) -> torch.Tensor:
+    """The lse of a call without keys: -inf, or the sink (the only term of the denominator) where one is given."""
+    if sink is None:
+        return lse
+    shape = [1] * lse.dim()
+    shape[head_axis] = -1
+    return sink.detach().to(lse.dtype).view(shape).expand(lse.shape).clone()
 
 
 class EmptyAttention(torch.autograd.Function):

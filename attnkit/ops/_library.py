@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .. import sink as sink_rule
 from ..params import AttentionParams, KVCacheInfo, VarlenInfo, lse_dtype
 from ..registry import REGISTRY
 
@@ -54,10 +55,13 @@ def attention_forward(
     dropout_seed: int,
     deterministic: bool,
     backend: str,
+    learnable_sink: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     params = _params(softmax_scale, causal, window_left, window_right, softcap, dropout_p, dropout_seed, deterministic)
     varlen = _varlen(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    return REGISTRY.get(backend).forward(q, k, v, alibi_slopes, params, varlen)
+    if learnable_sink is None:  # backends without the "sink" feature never see the keyword
+        return REGISTRY.get(backend).forward(q, k, v, alibi_slopes, params, varlen)
+    return REGISTRY.get(backend).forward(q, k, v, alibi_slopes, params, varlen, learnable_sink=learnable_sink)
 
 
 @attention_forward.register_fake
@@ -104,20 +108,25 @@ def _(dout, q, k, v, *rest):
 
 
 def _attention_setup(ctx, inputs, output):
-    q, k, v, cu_q, cu_k, max_q, max_k, alibi, *scalars = inputs
+    q, k, v, cu_q, cu_k, max_q, max_k, alibi, *scalars = inputs[:17]
+    sink = inputs[17] if len(inputs) > 17 else None
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, alibi)
+    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, alibi, sink)
     ctx.scalars = (max_q, max_k, *scalars)
     ctx.mark_non_differentiable(lse)
 
 
 def _attention_grad(ctx, dout, _dlse):
-    q, k, v, out, lse, cu_q, cu_k, alibi = ctx.saved_tensors
+    q, k, v, out, lse, cu_q, cu_k, alibi, sink = ctx.saved_tensors
     max_q, max_k, *scalars = ctx.scalars
     if dout.stride(-1) != 1:
         dout = dout.contiguous()
+    # The saved lse includes the sink, so the backends' backward needs no sink of its own.
     dq, dk, dv = attention_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, alibi, *scalars)
-    return (dq, dk, dv) + (None,) * 14
+    dsink = None
+    if sink is not None and ctx.needs_input_grad[17]:
+        dsink = sink_rule.grad(sink, dout, out, lse, varlen=cu_q is not None).to(sink.dtype)
+    return (dq, dk, dv) + (None,) * 14 + (dsink,)
 
 
 attention_forward.register_autograd(_attention_grad, setup_context=_attention_setup)

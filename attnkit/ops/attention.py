@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
+from .. import sink as sink_rule
 from .. import validation
 from . import _common, _library
 
@@ -24,6 +25,7 @@ def attention(
     deterministic: bool = False,
     return_lse: bool = False,
     backend: str | Sequence[str] = "auto",
+    learnable_sink: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Exact softmax attention, flash-attn 2.x semantics.
 
@@ -54,9 +56,11 @@ def attention(
             drawn from PyTorch's default generator, so ``torch.manual_seed`` makes it reproducible.
         deterministic: make the backward pass bitwise reproducible (may be slower).
         return_lse: also return the log-sum-exp of the scores, ``(batch, nheads, seqlen_q)`` float32, natural log
-            (-inf for rows that see no key).
+            (-inf for rows that see no key; with a sink it includes ``exp(sink)``).
         backend: ``"auto"``, a backend name (``reference``, ``triton``, ``triton_cuda``, ``triton_rocm``,
             ``cupy_cuda``) or an ordered list of names.
+        learnable_sink: float32 ``(nheads,)``: one logit per query head that joins the softmax denominator only
+            (attention sinks, flash-attn 4's name; transformers' ``s_aux``). Differentiable.
 
     Returns:
         ``out`` of shape ``(batch, seqlen_q, nheads, headdim_v)`` in q's dtype, or ``(out, lse)``.
@@ -81,7 +85,8 @@ def attention(
     slopes = validation.alibi_slopes(alibi_slopes, batch, num_heads_q, q.device)
     if not isinstance(return_lse, bool):
         raise validation.InvalidArgumentTypeError(f"return_lse must be a bool, got {return_lse!r}")
-    requires_grad = _common.needs_grad(q, k, v)
+    sink = sink_rule.validate(learnable_sink, num_heads_q, q.device)
+    requires_grad = _common.needs_grad(q, k, v) or (sink is not None and _common.needs_grad(sink))
     chosen = _common.choose(
         "attention",
         backend,
@@ -94,15 +99,17 @@ def attention(
         params=params,
         alibi=slopes is not None,
         requires_grad=requires_grad,
+        sink=sink is not None,
     )
     if q.numel() == 0 or seqlen_k == 0:
         out, lse = _common.EmptyAttention.apply(
             (batch, seqlen_q, num_heads_q, v.shape[-1]), (batch, num_heads_q, seqlen_q), q, k, v
         )
+        lse = _common.sink_lse(lse, sink, head_axis=1)
     else:
         out, lse = _library.attention_forward(
             q, k, v, None, None, seqlen_q, seqlen_k, slopes,
             params.softmax_scale, params.causal, params.window_left, params.window_right, params.softcap,
-            params.dropout_p, params.dropout_seed, params.deterministic, chosen,
+            params.dropout_p, params.dropout_seed, params.deterministic, chosen, sink,
         )  # fmt: skip
     return (out, lse) if return_lse else out

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
+from .. import sink as sink_rule
 from .. import validation
 from ..errors import InvalidArgumentError
 from . import _common, _library
@@ -29,6 +30,7 @@ def attention_varlen(
     deterministic: bool = False,
     return_lse: bool = False,
     backend: str | Sequence[str] = "auto",
+    learnable_sink: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention over packed sequences (flash-attn's ``flash_attn_varlen_func``).
 
@@ -39,7 +41,7 @@ def attention_varlen(
             ``cu_seqlens[b]:cu_seqlens[b + 1]``. Both must describe the same number of sequences.
         max_seqlen_q, max_seqlen_k: the longest sequence lengths (checked against the offsets).
         Other keywords as in :func:`attnkit.attention`; masks are aligned per sequence (bottom-right), and
-        ``alibi_slopes`` may be ``(nheads,)`` or ``(batch, nheads)``.
+        ``alibi_slopes`` may be ``(nheads,)`` or ``(batch, nheads)``; ``learnable_sink`` float32 ``(nheads,)``.
 
     Returns:
         ``out`` ``(total_q, nheads, headdim_v)``, or ``(out, lse)`` with lse ``(nheads, total_q)`` float32.
@@ -68,7 +70,8 @@ def attention_varlen(
         deterministic=deterministic,
     )
     slopes = validation.alibi_slopes(alibi_slopes, batch, num_heads_q, q.device)
-    requires_grad = _common.needs_grad(q, k, v)
+    sink = sink_rule.validate(learnable_sink, num_heads_q, q.device)
+    requires_grad = _common.needs_grad(q, k, v) or (sink is not None and _common.needs_grad(sink))
     chosen = _common.choose(
         "varlen",
         backend,
@@ -81,15 +84,26 @@ def attention_varlen(
         params=params,
         alibi=slopes is not None,
         requires_grad=requires_grad,
+        sink=sink is not None,
     )
     if q.shape[0] == 0 or max_seqlen_q == 0 or max_seqlen_k == 0:
         out, lse = _common.EmptyAttention.apply(
             (q.shape[0], num_heads_q, v.shape[-1]), (num_heads_q, q.shape[0]), q, k, v
         )
+        if max_seqlen_q > 0:  # rows of a sequence without keys have lse = sink; padding rows stay -inf
+            lse = _varlen_sink_lse(lse, sink, cq)
     else:
         out, lse = _library.attention_forward(
             q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, slopes,
             params.softmax_scale, params.causal, params.window_left, params.window_right, params.softcap,
-            params.dropout_p, params.dropout_seed, params.deterministic, chosen,
+            params.dropout_p, params.dropout_seed, params.deterministic, chosen, sink,
         )  # fmt: skip
     return (out, lse) if return_lse else out
+
+
+def _varlen_sink_lse(lse: torch.Tensor, sink: torch.Tensor | None, offsets: list[int]) -> torch.Tensor:
+    if sink is None or offsets[-1] == 0:
+        return lse
+    lse = lse.clone()
+    lse[:, : offsets[-1]] = sink.detach().to(lse.dtype)[:, None]
+    return lse

@@ -25,8 +25,8 @@ class ReferenceBackend(Backend):
         max_head_dim=256,
     )
 
-    def forward(self, q, k, v, alibi_slopes, params, varlen):
-        return ops.forward(q, k, v, alibi_slopes, params, varlen, ops.compute_dtype_for(q.dtype))
+    def forward(self, q, k, v, alibi_slopes, params, varlen, learnable_sink=None):
+        return ops.forward(q, k, v, alibi_slopes, params, varlen, ops.compute_dtype_for(q.dtype), learnable_sink)
 
     def backward(self, dout, q, k, v, out, lse, alibi_slopes, params, varlen):
         return ops.backward(dout, q, k, v, out, lse, alibi_slopes, params, varlen, ops.compute_dtype_for(q.dtype))

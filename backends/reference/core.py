@@ -34,6 +34,7 @@ class _Problem:
     group: int  # query heads per kv head
     batch_offset: int  # index of this batch's first row in the dropout counter
     dist_threshold: int | None
+    sink: torch.Tensor | None = None  # float32 (Hq,): a logit per head in the softmax denominator only
 
 
 def _grouped(x: torch.Tensor, num_kv_heads: int, dtype: torch.dtype) -> torch.Tensor:
@@ -149,6 +150,15 @@ def forward(
                 p = p * _dropout_scale(pb, rows, cols, batch, hk, device, compute_dtype)
             acc = acc * alpha[..., None] + torch.matmul(p, vg[:, :, :, c0:c1])
             m = m_new
+        if pb.sink is not None:
+            # The sink joins the denominator (not the values): rescale to the common max, then add exp(sink - max).
+            sink = pb.sink.to(compute_dtype).view(1, hk, pb.group, 1)
+            m_new = torch.maximum(m, sink)
+            m_safe = torch.where(torch.isneginf(m_new), torch.zeros_like(m_new), m_new)
+            alpha = torch.exp(m - m_safe)
+            l = l * alpha + torch.exp(sink - m_safe)
+            acc = acc * alpha[..., None]
+            m = m_new
         empty = l == 0
         o = acc / torch.where(empty, torch.ones_like(l), l)[..., None]
         o = o.masked_fill(empty[..., None], 0.0)
@@ -230,6 +240,7 @@ def make_problem(
     k: torch.Tensor,
     batch_offset: int = 0,
     dist_threshold: int | None = None,
+    sink: torch.Tensor | None = None,
 ) -> _Problem:
     return _Problem(
         params=params,
@@ -239,6 +250,7 @@ def make_problem(
         group=q.shape[2] // k.shape[2],
         batch_offset=batch_offset,
         dist_threshold=dist_threshold,
+        sink=sink,
     )
 
 

@@ -26,9 +26,9 @@ def _bounds(varlen: VarlenInfo) -> list[tuple[int, int, int, int]]:
     return [(cq[b], cq[b + 1], ck[b], ck[b + 1]) for b in range(len(cq) - 1)]
 
 
-def forward(q, k, v, alibi, params: AttentionParams, varlen: VarlenInfo | None, compute_dtype: torch.dtype):
+def forward(q, k, v, alibi, params: AttentionParams, varlen: VarlenInfo | None, compute_dtype: torch.dtype, sink=None):
     if varlen is None:
-        pb = core.make_problem(params, q, k)
+        pb = core.make_problem(params, q, k, sink=sink)
         return core.forward([q], [k], v, alibi, pb, compute_dtype)
     hq = q.shape[1]
     out = torch.zeros(q.shape[0], hq, v.shape[-1], dtype=q.dtype, device=q.device)
@@ -37,7 +37,7 @@ def forward(q, k, v, alibi, params: AttentionParams, varlen: VarlenInfo | None, 
         if q1 == q0:
             continue
         qb, kb, vb = q[None, q0:q1], k[None, k0:k1], v[None, k0:k1]
-        pb = core.make_problem(params, qb, kb, batch_offset=b)
+        pb = core.make_problem(params, qb, kb, batch_offset=b, sink=sink)
         ob, lb = core.forward([qb], [kb], vb, _slopes_row(alibi, b), pb, compute_dtype)
         out[q0:q1] = ob[0]
         lse[:, q0:q1] = lb[0]

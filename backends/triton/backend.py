@@ -17,7 +17,9 @@ from attnkit.spec import AttentionSpec
 
 from . import probes
 
-_FEATURES = frozenset({"causal", "window", "alibi", "softcap", "dropout", "gqa", "dv_ne_d", "deterministic"})
+_FEATURES = frozenset(
+    {"causal", "window", "alibi", "softcap", "dropout", "gqa", "dv_ne_d", "deterministic", "sink"}
+)
 _OPS = frozenset({"attention", "varlen", "piecewise", "kvcache", "paged_kvcache"})
 _DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32})
 
@@ -73,8 +75,9 @@ class _TritonBackend(Backend):
         alibi_slopes: torch.Tensor | None,
         params: AttentionParams,
         varlen: VarlenInfo | None,
+        learnable_sink: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        return _launch().forward(q, k, v, alibi_slopes, params, varlen, self.vendor)
+        return _launch().forward(q, k, v, alibi_slopes, params, varlen, self.vendor, sink=learnable_sink)
 
     def backward(
         self,

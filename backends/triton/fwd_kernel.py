@@ -141,7 +141,7 @@ def _fwd_key_blocks(
 @triton.jit
 def _fwd_tile(
     pid_m, bh,
-    Q, K, V, Q2, K2, Out, Lse, Slopes, CuQ, CuK,
+    Q, K, V, Q2, K2, Out, Lse, Slopes, CuQ, CuK, Sink,
     sqb, sqm, sqh, sqd,
     skb, skn, skh, skd,
     svb, svn, svh, svd,
@@ -157,7 +157,7 @@ def _fwd_tile(
     VARLEN: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, SOFTCAP: tl.constexpr,
     ALIBI: tl.constexpr, DROPOUT: tl.constexpr, PIECEWISE: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, IDX64: tl.constexpr,
-    USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr,
+    USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr, SINK: tl.constexpr,
 ):
     """Query block ``pid_m`` of (batch, head) ``bh``; blocks past a (varlen) sequence's end do nothing."""
     b = bh // num_heads_q
@@ -241,6 +241,15 @@ def _fwd_tile(
             HAS_WL, HAS_WR, SOFTCAP, ALIBI, DROPOUT, PIECEWISE, UPCAST, DOT_PREC, IDX64, USE_TMA, WARP_SPEC,
         )
 
+        if SINK:
+            # The head's sink logit joins the denominator only (attnkit/sink.py): bring l to the common max.
+            sink = tl.load(Sink + h) * LOG2E
+            m_f = tl.maximum(m_i, sink)
+            m_f = tl.where(m_f == float("-inf"), 0.0, m_f)
+            alpha = tl.exp2(m_i - m_f)
+            l_i = l_i * alpha + tl.exp2(sink - m_f)
+            acc = acc * alpha[:, None]
+            m_i = m_f
         empty = l_i == 0.0  # no visible key: out = 0, lse = -inf
         inv_l = tl.where(empty, 0.0, 1.0 / tl.where(empty, 1.0, l_i))
         if DROPOUT:
@@ -268,7 +277,7 @@ def attn_fwd(
     ssb,
     num_heads_q, group, seqlen_q, seqlen_k,
     sm_scale, softcap, window_left, window_right, dropout_p, seed, dist_threshold,
-    batch,
+    batch, Sink,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     VARLEN: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, SOFTCAP: tl.constexpr,
@@ -277,6 +286,7 @@ def attn_fwd(
     USE_TMA: tl.constexpr,
     PERSISTENT: tl.constexpr = False,
     WARP_SPEC: tl.constexpr = False,
+    SINK: tl.constexpr = False,
 ):
     # Query block fastest: programs running together share a head's K/V in L2, and each head's heaviest
     # (causal: last) query block comes first. One program per tile, or (PERSISTENT) a grid of a few programs
@@ -287,25 +297,25 @@ def attn_fwd(
         for tile in range(tl.program_id(0), num_tiles, tl.num_programs(0)):
             _fwd_tile(
                 num_m - 1 - tile % num_m, tile // num_m,
-                Q, K, V, Q2, K2, Out, Lse, Slopes, CuQ, CuK,
+                Q, K, V, Q2, K2, Out, Lse, Slopes, CuQ, CuK, Sink,
                 sqb, sqm, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd,
                 sq2b, sq2m, sq2h, sq2d, sk2b, sk2n, sk2h, sk2d, sob, som, soh, sod, slb, slh, slm, ssb,
                 num_heads_q, group, seqlen_q, seqlen_k,
                 sm_scale, softcap, window_left, window_right, dropout_p, seed, dist_threshold,
                 BLOCK_M, BLOCK_N, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV,
                 VARLEN, HAS_WL, HAS_WR, SOFTCAP, ALIBI, DROPOUT, PIECEWISE, UPCAST, DOT_PREC, IDX64, USE_TMA,
-                WARP_SPEC,
+                WARP_SPEC, SINK,
             )
     else:
         pid = tl.program_id(0)
         _fwd_tile(
             num_m - 1 - pid % num_m, pid // num_m,
-            Q, K, V, Q2, K2, Out, Lse, Slopes, CuQ, CuK,
+            Q, K, V, Q2, K2, Out, Lse, Slopes, CuQ, CuK, Sink,
             sqb, sqm, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd,
             sq2b, sq2m, sq2h, sq2d, sk2b, sk2n, sk2h, sk2d, sob, som, soh, sod, slb, slh, slm, ssb,
             num_heads_q, group, seqlen_q, seqlen_k,
             sm_scale, softcap, window_left, window_right, dropout_p, seed, dist_threshold,
             BLOCK_M, BLOCK_N, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV,
             VARLEN, HAS_WL, HAS_WR, SOFTCAP, ALIBI, DROPOUT, PIECEWISE, UPCAST, DOT_PREC, IDX64, USE_TMA,
-            WARP_SPEC,
+            WARP_SPEC, SINK,
         )

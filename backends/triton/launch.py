@@ -413,12 +413,14 @@ def forward(
     q2: torch.Tensor | None = None,
     k2: torch.Tensor | None = None,
     dist_threshold: int = 0,
+    sink: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     interpreted = _interpreted()
     plan_key = None
-    # Dropout draws a new seed (an integer argument) per call; varlen and piecewise are rare: slow path.
+    # Dropout draws a new seed (an integer argument) per call; varlen, piecewise and sinks (a tensor argument past
+    # the ten a plan takes per call) are rare: slow path.
     fast = FAST_LAUNCH and _FAST_LAUNCH_SUPPORTED and not interpreted and not _forced
-    if fast and varlen is None and q2 is None and params.dropout_p == 0.0:
+    if fast and varlen is None and q2 is None and sink is None and params.dropout_p == 0.0:
         plan_key = _fwd_plan_key(q, k, v, alibi, params, vendor)
         plan = _fwd_plans.get(plan_key)
         if plan is not None:
@@ -466,8 +468,9 @@ def forward(
         ssb,
         *_scalars(prob, params, dist_threshold),
         prob.batch,
+        sink,  # None (a constexpr to triton) without a sink
     )
-    flags = _flags(prob, params, alibi, piecewise, idx64, q.dtype)
+    flags = {**_flags(prob, params, alibi, piecewise, idx64, q.dtype), "SINK": sink is not None}
 
     def grid_of(tile: configs.Tile) -> tuple[int]:
         tiles = triton.cdiv(prob.seqlen_q, tile.block_m) * prob.batch * prob.heads_q
