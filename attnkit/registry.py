@@ -37,6 +37,7 @@ BUILTIN_BACKENDS: dict[str, str] = {
     "triton_cuda": "attnkit.backends.triton:TritonCudaBackend",
     "triton_rocm": "attnkit.backends.triton:TritonRocmBackend",
     "cupy_cuda": "attnkit.backends.cupy:CupyCudaBackend",
+    "torch_sdpa": "attnkit.backends.torch_sdpa:TorchSdpaBackend",
 }
 
 # Names that resolve to a concrete backend depending on the device.

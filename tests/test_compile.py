@@ -173,8 +173,9 @@ def test_compile_bakes_dispatch_until_reset(monkeypatch):
         assert calls == []
         monkeypatch.setenv("ATTNKIT_BACKEND", "counting_ref")
         # Inside torch.compile the dispatch decision is made while tracing and baked into the graph (documented
-        # in docs/dispatch.md); eager calls see the new value at once, compiled code after a reset.
-        assert_close(fn(q), compiled(q))
+        # in docs/dispatch.md); eager calls see the new value at once, compiled code after a reset. The two
+        # backends (the compiled one is auto's CPU choice) agree to float32 rounding.
+        assert_close(fn(q), compiled(q), atol=1e-6, rtol=1e-5)
         assert len(calls) == 1
         torch._dynamo.reset()
         compiled = torch.compile(fn, backend="aot_eager")

@@ -218,7 +218,7 @@ def test_error_hierarchy():
 
 def test_validation_happens_before_dispatch(monkeypatch):
     """A bad argument is reported as such even when no backend could run the call."""
-    monkeypatch.setenv("ATTNKIT_DISABLE", "reference")
+    monkeypatch.setenv("ATTNKIT_DISABLE", "reference,torch_sdpa")
     with pytest.raises(InvalidArgumentError, match="dropout_p"):
         attnkit.attention(Q, K, V, dropout_p=2.0)
     with pytest.raises(attnkit.NoBackendError):
