@@ -34,7 +34,9 @@ def _check(b, sq, sk, hq, hk, d, dtype, causal, device="cpu", seed=0):
 
 
 # Causal with seqlen_q > seqlen_k is declined (test_declines_what_it_cannot_do).
-SHAPES = [(1, 1, False), (1, 1, True), (37, 37, False), (37, 37, True), (5, 113, False), (5, 113, True), (113, 37, False)]
+SHAPES = [
+    (1, 1, False), (1, 1, True), (37, 37, False), (37, 37, True), (5, 113, False), (5, 113, True), (113, 37, False)
+]  # fmt: skip
 
 
 @pytest.mark.parametrize("sq,sk,causal", SHAPES)
@@ -44,8 +46,6 @@ def test_matches_reference_cpu(sq, sk, causal, dtype):
 
 
 def test_auto_uses_it_on_cpu_only_for_what_it_supports():
-    q, k, v = qkv(1, 9, 9, 2, 2, 8, dtype=torch.float32)
-
     def chosen(**kw):
         spec_kw = dict(op="attention", device_type="cpu", compute_capability=None, is_hip=False,
                        dtype=torch.float32, head_dim=8, head_dim_v=8, num_heads_q=2, num_heads_k=2, batch=1,
