@@ -33,6 +33,7 @@ from .info import BackendStatus, list_backends
 from .ops.attention import attention
 from .ops.kvcache import attention_with_kvcache
 from .ops.piecewise import piecewise_attention
+from .ops.sdpa import sdpa
 from .ops.varlen import attention_varlen
 from .params import AttentionParams, KVCacheInfo, VarlenInfo
 from .registry import Backend, BackendCapabilities, register_backend
@@ -67,6 +68,7 @@ __all__ = [
     "list_backends",
     "piecewise_attention",
     "register_backend",
+    "sdpa",
     "select_backend",
     "use_backend",
 ]

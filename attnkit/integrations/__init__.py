@@ -1,0 +1,1 @@
+"""Integrations with other libraries (``attnkit.integrations.transformers``); each imports its library lazily."""
