@@ -18,6 +18,7 @@ if _importlib_util.find_spec(__name__ + ".backends") is None:
     if _os.path.isfile(_os.path.join(_root, "backends", "__init__.py")):
         __path__.append(_root)
 
+from . import nn
 from .dispatch import select_backend, use_backend
 from .errors import (
     AttnkitError,
@@ -40,6 +41,7 @@ from .registry import Backend, BackendCapabilities, register_backend
 from .spec import AttentionSpec
 
 __version__ = "0.1.0"
+
 
 from .registry import REGISTRY as _REGISTRY
 
@@ -66,6 +68,7 @@ __all__ = [
     "attention_varlen",
     "attention_with_kvcache",
     "list_backends",
+    "nn",
     "piecewise_attention",
     "register_backend",
     "sdpa",
