@@ -4,8 +4,8 @@ Tensors are ``(batch, heads, seqlen, headdim)`` (or ``(heads, seqlen, headdim)``
 top-left corner as in PyTorch, GQA needs ``enable_gqa=True``. What runs:
 
 * no mask: :func:`attnkit.attention` (top-left causal becomes a window or a key slice when the lengths differ);
-* a boolean key-padding mask (one row of keys per batch entry, shape ``(B, 1, 1, Sk)``, ``(1, 1, Sk)``, ``(Sk,)``
-  ...): the kept keys of each row are packed and :func:`attnkit.attention_varlen` runs;
+* a boolean key-padding mask (one row of keys per batch entry: ``(B, 1, 1, Sk)``, ``(1, 1, Sk)``, ``(1, Sk)``):
+  the kept keys of each row are packed and :func:`attnkit.attention_varlen` runs;
 * any other mask (per query, per head, additive floats): PyTorch's own SDPA, the backend that supports them.
 
 Differences from PyTorch: a row whose keys are all masked gives 0 (PyTorch's math kernel gives NaN), and dropout
@@ -26,7 +26,7 @@ from .varlen import attention_varlen
 
 def _key_padding(mask: torch.Tensor, batch: int, seqlen_k: int) -> torch.Tensor | None:
     """The (batch, seqlen_k) keep-mask when a boolean mask only says which keys exist; else None."""
-    if mask.dtype != torch.bool or mask.dim() > 4 or mask.shape[-1] != seqlen_k:
+    if mask.dtype != torch.bool or not 2 <= mask.dim() <= 4 or mask.shape[-1] != seqlen_k:
         return None
     shape = (1,) * (4 - mask.dim()) + tuple(mask.shape)
     if shape[1] != 1 or shape[2] != 1 or shape[0] not in (1, batch):
