@@ -57,8 +57,11 @@ def test_wheel_contains_backends(wheel):
         assert f"attnkit/backends/cupy/kernels/{src.name}" in names
     for src in sorted((ROOT / "attnkit").glob("*.py")):
         assert f"attnkit/{src.name}" in names
-    for src in sorted((ROOT / "attnkit" / "ops").glob("*.py")):
-        assert f"attnkit/ops/{src.name}" in names
+    for folder in ("ops", "integrations", "compat", "compat/flash_attn", "compat/flash_attn/layers"):
+        for src in sorted((ROOT / "attnkit" / folder).glob("*.py")):
+            assert f"attnkit/{folder}/{src.name}" in names
+    for src in sorted((ROOT / "backends" / "torch_sdpa").glob("*.py")):
+        assert f"attnkit/backends/torch_sdpa/{src.name}" in names
     assert not any(n.startswith(("tests/", "backends/")) for n in names)
 
 
@@ -72,6 +75,7 @@ def test_wheel_entry_points(wheel):
         "triton_cuda": "attnkit.backends.triton:TritonCudaBackend",
         "triton_rocm": "attnkit.backends.triton:TritonRocmBackend",
         "cupy_cuda": "attnkit.backends.cupy:CupyCudaBackend",
+        "torch_sdpa": "attnkit.backends.torch_sdpa:TorchSdpaBackend",
     }
     assert dict(parser["console_scripts"]) == {"attnkit": "attnkit.cli:main"}
     assert backends == attnkit.registry.BUILTIN_BACKENDS
