@@ -38,6 +38,23 @@ def _bottom_right_mask(sq: int, sk: int, dtype: torch.dtype, device: torch.devic
     return torch.zeros(sq, sk, dtype=dtype, device=device).masked_fill(hidden, float("-inf"))
 
 
+def recompute_grads(
+    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: AttentionParams
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) by running the public SDPA again under autograd (bottom-right causal via causal_lower_right)."""
+    from torch.nn.attention.bias import causal_lower_right
+
+    sq, sk, group = q.shape[1], k.shape[1], q.shape[2] // k.shape[2]
+    with torch.enable_grad():
+        # K/V repeated per query head, as in the forward; autograd sums the repeats' gradients into the leaves.
+        leaves = [x.detach().transpose(1, 2).requires_grad_(True) for x in (q, k, v)]
+        kr, vr = (x.repeat_interleave(group, dim=1) for x in leaves[1:])
+        mask = causal_lower_right(sq, sk) if params.causal else None
+        recomputed = F.scaled_dot_product_attention(leaves[0], kr, vr, attn_mask=mask, scale=params.softmax_scale)
+        dq, dk, dv = torch.autograd.grad(recomputed, leaves, dout.transpose(1, 2))
+    return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
+
+
 class TorchSdpaBackend(Backend):
     name = "torch_sdpa"
     priority = 10
@@ -58,8 +75,14 @@ class TorchSdpaBackend(Backend):
         reasons = []
         if "causal" in spec.features and spec.seqlen_q > spec.seqlen_k:
             reasons.append("causal with seqlen_q > seqlen_k leaves rows without keys, which SDPA does not zero")
-        if spec.device_type == "cuda" and spec.dtype == torch.float64:
-            reasons.append("float64 has no fused SDPA kernel on CUDA")
+        if spec.device_type == "cuda":
+            if spec.dtype == torch.float64:
+                reasons.append("float64 has no fused SDPA kernel on CUDA")
+            if spec.head_dim % 8:
+                reasons.append(f"head_dim={spec.head_dim}: the memory-efficient CUDA kernel needs a multiple of 8")
+            cc = spec.compute_capability
+            if spec.dtype == torch.bfloat16 and cc is not None and cc < (8, 0):
+                reasons.append("bfloat16 needs compute capability >= 8.0 in the memory-efficient CUDA kernel")
         return reasons
 
     def forward(
@@ -109,13 +132,4 @@ class TorchSdpaBackend(Backend):
                 params.causal and mask is None, attn_mask=mask, scale=params.softmax_scale,
             )  # fmt: skip
             return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
-        from torch.nn.attention.bias import causal_lower_right
-
-        with torch.enable_grad():
-            leaves = [x.detach().requires_grad_(True) for x in (qt, kt, vt)]
-            mask = causal_lower_right(sq, sk) if params.causal else None
-            recomputed = F.scaled_dot_product_attention(
-                *leaves, attn_mask=mask, scale=params.softmax_scale, enable_gqa=q.shape[2] != k.shape[2]
-            )
-            dq, dk, dv = torch.autograd.grad(recomputed, leaves, dout.transpose(1, 2))
-        return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
+        return recompute_grads(dout, q, k, v, params)

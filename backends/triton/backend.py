@@ -17,9 +17,7 @@ from attnkit.spec import AttentionSpec
 
 from . import probes
 
-_FEATURES = frozenset(
-    {"causal", "window", "alibi", "softcap", "dropout", "gqa", "dv_ne_d", "deterministic", "sink"}
-)
+_FEATURES = frozenset({"causal", "window", "alibi", "softcap", "dropout", "gqa", "dv_ne_d", "deterministic", "sink"})
 _OPS = frozenset({"attention", "varlen", "piecewise", "kvcache", "paged_kvcache"})
 _DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32})
 
