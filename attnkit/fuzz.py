@@ -87,6 +87,7 @@ class Case:
     dropout_p: float = 0.0
     deterministic: bool = False
     softmax_scale: float | None = None
+    sink: bool = False  # a learnable_sink logit per query head (attention, varlen)
     lengths_q: tuple[int, ...] = ()  # varlen
     lengths_k: tuple[int, ...] = ()
     cache_lens: tuple[int, ...] = ()  # kvcache: tokens in each cache row before the append
@@ -109,6 +110,8 @@ class Case:
             opts.append("deterministic")
         if self.softmax_scale is not None:
             opts.append(f"scale={self.softmax_scale:.3g}")
+        if self.sink:
+            opts.append("sink")
         shape = f"B={self.batch} Sq={self.seqlen_q} Sk={self.seqlen_k} Hq={self.heads_q} Hk={self.heads_k} "
         shape += f"D={self.head_dim} Dv={self.head_dim_v}"
         if self.op == "varlen":
@@ -154,6 +157,7 @@ def draw_case(seed: int, limits: Limits, ops: Sequence[str] = OPS) -> Case:
     dropout_p = rng.choice([0.1, 0.3]) if op != "kvcache" and rng.random() < 0.1 else 0.0
     deterministic = op != "kvcache" and rng.random() < 0.15
     softmax_scale = round(rng.uniform(0.02, 0.4), 4) if rng.random() < 0.1 else None
+    sink = op != "kvcache" and rng.random() < 0.1
     # Shrink until the float64 score matrix fits.
     while batch * heads_q * seqlen_q * seqlen_k > limits.max_scores:
         if batch > 1:
@@ -166,7 +170,7 @@ def draw_case(seed: int, limits: Limits, ops: Sequence[str] = OPS) -> Case:
             seqlen_q, seqlen_k = max(1, seqlen_q // 2), max(1, seqlen_k // 2)
     case = Case(
         seed, op, dtype, batch, seqlen_q, seqlen_k, heads_q, heads_k, head_dim, head_dim_v, causal, window,
-        softcap, alibi, dropout_p, deterministic, softmax_scale,
+        softcap, alibi, dropout_p, deterministic, softmax_scale, sink,
     )  # fmt: skip
     if op == "varlen":
         lengths_q = tuple(rng.choice([0, 1, rng.randint(1, seqlen_q), seqlen_q]) for _ in range(batch))
@@ -281,6 +285,11 @@ class _Inputs:
         x = torch.randn(*shape, generator=self.gen, dtype=torch.float64)
         return x.to(dtype or self.dtype).to(self.device)
 
+    def sink(self, case: Case) -> torch.Tensor | None:
+        if not case.sink:
+            return None
+        return (torch.randn(case.heads_q, generator=self.gen, dtype=torch.float64) * 2).float().to(self.device)
+
     def slopes(self, case: Case) -> torch.Tensor | None:
         if case.alibi is None:
             return None
@@ -306,16 +315,20 @@ def _check_attention(case: Case, name: str, device: torch.device) -> list[str]:
     v = inp.randn(case.batch, case.seqlen_k, case.heads_k, case.head_dim_v)
     dout = inp.randn(case.batch, case.seqlen_q, case.heads_q, case.head_dim_v)
     slopes = inp.slopes(case)
+    sink = inp.sink(case)
     judge = _Judge(case.dtype, name)
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    sink_leaf = None if sink is None else sink.clone().requires_grad_()
     kw = dict(_op_kw(case), alibi_slopes=slopes, dropout_p=case.dropout_p, deterministic=case.deterministic)
+    if sink is not None:
+        kw["learnable_sink"] = sink_leaf
 
     def call(inputs):
         torch.manual_seed(case.seed)  # the dropout seed is drawn from the default generator
         return attention(*inputs, **kw, return_lse=True, backend=name)
 
     out, lse = call(leaves)
-    grads = torch.autograd.grad(out, leaves, dout)
+    grads = torch.autograd.grad(out, leaves + ([sink_leaf] if sink is not None else []), dout)
     again, again_lse = call(leaves)
     judge.same_bits("out (second call)", again, out)
     judge.same_bits("lse (second call)", again_lse, lse)
@@ -327,17 +340,24 @@ def _check_attention(case: Case, name: str, device: torch.device) -> list[str]:
     seed = dropout_rng.draw_seed() if case.dropout_p else 0
     nkw = dict(_naive_kw(case), alibi_slopes=slopes, dropout_p=case.dropout_p, dropout_seed=seed)
     exact_in = [t.double().requires_grad_() for t in (q, k, v)]
-    exact, exact_lse = attention_naive(*exact_in, **nkw)
     plain_in = [t.clone().requires_grad_() for t in (q, k, v)]
-    plain, _ = attention_naive(*plain_in, **nkw)
+    if sink is not None:
+        exact_in.append(sink.double().requires_grad_())
+        plain_in.append(sink.clone().requires_grad_())
+    exact, exact_lse = attention_naive(*exact_in[:3], **nkw, learnable_sink=_last(exact_in, sink))
+    plain, _ = attention_naive(*plain_in[:3], **nkw, learnable_sink=_last(plain_in, sink))
     judge.rule("out", out, exact, plain, 2.0)
     if not case.dropout_p:
         judge.lse(lse, exact_lse)
     exact_g = torch.autograd.grad(exact, exact_in, dout.double())
     plain_g = torch.autograd.grad(plain, plain_in, dout)
-    for g_name, g, e, p in zip(("dq", "dk", "dv"), grads, exact_g, plain_g):
+    for g_name, g, e, p in zip(("dq", "dk", "dv", "dsink"), grads, exact_g, plain_g):
         judge.rule(g_name, g, e, p, 3.0)
     return judge.failures
+
+
+def _last(inputs: list[torch.Tensor], sink: torch.Tensor | None) -> torch.Tensor | None:
+    return None if sink is None else inputs[-1]
 
 
 def _check_varlen(case: Case, name: str, device: torch.device) -> list[str]:
@@ -355,11 +375,14 @@ def _check_varlen(case: Case, name: str, device: torch.device) -> list[str]:
     v = packed(tk, case.heads_k, case.head_dim_v)
     dout = packed(tq, case.heads_q, case.head_dim_v).nan_to_num(0.0)
     slopes = inp.slopes(case)
+    sink = inp.sink(case)
     cu_q = torch.tensor([0, *itertools.accumulate(case.lengths_q)], dtype=torch.int32, device=device)
     cu_k = torch.tensor([0, *itertools.accumulate(case.lengths_k)], dtype=torch.int32, device=device)
     judge = _Judge(case.dtype, name)
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     kw = dict(_op_kw(case), alibi_slopes=slopes, dropout_p=case.dropout_p, deterministic=case.deterministic)
+    if sink is not None:
+        kw["learnable_sink"] = sink  # its gradient is judged on the dense operator
 
     def call(inputs):
         torch.manual_seed(case.seed)
@@ -388,6 +411,7 @@ def _check_varlen(case: Case, name: str, device: torch.device) -> list[str]:
             o, lse_b = attention_naive(
                 inputs[0][None, qs], inputs[1][None, ks], inputs[2][None, ks], **_naive_kw(case),
                 alibi_slopes=s_slopes, dropout_p=case.dropout_p, dropout_seed=seed, batch_offset=b,
+                learnable_sink=None if sink is None else sink.to(inputs[0].dtype),
             )  # fmt: skip
             outs.append(o[0])
             lses.append(lse_b[0])
