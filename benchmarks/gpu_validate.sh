@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # GPU validation on a CUDA machine in one command: install, `attnkit info`, then `attnkit check` and every GPU test
-# side by side on the same GPU (correctness only, nothing timed): the Triton tests (kernels, every autotune tile,
-# the full grid, KV cache) in parallel shards (their run time is mostly compilation) and the CuPy module; then the
-# differential fuzzer for FUZZ_SECONDS (default 300) in FUZZ_PROCS processes (default 12).
+# side by side on the same GPU (correctness only, nothing timed): every GPU test but CuPy's (Triton kernels, every
+# autotune tile, the full grid, KV cache, frontend) in TEST_PROCS parallel shards (their run time is mostly
+# compilation), the CuPy module, and the differential fuzzer for FUZZ_SECONDS (default 300) in FUZZ_PROCS
+# processes (default 6).
 #   benchmarks/gpu_validate.sh OUT_DIR
 # Writes OUT_DIR/validate.txt (environment, exit codes, pass/fail lines) and one log per job: check.txt,
 # triton_gpu.txt, cupy_gpu.txt, fuzz.txt. Exits non-zero when any job failed.
@@ -31,20 +32,21 @@ OUT="$shards" python3 benchmarks/triton_dev.py gputests --procs "${TEST_PROCS:-1
 pid_triton=$!
 python3 -m pytest -m gpu tests/cupy/test_cupy_gpu.py -q -p no:cacheprovider -rfE >"$out/cupy_gpu.txt" 2>&1 &
 pid_cupy=$!
+python3 -m attnkit check --fuzz "${FUZZ_SECONDS:-300}" --fuzz-procs "${FUZZ_PROCS:-6}" >"$out/fuzz.txt" 2>&1 &
+pid_fuzz=$!
 wait $pid_check; rc_check=$?
 wait $pid_triton; rc_triton=$?
 wait $pid_cupy; rc_cupy=$?
 cat "$shards"/gputests_*.log >"$out/triton_gpu.txt" 2>/dev/null
 rm -rf "$shards"
 tests_s=$(( $(date +%s) - start ))
-python3 -m attnkit check --fuzz "${FUZZ_SECONDS:-300}" --fuzz-procs "${FUZZ_PROCS:-12}" >"$out/fuzz.txt" 2>&1
-rc_fuzz=$?
+wait $pid_fuzz; rc_fuzz=$?
 
 count() { grep -hoE '[0-9]+ (passed|failed|error|errors|skipped)' "$1" | awk '{n[$2]+=$1} END {for (k in n) printf "%s %s, ", n[k], k}'; }
 {
-    echo "## results (tests: $tests_s s for the three jobs together; fuzz: ${FUZZ_SECONDS:-300} s)"
+    echo "## results (tests: $tests_s s for the three test jobs, beside the fuzzer's ${FUZZ_SECONDS:-300} s)"
     echo "attnkit check: exit $rc_check; $(grep -E '[0-9]+ passed' "$out/check.txt" | tail -1)"
-    echo "triton GPU tests (shards): exit $rc_triton; $(count "$out/triton_gpu.txt")"
+    echo "GPU tests but CuPy's (shards): exit $rc_triton; $(count "$out/triton_gpu.txt")"
     grep -hE '^(FAILED|ERROR)' "$out/triton_gpu.txt" | head -40
     echo "cupy GPU tests: exit $rc_cupy; $(grep -E '[0-9]+ (passed|failed)' "$out/cupy_gpu.txt" | tail -1)"
     grep -hE '^(FAILED|ERROR)' "$out/cupy_gpu.txt" | head -20
