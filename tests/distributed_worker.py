@@ -1,5 +1,6 @@
-"""The ranks of the distributed CPU tests: ``tests/test_distributed.py`` spawns ``world`` gloo processes that run
-every case of one list and write what they measured to ``<out>/rank<r>.json``; the tests then judge it.
+"""The ranks of the distributed tests: ``tests/test_distributed.py`` spawns ``world`` gloo processes (CPU) and
+``tests/test_distributed_gpu.py`` NCCL ones (one GPU each); they run every case of one list and write what they
+measured to ``<out>/rank<r>.json``; the tests then judge it.
 
 Inputs are drawn from fixed seeds, so every rank builds the same global tensors, runs the single-process
 operator on the whole sequence, and compares its own shard of the distributed result (and gradients) with the
@@ -17,6 +18,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.distributed as dist
+
+DEVICE = torch.device("cpu")  # this rank's device, set by main()
 
 
 @dataclass(frozen=True)
@@ -106,7 +109,12 @@ def cases_for(world: int) -> list[Case]:
 
 def _draw(shape, dtype, seed, requires_grad=True):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype).requires_grad_(requires_grad)
+    x = torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype=dtype, device=DEVICE)
+    return x.requires_grad_(requires_grad)
+
+
+def _slopes(n, heads, seed):
+    return (torch.rand(n, heads, generator=torch.Generator().manual_seed(seed)) * 0.5).to(DEVICE)
 
 
 def _err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -120,7 +128,7 @@ def _dense_inputs(c: Case, dtype):
     k = _draw((c.batch, c.seqlen, c.hk, c.d), dtype, 2)
     v = _draw((c.batch, c.seqlen, c.hk, c.dv), dtype, 3)
     dout = _draw((c.batch, c.seqlen, c.hq, c.dv), dtype, 4, requires_grad=False)
-    slopes = (torch.rand(c.batch, c.hq, generator=torch.Generator().manual_seed(5)) * 0.5) if c.alibi else None
+    slopes = _slopes(c.batch, c.hq, 5) if c.alibi else None
     return q, k, v, dout, slopes
 
 
@@ -170,13 +178,13 @@ def _varlen_inputs(c: Case, dtype):
     offsets = [0]
     for n in c.lengths:
         offsets.append(offsets[-1] + n)
-    cu = torch.tensor(offsets, dtype=torch.int32)
+    cu = torch.tensor(offsets, dtype=torch.int32, device=DEVICE)
     q = _draw((c.seqlen, c.hq, c.d), dtype, 11)
     k = _draw((c.seqlen, c.hk, c.d), dtype, 12)
     v = _draw((c.seqlen, c.hk, c.dv), dtype, 13)
     dout = _draw((c.seqlen, c.hq, c.dv), dtype, 14, requires_grad=False)
     n = len(c.lengths)
-    slopes = (torch.rand(n, c.hq, generator=torch.Generator().manual_seed(15)) * 0.5) if c.alibi else None
+    slopes = _slopes(n, c.hq, 15) if c.alibi else None
     return q, k, v, dout, cu, slopes
 
 
@@ -266,10 +274,10 @@ def _run_error(c: Case, group, world) -> dict:
         # Local length 3: zigzag needs two equal chunks per rank.
         "odd_local": lambda: cp.ring_attention(q[:, :3], k[:, :3], v[:, :3], group=group, layout="zigzag"),
         # Global length 4 * world + 2: not a multiple of 2 * world.
-        "shard_length": lambda: cp.shard(torch.zeros(1, 4 * world + 2, 1, 1), group, "zigzag"),
+        "shard_length": lambda: cp.shard(torch.zeros(1, 4 * world + 2, 1, 1, device=DEVICE), group, "zigzag"),
         "alibi_ring": lambda: cp.ring_attention(q, k, v, group=group, causal=True, alibi_slopes=slopes),
         "alibi_varlen": lambda: cp.ring_attention_varlen(
-            q[0], k[0], v[0], torch.tensor([0, 4 * world * world], dtype=torch.int32), group=group,
+            q[0], k[0], v[0], torch.tensor([0, 4 * world * world], dtype=torch.int32, device=DEVICE), group=group,
             alibi_slopes=slopes[0],
         ),
     }
@@ -290,16 +298,43 @@ RUNNERS = {
 }
 
 
-def main(rank: int, world: int, store: str, out_dir: str) -> None:
-    """Entry point of one spawned rank (``torch.multiprocessing.spawn``)."""
+def gpu_cases(world: int) -> list[Case]:
+    """bf16 on GPUs (the Triton/CuPy blocks), head dim 128, a few hundred tokens per rank."""
+    seqlen = 1024 if world == 2 else 2048
+    big = dict(batch=1, seqlen=seqlen, hq=8, hk=2, d=128, dv=128, dtype="bfloat16")
+    cases = []
+    for strategy in ("ring", "allgather"):
+        for layout in ("contiguous", "zigzag"):
+            for causal in (False, True):
+                name = f"gpu-{strategy}-{layout}-{'causal' if causal else 'full'}-bf16"
+                cases.append(Case(name, strategy=strategy, layout=layout, causal=causal, **big))
+    cases += [
+        Case("gpu-ring-zigzag-window-softcap-bf16", causal=True, window=(300, 0), softcap=20.0, **big),
+        Case("gpu-allgather-zigzag-causal-alibi-bf16", strategy="allgather", causal=True, alibi=True, **big),
+        Case("gpu-varlen-causal-bf16", kind="varlen", causal=True, lengths=(100, 700, 5, 1100, 96),
+             **dict(big, seqlen=2048)),  # fmt: skip
+        Case("gpu-deterministic-ring", kind="deterministic", causal=True, **big),
+    ]
+    return cases
+
+
+def main(rank: int, world: int, store: str, out_dir: str, device: str = "cpu") -> None:
+    """Entry point of one spawned rank (``torch.multiprocessing.spawn``): gloo on CPU, NCCL on GPU ``rank``."""
+    global DEVICE
     torch.set_num_threads(1)
+    if device == "cuda":
+        for name, value in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"), ("NVSHMEM_DISABLE_NVLS", "1")):
+            os.environ[name] = value
+        DEVICE = torch.device("cuda", rank)
+        torch.cuda.set_device(DEVICE)
     dist.init_process_group(
-        "gloo", init_method=f"file://{store}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120)
-    )
+        "nccl" if device == "cuda" else "gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+        timeout=datetime.timedelta(seconds=120),
+    )  # fmt: skip
     group = dist.new_group(list(range(world)))  # an explicit group, not the default one
     halves = [dist.new_group([0, 2]), dist.new_group([1, 3])] if world == 4 else None
     results = {}
-    for c in cases_for(world):
+    for c in cases_for(world) if device == "cpu" else gpu_cases(world):
         g, w = (halves[rank % 2], 2) if c.subgroup else (group, world)
         try:
             results[c.name] = {"case": asdict(c), "result": RUNNERS[c.kind](c, g, w)}

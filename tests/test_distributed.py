@@ -52,15 +52,14 @@ def _problems(case: worker.Case, rank: int, result: dict) -> list[str]:
     return [f"{where}: unknown kind {case.kind!r}"]
 
 
-@pytest.mark.parametrize("world", [2, 4])
-def test_ranks_match_single_process(world, tmp_path):
-    store = os.path.join(tmp_path, "store")
-    mp.spawn(worker.main, args=(world, store, str(tmp_path)), nprocs=world, join=True)
+def run_and_judge(world: int, out_dir, device: str, cases: list[worker.Case]) -> None:
+    """Spawn ``world`` ranks of ``worker.main`` on ``device`` and assert every case of ``cases`` passed."""
+    store = os.path.join(out_dir, "store")
+    mp.spawn(worker.main, args=(world, store, str(out_dir), device), nprocs=world, join=True)
     per_rank = []
     for rank in range(world):
-        with open(os.path.join(tmp_path, f"rank{rank}.json")) as f:
+        with open(os.path.join(out_dir, f"rank{rank}.json")) as f:
             per_rank.append(json.load(f))
-    cases = worker.cases_for(world)
     assert len({c.name for c in cases}) == len(cases), "case names must be unique"
     problems = []
     for case in cases:
@@ -73,3 +72,8 @@ def test_ranks_match_single_process(world, tmp_path):
             else:
                 problems.extend(_problems(case, rank, entry["result"]))
     assert not problems, f"{len(problems)} problem(s) in {len(cases)} cases:\n" + "\n".join(problems)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_ranks_match_single_process(world, tmp_path):
+    run_and_judge(world, tmp_path, "cpu", worker.cases_for(world))

@@ -57,7 +57,8 @@ def test_wheel_contains_backends(wheel):
         assert f"attnkit/backends/cupy/kernels/{src.name}" in names
     for src in sorted((ROOT / "attnkit").glob("*.py")):
         assert f"attnkit/{src.name}" in names
-    for folder in ("ops", "integrations", "compat", "compat/flash_attn", "compat/flash_attn/layers"):
+    folders = ("ops", "integrations", "compat", "compat/flash_attn", "compat/flash_attn/layers", "distributed")
+    for folder in folders:
         for src in sorted((ROOT / "attnkit" / folder).glob("*.py")):
             assert f"attnkit/{folder}/{src.name}" in names
     for src in sorted((ROOT / "backends" / "torch_sdpa").glob("*.py")):
