@@ -37,18 +37,18 @@ os.environ["NCCL_NVLS_ENABLE"] = "0"
 os.environ["TORCH_SYMM_MEM_DISABLE_MULTICAST"] = "1"
 os.environ["NVSHMEM_DISABLE_NVLS"] = "1"
 
-import argparse  # noqa: E402
-import datetime  # noqa: E402
-import json  # noqa: E402
-import statistics  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Callable  # noqa: E402
+import argparse
+import datetime
+import json
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "float32": torch.float32, "fp32": torch.float32}
 
@@ -79,7 +79,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2, help="untimed runs per measurement (include Triton tuning)")
     p.add_argument("--no-single", action="store_true", help="skip the one-GPU baseline (no efficiency then)")
-    p.add_argument("--time-budget", type=float, default=480.0, help="seconds; no new case starts after that")
+    p.add_argument("--time-budget", type=float, default=420.0, help="seconds; no new case starts after that")
     p.add_argument("--out", default=None, help="directory for results.json / results.md")
     args = p.parse_args(argv)
     args.seqlens = _tokens(args.seqlens)
@@ -172,13 +172,13 @@ def measure(args, seqlen: int, causal: bool, mode: str, rank: int, world: int, d
     g = torch.Generator(device=device).manual_seed(seqlen)
     shape_q = (args.batch, seqlen, args.heads, args.head_dim)
     shape_k = (args.batch, seqlen, args.kv_heads, args.head_dim)
-    draw = lambda shape: torch.randn(shape, generator=g, device=device, dtype=dtype)  # noqa: E731
+    draw = lambda shape: torch.randn(shape, generator=g, device=device, dtype=dtype)
     q, k, v, dout = draw(shape_q), draw(shape_k), draw(shape_k), draw(shape_q)
     rows = []
     single, ref = None, None
     if not args.no_single:
         leaves = [x.clone().requires_grad_(grad) for x in (q, k, v)]
-        call = lambda: attnkit.attention(*leaves, causal=causal, backend=args.backend)  # noqa: E731
+        call = lambda: attnkit.attention(*leaves, causal=causal, backend=args.backend)
         try:
             single = timed(_run(call, mode, dout), args, device, group)
             with torch.no_grad():
@@ -190,19 +190,21 @@ def measure(args, seqlen: int, causal: bool, mode: str, rank: int, world: int, d
         parts = [cp.shard(x, group, layout).requires_grad_(grad) for x in (q, k, v)]
         local_dout = cp.shard(dout, group, layout)
         kw = dict(group=group, causal=causal, layout=layout, strategy=strategy, backend=args.backend)
-        call = lambda kw=kw, parts=parts: cp.ring_attention(*parts, **kw)  # noqa: E731
+        call = lambda kw=kw, parts=parts: cp.ring_attention(*parts, **kw)
         t_cp = timed(_run(call, mode, local_dout), args, device, group)
         row = {
             "seqlen": seqlen, "causal": causal, "mode": mode, "strategy": strategy, "layout": layout,
             "world": world, "single_s": single, "cp_s": t_cp,
         }  # fmt: skip
         ring = _comm.Ring(group, rank, world)
-        t_comm = timed(_comm_only(ring, parts[1].detach(), parts[2].detach(), mode, strategy, group, world), args, device, group)
+        t_comm = timed(
+            _comm_only(ring, parts[1].detach(), parts[2].detach(), mode, strategy, group, world), args, device, group
+        )
         row["comm_s"] = t_comm
         if strategy == "ring":
             full = dict(kw, softmax_scale=None, window_size=(-1, -1), alibi_slopes=None, softcap=0.0,
                         deterministic=False, return_lse=False)  # fmt: skip
-            loop = lambda full=full, parts=parts: _api._dense(*parts, loopback=True, **full)  # noqa: E731
+            loop = lambda full=full, parts=parts: _api._dense(*parts, loopback=True, **full)
             t_compute = timed(_run(loop, mode, local_dout), args, device, group)
             row["compute_s"] = t_compute
             hidden = (t_compute + t_comm - t_cp) / t_comm if t_comm > 0 else None
@@ -239,7 +241,7 @@ def markdown(rows: list[dict], header: str) -> str:
         "|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        ms = lambda key: _fmt(None if r.get(key) is None else 1e3 * r[key], ".1f")  # noqa: E731
+        ms = lambda key, r=r: _fmt(None if r.get(key) is None else 1e3 * r[key], ".1f")
         lines.append(
             f"| {r['seqlen']} | {'causal' if r['causal'] else 'full'} | {r['mode']} | {r['strategy']}:{r['layout']} "
             f"| {ms('single_s')} | {ms('cp_s')} | {_fmt(r.get('speedup'), '.2f')} | {_fmt(r.get('efficiency'), '.2f')} "

@@ -53,7 +53,9 @@ def _dense_cases(world: int) -> list[Case]:
             for causal in (False, True):
                 for dtype in dtypes:
                     name = f"{strategy}-{layout}-{'causal' if causal else 'full'}-{dtype}"
-                    cases.append(Case(name, strategy=strategy, layout=layout, causal=causal, dtype=dtype, seqlen=seqlen))
+                    cases.append(
+                        Case(name, strategy=strategy, layout=layout, causal=causal, dtype=dtype, seqlen=seqlen)
+                    )
     # Windows cut blocks into partial rectangles; softcap rides along. MHA and Dv != D here.
     for strategy in ("ring", "allgather"):
         for layout in ("contiguous", "zigzag"):
@@ -61,16 +63,32 @@ def _dense_cases(world: int) -> list[Case]:
                 cases.append(
                     Case(
                         f"{strategy}-{layout}-window{window[0]}_{window[1]}-softcap",
-                        strategy=strategy, layout=layout, causal=causal, window=window, softcap=1.5,
-                        seqlen=seqlen, hq=2, hk=2, dv=6,
-                    )  # fmt: skip
+                        strategy=strategy,
+                        layout=layout,
+                        causal=causal,
+                        window=window,
+                        softcap=1.5,
+                        seqlen=seqlen,
+                        hq=2,
+                        hk=2,
+                        dv=6,
+                    )
                 )
     if world == 4:
         cases.append(Case("ring-zigzag-causal-float32", causal=True, dtype="float32", seqlen=seqlen))
         # Group ranks 0, 1 are global ranks 1, 3 (or 0, 2): the ring must address peers by global rank.
         cases.append(Case("subgroup-ring-zigzag-causal", causal=True, subgroup=True, seqlen=20))
     for layout in ("contiguous", "zigzag"):
-        cases.append(Case(f"allgather-{layout}-causal-alibi", strategy="allgather", layout=layout, causal=True, alibi=True, seqlen=seqlen))  # fmt: skip
+        cases.append(
+            Case(
+                f"allgather-{layout}-causal-alibi",
+                strategy="allgather",
+                layout=layout,
+                causal=True,
+                alibi=True,
+                seqlen=seqlen,
+            )
+        )
     return cases
 
 
@@ -81,10 +99,20 @@ def _varlen_cases(world: int) -> list[Case]:
     cases = [
         Case("varlen-full", kind="varlen", seqlen=total, lengths=lengths),
         Case("varlen-causal", kind="varlen", causal=True, seqlen=total, lengths=lengths),
-        Case("varlen-causal-alibi-float32", kind="varlen", causal=True, alibi=True, dtype="float32", seqlen=total, lengths=lengths),  # fmt: skip
+        Case(
+            "varlen-causal-alibi-float32",
+            kind="varlen",
+            causal=True,
+            alibi=True,
+            dtype="float32",
+            seqlen=total,
+            lengths=lengths,
+        ),
     ]
     if world == 2:
-        cases.append(Case("varlen-window3_2-softcap", kind="varlen", window=(3, 2), softcap=2.0, seqlen=total, lengths=lengths))  # fmt: skip
+        cases.append(
+            Case("varlen-window3_2-softcap", kind="varlen", window=(3, 2), softcap=2.0, seqlen=total, lengths=lengths)
+        )
     return cases
 
 
@@ -93,7 +121,14 @@ def cases_for(world: int) -> list[Case]:
     seqlen = 20 if world == 2 else 24
     cases += [
         Case("deterministic-ring", kind="deterministic", causal=True, dtype="float32", seqlen=seqlen),
-        Case("deterministic-allgather", kind="deterministic", strategy="allgather", causal=True, dtype="float32", seqlen=seqlen),  # fmt: skip
+        Case(
+            "deterministic-allgather",
+            kind="deterministic",
+            strategy="allgather",
+            causal=True,
+            dtype="float32",
+            seqlen=seqlen,
+        ),
         Case("nan-ring", kind="nan", causal=True, seqlen=seqlen),
         Case("unshard-grad", kind="unshard", seqlen=seqlen),
         Case("error-odd-local-length", kind="error", error="odd_local"),
@@ -167,7 +202,7 @@ def _run_dense(c: Case, group, world) -> dict:
         exact = (ref, *_grads(ref, dout.double(), q, k, v))
         naive = attention_ref(q, k, v, upcast=False, **kw)
         plain = (naive, *_grads(naive, dout, q, k, v))
-    shard = lambda x: cp.shard(x.detach(), group, c.layout)  # noqa: E731
+    shard = lambda x: cp.shard(x.detach(), group, c.layout)
     ql, kl, vl = (shard(x).requires_grad_() for x in (q, k, v))
     out = cp.ring_attention(ql, kl, vl, group=group, layout=c.layout, strategy=c.strategy, **kw)
     local = (out, *_grads(out, shard(dout), ql, kl, vl))
@@ -208,7 +243,7 @@ def _run_varlen(c: Case, group, world) -> dict:
         naive = attention_varlen_ref(q, k, v, cu, cu, longest, longest, upcast=False, **kw)
         grads = _grads(naive, dout[: naive.shape[0]], q, k, v)
         plain = (torch.cat([naive, naive.new_zeros((c.seqlen - naive.shape[0], *naive.shape[1:]))]), *grads)
-    shard = lambda x: cp.shard(x.detach(), group, "contiguous", dim=0)  # noqa: E731
+    shard = lambda x: cp.shard(x.detach(), group, "contiguous", dim=0)
     ql, kl, vl = (shard(x).requires_grad_() for x in (q, k, v))
     out = cp.ring_attention_varlen(ql, kl, vl, cu, group=group, **kw)
     local = (out, *_grads(out, shard(dout), ql, kl, vl))
@@ -277,7 +312,11 @@ def _run_error(c: Case, group, world) -> dict:
         "shard_length": lambda: cp.shard(torch.zeros(1, 4 * world + 2, 1, 1, device=DEVICE), group, "zigzag"),
         "alibi_ring": lambda: cp.ring_attention(q, k, v, group=group, causal=True, alibi_slopes=slopes),
         "alibi_varlen": lambda: cp.ring_attention_varlen(
-            q[0], k[0], v[0], torch.tensor([0, 4 * world * world], dtype=torch.int32, device=DEVICE), group=group,
+            q[0],
+            k[0],
+            v[0],
+            torch.tensor([0, 4 * world * world], dtype=torch.int32, device=DEVICE),
+            group=group,
             alibi_slopes=slopes[0],
         ),
     }
@@ -311,8 +350,13 @@ def gpu_cases(world: int) -> list[Case]:
     cases += [
         Case("gpu-ring-zigzag-window-softcap-bf16", causal=True, window=(300, 0), softcap=20.0, **big),
         Case("gpu-allgather-zigzag-causal-alibi-bf16", strategy="allgather", causal=True, alibi=True, **big),
-        Case("gpu-varlen-causal-bf16", kind="varlen", causal=True, lengths=(100, 700, 5, 1100, 96),
-             **dict(big, seqlen=2048)),  # fmt: skip
+        Case(
+            "gpu-varlen-causal-bf16",
+            kind="varlen",
+            causal=True,
+            lengths=(100, 700, 5, 1100, 96),
+            **dict(big, seqlen=2048),
+        ),
         Case("gpu-deterministic-ring", kind="deterministic", causal=True, **big),
     ]
     return cases
@@ -323,14 +367,21 @@ def main(rank: int, world: int, store: str, out_dir: str, device: str = "cpu") -
     global DEVICE
     torch.set_num_threads(1)
     if device == "cuda":
-        for name, value in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"), ("NVSHMEM_DISABLE_NVLS", "1")):
+        for name, value in (
+            ("NCCL_NVLS_ENABLE", "0"),
+            ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"),
+            ("NVSHMEM_DISABLE_NVLS", "1"),
+        ):
             os.environ[name] = value
         DEVICE = torch.device("cuda", rank)
         torch.cuda.set_device(DEVICE)
     dist.init_process_group(
-        "nccl" if device == "cuda" else "gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+        "nccl" if device == "cuda" else "gloo",
+        init_method=f"file://{store}",
+        rank=rank,
+        world_size=world,
         timeout=datetime.timedelta(seconds=120),
-    )  # fmt: skip
+    )
     group = dist.new_group(list(range(world)))  # an explicit group, not the default one
     halves = [dist.new_group([0, 2]), dist.new_group([1, 3])] if world == 4 else None
     results = {}

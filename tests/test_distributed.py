@@ -10,11 +10,10 @@ from __future__ import annotations
 import json
 import os
 
+import distributed_worker as worker
 import pytest
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
-import distributed_worker as worker
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 
@@ -48,7 +47,11 @@ def _problems(case: worker.Case, rank: int, result: dict) -> list[str]:
     if case.kind == "error":
         if not result["raised"]:
             return [f"{where}: no InvalidArgumentError"]
-        return [f"{where}: message lacks {w!r}: {result['message']}" for w in ERROR_WORDS[case.name] if w not in result["message"]]
+        return [
+            f"{where}: message lacks {w!r}: {result['message']}"
+            for w in ERROR_WORDS[case.name]
+            if w not in result["message"]
+        ]
     return [f"{where}: unknown kind {case.kind!r}"]
 
 

@@ -4,11 +4,10 @@ reference (flash-attn's tolerance rule). Run on the device machine: ``pytest -m 
 
 from __future__ import annotations
 
+import distributed_worker as worker
 import pytest
 import torch
 import torch.distributed as dist
-
-import distributed_worker as worker
 from test_distributed import run_and_judge
 
 pytestmark = [

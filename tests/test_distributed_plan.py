@@ -101,7 +101,10 @@ def test_ring_plan_computes_each_visible_pair_once(world, layout, window):
     local_len = 6
     seqlen = world * local_len
     left, right = window
-    for plan in (ring_plan(layout, world, local_len, left, right), fused_ring_plan(layout, world, local_len, left, right)):
+    for plan in (
+        ring_plan(layout, world, local_len, left, right),
+        fused_ring_plan(layout, world, local_len, left, right),
+    ):
         for rank in range(world):
             q_global = _positions(local_segments(layout, rank, world, local_len))
             counted: dict[tuple[int, int], int] = {}
@@ -112,10 +115,7 @@ def test_ring_plan_computes_each_visible_pair_once(world, layout, window):
                     for cell in _block_cells(blk, q_global, k_global, left, right):
                         counted[cell] = counted.get(cell, 0) + 1
             want = {
-                (qp, kp)
-                for qp in q_global.values()
-                for kp in range(seqlen)
-                if _global_visible(qp, kp, left, right)
+                (qp, kp) for qp in q_global.values() for kp in range(seqlen) if _global_visible(qp, kp, left, right)
             }
             assert set(counted) == want
             assert set(counted.values()) <= {1}

@@ -203,7 +203,9 @@ def ring_attention_varlen(
             f"k has {k.shape[0]} local rows but q has {local_len}; every rank holds the same packed rows of q, k, v"
         )
     group, rank, world = resolve_group(group)
-    offsets = validation.cu_seqlens("cu_seqlens", cu_seqlens, "max_seqlen", local_len * world, local_len * world, q.device)
+    offsets = validation.cu_seqlens(
+        "cu_seqlens", cu_seqlens, "max_seqlen", local_len * world, local_len * world, q.device
+    )
     opts = _options(head_dim, causal, softmax_scale, window_size, softcap, deterministic)
     slopes = validation.alibi_slopes(alibi_slopes, len(offsets) - 1, num_heads_q, q.device)
     if not isinstance(return_lse, bool):

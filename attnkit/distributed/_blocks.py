@@ -21,6 +21,7 @@ accepted only for plans whose every block ends on the global diagonal (checked b
 from __future__ import annotations
 
 import functools
+import itertools
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
@@ -145,7 +146,9 @@ def fuse_full(blocks: Iterable[Block]) -> tuple[Block, ...]:
 
 
 @functools.lru_cache(maxsize=256)
-def ring_plan(layout: str, world: int, local_len: int, left: int, right: int) -> tuple[tuple[tuple[Block, ...], ...], ...]:
+def ring_plan(
+    layout: str, world: int, local_len: int, left: int, right: int
+) -> tuple[tuple[tuple[Block, ...], ...], ...]:
     """``plan[rank][step]``: the blocks rank ``rank`` computes at ring step ``step``, when it holds the keys of rank
     ``(rank - step) % world`` (unfused: one block per pair of segments)."""
     plan = []
@@ -212,11 +215,11 @@ class VarlenCall:
 
     @property
     def max_q(self) -> int:
-        return max(b - a for a, b in zip(self.cu_q, self.cu_q[1:]))
+        return max(b - a for a, b in itertools.pairwise(self.cu_q))
 
     @property
     def max_k(self) -> int:
-        return max(b - a for a, b in zip(self.cu_k, self.cu_k[1:]))
+        return max(b - a for a, b in itertools.pairwise(self.cu_k))
 
     @property
     def shape_key(self) -> tuple[int, int, int, int, int]:
@@ -233,7 +236,7 @@ def _varlen_pieces(rank: int, local_len: int, cu: tuple[int, ...], left: int, ri
     the same windows."""
     pieces = []
     rank_lo, rank_hi = rank * local_len, (rank + 1) * local_len
-    for seq, (st, en) in enumerate(zip(cu, cu[1:])):
+    for seq, (st, en) in enumerate(itertools.pairwise(cu)):
         a, e = max(st, rank_lo), min(en, rank_hi)
         if a >= e:
             continue

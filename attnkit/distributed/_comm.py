@@ -32,17 +32,18 @@ def backend_for_device(backend: str, device_type: str) -> str | None:
     return mapping.get(device_type)
 
 
-def check_device(backend: str, device: torch.device) -> None:
+def check_device(backend: str, device: torch.device, name: str = "q") -> None:
     """Raise before any communication when the group cannot carry tensors on ``device``."""
     serving = backend_for_device(backend, device.type)
     if serving is None:
         raise InvalidArgumentError(
-            f"q is on {device} but the process group's backend {backend!r} has no backend for {device.type} tensors"
+            f"{name} is on {device} but the process group's backend {backend!r} has no backend for {device.type} "
+            "tensors"
         )
     want = _DEVICE_OF_BACKEND.get(serving)
     if want is not None and device.type != want:
         raise InvalidArgumentError(
-            f"q is on {device} but the process group uses {serving!r}, which carries {want} tensors; use a group "
+            f"{name} is on {device} but the process group uses {serving!r}, which carries {want} tensors; use a group "
             f"whose backend serves {device.type} tensors (NCCL for CUDA, gloo for CPU)"
         )
 
@@ -56,8 +57,12 @@ def resolve_group(group: object) -> tuple[dist.ProcessGroup, int, int]:
         )
     if group is None:
         group = dist.group.WORLD
+    if group is dist.GroupMember.NON_GROUP_MEMBER:
+        raise InvalidArgumentError("group does not contain this process (torch.distributed.new_group left it out)")
     if not isinstance(group, dist.ProcessGroup):
-        raise InvalidArgumentTypeError(f"group must be a torch.distributed.ProcessGroup or None, got {type(group).__name__}")
+        raise InvalidArgumentTypeError(
+            f"group must be a torch.distributed.ProcessGroup or None, got {type(group).__name__}"
+        )
     rank = dist.get_rank(group)
     if rank < 0:
         raise InvalidArgumentError("group does not contain this process (torch.distributed.get_rank(group) is -1)")

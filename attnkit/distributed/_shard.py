@@ -70,5 +70,5 @@ def unshard(
     dim = _dim(x, dim)
     group, _, world = resolve_group(group)
     check_local_length("x", x.shape[dim], layout, world)
-    check_device(group_backend(group), x.device)
+    check_device(group_backend(group), x.device, name="x")
     return _Unshard.apply(x, dim, layout, group, world)
