@@ -108,8 +108,24 @@ def ring_attention(
     )  # fmt: skip
 
 
-def _dense(q, k, v, *, group, causal, softmax_scale, layout, window_size, alibi_slopes, softcap, deterministic,
-           strategy, return_lse, backend, loopback: bool):  # fmt: skip
+def _dense(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    group: dist.ProcessGroup | None,
+    causal: bool,
+    softmax_scale: float | None,
+    layout: str,
+    window_size: tuple[int, int],
+    alibi_slopes: torch.Tensor | None,
+    softcap: float,
+    deterministic: bool,
+    strategy: str,
+    return_lse: bool,
+    backend: str | Sequence[str],
+    loopback: bool,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """:func:`ring_attention`; with ``loopback`` the ring passes nothing (each rank reuses its own K/V at every
     step): the benchmark's compute-only timing."""
     q = validation.tensor("q", q, 4)

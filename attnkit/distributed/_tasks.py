@@ -17,6 +17,9 @@ from ..ops import _common, _library
 from ..params import AttentionParams
 from ._blocks import Block, VarlenCall
 
+Slopes = torch.Tensor | None
+Cu = tuple[torch.Tensor, torch.Tensor]
+
 
 @dataclass(frozen=True)
 class Options:
@@ -101,7 +104,7 @@ def choose_varlen(
 
 
 def dense_forward(
-    blk: Block, name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes, opts: Options
+    blk: Block, name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: Slopes, opts: Options
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out, lse)`` of the block: ``(B, q_len, Hq, Dv)`` in q's dtype and ``(B, Hq, q_len)``."""
     return _library.attention_forward(
@@ -120,7 +123,7 @@ def dense_backward(
     v: torch.Tensor,
     out: torch.Tensor,
     lse: torch.Tensor,
-    slopes,
+    slopes: Slopes,
     opts: Options,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The block's share of ``(dq, dk, dv)``, given the merged ``out``/``lse`` of all local query rows."""
@@ -133,14 +136,21 @@ def dense_backward(
     )  # fmt: skip
 
 
-def _call_slopes(call: VarlenCall, slopes: torch.Tensor | None) -> torch.Tensor | None:
+def _call_slopes(call: VarlenCall, slopes: Slopes) -> Slopes:
     if slopes is None or slopes.dim() == 1:
         return slopes
     return slopes[list(call.seqs)].contiguous()
 
 
 def varlen_forward(
-    call: VarlenCall, name: str, cu: tuple[torch.Tensor, torch.Tensor], q, k, v, slopes, opts: Options
+    call: VarlenCall,
+    name: str,
+    cu: Cu,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    slopes: Slopes,
+    opts: Options,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out, lse)`` of the call: ``(q_len, Hq, Dv)`` and ``(Hq, q_len)``."""
     return _library.attention_forward(
@@ -151,8 +161,19 @@ def varlen_forward(
 
 
 def varlen_backward(
-    call: VarlenCall, name: str, cu: tuple[torch.Tensor, torch.Tensor], dout, q, k, v, out, lse, slopes, opts: Options
+    call: VarlenCall,
+    name: str,
+    cu: Cu,
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    slopes: Slopes,
+    opts: Options,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The call's share of ``(dq, dk, dv)`` (``dk``/``dv`` for rows ``call.k_slice`` of the gathered keys)."""
     rows = call.q_slice
     return _library.attention_backward(
         dout[rows], q[rows], k[call.k_slice], v[call.k_slice], out[rows].contiguous(), lse[:, rows].contiguous(),
