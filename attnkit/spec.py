@@ -42,12 +42,15 @@ class AttentionSpec:
     seqlen_k: int
     features: frozenset[str] = frozenset()
     requires_grad: bool = False
+    # The backward will be given an out/lse merged from several calls (attnkit.distributed's blocks), not its own
+    # forward's: only backends that compute gradients from the given out and lse can run it.
+    merged_backward: bool = False
 
     def describe(self) -> str:
         cc = f" sm_{self.compute_capability[0]}{self.compute_capability[1]}" if self.compute_capability else ""
         hip = " (HIP)" if self.is_hip else ""
         feats = ",".join(sorted(self.features)) or "none"
-        grad = " +grad" if self.requires_grad else ""
+        grad = (" +grad" if self.requires_grad else "") + (" (merged out/lse)" if self.merged_backward else "")
         return (
             f"{self.op} on {self.device_type}{cc}{hip}, {str(self.dtype).removeprefix('torch.')}, "
             f"B={self.batch} Sq={self.seqlen_q} Sk={self.seqlen_k} Hq={self.num_heads_q} Hk={self.num_heads_k} "

@@ -170,7 +170,7 @@ def _dense(
         blocks = [b for r in plan for b in r]
     names = choose_dense(
         (b.shape_key for b in blocks), backend, q=q, k=k, v=v, opts=opts, alibi=slopes is not None,
-        requires_grad=_common.needs_grad(q, k, v),
+        requires_grad=_common.needs_grad(q, k, v), merged=strategy == "ring",
     )  # fmt: skip
     if strategy == "ring":
         ring = LoopbackRing(rank, world) if loopback else Ring(group, rank, world)

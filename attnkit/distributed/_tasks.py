@@ -53,8 +53,10 @@ def choose_dense(
     opts: Options,
     alibi: bool,
     requires_grad: bool,
+    merged: bool,
 ) -> dict[tuple[int, int, int, int], str]:
-    """Backend for each distinct block shape ``(q_len, k_len, window_left, window_right)``."""
+    """Backend for each distinct block shape ``(q_len, k_len, window_left, window_right)``. ``merged``: the blocks'
+    results are merged, so each block's backward gets the merged out/lse (the ring strategy)."""
     return {
         key: _common.choose(
             "attention",
@@ -68,6 +70,7 @@ def choose_dense(
             params=_params(opts, key[2], key[3]),
             alibi=alibi,
             requires_grad=requires_grad,
+            merged_backward=merged,
         )
         for key in sorted(set(keys))
     }

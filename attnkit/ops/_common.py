@@ -78,8 +78,9 @@ def choose(
     alibi: bool,
     requires_grad: bool,
     sink: bool = False,
+    merged_backward: bool = False,
 ) -> str:
-    """Registry name of the backend that will run this call."""
+    """Registry name of the backend that will run this call (``merged_backward``: see AttentionSpec)."""
     num_heads_q, head_dim = q.shape[-2], q.shape[-1]
     spec = AttentionSpec(
         op=op,
@@ -103,6 +104,7 @@ def choose(
             sink=sink,
         ),
         requires_grad=requires_grad,
+        merged_backward=merged_backward and requires_grad,
     )
     return select_backend_name(spec, backend)
 

@@ -76,6 +76,11 @@ class TorchSdpaBackend(Backend):
         if "causal" in spec.features and spec.seqlen_q > spec.seqlen_k:
             reasons.append("causal with seqlen_q > seqlen_k leaves rows without keys, which SDPA does not zero")
         if spec.device_type == "cuda":
+            if spec.merged_backward:
+                reasons.append(
+                    "its CUDA backward recomputes the forward under autograd and ignores the given out/lse, so it "
+                    "cannot differentiate results merged from several calls (attnkit.distributed)"
+                )
             if spec.dtype == torch.float64:
                 reasons.append("float64 has no fused SDPA kernel on CUDA")
             if spec.head_dim % 8:
