@@ -62,7 +62,7 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--decode-heads", help="decode query/KV heads as Q/K (default 32/8)")
     p.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if present)")
     p.add_argument("--progress", choices=("auto", "rich", "tqdm", "plain"), default="auto")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="inputs, and the batch and KV head the check draws")
     p.add_argument("--list-providers", action="store_true", help="list providers with availability and exit")
     p.add_argument("--plot-from", type=Path, metavar="JSON", help="only draw figures from a results.json")
     p.set_defaults(func=run_cli)

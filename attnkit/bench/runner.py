@@ -206,7 +206,7 @@ def prepare_provider(
         record.note = kernel.note
         start = time.perf_counter()
         try:
-            verdict = verify(as_case_sees_it(kernel), *sets[0], case)
+            verdict = verify(as_case_sees_it(kernel), *sets[0], case, seed=config.seed)
             _synchronize(config.device)
         finally:
             # Charged even when the first call fails: a compile that errors out took its time too.
