@@ -58,6 +58,9 @@ def attention_varlen(
         raise InvalidArgumentError(
             f"cu_seqlens_q has {len(cq) - 1} sequences but cu_seqlens_k has {len(ck) - 1}; they must match"
         )
+    # Every backend reads the offsets as a dense int32 array (the Triton and CuPy kernels index them directly):
+    # hand over a contiguous copy of a strided or offset view.
+    cu_seqlens_q, cu_seqlens_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()
     batch = len(cq) - 1
     num_heads_q, head_dim = q.shape[1], q.shape[2]
     params = _common.resolve_params(

@@ -1,0 +1,39 @@
+"""Edge cases of the public API through the Triton kernels (interpreter on the CPU), against the reference
+backend or float64: odd index tensors, huge windows, negative scales, large softcaps, NaN confinement."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attnkit
+
+TRITON = "triton_cuda"
+
+
+def _rand(*shape, seed, dtype=torch.float32, scale=1.0):
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(dtype)
+
+
+def _cu(lengths: list[int]) -> torch.Tensor:
+    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+
+
+def _close(got: torch.Tensor, want: torch.Tensor, atol: float = 2e-5) -> None:
+    torch.testing.assert_close(got.double(), want.double(), atol=atol, rtol=1e-4, equal_nan=True)
+
+
+def test_strided_cu_seqlens():
+    """Offsets given as a strided view (stride 2, storage offset 2) are read by value, not as a dense array."""
+    lens_q, lens_k = [5, 11, 0, 3], [7, 2, 4, 9]
+    q, k, v = _rand(19, 4, 16, seed=1), _rand(22, 2, 16, seed=2), _rand(22, 2, 16, seed=3)
+    spread_q = torch.full((12,), 99, dtype=torch.int32)
+    spread_k = torch.full((12,), 99, dtype=torch.int32)
+    spread_q[2::2], spread_k[2::2] = _cu(lens_q), _cu(lens_k)
+    cq, ck = spread_q[2::2], spread_k[2::2]
+    assert not cq.is_contiguous()
+    for causal in (False, True):
+        want = attnkit.attention_varlen(q, k, v, _cu(lens_q), _cu(lens_k), 11, 9, causal=causal, backend="reference")
+        got = attnkit.attention_varlen(q, k, v, cq, ck, 11, 9, causal=causal, backend=TRITON)
+        _close(got, want)
