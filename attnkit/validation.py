@@ -92,6 +92,27 @@ def window(window_size: object, causal: bool) -> tuple[int, int]:
     return left, 0 if causal else right
 
 
+# No tensor dimension can reach this length, so a window this wide is unbounded whatever the sequence lengths.
+UNREACHABLE_WINDOW = 2**62
+
+
+def reachable_window(left: int, right: int, seqlen_q: int | None, seqlen_k: int | None) -> tuple[int, int]:
+    """(left, right) with -1 for a bound that no (query, key) pair can reach.
+
+    Distances ``d = i + Sk - Sq - j`` lie in ``[1 - Sq, Sk - 1]``, so ``left >= Sk`` or ``right >= Sq`` masks
+    nothing; huge bounds (``2**31 - 1``, ``2**63``) would otherwise overflow the kernels' 32-bit arithmetic or the
+    custom op's int64 schema. Without known lengths only bounds past any possible length are dropped. A causal
+    ``right = 0`` is kept: backends rely on ``causal`` implying ``window_right == 0``.
+    """
+    left_limit = UNREACHABLE_WINDOW if seqlen_k is None else min(seqlen_k, UNREACHABLE_WINDOW)
+    right_limit = UNREACHABLE_WINDOW if seqlen_q is None else min(seqlen_q, UNREACHABLE_WINDOW)
+    if left >= max(left_limit, 1):
+        left = -1
+    if right >= max(right_limit, 1):
+        right = -1
+    return left, right
+
+
 def softmax_scale(value: object, head_dim: int) -> float:
     if value is None:
         return 1.0 / math.sqrt(head_dim)

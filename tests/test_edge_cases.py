@@ -25,3 +25,48 @@ def test_strided_cu_seqlens_match_contiguous():
     want = attnkit.attention_varlen(q, k, v, cq, ck, 11, 9, causal=True, backend="reference")
     got = attnkit.attention_varlen(q, k, v, sq, sk, 11, 9, causal=True, backend="reference")
     assert_close(got, want, atol=0, rtol=0)
+
+
+HUGE_WINDOWS = [
+    ((-1, 2**31 - 1), (-1, -1)),
+    ((2**31, 0), (-1, 0)),
+    ((2**63, 0), (-1, 0)),
+    ((2**64 + 5, 2**63), (-1, -1)),
+    ((7, 10**30), (7, -1)),
+    ((2**40, 3), (-1, 3)),
+]
+
+
+def test_huge_windows_are_unbounded():
+    q, k, v = rand(2, 9, 2, 8, seed=4), rand(2, 13, 2, 8, seed=5), rand(2, 13, 2, 8, seed=6)
+    for window, same_as in HUGE_WINDOWS:
+        want = attnkit.attention(q, k, v, window_size=same_as, backend="reference")
+        got = attnkit.attention(q, k, v, window_size=window, backend="reference")
+        assert_close(got, want, atol=0, rtol=0, msg=f"window {window}")
+
+
+def test_window_at_the_reach_of_the_sequences():
+    """Bounds just inside the distances still mask; the first ones past them are the same as unbounded."""
+    q, k, v = rand(1, 6, 1, 8, seed=7), rand(1, 4, 1, 8, seed=8), rand(1, 4, 1, 8, seed=9)
+    full = attnkit.attention(q, k, v, backend="reference")
+    assert_close(attnkit.attention(q, k, v, window_size=(4, 6), backend="reference"), full, atol=0, rtol=0)
+    assert not torch.equal(attnkit.attention(q, k, v, window_size=(2, -1), backend="reference"), full)
+    assert not torch.equal(attnkit.attention(q, k, v, window_size=(-1, 4), backend="reference"), full)
+
+
+def test_huge_windows_varlen():
+    q, k, v = rand(12, 2, 8, seed=1), rand(15, 2, 8, seed=2), rand(15, 2, 8, seed=3)
+    cq, ck = cu_seqlens([5, 7]), cu_seqlens([9, 6])
+    want = attnkit.attention_varlen(q, k, v, cq, ck, 7, 9, causal=True, backend="reference")
+    got = attnkit.attention_varlen(q, k, v, cq, ck, 7, 9, window_size=(2**63, 2**63), causal=True, backend="reference")
+    assert_close(got, want, atol=0, rtol=0)
+
+
+def test_huge_dist_threshold_is_one_score_everywhere():
+    q1, k1, v = rand(2, 7, 2, 8, seed=1), rand(2, 5, 2, 8, seed=2), rand(2, 5, 2, 8, seed=3)
+    q2, k2 = rand(2, 7, 2, 8, seed=4), rand(2, 5, 2, 8, seed=5)
+    near = attnkit.attention(q1, k1, v, causal=True, backend="reference")
+    far = attnkit.attention(q2, k2, v, causal=True, backend="reference")
+    for threshold, want in ((2**63, near), (2**31, near), (5, near), (-6, far), (-(2**63) - 1, far), (-(2**31), far)):
+        got = attnkit.piecewise_attention(q1, k1, q2, k2, v, threshold, causal=True, backend="reference")
+        assert_close(got, want, atol=1e-12, rtol=0, msg=f"dist_threshold {threshold}")

@@ -22,8 +22,13 @@ def resolve_params(
     softcap: float,
     dropout_p: float,
     deterministic: bool,
+    seqlen_q: int | None = None,
+    seqlen_k: int | None = None,
 ) -> AttentionParams:
+    """``seqlen_q``/``seqlen_k``: the longest query and key sequence of the call, when known; window bounds no
+    pair can reach then become -1 (unbounded), so backends never see bounds near their integer limits."""
     left, right = validation.window(window_size, causal)
+    left, right = validation.reachable_window(left, right, seqlen_q, seqlen_k)
     p = validation.dropout_p(dropout_p)
     if not isinstance(deterministic, bool):
         raise validation.InvalidArgumentTypeError(f"deterministic must be a bool, got {deterministic!r}")

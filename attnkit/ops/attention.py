@@ -81,6 +81,8 @@ def attention(
         softcap=softcap,
         dropout_p=dropout_p,
         deterministic=deterministic,
+        seqlen_q=seqlen_q,
+        seqlen_k=seqlen_k,
     )
     slopes = validation.alibi_slopes(alibi_slopes, batch, num_heads_q, q.device)
     if not isinstance(return_lse, bool):

@@ -52,6 +52,10 @@ def piecewise_attention(
     if isinstance(dist_threshold, bool) or not isinstance(dist_threshold, int):
         raise validation.InvalidArgumentTypeError(f"dist_threshold must be an int, got {dist_threshold!r}")
     batch, seqlen_q, num_heads_q, head_dim = q1.shape
+    seqlen_k = k1.shape[1]
+    # Distances lie in [1 - Sq, Sk - 1]: thresholds past either end select one score everywhere, so clamp them
+    # there (a threshold beyond int64 or int32 never reaches the custom op or a kernel).
+    dist_threshold = max(min(dist_threshold, seqlen_k), 1 - seqlen_q)
     params = _common.resolve_params(
         head_dim=head_dim,
         causal=causal,
@@ -69,12 +73,12 @@ def piecewise_attention(
         num_heads_k=k1.shape[2],
         batch=batch,
         seqlen_q=seqlen_q,
-        seqlen_k=k1.shape[1],
+        seqlen_k=seqlen_k,
         params=params,
         alibi=False,
         requires_grad=_common.needs_grad(*named.values()),
     )
-    if q1.numel() == 0 or k1.shape[1] == 0:
+    if q1.numel() == 0 or seqlen_k == 0:
         out, lse = _common.EmptyAttention.apply(
             (batch, seqlen_q, num_heads_q, v.shape[-1]), (batch, num_heads_q, seqlen_q), q1, k1, v
         )

@@ -71,6 +71,8 @@ def attention_varlen(
         softcap=softcap,
         dropout_p=dropout_p,
         deterministic=deterministic,
+        seqlen_q=max_seqlen_q,
+        seqlen_k=max_seqlen_k,
     )
     slopes = validation.alibi_slopes(alibi_slopes, batch, num_heads_q, q.device)
     sink = sink_rule.validate(learnable_sink, num_heads_q, q.device)

@@ -37,3 +37,28 @@ def test_strided_cu_seqlens():
         want = attnkit.attention_varlen(q, k, v, _cu(lens_q), _cu(lens_k), 11, 9, causal=causal, backend="reference")
         got = attnkit.attention_varlen(q, k, v, cq, ck, 11, 9, causal=causal, backend=TRITON)
         _close(got, want)
+
+
+@pytest.mark.parametrize("window", [(-1, 2**31 - 1), (2**31 - 1, -1), (2**31 - 1, 2**31 - 1), (2**63, 0), (3, 2**40)])
+def test_huge_windows(window):
+    """Bounds near or past 2**31 used to overflow the kernels' int32 arithmetic (all-zero output)."""
+    q, k, v = _rand(2, 37, 2, 16, seed=4), _rand(2, 21, 1, 16, seed=5), _rand(2, 21, 1, 16, seed=6)
+    for x in (q, k, v):
+        x.requires_grad_()
+    want = attnkit.attention(q, k, v, window_size=window, backend="reference")
+    got = attnkit.attention(q, k, v, window_size=window, backend=TRITON)
+    _close(got, want)
+    g = _rand(*want.shape, seed=7)
+    want_grads = torch.autograd.grad(want, (q, k, v), g)
+    got_grads = torch.autograd.grad(got, (q, k, v), g)
+    for a, b in zip(got_grads, want_grads):
+        _close(a, b, atol=1e-4)
+
+
+def test_huge_dist_threshold():
+    q1, k1, v = _rand(1, 19, 2, 16, seed=1), _rand(1, 23, 2, 16, seed=2), _rand(1, 23, 2, 16, seed=3)
+    q2, k2 = _rand(1, 19, 2, 16, seed=4), _rand(1, 23, 2, 16, seed=5)
+    for threshold in (2**31, 2**63, -(2**31) - 5, -(2**63)):
+        want = attnkit.piecewise_attention(q1, k1, q2, k2, v, threshold, causal=True, backend="reference")
+        got = attnkit.piecewise_attention(q1, k1, q2, k2, v, threshold, causal=True, backend=TRITON)
+        _close(got, want)
