@@ -70,3 +70,18 @@ def test_huge_dist_threshold_is_one_score_everywhere():
     for threshold, want in ((2**63, near), (2**31, near), (5, near), (-6, far), (-(2**63) - 1, far), (-(2**31), far)):
         got = attnkit.piecewise_attention(q1, k1, q2, k2, v, threshold, causal=True, backend="reference")
         assert_close(got, want, atol=1e-12, rtol=0, msg=f"dist_threshold {threshold}")
+
+
+def test_negative_scale_is_folded_into_q_exactly():
+    """Backends get softmax_scale >= 0 and -q: the same scores bit for bit, and autograd returns dq's sign."""
+    q, k, v = (rand(2, 9, 2, 8, seed=s, requires_grad=True) for s in (1, 2, 3))
+    out = attnkit.attention(q, k, v, softmax_scale=-3.0, causal=True, backend="reference")
+    qn = (-q).detach().requires_grad_()
+    want = attnkit.attention(qn, k, v, softmax_scale=3.0, causal=True, backend="reference")
+    assert torch.equal(out, want)
+    g = rand(*out.shape, seed=4)
+    (dq,) = torch.autograd.grad(out, q, g)
+    (dqn,) = torch.autograd.grad(want, qn, g)
+    assert torch.equal(dq, -dqn)
+    exact = attnkit.testing.attention_naive(q, k, v, softmax_scale=-3.0, causal=True)
+    assert_close(out, exact)

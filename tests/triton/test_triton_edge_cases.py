@@ -7,8 +7,10 @@ import pytest
 import torch
 
 import attnkit
+from attnkit.testing import attention_ref, within_tolerance
 
 TRITON = "triton_cuda"
+ATOL = {torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float32: 2e-5}
 
 
 def _rand(*shape, seed, dtype=torch.float32, scale=1.0):
@@ -22,6 +24,29 @@ def _cu(lengths: list[int]) -> torch.Tensor:
 
 def _close(got: torch.Tensor, want: torch.Tensor, atol: float = 2e-5) -> None:
     torch.testing.assert_close(got.double(), want.double(), atol=atol, rtol=1e-4, equal_nan=True)
+
+
+def _judge(q, k, v, **kw) -> None:
+    """triton_cuda's output and gradients against float64 with flash-attn's rule (plain: naive in q's dtype)."""
+    inputs = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    exact_in = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    plain_in = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    fast = attnkit.attention(*inputs, backend=TRITON, **kw)
+    exact = attention_ref(*exact_in, **kw)
+    plain = attention_ref(*plain_in, upcast=False, **kw)
+    g = _rand(*fast.shape, seed=99, dtype=q.dtype)
+    atol = ATOL[q.dtype]
+    ok, err, allowed = within_tolerance(fast, exact, plain, factor=2.0, atol=atol)
+    assert ok, f"out: error {err:.3g} > allowed {allowed:.3g} ({kw})"
+    grads = zip(
+        ("dq", "dk", "dv"),
+        torch.autograd.grad(fast, inputs, g),
+        torch.autograd.grad(exact, exact_in, g.double()),
+        torch.autograd.grad(plain, plain_in, g),
+    )
+    for name, fast_g, exact_g, plain_g in grads:
+        ok, err, allowed = within_tolerance(fast_g, exact_g, plain_g, factor=3.0, atol=atol)
+        assert ok, f"{name}: error {err:.3g} > allowed {allowed:.3g} ({kw})"
 
 
 def test_strided_cu_seqlens():
@@ -62,3 +87,22 @@ def test_huge_dist_threshold():
         want = attnkit.piecewise_attention(q1, k1, q2, k2, v, threshold, causal=True, backend="reference")
         got = attnkit.piecewise_attention(q1, k1, q2, k2, v, threshold, causal=True, backend=TRITON)
         _close(got, want)
+
+
+@pytest.mark.parametrize("scale", [-5.0, -10.0, -20.0, -0.125])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_negative_softmax_scale(scale, causal, dtype):
+    """The unmasked fast path takes the row max of the raw dot product: right only for scales >= 0, so the
+    frontend folds a negative scale into q (NaN before, non-causal)."""
+    q, k = _rand(2, 37, 2, 16, seed=1, dtype=dtype), _rand(2, 41, 1, 16, seed=2, dtype=dtype)
+    v = _rand(2, 41, 1, 16, seed=3, dtype=dtype)
+    _judge(q, k, v, softmax_scale=scale, causal=causal)
+
+
+def test_negative_scale_piecewise():
+    q1, k1, v = _rand(1, 19, 2, 16, seed=1), _rand(1, 23, 2, 16, seed=2), _rand(1, 23, 2, 16, seed=3)
+    q2, k2 = _rand(1, 19, 2, 16, seed=4), _rand(1, 23, 2, 16, seed=5)
+    want = attnkit.piecewise_attention(q1, k1, q2, k2, v, 4, softmax_scale=-7.0, backend="reference")
+    got = attnkit.piecewise_attention(q1, k1, q2, k2, v, 4, softmax_scale=-7.0, backend=TRITON)
+    _close(got, want, atol=1e-5)
