@@ -9,13 +9,32 @@ LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 
 
+# tanh(x) = x * P(x^2) on |x| < TANH_SMALL: least-squares fit of tanh(x)/x in float64 (relative error of the
+# float32 evaluation <= 1.2 ulp on [-0.55, 0.55]), highest power first.
+TANH_SMALL = tl.constexpr(0.55)
+TANH_C5 = tl.constexpr(-0.00623035302587604)
+TANH_C4 = tl.constexpr(0.021035726299584244)
+TANH_C3 = tl.constexpr(-0.05384165795588375)
+TANH_C2 = tl.constexpr(0.133324493581923)
+TANH_C1 = tl.constexpr(-0.3333331052535812)
+TANH_C0 = tl.constexpr(0.9999999990387674)
+
+
 @triton.jit
 def tanh(x):
-    # No portable tanh across CUDA, ROCm and the interpreter; 1 - 2/(e^2x + 1) saturates to +-1 without NaN
-    # (exp2 overflows to inf, giving exactly 1), and its absolute error is a few fp32 ulps of 1, which is what
-    # the softcapped score (softcap * tanh) needs.
+    # No portable tanh across CUDA, ROCm and the interpreter. 1 - 2/(e^2x + 1) saturates to +-1 without NaN
+    # (exp2 overflows to inf, giving exactly 1) and stays within ~3 fp32 ulps for |x| >= 0.55, but for small |x|
+    # it cancels: its absolute error stays ~1e-7 however small tanh(x) is, and softcap * tanh(s / softcap) with a
+    # large softcap multiplies that back (softcap 1e8: score errors ~1). Small arguments use an odd polynomial.
     e = tl.exp2(x * 2.8853900817779268)  # 2 * log2(e)
-    return 1.0 - 2.0 / (e + 1.0)
+    large = 1.0 - 2.0 / (e + 1.0)
+    u = x * x
+    p = TANH_C5 * u + TANH_C4
+    p = p * u + TANH_C3
+    p = p * u + TANH_C2
+    p = p * u + TANH_C1
+    p = p * u + TANH_C0
+    return tl.where(tl.abs(x) < TANH_SMALL, x * p, large)
 
 
 @triton.jit

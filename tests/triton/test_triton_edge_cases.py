@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+import triton
+import triton.language as tl
+from attnkit.backends.triton.kernel_utils import tanh
 
 import attnkit
 from attnkit.testing import attention_ref, within_tolerance
@@ -106,3 +109,41 @@ def test_negative_scale_piecewise():
     want = attnkit.piecewise_attention(q1, k1, q2, k2, v, 4, softmax_scale=-7.0, backend="reference")
     got = attnkit.piecewise_attention(q1, k1, q2, k2, v, 4, softmax_scale=-7.0, backend=TRITON)
     _close(got, want, atol=1e-5)
+
+
+@triton.jit
+def _apply_tanh(X, Y, N: tl.constexpr):
+    offs = tl.arange(0, N)
+    tl.store(Y + offs, tanh(tl.load(X + offs)))
+
+
+def test_kernel_tanh_is_accurate_for_small_and_large_arguments():
+    """Relative error within a few float32 ulps everywhere: 1 - 2/(e^2x + 1) alone lost all relative precision
+    for small |x| (softcap 1e8: score errors ~1)."""
+    mags = torch.cat([torch.logspace(-30, 1.5, 2000, dtype=torch.float64), torch.linspace(0.5, 0.6, 48).double()])
+    x64 = torch.cat([mags, -mags, torch.zeros(1, dtype=torch.float64)])
+    x = x64.float()
+    n = triton.next_power_of_2(x.numel())
+    xp = torch.zeros(n)
+    xp[: x.numel()] = x
+    y = torch.empty(n)
+    _apply_tanh[(1,)](xp, y, N=n)
+    got, want = y[: x.numel()].double(), torch.tanh(x.double())
+    ulp = torch.finfo(torch.float32).eps * want.abs().clamp_min(torch.finfo(torch.float32).tiny)
+    assert float(((got - want).abs() / ulp).max()) <= 4.0
+    special = torch.tensor([float("inf"), -float("inf"), float("nan"), 1e30, -1e30])
+    ys = torch.empty(8)
+    xs = torch.zeros(8)
+    xs[:5] = special
+    _apply_tanh[(1,)](xs, ys, N=8)
+    assert ys[:2].tolist() == [1.0, -1.0] and bool(ys[2].isnan()) and ys[3:5].tolist() == [1.0, -1.0]
+
+
+@pytest.mark.parametrize("softcap", [1e4, 1e6, 1e8, 30.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_large_softcap(softcap, dtype):
+    """A softcap far above the scores is plain attention; the kernels' tanh must keep its relative precision."""
+    q, k = _rand(2, 37, 2, 16, seed=1, dtype=dtype), _rand(2, 29, 1, 16, seed=2, dtype=dtype)
+    v = _rand(2, 29, 1, 16, seed=3, dtype=dtype)
+    _judge(q, k, v, softcap=softcap, causal=True)
+    _judge(q, k, v, softcap=softcap)
