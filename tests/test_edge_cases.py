@@ -85,3 +85,24 @@ def test_negative_scale_is_folded_into_q_exactly():
     assert torch.equal(dq, -dqn)
     exact = attnkit.testing.attention_naive(q, k, v, softmax_scale=-3.0, causal=True)
     assert_close(out, exact)
+
+
+def test_max_seqlen_beyond_the_packed_length_is_clamped(monkeypatch):
+    """Backends size their grids by max_seqlen: they get the longest sequence, not the caller's claim."""
+    from attnkit.ops import _library
+
+    q, k, v = rand(16, 2, 8, seed=1), rand(16, 2, 8, seed=2), rand(16, 2, 8, seed=3)
+    cq, ck = cu_seqlens([9, 7]), cu_seqlens([4, 12])
+    want = attnkit.attention_varlen(q, k, v, cq, ck, 9, 12, backend="reference")
+    seen = []
+    real = _library.attention_forward
+
+    def spy(*args):
+        seen.append(args[5:7])
+        return real(*args)
+
+    monkeypatch.setattr(_library, "attention_forward", spy)
+    for mq, mk in ((10**6, 2**40), (2**63, 13)):
+        got = attnkit.attention_varlen(q, k, v, cq, ck, mq, mk, backend="reference")
+        assert_close(got, want, atol=0, rtol=0)
+    assert seen == [(9, 12), (9, 12)]

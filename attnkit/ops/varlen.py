@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import torch
@@ -62,6 +63,10 @@ def attention_varlen(
     # hand over a contiguous copy of a strided or offset view.
     cu_seqlens_q, cu_seqlens_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()
     batch = len(cq) - 1
+    # Backends size their grids by max_seqlen: pass on the longest sequence, not a larger claim (max_seqlen_q=10**6
+    # over 16 tokens kept the Triton kernels busy for minutes).
+    max_seqlen_q = max(b - a for a, b in itertools.pairwise(cq))
+    max_seqlen_k = max(b - a for a, b in itertools.pairwise(ck))
     num_heads_q, head_dim = q.shape[1], q.shape[2]
     params = _common.resolve_params(
         head_dim=head_dim,

@@ -147,3 +147,17 @@ def test_large_softcap(softcap, dtype):
     v = _rand(2, 29, 1, 16, seed=3, dtype=dtype)
     _judge(q, k, v, softcap=softcap, causal=True)
     _judge(q, k, v, softcap=softcap)
+
+
+def test_huge_max_seqlen_does_not_size_the_grid():
+    """max_seqlen_q=10**6 over 16 tokens ran for minutes (one program per claimed query block)."""
+    q, k, v = _rand(16, 2, 16, seed=1), _rand(16, 2, 16, seed=2), _rand(16, 2, 16, seed=3)
+    for x in (q, k, v):
+        x.requires_grad_()
+    cq, ck = _cu([9, 7]), _cu([4, 12])
+    want = attnkit.attention_varlen(q, k, v, cq, ck, 9, 12, causal=True, backend="reference")
+    got = attnkit.attention_varlen(q, k, v, cq, ck, 10**6, 2**40, causal=True, backend=TRITON)
+    _close(got, want)
+    g = _rand(16, 2, 16, seed=4)
+    for a, b in zip(torch.autograd.grad(got, (q, k, v), g), torch.autograd.grad(want, (q, k, v), g)):
+        _close(a, b, atol=1e-4)
