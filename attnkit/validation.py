@@ -34,6 +34,11 @@ def same_dtype_device(named: dict[str, torch.Tensor]) -> tuple[torch.dtype, torc
         raise InvalidArgumentTypeError(
             f"{first_name}.dtype is {_dtype_name(first.dtype)}; allowed: float16, bfloat16, float32, float64"
         )
+    if first.device.type == "meta":
+        raise InvalidArgumentError(
+            f"{first_name} is on the meta device, which holds no data; attnkit needs tensors on a real device "
+            "(torch.compile and FakeTensorMode trace attnkit calls through its fake kernels without meta tensors)"
+        )
     for name, x in named.items():
         if x.dtype != first.dtype:
             raise InvalidArgumentTypeError(
@@ -87,9 +92,7 @@ def window(window_size: object, causal: bool) -> tuple[int, int]:
     for label, val in (("window_size[0]", left), ("window_size[1]", right)):
         if isinstance(val, bool) or not isinstance(val, int) or val < -1:
             raise InvalidArgumentError(f"{label} is {val!r}; allowed: an int >= 0, or -1 for unbounded")
-    if not isinstance(causal, bool):
-        raise InvalidArgumentTypeError(f"causal must be a bool, got {causal!r}")
-    return left, 0 if causal else right
+    return left, 0 if flag("causal", causal) else right
 
 
 # No tensor dimension can reach this length, so a window this wide is unbounded whatever the sequence lengths.
@@ -111,6 +114,13 @@ def reachable_window(left: int, right: int, seqlen_q: int | None, seqlen_k: int 
     if right >= max(right_limit, 1):
         right = -1
     return left, right
+
+
+def flag(name: str, value: object) -> bool:
+    """A real bool: ``'no'``, ``0`` or ``None`` would otherwise act by their truthiness."""
+    if not isinstance(value, bool):
+        raise InvalidArgumentTypeError(f"{name} must be a bool (True or False), got {value!r}")
+    return value
 
 
 def softmax_scale(value: object, head_dim: int) -> float:

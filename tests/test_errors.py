@@ -90,6 +90,11 @@ CASES = {
     "scale_str": (attn(softmax_scale="0.5"), VE, ["softmax_scale", "'0.5'"]),
     "return_lse_not_bool": (attn(return_lse=1), TE, ["return_lse", "1"]),
     "deterministic_not_bool": (attn(deterministic="yes"), TE, ["deterministic", "'yes'"]),
+    "return_lse_str": (attn(return_lse="no"), TE, ["return_lse", "'no'"]),
+    "causal_str": (attn(causal="no"), TE, ["causal", "'no'"]),
+    "causal_none": (attn(causal=None), TE, ["causal", "None"]),
+    "deterministic_int": (attn(deterministic=0), TE, ["deterministic", "0"]),
+    "meta_q": (attn(q=t(2, 5, 4, 8, device="meta")), VE, ["q", "meta device"]),
     # ---- varlen
     "cu_dtype": (varlen(cq=torch.tensor([0, 2, 5], dtype=torch.int64)), VE, ["cu_seqlens_q", "int32", "int64"]),
     "cu_not_tensor": (varlen(cq=[0, 2, 5]), TE, ["cu_seqlens_q", "list"]),
@@ -113,6 +118,18 @@ CASES = {
         ["q", "3 dimensions"],
     ),
     "varlen_slopes": (varlen(alibi_slopes=t(3, 4)), VE, ["alibi_slopes", "(3, 4)", "(2, 4)"]),
+    "varlen_return_lse_str": (varlen(return_lse="no"), TE, ["return_lse", "'no'"]),
+    "varlen_return_lse_int": (varlen(return_lse=1), TE, ["return_lse", "1"]),
+    "varlen_causal_str": (varlen(causal="yes"), TE, ["causal", "'yes'"]),
+    "varlen_deterministic_str": (varlen(deterministic="no"), TE, ["deterministic", "'no'"]),
+    "varlen_meta": (
+        lambda: attnkit.attention_varlen(
+            t(5, 4, 8, device="meta"), t(7, 2, 8, device="meta"), t(7, 2, 8, device="meta"),
+            torch.tensor([0, 2, 5], dtype=I32, device="meta"), torch.tensor([0, 4, 7], dtype=I32, device="meta"), 3, 4,
+        ),
+        VE,
+        ["q", "meta device"],
+    ),  # fmt: skip
     # ---- kv cache
     "cache_overflow": (
         kvc(k=t(2, 4, 2, 8), v=t(2, 4, 2, 8), cache_seqlens=torch.tensor([3, 13], dtype=I32)),
@@ -190,6 +207,9 @@ CASES = {
     "pw_k2_shape": (pw(k2=t(2, 6, 2, 8)), VE, ["k2", "(2, 6, 2, 8)"]),
     "pw_threshold_float": (pw(threshold=2.5), TE, ["dist_threshold", "2.5"]),
     "pw_threshold_bool": (pw(threshold=True), TE, ["dist_threshold", "True"]),
+    "pw_return_lse_str": (pw(return_lse="no"), TE, ["return_lse", "'no'"]),
+    "pw_causal_int": (pw(causal=1), TE, ["causal", "1"]),
+    "pw_meta": (pw(q1=t(2, 5, 4, 8, device="meta")), VE, ["q1", "meta device"]),
     "pw_dtype": (pw(k2=t(2, 7, 2, 8, dtype=torch.float64)), TE, ["k2.dtype", "float64"]),
 }
 
@@ -225,7 +245,9 @@ def test_validation_happens_before_dispatch(monkeypatch):
         attnkit.attention(Q, K, V)
 
 
-def test_meta_device_reports_no_backend():
+def test_meta_device_is_rejected_before_dispatch():
+    """Meta tensors hold no data: a clear error naming the argument, whatever backend is asked for."""
     q = t(1, 4, 2, 8, device="meta")
-    with pytest.raises(attnkit.NoBackendError, match="meta"):
-        attnkit.attention(q, q, q)
+    for backend in ("auto", "reference", "triton_cuda"):
+        with pytest.raises(InvalidArgumentError, match="q is on the meta device"):
+            attnkit.attention(q, q, q, backend=backend)

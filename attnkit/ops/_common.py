@@ -31,8 +31,7 @@ def resolve_params(
     left, right = validation.window(window_size, causal)
     left, right = validation.reachable_window(left, right, seqlen_q, seqlen_k)
     p = validation.dropout_p(dropout_p)
-    if not isinstance(deterministic, bool):
-        raise validation.InvalidArgumentTypeError(f"deterministic must be a bool, got {deterministic!r}")
+    validation.flag("deterministic", deterministic)
     return AttentionParams(
         softmax_scale=validation.softmax_scale(softmax_scale, head_dim),
         causal=causal,

@@ -85,8 +85,7 @@ def attention(
         seqlen_k=seqlen_k,
     )
     slopes = validation.alibi_slopes(alibi_slopes, batch, num_heads_q, q.device)
-    if not isinstance(return_lse, bool):
-        raise validation.InvalidArgumentTypeError(f"return_lse must be a bool, got {return_lse!r}")
+    validation.flag("return_lse", return_lse)
     sink = sink_rule.validate(learnable_sink, num_heads_q, q.device)
     requires_grad = _common.needs_grad(q, k, v) or (sink is not None and _common.needs_grad(sink))
     chosen = _common.choose(

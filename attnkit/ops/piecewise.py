@@ -65,6 +65,7 @@ def piecewise_attention(
         dropout_p=0.0,
         deterministic=False,
     )
+    validation.flag("return_lse", return_lse)
     chosen = _common.choose(
         "piecewise",
         backend,

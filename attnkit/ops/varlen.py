@@ -80,6 +80,7 @@ def attention_varlen(
         seqlen_k=max_seqlen_k,
     )
     slopes = validation.alibi_slopes(alibi_slopes, batch, num_heads_q, q.device)
+    validation.flag("return_lse", return_lse)
     sink = sink_rule.validate(learnable_sink, num_heads_q, q.device)
     requires_grad = _common.needs_grad(q, k, v) or (sink is not None and _common.needs_grad(sink))
     chosen = _common.choose(

@@ -155,6 +155,7 @@ def _tile(
     triton.autotune is not used: its per-call key building scans ~70 arguments in Python, which cost more than
     the kernel itself on short sequences (benchmarks/NOTES-triton.md).
     """
+    autotune = env.triton_autotune()  # read first: a malformed value raises under the interpreter too
     forced = _forced.get(kind)
     if forced is not None:
         if forced.use_tma and not tma:
@@ -164,7 +165,7 @@ def _tile(
         return configs.INTERPRETER_TILES[kind]
     block_d = max(prob.block_d, prob.block_dv)
     elem_bytes = dtype.itemsize
-    if not env.triton_autotune():
+    if not autotune:
         return configs.default(kind, vendor, block_d, elem_bytes, tma)
     key = (kind, vendor, str(dtype), tma, configs.seq_bucket(max(prob.seqlen_q, prob.seqlen_k)), *flags.values())
     tile = _tuned.get(key)

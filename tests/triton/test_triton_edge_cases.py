@@ -161,3 +161,23 @@ def test_huge_max_seqlen_does_not_size_the_grid():
     g = _rand(16, 2, 16, seed=4)
     for a, b in zip(torch.autograd.grad(got, (q, k, v), g), torch.autograd.grad(want, (q, k, v), g)):
         _close(a, b, atol=1e-4)
+
+
+def test_malformed_autotune_variable_is_rejected_under_the_interpreter(monkeypatch):
+    """The interpreter uses fixed tiles, but a malformed ATTNKIT_TRITON_AUTOTUNE must still fail loudly."""
+    q = _rand(1, 8, 2, 16, seed=1)
+    monkeypatch.setenv("ATTNKIT_TRITON_AUTOTUNE", "maybe")
+    calls = [
+        lambda: attnkit.attention(q, q, q, backend=TRITON),
+        lambda: attnkit.attention_varlen(q[0], q[0], q[0], _cu([8]), _cu([8]), 8, 8, backend=TRITON),
+        lambda: attnkit.piecewise_attention(q, q, q, q, q, 2, backend=TRITON),
+    ]
+    for call in calls:
+        with pytest.raises(attnkit.EnvironmentVariableError, match="ATTNKIT_TRITON_AUTOTUNE='maybe'"):
+            call()
+    monkeypatch.setenv("ATTNKIT_TRITON_AUTOTUNE", "0")
+    x = q.clone().requires_grad_()
+    out = attnkit.attention(x, x, x, backend=TRITON)
+    monkeypatch.setenv("ATTNKIT_TRITON_AUTOTUNE", "maybe")
+    with pytest.raises(attnkit.EnvironmentVariableError, match="ATTNKIT_TRITON_AUTOTUNE"):
+        out.sum().backward()
