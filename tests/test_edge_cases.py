@@ -3,6 +3,8 @@ scales, NaN confinement. tests/triton/test_triton_edge_cases.py runs the same in
 
 from __future__ import annotations
 
+import nan_checks
+import pytest
 import torch
 from helpers import assert_close, cu_seqlens, rand
 
@@ -106,3 +108,10 @@ def test_max_seqlen_beyond_the_packed_length_is_clamped(monkeypatch):
         got = attnkit.attention_varlen(q, k, v, cq, ck, mq, mk, backend="reference")
         assert_close(got, want, atol=0, rtol=0)
     assert seen == [(9, 12), (9, 12)]
+
+
+@pytest.mark.parametrize("kw", [{}, {"causal": True}, {"window_size": (3, 1)}], ids=["full", "causal", "window"])
+def test_nan_outside_a_rows_sequence_never_leaks(kw):
+    nan_checks.check_varlen_padding("reference", **kw)
+    nan_checks.check_varlen_other_sequences("reference", **kw)
+    nan_checks.check_dense_rows_past_the_view("reference", **kw)

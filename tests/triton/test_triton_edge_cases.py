@@ -3,6 +3,7 @@ backend or float64: odd index tensors, huge windows, negative scales, large soft
 
 from __future__ import annotations
 
+import nan_checks
 import pytest
 import torch
 import triton
@@ -181,3 +182,14 @@ def test_malformed_autotune_variable_is_rejected_under_the_interpreter(monkeypat
     monkeypatch.setenv("ATTNKIT_TRITON_AUTOTUNE", "maybe")
     with pytest.raises(attnkit.EnvironmentVariableError, match="ATTNKIT_TRITON_AUTOTUNE"):
         out.sum().backward()
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [{"causal": True}, {"window_size": (3, 1)}, {"softcap": 5.0}],
+    ids=["causal", "window", "softcap"],
+)
+def test_nan_outside_a_rows_sequence_never_leaks(kw):
+    nan_checks.check_varlen_padding(TRITON, **kw)
+    nan_checks.check_varlen_other_sequences(TRITON, **kw)
+    nan_checks.check_dense_rows_past_the_view(TRITON, **kw)
