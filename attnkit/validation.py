@@ -123,17 +123,34 @@ def flag(name: str, value: object) -> bool:
     return value
 
 
+# Kernels fold log2(e) into the scale and the softcap in float32: larger magnitudes would be inf there.
+SCALE_LIMIT = 2.0**127
+
+
 def softmax_scale(value: object, head_dim: int) -> float:
     if value is None:
         return 1.0 / math.sqrt(head_dim)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise InvalidArgumentError(f"softmax_scale is {value!r}; allowed: a finite number or None (1/sqrt(head_dim))")
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or abs(value) > SCALE_LIMIT  # before isfinite, which overflows on huge ints
+        or not math.isfinite(value)
+    ):
+        raise InvalidArgumentError(
+            f"softmax_scale is {value!r}; allowed: a number with |softmax_scale| <= 2**127 (float32 range), "
+            "or None (1/sqrt(head_dim))"
+        )
     return float(value)
 
 
 def softcap(value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise InvalidArgumentError(f"softcap is {value!r}; allowed: a finite number >= 0 (0 disables it)")
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not 0 <= value <= SCALE_LIMIT  # before isfinite, which overflows on huge ints
+        or not math.isfinite(value)
+    ):
+        raise InvalidArgumentError(f"softcap is {value!r}; allowed: a number in [0, 2**127] (0 disables it)")
     return float(value)
 
 

@@ -115,3 +115,29 @@ def test_nan_outside_a_rows_sequence_never_leaks(kw):
     nan_checks.check_varlen_padding("reference", **kw)
     nan_checks.check_varlen_other_sequences("reference", **kw)
     nan_checks.check_dense_rows_past_the_view("reference", **kw)
+
+
+def test_scores_past_the_float32_range_saturate_on_the_reference():
+    """Finite inputs give finite outputs: scores beyond the compute dtype's range saturate instead of giving
+    inf - inf = NaN in the softmax (a NaN input still gives NaN)."""
+    q, k, v = rand(2, 13, 2, 8, seed=1), rand(2, 11, 2, 8, seed=2), rand(2, 11, 2, 8, seed=3)
+    for dtype, scale, mult in ((torch.float32, 1e38, 1.0), (torch.bfloat16, None, 1e20), (torch.float16, 2.0**127, 1)):
+        qd, kd, vd = ((x * mult).to(dtype) for x in (q, k, v))
+        for kw in ({}, {"causal": True}, {"alibi_slopes": -torch.ones(2) * 1e38}):
+            out = attnkit.attention(qd, kd, vd, softmax_scale=scale, backend="reference", **kw)
+            assert bool(torch.isfinite(out).all()), (dtype, scale, kw)
+            # Each output is a convex combination of the values, so it stays within their range.
+            assert float(out.double().abs().max()) <= float(vd.double().abs().max()) * 1.01
+    qn = q.clone()
+    qn[0, 3, 1, 2] = float("nan")
+    out = attnkit.attention(qn.float(), k.float(), v.float(), softmax_scale=1e38, backend="reference")
+    assert bool(out[0, 3, 1].isnan().all()) and int(out.isnan().sum()) == out.shape[-1]
+
+
+def test_scale_and_softcap_limits():
+    q = rand(1, 4, 1, 8, dtype=torch.float32)
+    attnkit.attention(q, q, q, softmax_scale=-(2.0**127), softcap=2.0**127, backend="reference")
+    for kw in ({"softmax_scale": 3e38}, {"softmax_scale": -1e300}, {"softcap": 1e39}, {"softmax_scale": 10**400}):
+        name = next(iter(kw))
+        with pytest.raises(attnkit.InvalidArgumentError, match=name):
+            attnkit.attention(q, q, q, backend="reference", **kw)

@@ -80,7 +80,14 @@ def _raw_scores(pb, qs, ks, dist):
         s_far = torch.matmul(qs[1], ks[1].transpose(-1, -2))
         near = dist < pb.dist_threshold
         s = torch.where(near, s, s_far)
-    return s * pb.params.softmax_scale, near
+    return _saturate(s * pb.params.softmax_scale), near
+
+
+def _saturate(s: torch.Tensor) -> torch.Tensor:
+    """Finite inputs whose scores overflow the compute dtype (softmax_scale=1e38, bf16 values of 1e20, huge ALiBi
+    slopes) would give inf - inf = NaN in the softmax: clamp them to the largest finite value (NaN stays NaN)."""
+    big = torch.finfo(s.dtype).max
+    return s.clamp(-big, big)
 
 
 def _final_scores(pb, raw, dist, slopes, visible):
@@ -89,7 +96,7 @@ def _final_scores(pb, raw, dist, slopes, visible):
     if p.softcap > 0:
         s = torch.tanh(s / p.softcap) * p.softcap
     if slopes is not None:
-        s = s - slopes * dist.abs().to(s.dtype)
+        s = _saturate(s - slopes * dist.abs().to(s.dtype))
     if visible is not None:
         s = s.masked_fill(~visible, float("-inf"))
     return s
