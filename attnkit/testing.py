@@ -23,6 +23,7 @@ from .ops.attention import attention
 from .ops.piecewise import piecewise_attention
 from .ops.varlen import attention_varlen
 from .params import lse_dtype
+from .validation import reachable_window
 
 
 def _mask(sq: int, sk: int, window_left: int, window_right: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -30,6 +31,8 @@ def _mask(sq: int, sk: int, window_left: int, window_right: int, device) -> tupl
     cols = torch.arange(sk, device=device)[None, :]
     dist = rows + sk - sq - cols
     visible = torch.ones(sq, sk, dtype=torch.bool, device=device)
+    # Bounds past every distance mask nothing (and would not fit a tensor comparison).
+    window_left, window_right = reachable_window(window_left, window_right, sq, sk)
     if window_left >= 0:
         visible &= dist <= window_left
     if window_right >= 0:
@@ -163,6 +166,10 @@ def attention_varlen_ref(
         )  # fmt: skip
         outs.append(o[0])
         lses.append(l[0])
+    # Rows past cu_seqlens_q[-1] (padding) belong to no sequence: out 0, lse -inf, as the operator gives them.
+    pad = q.shape[0] - cq[-1]
+    outs.append(q.new_zeros((pad, q.shape[1], v.shape[-1])))
+    lses.append(torch.full((q.shape[1], pad), float("-inf"), dtype=lse_dtype(q.dtype), device=q.device))
     out, lse = torch.cat(outs), torch.cat(lses, dim=-1)
     return (out, lse) if return_lse else out
 
@@ -184,7 +191,8 @@ def piecewise_attention_ref(
     s1 = torch.einsum("bihd,bjhd->bhij", q1, k1.repeat_interleave(rep, dim=2))
     s2 = torch.einsum("bihd,bjhd->bhij", q2, k2.repeat_interleave(rep, dim=2))
     visible, dist = _mask(sq, sk, -1, 0 if causal else -1, q1.device)
-    s = torch.where(dist < dist_threshold, s1, s2) * scale
+    threshold = max(min(dist_threshold, sk), 1 - sq)  # distances lie in [1 - Sq, Sk - 1]
+    s = torch.where(dist < threshold, s1, s2) * scale
     s = s.masked_fill(~visible, float("-inf"))
     lse = torch.logsumexp(s, dim=-1).to(lse_dtype(q1.dtype))
     p = torch.softmax(s, dim=-1).nan_to_num(0.0)
