@@ -37,9 +37,7 @@ DTYPES = {"reference": [torch.float32, torch.float64, torch.bfloat16], "triton_c
 
 
 def _triton_runs() -> bool:
-    return REGISTRY.get("triton_cuda").unavailable_reason() is None and (
-        torch.cuda.is_available() or _interpreter_on()
-    )
+    return REGISTRY.get("triton_cuda").unavailable_reason() is None and (torch.cuda.is_available() or _interpreter_on())
 
 
 def _interpreter_on() -> bool:
@@ -248,7 +246,7 @@ def _common_mutations(draw, call: Call, tensor_names: list[str]) -> list[Callabl
 
 
 def _varlen_mutations(draw, call: Call) -> list[Callable[[], Call]]:
-    q, k, v, cq, ck, mq, mk = call.args
+    q, cq, ck = call.args[0], call.args[3], call.args[4]
     total_q = q.shape[0]
     return [
         lambda: _replace_arg(call, 3, cq.long(), "cu_seqlens_q"),
@@ -266,7 +264,7 @@ def _varlen_mutations(draw, call: Call) -> list[Callable[[], Call]]:
 
 
 def _piecewise_mutations(draw, call: Call) -> list[Callable[[], Call]]:
-    q1, k1, q2, k2, v, _ = call.args
+    q2, k2 = call.args[2], call.args[3]
     return [
         lambda: _replace_arg(call, 5, draw(st.sampled_from([2.5, True, "3", None, float("inf")])), "dist_threshold"),
         lambda: _replace_arg(call, 2, q2[..., :-1], "q2"),

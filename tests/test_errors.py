@@ -38,6 +38,12 @@ def kvc(q=None, k_cache=None, v_cache=None, k=None, v=None, **kw):
     return lambda: attnkit.attention_with_kvcache(q, k_cache, v_cache, k, v, backend="reference", **kw)
 
 
+def varlen_meta():
+    meta = [t(5, 4, 8, device="meta"), t(7, 2, 8, device="meta"), t(7, 2, 8, device="meta")]
+    offsets = [torch.tensor(cu, dtype=I32, device="meta") for cu in ([0, 2, 5], [0, 4, 7])]
+    return attnkit.attention_varlen(*meta, *offsets, 3, 4)
+
+
 def pw(q1=Q, k1=K, q2=Q, k2=K, v=V, threshold=2, **kw):
     return lambda: attnkit.piecewise_attention(q1, k1, q2, k2, v, threshold, backend="reference", **kw)
 
@@ -122,14 +128,7 @@ CASES = {
     "varlen_return_lse_int": (varlen(return_lse=1), TE, ["return_lse", "1"]),
     "varlen_causal_str": (varlen(causal="yes"), TE, ["causal", "'yes'"]),
     "varlen_deterministic_str": (varlen(deterministic="no"), TE, ["deterministic", "'no'"]),
-    "varlen_meta": (
-        lambda: attnkit.attention_varlen(
-            t(5, 4, 8, device="meta"), t(7, 2, 8, device="meta"), t(7, 2, 8, device="meta"),
-            torch.tensor([0, 2, 5], dtype=I32, device="meta"), torch.tensor([0, 4, 7], dtype=I32, device="meta"), 3, 4,
-        ),
-        VE,
-        ["q", "meta device"],
-    ),  # fmt: skip
+    "varlen_meta": (varlen_meta, VE, ["q", "meta device"]),
     # ---- kv cache
     "cache_overflow": (
         kvc(k=t(2, 4, 2, 8), v=t(2, 4, 2, 8), cache_seqlens=torch.tensor([3, 13], dtype=I32)),
