@@ -38,7 +38,7 @@ def _judge(q, k, v, **kw) -> None:
     fast = attnkit.attention(*inputs, backend=TRITON, **kw)
     exact = attention_ref(*exact_in, **kw)
     plain = attention_ref(*plain_in, upcast=False, **kw)
-    g = _rand(*fast.shape, seed=99, dtype=q.dtype)
+    g = _rand(*fast.shape, seed=99, dtype=q.dtype).to(q.device)
     atol = ATOL[q.dtype]
     ok, err, allowed = within_tolerance(fast, exact, plain, factor=2.0, atol=atol)
     assert ok, f"out: error {err:.3g} > allowed {allowed:.3g} ({kw})"
@@ -118,26 +118,32 @@ def _apply_tanh(X, Y, N: tl.constexpr):
     tl.store(Y + offs, tanh(tl.load(X + offs)))
 
 
-def test_kernel_tanh_is_accurate_for_small_and_large_arguments():
-    """Relative error within a few float32 ulps everywhere: 1 - 2/(e^2x + 1) alone lost all relative precision
-    for small |x| (softcap 1e8: score errors ~1)."""
+def _check_kernel_tanh(device: str) -> None:
     mags = torch.cat([torch.logspace(-30, 1.5, 2000, dtype=torch.float64), torch.linspace(0.5, 0.6, 48).double()])
     x64 = torch.cat([mags, -mags, torch.zeros(1, dtype=torch.float64)])
     x = x64.float()
     n = triton.next_power_of_2(x.numel())
     xp = torch.zeros(n)
     xp[: x.numel()] = x
-    y = torch.empty(n)
+    xp = xp.to(device)
+    y = torch.empty(n, device=device)
     _apply_tanh[(1,)](xp, y, N=n)
-    got, want = y[: x.numel()].double(), torch.tanh(x.double())
+    got, want = y[: x.numel()].cpu().double(), torch.tanh(x.double())
     ulp = torch.finfo(torch.float32).eps * want.abs().clamp_min(torch.finfo(torch.float32).tiny)
-    assert float(((got - want).abs() / ulp).max()) <= 4.0
-    special = torch.tensor([float("inf"), -float("inf"), float("nan"), 1e30, -1e30])
-    ys = torch.empty(8)
+    worst = float(((got - want).abs() / ulp).max())
+    assert worst <= 4.0, f"tanh error {worst:.2f} ulp"
     xs = torch.zeros(8)
-    xs[:5] = special
-    _apply_tanh[(1,)](xs, ys, N=8)
+    xs[:5] = torch.tensor([float("inf"), -float("inf"), float("nan"), 1e30, -1e30])
+    ys = torch.empty(8, device=device)
+    _apply_tanh[(1,)](xs.to(device), ys, N=8)
+    ys = ys.cpu()
     assert ys[:2].tolist() == [1.0, -1.0] and bool(ys[2].isnan()) and ys[3:5].tolist() == [1.0, -1.0]
+
+
+def test_kernel_tanh_is_accurate_for_small_and_large_arguments():
+    """Relative error within a few float32 ulps everywhere: 1 - 2/(e^2x + 1) alone lost all relative precision
+    for small |x| (softcap 1e8: score errors ~1)."""
+    _check_kernel_tanh("cpu")
 
 
 @pytest.mark.parametrize("softcap", [1e4, 1e6, 1e8, 30.0])
@@ -193,3 +199,51 @@ def test_nan_outside_a_rows_sequence_never_leaks(kw):
     nan_checks.check_varlen_padding(TRITON, **kw)
     nan_checks.check_varlen_other_sequences(TRITON, **kw)
     nan_checks.check_dense_rows_past_the_view(TRITON, **kw)
+
+
+# ---- the same edge cases compiled on a GPU at real sizes (pytest -m gpu tests/triton/test_triton_edge_cases.py)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_kernel_tanh():
+    _check_kernel_tanh("cuda")
+
+
+GPU_OPTIONS = [
+    {"softmax_scale": -5.0},
+    {"softmax_scale": -0.4, "causal": True},
+    {"softcap": 1e6},
+    {"softcap": 1e8, "causal": True},
+    {"softcap": 30.0, "window_size": (200, 17)},
+    {"window_size": (-1, 2**31 - 1)},
+    {"window_size": (2**63, 0)},
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("kw", GPU_OPTIONS, ids=[str(kw) for kw in GPU_OPTIONS])
+def test_gpu_edge_cases(kw, dtype, d):
+    q = _rand(2, 1000, 4, d, seed=1, dtype=dtype).cuda()
+    k, v = _rand(2, 1000, 2, d, seed=2, dtype=dtype).cuda(), _rand(2, 1000, 2, d, seed=3, dtype=dtype).cuda()
+    _judge(q, k, v, **kw)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_strided_offsets_and_huge_max_seqlen():
+    """The strided-offsets call killed the process on the H200; the huge max_seqlen one ran for minutes."""
+    lens_q, lens_k = [500, 1, 77, 0, 300], [400, 33, 77, 5, 1000]
+    q = _rand(sum(lens_q), 4, 128, seed=1, dtype=torch.bfloat16).cuda()
+    k = _rand(sum(lens_k), 2, 128, seed=2, dtype=torch.bfloat16).cuda()
+    v = _rand(sum(lens_k), 2, 128, seed=3, dtype=torch.bfloat16).cuda()
+    cq, ck = _cu(lens_q).cuda(), _cu(lens_k).cuda()
+    spread_q = torch.full((2 * cq.numel(),), 10**6, dtype=torch.int32, device="cuda")
+    spread_k = torch.full((2 * ck.numel(),), 10**6, dtype=torch.int32, device="cuda")
+    spread_q[::2], spread_k[::2] = cq, ck
+    want = attnkit.attention_varlen(q, k, v, cq, ck, 500, 1000, causal=True, backend="reference")
+    got = attnkit.attention_varlen(q, k, v, spread_q[::2], spread_k[::2], 10**6, 2**40, causal=True, backend=TRITON)
+    _close(got, want, atol=2e-2)
