@@ -67,7 +67,8 @@ class Call:
 
 
 def _device(backend: str) -> str:
-    return "cuda" if backend == "triton_cuda" and torch.cuda.is_available() else "cpu"
+    compiled = backend == "triton_cuda" and torch.cuda.is_available() and not _interpreter_on()
+    return "cuda" if compiled else "cpu"
 
 
 def _tensor(draw, shape: tuple[int, ...], dtype: torch.dtype, device: str) -> torch.Tensor:
