@@ -1,8 +1,8 @@
 """Resolved call parameters handed from the frontend to a backend.
 
 The frontend validates user input and turns it into these frozen records, so a backend never has to
-re-check shapes or re-derive defaults: ``softmax_scale`` is a number (``>= 0`` from ``attention``,
-``attention_varlen`` and ``piecewise_attention``: they fold a negative scale into the queries), ``causal`` is already folded into
+re-check shapes or re-derive defaults: ``softmax_scale`` is a number (``>= 0`` in ``forward``, ``backward``
+and the piecewise methods: their custom ops fold a negative scale into the queries), ``causal`` is already folded into
 ``window_right == 0``, and the dropout seed has been drawn from the torch generator.
 
 Layouts (flash-attn's):

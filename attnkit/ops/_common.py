@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 
 import torch
@@ -42,18 +41,6 @@ def resolve_params(
         dropout_seed=dropout_rng.draw_seed() if p > 0 else 0,
         deterministic=deterministic,
     )
-
-
-def fold_scale_sign(params: AttentionParams, *queries: torch.Tensor) -> tuple[AttentionParams, list[torch.Tensor]]:
-    """Backends receive ``softmax_scale >= 0``: a negative scale moves into the queries.
-
-    ``scale * (q . k) == (-scale) * ((-q) . k)`` bit for bit (negation is exact and rounding is symmetric), and
-    autograd carries the sign back to dq. Kernels that take the row maximum of the raw dot product before
-    scaling (the Triton forward's unmasked fast path) are only right for scales >= 0, and so stay fast.
-    """
-    if not params.softmax_scale < 0:
-        return params, list(queries)
-    return dataclasses.replace(params, softmax_scale=-params.softmax_scale), [-x for x in queries]
 
 
 def features(

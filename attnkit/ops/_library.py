@@ -27,6 +27,18 @@ def _params(softmax_scale, causal, window_left, window_right, softcap, dropout_p
     )
 
 
+def _positive_scale(softmax_scale: float, *queries: Tensor) -> tuple[float, list[Tensor], bool]:
+    """Backends get ``softmax_scale >= 0``: a negative scale moves into the queries (and back out of dq).
+
+    ``s * (q . k) == (-s) * ((-q) . k)`` bit for bit: negation is exact and rounding is symmetric. Kernels that take
+    the row maximum of the raw dot product before scaling (the Triton forward's unmasked fast path) are right only
+    for scales >= 0, and keep their hot loop. Done here, in the ops, so every caller of them is covered.
+    """
+    if softmax_scale < 0:
+        return -softmax_scale, [-x for x in queries], True
+    return softmax_scale, list(queries), False
+
+
 def _varlen(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
     if cu_seqlens_q is None:
         return None
@@ -57,6 +69,7 @@ def attention_forward(
     backend: str,
     learnable_sink: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
+    softmax_scale, (q,), _ = _positive_scale(softmax_scale, q)
     params = _params(softmax_scale, causal, window_left, window_right, softcap, dropout_p, dropout_seed, deterministic)
     varlen = _varlen(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     if learnable_sink is None:  # backends without the "sink" feature never see the keyword
@@ -97,9 +110,11 @@ def attention_backward(
     deterministic: bool,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
+    softmax_scale, (q,), flipped = _positive_scale(softmax_scale, q)
     params = _params(softmax_scale, causal, window_left, window_right, softcap, dropout_p, dropout_seed, deterministic)
     varlen = _varlen(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    return REGISTRY.get(backend).backward(dout, q, k, v, out, lse, alibi_slopes, params, varlen)
+    dq, dk, dv = REGISTRY.get(backend).backward(dout, q, k, v, out, lse, alibi_slopes, params, varlen)
+    return (-dq if flipped else dq), dk, dv
 
 
 @attention_backward.register_fake
@@ -147,6 +162,7 @@ def piecewise_forward(
     causal: bool,
     backend: str,
 ) -> tuple[Tensor, Tensor]:
+    softmax_scale, (q1, q2), _ = _positive_scale(softmax_scale, q1, q2)
     params = AttentionParams(softmax_scale=softmax_scale, causal=causal, window_right=0 if causal else -1)
     return REGISTRY.get(backend).piecewise_forward(q1, k1, q2, k2, v, dist_threshold, params)
 
@@ -172,8 +188,14 @@ def piecewise_backward(
     causal: bool,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    softmax_scale, (q1, q2), flipped = _positive_scale(softmax_scale, q1, q2)
     params = AttentionParams(softmax_scale=softmax_scale, causal=causal, window_right=0 if causal else -1)
-    return tuple(REGISTRY.get(backend).piecewise_backward(dout, q1, k1, q2, k2, v, out, lse, dist_threshold, params))
+    dq1, dk1, dq2, dk2, dv = REGISTRY.get(backend).piecewise_backward(
+        dout, q1, k1, q2, k2, v, out, lse, dist_threshold, params
+    )
+    if flipped:
+        dq1, dq2 = -dq1, -dq2
+    return dq1, dk1, dq2, dk2, dv
 
 
 @piecewise_backward.register_fake

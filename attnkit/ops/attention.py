@@ -102,7 +102,6 @@ def attention(
         requires_grad=requires_grad,
         sink=sink is not None,
     )
-    params, (q,) = _common.fold_scale_sign(params, q)
     if q.numel() == 0 or seqlen_k == 0:
         out, lse = _common.EmptyAttention.apply(
             (batch, seqlen_q, num_heads_q, v.shape[-1]), (batch, num_heads_q, seqlen_q), q, k, v

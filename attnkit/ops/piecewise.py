@@ -79,7 +79,6 @@ def piecewise_attention(
         alibi=False,
         requires_grad=_common.needs_grad(*named.values()),
     )
-    params, (q1, q2) = _common.fold_scale_sign(params, q1, q2)
     if q1.numel() == 0 or seqlen_k == 0:
         out, lse = _common.EmptyAttention.apply(
             (batch, seqlen_q, num_heads_q, v.shape[-1]), (batch, num_heads_q, seqlen_q), q1, k1, v

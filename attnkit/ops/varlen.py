@@ -97,7 +97,6 @@ def attention_varlen(
         requires_grad=requires_grad,
         sink=sink is not None,
     )
-    params, (q,) = _common.fold_scale_sign(params, q)
     if q.shape[0] == 0 or max_seqlen_q == 0 or max_seqlen_k == 0:
         out, lse = _common.EmptyAttention.apply(
             (q.shape[0], num_heads_q, v.shape[-1]), (num_heads_q, q.shape[0]), q, k, v

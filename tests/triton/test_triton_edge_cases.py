@@ -247,3 +247,20 @@ def test_gpu_strided_offsets_and_huge_max_seqlen():
     want = attnkit.attention_varlen(q, k, v, cq, ck, 500, 1000, causal=True, backend="reference")
     got = attnkit.attention_varlen(q, k, v, spread_q[::2], spread_k[::2], 10**6, 2**40, causal=True, backend=TRITON)
     _close(got, want, atol=2e-2)
+
+
+def test_negative_scale_through_the_custom_op():
+    """The fold lives in the custom ops, so callers of the ops themselves (attnkit.distributed's blocks) get it."""
+    from attnkit.ops import _library
+
+    q, k, v = _rand(1, 37, 2, 16, seed=1), _rand(1, 41, 2, 16, seed=2), _rand(1, 41, 2, 16, seed=3)
+    outs = {}
+    for name in ("reference", TRITON):
+        x = q.clone().requires_grad_()
+        out, lse = _library.attention_forward(
+            x, k, v, None, None, 37, 41, None, -20.0, False, -1, -1, 0.0, 0.0, 0, False, name
+        )
+        (dq,) = torch.autograd.grad(out, x, torch.ones_like(out))
+        outs[name] = (out, lse, dq)
+    for got, want in zip(outs[TRITON], outs["reference"]):
+        _close(got, want, atol=1e-4)
