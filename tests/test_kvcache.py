@@ -299,3 +299,31 @@ def test_no_grad_and_lse_shape():
     assert out.shape == (2, 3, 4, 8) and lse.shape == (2, 4, 3)
     assert torch.equal(out[0], torch.zeros_like(out[0])) and torch.isneginf(lse[0]).all()
     assert math.isfinite(float(lse[1].max()))
+
+
+@pytest.mark.parametrize("name", ["q", "k_cache", "v_cache", "k", "v", "rotary_cos", "alibi_slopes"])
+def test_forward_only_refuses_a_gradient(name):
+    """The op has no backward: an input that requires grad (with grad mode on) is an error naming it, raised before
+    the cache is written; under no_grad/inference_mode the same call runs and its output carries no grad."""
+    k_cache, v_cache, bk, bv = _small_cache()
+    args = dict(
+        q=rand(2, 1, 2, 4, seed=3), k_cache=k_cache, v_cache=v_cache, k=rand(2, 2, 1, 4, seed=4),
+        v=rand(2, 2, 1, 4, seed=5), rotary_cos=torch.ones(16, 1, dtype=torch.float64),
+        rotary_sin=torch.zeros(16, 1, dtype=torch.float64), alibi_slopes=torch.full((2,), 0.5),
+    )  # fmt: skip
+    args[name] = args[name].clone().requires_grad_()
+
+    def call():
+        return attnkit.attention_with_kvcache(
+            args["q"], args["k_cache"], args["v_cache"], args["k"], args["v"], cache_seqlens=_lens(3, 7),
+            rotary_cos=args["rotary_cos"], rotary_sin=args["rotary_sin"], alibi_slopes=args["alibi_slopes"],
+            backend="reference",
+        )  # fmt: skip
+
+    with pytest.raises(InvalidArgumentError, match=rf"{name} requires grad.*forward-only.*no_grad"):
+        call()
+    assert torch.equal(args["k_cache"], bk) and torch.equal(args["v_cache"], bv)
+    for mode in (torch.no_grad, torch.inference_mode):
+        with mode():
+            out = call()
+        assert not out.requires_grad and out.grad_fn is None

@@ -60,7 +60,8 @@ def attention_with_kvcache(
             ``cache_seqlens + arange(seqlen_new)`` and to ``q`` at ``cache_seqlens + arange(seqlen_q)`` if causal or
             windowed, else at ``cache_seqlens`` (every query at the same position). Needs ``k``.
         rotary_interleaved: rotate channel pairs (0,1),(2,3)... (True) or the two halves (False).
-        Other keywords as in :func:`attnkit.attention` (no dropout; forward only, like flash-attn).
+        Other keywords as in :func:`attnkit.attention` (no dropout). Forward only, like flash-attn: with grad
+            mode on, an input that requires grad raises InvalidArgumentError (use torch.no_grad()).
 
     Returns:
         ``out`` ``(batch, seqlen_q, nheads, headdim_v)``, or ``(out, lse)``.
@@ -184,6 +185,10 @@ def attention_with_kvcache(
         deterministic=False,
     )
     slopes = validation.alibi_slopes(alibi_slopes, batch, num_heads_q, device)
+    _forward_only(
+        {"q": q, "k_cache": k_cache, "v_cache": v_cache, "k": k, "v": v, "rotary_cos": rotary_cos,
+         "rotary_sin": rotary_sin, "alibi_slopes": slopes}
+    )  # fmt: skip
 
     if rotary_cos is not None or rotary_sin is not None:
         if rotary_cos is None or rotary_sin is None or k is None:
@@ -235,6 +240,20 @@ def attention_with_kvcache(
         params.softmax_scale, params.causal, params.window_left, params.window_right, params.softcap, chosen,
     )  # fmt: skip
     return (out, lse) if return_lse else out
+
+
+def _forward_only(named: dict[str, object]) -> None:
+    """attention_with_kvcache has no backward (like flash-attn's ``flash_attn_with_kvcache``): refuse a call whose
+    output autograd would try to differentiate, rather than fail later in ``backward()`` or drop the gradient."""
+    if not torch.is_grad_enabled():
+        return
+    for name, x in named.items():
+        if isinstance(x, torch.Tensor) and x.requires_grad:
+            raise InvalidArgumentError(
+                f"{name} requires grad, but attention_with_kvcache is forward-only (no backward, like flash-attn's "
+                f"flash_attn_with_kvcache); call it under torch.no_grad() or torch.inference_mode(), or pass "
+                f"{name}.detach()"
+            )
 
 
 def _capturing(device: torch.device) -> bool:
