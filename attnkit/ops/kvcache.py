@@ -19,7 +19,8 @@ def _int32_vector(name: str, x: object, length: int, device: torch.device) -> to
         raise InvalidArgumentError(f"{name} must be int32 of shape ({length},), got {x.dtype} {tuple(x.shape)}")
     if x.device != device:
         raise InvalidArgumentError(f"{name} is on {x.device} but q is on {device}")
-    return x
+    # Kernels index these as dense vectors: a strided view (t[::2]) would be read as if it were contiguous.
+    return x.contiguous()
 
 
 def attention_with_kvcache(
@@ -88,6 +89,7 @@ def attention_with_kvcache(
             )
         if cache_batch_idx is not None:
             raise InvalidArgumentError("cache_batch_idx cannot be combined with block_table (a paged cache)")
+        block_table = block_table.contiguous()  # kernels step through a row with stride 1
         page_size = k_cache.shape[1]
         if page_size % 16:
             raise InvalidArgumentError(f"paged cache page size is {page_size}; allowed: a multiple of 16")

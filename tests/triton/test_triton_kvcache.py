@@ -291,3 +291,32 @@ def test_kvcache_gpu_cuda_graph_capture(paged):
     torch.cuda.synchronize()
     assert torch.equal(out_graph, out_eager)
     assert torch.equal(k_cache, k_eager) and torch.equal(v_cache, v_eager)
+
+
+def _strided(x: torch.Tensor, junk: int) -> torch.Tensor:
+    """The same values as ``x`` in a view that is not contiguous: every other element along the last axis, the
+    elements in between set to ``junk`` (a kernel that ignores the stride reads them)."""
+    wide = torch.full((*x.shape[:-1], 2 * x.shape[-1]), junk, dtype=x.dtype, device=x.device)
+    wide[..., ::2] = x
+    view = wide[..., ::2]
+    assert not view.is_contiguous() and torch.equal(view, x)
+    return view
+
+
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+@pytest.mark.parametrize("backend", ["triton_cuda", "reference"])
+def test_kvcache_strided_index_tensors(paged, backend):
+    """Strided cache_seqlens, cache_batch_idx and block_table give the bits of their contiguous copies (the Triton
+    kernels read them as dense vectors, so the frontend makes them contiguous), append included."""
+    gen = torch.Generator().manual_seed(21)
+    q, k_cache, v_cache, k_new, v_new, kw = _cache_case(torch.float32, paged, 3, 2, 2, 2, 16, 16, [5, 40, 17], 2,
+                                                        torch.device("cpu"), gen)  # fmt: skip
+    strided = {name: _strided(t, 7 if name == "cache_seqlens" else 10**6) for name, t in kw.items()}
+    results = []
+    for opts in (kw, strided):
+        kc, vc = k_cache.clone(), v_cache.clone()
+        out = attnkit.attention_with_kvcache(q, kc, vc, k_new, v_new, causal=True, return_lse=True, backend=backend,
+                                             **opts)  # fmt: skip
+        results.append((*out, kc, vc))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
