@@ -327,3 +327,41 @@ def test_forward_only_refuses_a_gradient(name):
         with mode():
             out = call()
         assert not out.requires_grad and out.grad_fn is None
+
+
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+@pytest.mark.parametrize(
+    "failure",
+    ["unknown_backend", "empty_backend_env", "bad_debug_env", "backend_refuses_dtype", "alibi_shape"],
+)
+def test_failed_call_writes_nothing(failure, paged, monkeypatch):
+    """Everything is decided before the append: a call that raises for its backend request, its environment or an
+    argument checked late leaves the cache bit for bit as it was."""
+    k_cache, v_cache = rand(4, 16, 1, 4, seed=1), rand(4, 16, 1, 4, seed=2)
+    bk, bv = k_cache.clone(), v_cache.clone()
+    q, k_new, v_new = rand(2, 1, 2, 4, seed=3), rand(2, 2, 1, 4, seed=4), rand(2, 2, 1, 4, seed=5)
+    kw = dict(cache_seqlens=_lens(3, 9), rotary_cos=torch.ones(16, 1), rotary_sin=torch.zeros(16, 1))
+    kw["rotary_cos"], kw["rotary_sin"] = kw["rotary_cos"].double(), kw["rotary_sin"].double()
+    if paged:
+        kw["block_table"] = torch.tensor([[0, 1], [2, 3]], dtype=I32)
+    else:
+        k_cache, v_cache, bk, bv = k_cache[:2], v_cache[:2], bk[:2], bv[:2]
+    kw["backend"] = "reference"
+    expected: type[Exception] = InvalidArgumentError
+    if failure == "unknown_backend":
+        kw["backend"] = "bogus"
+    elif failure == "empty_backend_env":
+        kw["backend"] = "auto"
+        monkeypatch.setenv("ATTNKIT_BACKEND", ",,")
+        expected = attnkit.EnvironmentVariableError
+    elif failure == "bad_debug_env":
+        monkeypatch.setenv("ATTNKIT_DEBUG", "2")
+        expected = attnkit.EnvironmentVariableError
+    elif failure == "backend_refuses_dtype":
+        kw["backend"] = "triton_cuda"  # no float64 kernels (and, on a CPU without the interpreter, no device)
+        expected = attnkit.BackendUnsupportedError
+    else:
+        kw["alibi_slopes"] = torch.ones(3)
+    with pytest.raises(expected):
+        attnkit.attention_with_kvcache(q, k_cache, v_cache, k_new, v_new, **kw)
+    assert torch.equal(k_cache, bk) and torch.equal(v_cache, bv)

@@ -187,11 +187,7 @@ def attention_with_kvcache(
         deterministic=False,
     )
     slopes = validation.alibi_slopes(alibi_slopes, batch, num_heads_q, device)
-    _forward_only(
-        {"q": q, "k_cache": k_cache, "v_cache": v_cache, "k": k, "v": v, "rotary_cos": rotary_cos,
-         "rotary_sin": rotary_sin, "alibi_slopes": slopes}
-    )  # fmt: skip
-
+    per_query = params.is_masked
     if rotary_cos is not None or rotary_sin is not None:
         if rotary_cos is None or rotary_sin is None or k is None:
             raise InvalidArgumentError("rotary needs rotary_cos, rotary_sin and new k/v together")
@@ -202,7 +198,6 @@ def attention_with_kvcache(
                 f"rotary_cos/sin must share a shape (seqlen_ro, rotary_dim/2) with rotary_dim <= {head_dim}, got "
                 f"{tuple(rotary_cos.shape)} and {tuple(rotary_sin.shape)}"
             )
-        per_query = params.is_masked
         reach = max(seqlen_new, seqlen_q if per_query else 1)
         if lengths is None:
             _device_check((cache_seqlens + reach <= rotary_cos.shape[0]).all(),
@@ -211,17 +206,12 @@ def attention_with_kvcache(
             raise InvalidArgumentError(
                 f"rotary_cos has {rotary_cos.shape[0]} positions; this call needs {longest + reach}"
             )
-        base = cache_seqlens.long()[:, None]
-        k_pos = base + torch.arange(seqlen_new, device=device)[None, :]
-        q_pos = base + (torch.arange(seqlen_q, device=device)[None, :] if per_query else 0)
-        q_pos = q_pos.expand(batch, seqlen_q)
-        k = apply_rotary(k, rotary_cos[k_pos], rotary_sin[k_pos], rotary_interleaved)
-        q = apply_rotary(q, rotary_cos[q_pos], rotary_sin[q_pos], rotary_interleaved)
-
-    if k is not None and seqlen_new:
-        _append(k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table)
-    total = cache_seqlens if not seqlen_new else (cache_seqlens + seqlen_new).to(torch.int32)
-
+    _forward_only(
+        {"q": q, "k_cache": k_cache, "v_cache": v_cache, "k": k, "v": v, "rotary_cos": rotary_cos,
+         "rotary_sin": rotary_sin, "alibi_slopes": slopes}
+    )  # fmt: skip
+    # The backend is chosen before anything is written: an unknown or refusing backend, or a malformed ATTNKIT_*
+    # variable, must leave the cache as it was.
     chosen = _common.choose(
         "paged_kvcache" if paged else "kvcache",
         backend,
@@ -235,6 +225,18 @@ def attention_with_kvcache(
         alibi=slopes is not None,
         requires_grad=False,
     )
+
+    # Every check has passed: from here on the call writes (the rotated new keys, then the cache).
+    if rotary_cos is not None:
+        base = cache_seqlens.long()[:, None]
+        k_pos = base + torch.arange(seqlen_new, device=device)[None, :]
+        q_pos = base + (torch.arange(seqlen_q, device=device)[None, :] if per_query else 0)
+        q_pos = q_pos.expand(batch, seqlen_q)
+        k = apply_rotary(k, rotary_cos[k_pos], rotary_sin[k_pos], rotary_interleaved)
+        q = apply_rotary(q, rotary_cos[q_pos], rotary_sin[q_pos], rotary_interleaved)
+    if k is not None and seqlen_new:
+        _append(k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table)
+    total = cache_seqlens if not seqlen_new else (cache_seqlens + seqlen_new).to(torch.int32)
     if q.shape[-1] and q.stride(-1) != 1:
         q = q.contiguous()
     out, lse = _library.kvcache_forward(
