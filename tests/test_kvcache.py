@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import math
-import os
-import sys
 
 import pytest
 import torch
-from helpers import assert_close, rand
+from helpers import assert_close, rand, record_read_backs
 
 import attnkit
 from attnkit import InvalidArgumentError, KVCacheOverflowError
@@ -206,16 +204,10 @@ def test_overflow_raises_before_writing(lens):
     assert torch.equal(k_cache, bk) and torch.equal(v_cache, bv)
 
 
-def _forbid_frontend_read_back(monkeypatch) -> None:
-    """Fail if attention_with_kvcache itself reads a tensor back to the host (the reference backend may)."""
-    real_tolist = torch.Tensor.tolist
-
-    def no_read_back_in_frontend(self):
-        caller = sys._getframe(1).f_code.co_filename
-        assert not caller.endswith(os.path.join("attnkit", "ops", "kvcache.py")), "frontend read a tensor back"
-        return real_tolist(self)
-
-    monkeypatch.setattr(torch.Tensor, "tolist", no_read_back_in_frontend)
+def _forbid_frontend_read_back(monkeypatch) -> list[str]:
+    """Record reads of a tensor back to the host by attention_with_kvcache itself (the reference backend may read);
+    the caller asserts the list is empty at the end."""
+    return record_read_backs(monkeypatch, "attnkit/ops/kvcache.py", "attnkit/ops/_kvcache_checks.py")
 
 
 def test_int_or_default_lengths_do_not_read_the_device(monkeypatch):
@@ -224,7 +216,7 @@ def test_int_or_default_lengths_do_not_read_the_device(monkeypatch):
     k_cache, v_cache, bk, bv = _small_cache()
     q, k_new, v_new = rand(2, 1, 1, 4), rand(2, 3, 1, 4), rand(2, 3, 1, 4)
 
-    _forbid_frontend_read_back(monkeypatch)
+    read_backs = _forbid_frontend_read_back(monkeypatch)
     attnkit.attention_with_kvcache(q, k_cache, v_cache, backend="reference")
     attnkit.attention_with_kvcache(q, k_cache, v_cache, k_new, v_new, cache_seqlens=5, backend="reference")
     assert torch.equal(k_cache[:, 5:8], k_new) and torch.equal(v_cache[:, 5:8], v_new)
@@ -234,6 +226,7 @@ def test_int_or_default_lengths_do_not_read_the_device(monkeypatch):
     with pytest.raises(InvalidArgumentError, match="negative"):
         attnkit.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=-1, backend="reference")
     assert torch.equal(k_cache, bk) and torch.equal(v_cache, bv)
+    assert read_backs == []
 
 
 def test_checks_move_to_the_device_under_graph_capture(monkeypatch):
@@ -242,7 +235,7 @@ def test_checks_move_to_the_device_under_graph_capture(monkeypatch):
     from attnkit.ops import kvcache as kvcache_op
 
     monkeypatch.setattr(kvcache_op, "_capturing", lambda device: True)
-    _forbid_frontend_read_back(monkeypatch)
+    read_backs = _forbid_frontend_read_back(monkeypatch)
     k_cache, v_cache, bk, bv = _small_cache()
     q, k_new, v_new = rand(2, 1, 1, 4), rand(2, 3, 1, 4), rand(2, 3, 1, 4)
     attnkit.attention_with_kvcache(q, k_cache, v_cache, k_new, v_new, cache_seqlens=_lens(4, 13), backend="reference")
@@ -263,7 +256,13 @@ def test_checks_move_to_the_device_under_graph_capture(monkeypatch):
         attnkit.attention_with_kvcache(
             q, pages, pages.clone(), k_new, v_new, cache_seqlens=_lens(3, 15), block_table=table, backend="reference"
         )
+    shared = torch.tensor([[0, 1], [1, 2]], dtype=I32)  # row 0 appends to page 1, which row 1 reads
+    with pytest.raises(RuntimeError, match="share a page"):
+        attnkit.attention_with_kvcache(
+            q, pages, pages.clone(), k_new, v_new, cache_seqlens=_lens(14, 3), block_table=shared, backend="reference"
+        )
     assert torch.equal(k_cache, bk) and torch.equal(v_cache, bv)
+    assert read_backs == []
 
 
 def test_paged_overflow_and_bad_block_table_raise_before_writing():

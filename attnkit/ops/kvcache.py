@@ -8,7 +8,7 @@ import torch
 
 from .. import validation
 from ..errors import InvalidArgumentError, InvalidArgumentTypeError, KVCacheOverflowError
-from . import _common, _library
+from . import _common, _kvcache_checks, _library
 from .rotary import apply_rotary
 
 
@@ -77,7 +77,7 @@ def attention_with_kvcache(
     batch, seqlen_q, num_heads_q, head_dim = q.shape
     device = q.device
     # Nothing can be read back to the host while a CUDA graph is captured: the checks that need tensor values then
-    # run on the device instead (_device_check), in stream order before any write.
+    # run on the device instead (_kvcache_checks.device_check), in stream order before any write.
     capturing = _capturing(device)
     paged = block_table is not None
     if paged:
@@ -107,7 +107,9 @@ def attention_with_kvcache(
                 if k is not None:
                     ordered = cache_batch_idx.sort().values
                     rows_ok = rows_ok & (ordered[1:] != ordered[:-1]).all()
-                _device_check(rows_ok, f"cache_batch_idx has entries outside [0, {k_cache.shape[0]}) or repeats a row")
+                _kvcache_checks.device_check(
+                    rows_ok, f"cache_batch_idx has entries outside [0, {k_cache.shape[0]}) or repeats a row"
+                )
             else:
                 idx = cache_batch_idx.tolist()
                 if any(not 0 <= i < k_cache.shape[0] for i in idx):
@@ -147,7 +149,7 @@ def attention_with_kvcache(
         lengths = None if capturing else cache_seqlens.tolist()
     if lengths is None:
         longest = capacity - seqlen_new  # for the dispatch spec: the most a row may hold
-        _device_check(
+        _kvcache_checks.device_check(
             ((cache_seqlens >= 0) & (cache_seqlens <= capacity - seqlen_new)).all(),
             f"cache_seqlens has negative entries or a row without room for {seqlen_new} more tokens (capacity "
             f"{capacity})",
@@ -163,19 +165,10 @@ def attention_with_kvcache(
                 f"cache row {b} holds {lengths[b]} tokens; appending {seqlen_new} would need "
                 f"{lengths[b] + seqlen_new} slots but the cache has room for {capacity}"
             )
+    if seqlen_new:
+        _kvcache_checks.caches_writable(k_cache, v_cache)
     if paged:
-        num_blocks = k_cache.shape[0]
-        page_size = k_cache.shape[1]
-        # One vectorised check (a single device sync) over the pages each row will touch.
-        pages_needed = (cache_seqlens.long() + seqlen_new + page_size - 1) // page_size
-        touched = torch.arange(block_table.shape[1], device=device)[None, :] < pages_needed[:, None]
-        bad_rows = (touched & ((block_table < 0) | (block_table >= num_blocks))).any(dim=1)
-        if capturing:
-            _device_check(~bad_rows.any(), f"block_table uses pages outside [0, {num_blocks})")
-        elif bool(bad_rows.any()):
-            b = int(bad_rows.nonzero()[0, 0])
-            used = block_table[b, : int(pages_needed[b])].tolist()
-            raise InvalidArgumentError(f"block_table[{b}] uses pages {used} outside [0, {num_blocks})")
+        _kvcache_checks.pages(block_table, cache_seqlens, seqlen_new, k_cache.shape[0], k_cache.shape[1], capturing)
 
     params = _common.resolve_params(
         head_dim=head_dim,
@@ -200,7 +193,7 @@ def attention_with_kvcache(
             )
         reach = max(seqlen_new, seqlen_q if per_query else 1)
         if lengths is None:
-            _device_check((cache_seqlens + reach <= rotary_cos.shape[0]).all(),
+            _kvcache_checks.device_check((cache_seqlens + reach <= rotary_cos.shape[0]).all(),
                           f"rotary_cos has {rotary_cos.shape[0]} positions; a row needs more")  # fmt: skip
         elif rotary_cos.shape[0] < longest + reach:
             raise InvalidArgumentError(
@@ -262,12 +255,6 @@ def _forward_only(named: dict[str, object]) -> None:
 
 def _capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-
-
-def _device_check(ok: torch.Tensor, message: str) -> None:
-    """A check whose inputs stay on the device (CUDA-graph capture): it runs in stream order before the writes
-    that follow, and a failure stops the GPU with a device-side assert instead of raising here."""
-    torch._assert_async(ok, f"attention_with_kvcache: {message}")
 
 
 def _append(k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table) -> None:
