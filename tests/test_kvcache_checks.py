@@ -158,3 +158,33 @@ def test_page_checks_read_back_once_and_not_more_with_an_append(monkeypatch):
     k_cache, v_cache = rand(2, 16, 1, 4, seed=1), rand(2, 16, 1, 4, seed=2)
     attnkit.attention_with_kvcache(q, k_cache, v_cache, k_new, v_new, cache_seqlens=5, backend="reference")
     assert len(seen) == 2, seen
+
+
+@pytest.mark.parametrize("value", [2**31, 2**63, 17, -(2**40)])
+def test_int_cache_seqlens_out_of_range(value):
+    """An int cache_seqlens is checked against the capacity before any int32 tensor is made from it."""
+    k_cache, v_cache = rand(2, 16, 1, 4, seed=1), rand(2, 16, 1, 4, seed=2)
+    q = rand(2, 1, 2, 4, seed=3)
+    expected = InvalidArgumentError if value < 0 else attnkit.KVCacheOverflowError
+    with pytest.raises(expected, match=rf"cache_seqlens.*{value}|{value}.*room for 16"):
+        attnkit.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=value, backend="reference")
+
+
+@pytest.mark.parametrize("page_size", [0, 8, 24])
+def test_paged_page_size_must_be_a_positive_multiple_of_16(page_size):
+    pages = rand(4, page_size, 1, 4, seed=1)
+    q = rand(2, 1, 2, 4, seed=3)
+    with pytest.raises(InvalidArgumentError, match=rf"page size \(k_cache.shape\[1\]\) is {page_size}; .*positive"):
+        attnkit.attention_with_kvcache(q, pages, pages.clone(), cache_seqlens=0,
+                                       block_table=torch.zeros(2, 2, dtype=I32), backend="reference")  # fmt: skip
+
+
+@pytest.mark.parametrize("shape", [(0, 1, 2, 4), (2, 0, 2, 4), (2, 1, 0, 4)], ids=["batch0", "seqlen0", "heads0"])
+def test_empty_queries_give_an_empty_result_and_still_append(shape):
+    batch = shape[0]
+    k_cache, v_cache = rand(batch, 16, 1, 4, seed=1), rand(batch, 16, 1, 4, seed=2)
+    k_new, v_new = rand(batch, 2, 1, 4, seed=4), rand(batch, 2, 1, 4, seed=5)
+    out, lse = attnkit.attention_with_kvcache(rand(*shape), k_cache, v_cache, k_new, v_new, cache_seqlens=3,
+                                              return_lse=True, backend="reference")  # fmt: skip
+    assert out.shape == shape and lse.shape == (shape[0], shape[2], shape[1])
+    assert torch.equal(k_cache[:, 3:5], k_new) and torch.equal(v_cache[:, 3:5], v_new)

@@ -8,8 +8,11 @@ import torch
 
 from .. import validation
 from ..errors import InvalidArgumentError, InvalidArgumentTypeError, KVCacheOverflowError
+from ..params import lse_dtype
 from . import _common, _kvcache_checks, _library
 from .rotary import apply_rotary
+
+_INT32_MAX = 2**31 - 1
 
 
 def _int32_vector(name: str, x: object, length: int, device: torch.device) -> torch.Tensor:
@@ -91,8 +94,10 @@ def attention_with_kvcache(
             raise InvalidArgumentError("cache_batch_idx cannot be combined with block_table (a paged cache)")
         block_table = block_table.contiguous()  # kernels step through a row with stride 1
         page_size = k_cache.shape[1]
-        if page_size % 16:
-            raise InvalidArgumentError(f"paged cache page size is {page_size}; allowed: a multiple of 16")
+        if page_size <= 0 or page_size % 16:
+            raise InvalidArgumentError(
+                f"paged cache page size (k_cache.shape[1]) is {page_size}; allowed: a positive multiple of 16"
+            )
         capacity = block_table.shape[1] * page_size
     else:
         capacity = k_cache.shape[1]
@@ -133,14 +138,17 @@ def attention_with_kvcache(
                 f"k {tuple(k.shape)}, v {tuple(v.shape)}"
             )
         seqlen_new = k.shape[1]
+    if capacity > _INT32_MAX:
+        raise InvalidArgumentError(
+            f"the cache has room for {capacity} tokens per row; at most {_INT32_MAX} are allowed (int32 lengths)"
+        )
+    known = None  # lengths known on the host: made a tensor once they have passed the checks below
     if cache_seqlens is None:
         if k is not None:
             raise InvalidArgumentError("cache_seqlens is required when appending k/v (where would they go?)")
-        lengths = [capacity] * batch
-        cache_seqlens = torch.full((batch,), capacity, dtype=torch.int32, device=device)
+        lengths, known = [capacity] * batch, capacity
     elif isinstance(cache_seqlens, int) and not isinstance(cache_seqlens, bool):
-        lengths = [cache_seqlens] * batch
-        cache_seqlens = torch.full((batch,), cache_seqlens, dtype=torch.int32, device=device)
+        lengths, known = [cache_seqlens] * batch, cache_seqlens
     else:
         cache_seqlens = _int32_vector("cache_seqlens", cache_seqlens, batch, device)
         # A device sync: the checks below must see the lengths before anything is read or written. Lengths given
@@ -161,10 +169,16 @@ def attention_with_kvcache(
             raise InvalidArgumentError(f"cache_seqlens={lengths} has negative entries")
         if longest + seqlen_new > capacity:
             b = lengths.index(longest)
+            if not seqlen_new:
+                raise KVCacheOverflowError(
+                    f"cache_seqlens says cache row {b} holds {lengths[b]} tokens but the cache has room for {capacity}"
+                )
             raise KVCacheOverflowError(
                 f"cache row {b} holds {lengths[b]} tokens; appending {seqlen_new} would need "
                 f"{lengths[b] + seqlen_new} slots but the cache has room for {capacity}"
             )
+        if known is not None:
+            cache_seqlens = torch.full((batch,), known, dtype=torch.int32, device=device)
     if seqlen_new:
         _kvcache_checks.caches_writable(k_cache, v_cache)
     if paged:
@@ -230,7 +244,11 @@ def attention_with_kvcache(
     if k is not None and seqlen_new:
         _append(k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table)
     total = cache_seqlens if not seqlen_new else (cache_seqlens + seqlen_new).to(torch.int32)
-    if q.shape[-1] and q.stride(-1) != 1:
+    if q.numel() == 0:  # no batch rows, queries or heads: nothing to attend (any append above has happened)
+        out = q.new_zeros((batch, seqlen_q, num_heads_q, v_cache.shape[-1]))
+        lse = torch.full((batch, num_heads_q, seqlen_q), float("-inf"), dtype=lse_dtype(q.dtype), device=device)
+        return (out, lse) if return_lse else out
+    if q.stride(-1) != 1:
         q = q.contiguous()
     out, lse = _library.kvcache_forward(
         q, k_cache, v_cache, total, cache_batch_idx, block_table, slopes,

@@ -104,6 +104,9 @@ def forward_kvcache(
             plan_key = None
     batch, seqlen_q, heads_q, head_dim = q.shape
     heads_k, head_dim_v = k_cache.shape[2], v_cache.shape[3]
+    if q.numel() == 0:  # no programs to launch (and the split count below divides by the batch)
+        out = torch.zeros(batch, seqlen_q, heads_q, head_dim_v, dtype=q.dtype, device=q.device)
+        return out, torch.full((batch, heads_q, seqlen_q), float("-inf"), dtype=torch.float32, device=q.device)
     group = heads_q // heads_k
     paged = info.block_table is not None
     page_size = k_cache.shape[1] if paged else 0
@@ -122,8 +125,6 @@ def forward_kvcache(
     lse_part = torch.empty(splits, batch, heads_q, seqlen_q, dtype=torch.float32, device=q.device)
     out = torch.empty(batch, seqlen_q, heads_q, head_dim_v, dtype=q.dtype, device=q.device)
     lse = torch.empty(batch, heads_q, seqlen_q, dtype=torch.float32, device=q.device)
-    if out.numel() == 0:
-        return out, lse.fill_(float("-inf"))
 
     slope_stride_b = alibi.stride(0) if alibi is not None and alibi.dim() == 2 else 0
     split_args = (

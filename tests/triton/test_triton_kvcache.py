@@ -320,3 +320,38 @@ def test_kvcache_strided_index_tensors(paged, backend):
         results.append((*out, kc, vc))
     for a, b in zip(*results):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("shape", [(0, 1, 4, 16), (2, 0, 4, 16), (2, 1, 0, 16)], ids=["batch0", "seqlen0", "heads0"])
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+def test_kvcache_empty_queries(shape, paged):
+    """No batch rows, queries or query heads: an empty result like the reference's (the split heuristic divides by
+    the batch, so this used to raise ZeroDivisionError), with the append still done."""
+    batch = shape[0]
+    kw = dict(cache_seqlens=3)
+    if paged:
+        kw["block_table"] = torch.arange(batch * 2, dtype=torch.int32).view(batch, 2)
+    rows = batch * 2 if paged else batch
+    k_cache, v_cache = torch.randn(rows, 16, 2, 16), torch.randn(rows, 16, 2, 16)
+    k_new, v_new = torch.randn(batch, 2, 2, 16), torch.randn(batch, 2, 2, 16)
+    results = []
+    for backend in ("triton_cuda", "reference"):
+        kc, vc = k_cache.clone(), v_cache.clone()
+        out, lse = attnkit.attention_with_kvcache(torch.randn(*shape), kc, vc, k_new, v_new, return_lse=True,
+                                                  backend=backend, **kw)  # fmt: skip
+        results.append((out, lse, kc, vc))
+    for a, b in zip(*results):
+        assert a.shape == b.shape and torch.equal(a, b)
+    assert results[0][0].shape == shape
+
+
+def test_kvcache_launch_handles_no_queries():
+    """The backend entry point itself (below the frontend) returns an empty result for batch 0."""
+    from attnkit.backends.triton import kvcache_launch
+
+    from attnkit.params import AttentionParams, KVCacheInfo
+
+    q, cache = torch.randn(0, 1, 4, 16), torch.randn(0, 16, 2, 16)
+    info = KVCacheInfo(torch.zeros(0, dtype=torch.int32))
+    out, lse = kvcache_launch.forward_kvcache(q, cache, cache, info, None, AttentionParams(softmax_scale=0.25))
+    assert out.shape == (0, 1, 4, 16) and lse.shape == (0, 4, 1)
