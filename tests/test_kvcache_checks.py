@@ -1,5 +1,7 @@
-"""attention_with_kvcache refuses caches whose append would write one memory location from two places, before it
-writes anything; the overlap test it relies on (attnkit.ops._overlap) is exact on small strided views."""
+"""attention_with_kvcache's argument checks, each raised before anything is written: caches whose append would
+write one memory location from two places (the overlap test, attnkit.ops._overlap, is exact on small strided
+views), lengths and page sizes out of range, non-bool flags, rotary tables that are not real floats; and empty
+query tensors, which are valid."""
 
 from __future__ import annotations
 
@@ -188,3 +190,52 @@ def test_empty_queries_give_an_empty_result_and_still_append(shape):
                                               return_lse=True, backend="reference")  # fmt: skip
     assert out.shape == shape and lse.shape == (shape[0], shape[2], shape[1])
     assert torch.equal(k_cache[:, 3:5], k_new) and torch.equal(v_cache[:, 3:5], v_new)
+
+
+def _rotary_call(**kw):
+    k_cache, v_cache = rand(2, 16, 1, 4, seed=1), rand(2, 16, 1, 4, seed=2)
+    q, k_new, v_new = _step()
+    args = dict(rotary_cos=torch.ones(16, 2, dtype=torch.float64), rotary_sin=torch.zeros(16, 2, dtype=torch.float64))
+    args.update(kw)
+    before = k_cache.clone()
+
+    def call():
+        return attnkit.attention_with_kvcache(q, k_cache, v_cache, k_new, v_new, cache_seqlens=3, backend="reference",
+                                              **args)  # fmt: skip
+
+    return call, lambda: torch.equal(k_cache, before)
+
+
+@pytest.mark.parametrize(
+    "kw,needles",
+    [
+        (dict(return_lse="no"), ["return_lse", "'no'"]),
+        (dict(return_lse=1), ["return_lse", "1"]),
+        (dict(rotary_interleaved="no"), ["rotary_interleaved", "'no'"]),
+        (dict(rotary_interleaved=None), ["rotary_interleaved", "None"]),
+    ],
+    ids=str,
+)
+def test_flags_must_be_bools(kw, needles):
+    call, untouched = _rotary_call(**kw)
+    with pytest.raises(attnkit.InvalidArgumentTypeError) as info:
+        call()
+    assert all(n in str(info.value) for n in needles) and untouched()
+
+
+@pytest.mark.parametrize("name", ["rotary_cos", "rotary_sin"])
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.int64, torch.bool])
+def test_rotary_tables_must_be_real_floats(name, dtype):
+    """A complex table (e.g. torch.polar's exp(i theta)) used to be cast to float32, silently dropping its imaginary
+    part; integer and bool tables are refused too."""
+    call, untouched = _rotary_call(**{name: torch.ones(16, 2, dtype=dtype)})
+    with pytest.raises(attnkit.InvalidArgumentTypeError, match=rf"{name}.dtype is {str(dtype)[6:]}; allowed: float16"):
+        call()
+    assert untouched()
+
+
+def test_rotary_tables_on_another_device():
+    call, untouched = _rotary_call(rotary_sin=torch.zeros(16, 2, dtype=torch.float64, device="meta"))
+    with pytest.raises(InvalidArgumentError, match="rotary_sin is on meta but q is on cpu"):
+        call()
+    assert untouched()

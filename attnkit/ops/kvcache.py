@@ -79,6 +79,9 @@ def attention_with_kvcache(
     validation.last_dim_contiguous({"q": q, "k_cache": k_cache, "v_cache": v_cache})
     batch, seqlen_q, num_heads_q, head_dim = q.shape
     device = q.device
+    for flag, value in (("return_lse", return_lse), ("rotary_interleaved", rotary_interleaved)):
+        if not isinstance(value, bool):
+            raise InvalidArgumentTypeError(f"{flag} must be a bool, got {value!r}")
     # Nothing can be read back to the host while a CUDA graph is captured: the checks that need tensor values then
     # run on the device instead (_kvcache_checks.device_check), in stream order before any write.
     capturing = _capturing(device)
@@ -200,6 +203,14 @@ def attention_with_kvcache(
             raise InvalidArgumentError("rotary needs rotary_cos, rotary_sin and new k/v together")
         rotary_cos = validation.tensor("rotary_cos", rotary_cos, 2)
         rotary_sin = validation.tensor("rotary_sin", rotary_sin, 2)
+        for name, table in (("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin)):
+            if table.dtype not in validation.FLOAT_DTYPES:  # a complex table would be cast and lose its angle
+                raise InvalidArgumentTypeError(
+                    f"{name}.dtype is {str(table.dtype).removeprefix('torch.')}; allowed: float16, bfloat16, "
+                    "float32, float64 (the cos/sin values, not complex exponentials)"
+                )
+            if table.device != device:
+                raise InvalidArgumentError(f"{name} is on {table.device} but q is on {device}")
         if rotary_cos.shape != rotary_sin.shape or 2 * rotary_cos.shape[1] > head_dim:
             raise InvalidArgumentError(
                 f"rotary_cos/sin must share a shape (seqlen_ro, rotary_dim/2) with rotary_dim <= {head_dim}, got "
