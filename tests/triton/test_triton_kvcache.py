@@ -355,3 +355,35 @@ def test_kvcache_launch_handles_no_queries():
     info = KVCacheInfo(torch.zeros(0, dtype=torch.int32))
     out, lse = kvcache_launch.forward_kvcache(q, cache, cache, info, None, AttentionParams(softmax_scale=0.25))
     assert out.shape == (0, 1, 4, 16) and lse.shape == (0, 4, 1)
+
+
+@pytest.mark.parametrize("opts", [dict(), dict(causal=True, window_size=(9, 0)), dict(softcap=3.0)], ids=str)
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+@pytest.mark.parametrize("backend", ["triton_cuda", "reference"])
+def test_kvcache_nan_outside_the_rows_never_leaks(backend, paged, opts):
+    """NaN and inf in every cache slot past a row's length (after the append), in unused pages and in the cache rows
+    no batch row uses: the output and lse are those of the same cache with zeros there, bit for bit, and finite."""
+    gen = torch.Generator().manual_seed(31)
+    lengths, new = [5, 0, 30], 2
+    q, k_cache, v_cache, k_new, v_new, kw = _cache_case(torch.float32, paged, 3, 2, 2, 2, 16, 16, lengths, new,
+                                                        torch.device("cpu"), gen)  # fmt: skip
+    valid = torch.zeros(k_cache.shape[:2], dtype=torch.bool)  # (rows or pages, slots) holding a valid key
+    for b, n in enumerate(lengths):
+        for j in range(n + new):
+            if paged:
+                valid[kw["block_table"][b, j // k_cache.shape[1]], j % k_cache.shape[1]] = True
+            else:
+                valid[kw["cache_batch_idx"][b], j] = True
+    results = []
+    for poison in (0.0, float("nan"), float("inf")):
+        kc, vc = k_cache.clone(), v_cache.clone()
+        kc[~valid], vc[~valid] = poison, -poison
+        if poison == 0.0:
+            clean_k, clean_v = kc, vc
+        out, lse = attnkit.attention_with_kvcache(q, kc, vc, k_new, v_new, return_lse=True, backend=backend,
+                                                  **kw, **opts)  # fmt: skip
+        results.append((out, lse))
+        assert torch.equal(kc[valid], clean_k[valid]) and torch.equal(vc[valid], clean_v[valid])
+    for out, lse in results[1:]:
+        assert not out.isnan().any() and not lse.isnan().any()
+        assert torch.equal(out, results[0][0]) and torch.equal(lse, results[0][1])
