@@ -364,3 +364,89 @@ def test_failed_call_writes_nothing(failure, paged, monkeypatch):
     with pytest.raises(expected):
         attnkit.attention_with_kvcache(q, k_cache, v_cache, k_new, v_new, **kw)
     assert torch.equal(k_cache, bk) and torch.equal(v_cache, bv)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(causal=True), dict(window_size=(4, 1)), dict(alibi=True)], ids=str)
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+def test_cache_leftpad(kw, paged):
+    """flash-attn 2.6's left-padded caches: row b attends to positions cache_leftpad[b] .. cache_seqlens[b] +
+    S_new - 1, exactly as plain attention over those keys alone (masks and ALiBi count from the row's own end);
+    the append still goes to cache_seqlens[b], and rotary positions stay absolute."""
+    batch, cap, hq, hk, d = 3, 48, 4, 2, 8
+    k_rows, v_rows = rand(batch, cap, hk, d, seed=1), rand(batch, cap, hk, d, seed=2)
+    q, k_new, v_new = rand(batch, 3, hq, d, seed=3), rand(batch, 2, hk, d, seed=4), rand(batch, 2, hk, d, seed=5)
+    lens, pads = _lens(20, 7, 33), _lens(5, 7, 0)  # the middle row holds only the new tokens
+    slopes = torch.rand(hq, generator=torch.Generator().manual_seed(6)) if kw.pop("alibi", False) else None
+    pos = torch.arange(cap, dtype=torch.float64)[:, None] * torch.tensor([1.0, 0.3])
+    rotary = dict(rotary_cos=pos.cos(), rotary_sin=pos.sin())
+    args = dict(cache_seqlens=lens, cache_leftpad=pads, alibi_slopes=slopes, backend="reference", **rotary, **kw)
+    if paged:
+        k_cache, v_cache, table = _paged_copy(k_rows, v_rows, 16, gen_seed=7)
+        out = attnkit.attention_with_kvcache(q, k_cache, v_cache, k_new, v_new, block_table=table, **args)
+        k_rows, v_rows = _unpage(k_cache, table), _unpage(v_cache, table)
+    else:
+        k_cache, v_cache = k_rows.clone(), v_rows.clone()
+        out = attnkit.attention_with_kvcache(q, k_cache, v_cache, k_new, v_new, **args)
+        k_rows, v_rows = k_cache, v_cache
+    rotate = 2 * rotary["rotary_cos"].shape[1]
+    for b, (n, p) in enumerate(zip(lens.tolist(), pads.tolist())):
+        k_pos = torch.arange(n, n + 2)
+        assert_close(k_rows[b, n : n + 2, :, :rotate], _rotate(k_new[b : b + 1], rotary["rotary_cos"][k_pos][None],
+                     rotary["rotary_sin"][k_pos][None], True)[0, :, :, :rotate], atol=1e-6, rtol=1e-6)  # fmt: skip
+        q_pos = torch.arange(n, n + 3) if kw else torch.full((3,), n)
+        q_rot = _rotate(q[b : b + 1], rotary["rotary_cos"][q_pos][None], rotary["rotary_sin"][q_pos][None], True)
+        slope_kw = {} if slopes is None else dict(alibi_slopes=slopes)
+        exp = attention_naive(q_rot, k_rows[b : b + 1, p : n + 2], v_rows[b : b + 1, p : n + 2], **slope_kw, **kw)
+        assert_close(out[b : b + 1], exp, atol=1e-6, rtol=1e-6)
+
+
+def test_cache_leftpad_checks(monkeypatch):
+    k_cache, v_cache, bk, bv = _small_cache()
+    q, k_new, v_new = rand(2, 1, 1, 4), rand(2, 3, 1, 4), rand(2, 3, 1, 4)
+
+    def call(pads, lens=None, **kw):
+        lens = _lens(4, 6) if lens is None else lens
+        return attnkit.attention_with_kvcache(q, k_cache, v_cache, k_new, v_new, cache_seqlens=lens,
+                                              cache_leftpad=pads, backend="reference", **kw)  # fmt: skip
+
+    with pytest.raises(InvalidArgumentError, match=r"cache_leftpad\[1\] is 7 but cache_seqlens\[1\] is 6"):
+        call(_lens(0, 7))
+    with pytest.raises(InvalidArgumentError, match=r"cache_leftpad\[0\] is -1"):
+        call(_lens(-1, 0), lens=5)
+    with pytest.raises(InvalidArgumentError, match="cache_leftpad must be int32"):
+        call(torch.tensor([0, 1]))
+    with pytest.raises(InvalidArgumentError, match="cache_seqlens is required"):
+        attnkit.attention_with_kvcache(q, k_cache, v_cache, cache_leftpad=_lens(0, 1), backend="reference")
+    assert torch.equal(k_cache, bk) and torch.equal(v_cache, bv)
+    # lengths and left padding given as tensors are read back together, once
+    from helpers import record_read_backs
+
+    seen = record_read_backs(monkeypatch, "attnkit/ops/kvcache.py", "attnkit/ops/_kvcache_checks.py")
+    call(_lens(1, 2))
+    assert len(seen) == 1, seen
+    from attnkit.ops import kvcache as kvcache_op
+
+    monkeypatch.setattr(kvcache_op, "_capturing", lambda device: True)
+    k_cache.copy_(bk)
+    with pytest.raises(RuntimeError, match="cache_leftpad"):
+        call(_lens(5, 0))
+    assert len(seen) == 1, seen
+    assert torch.equal(k_cache, bk)
+
+
+@pytest.mark.parametrize("value", [-1, 129, 2.0, True, "4"])
+def test_num_splits_checked(value):
+    q, k_cache, v_cache = rand(2, 1, 2, 4), rand(2, 10, 2, 4, seed=1), rand(2, 10, 2, 4, seed=2)
+    with pytest.raises(InvalidArgumentError, match=r"num_splits is .*; allowed: 0 \(the backend chooses\) or 1..128"):
+        attnkit.attention_with_kvcache(q, k_cache, v_cache, num_splits=value, backend="reference")
+
+
+def test_return_lse_has_flash_attn_layout():
+    """return_lse is flash-attn's return_softmax_lse: (batch, nheads, seqlen_q) float32, natural log."""
+    q, k_cache, v_cache = rand(2, 3, 4, 8, dtype=torch.float32), rand(2, 10, 2, 8, seed=1, dtype=torch.float32), \
+        rand(2, 10, 2, 8, seed=2, dtype=torch.float32)  # fmt: skip
+    _, lse = attnkit.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=7, return_lse=True, num_splits=2,
+                                              backend="reference")  # fmt: skip
+    scores = torch.einsum("bqhd,bkhd->bhqk", q.double(), k_cache[:, :7].repeat_interleave(2, 2).double()) / 8**0.5
+    assert lse.dtype == torch.float32 and lse.shape == (2, 4, 3)
+    assert_close(lse, scores.logsumexp(-1), atol=1e-5, rtol=1e-5)
