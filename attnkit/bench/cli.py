@@ -18,8 +18,9 @@ examples:
   attnkit bench --mode memory --memory-seqlens 32k  # the O(seqlen) memory target: peak vs budget, pass/fail
   attnkit bench --quick --out /tmp/bench          # tiny sizes, also on CPU
   attnkit bench --plot-from results/results.json  # figures from a saved run (e.g. where matplotlib is missing)
-providers: attnkit:<backend> (or just the backend name), sdpa:flash, sdpa:cudnn, sdpa:efficient, sdpa:math, flex,
-  flash_attn, flash_attn3; groups: attnkit, sdpa, peers, default, all. See benchmarks/README.md.
+providers: attnkit:<backend> (or just the backend name), attnkit:<backend>+seqlens (decode with a cache_seqlens
+  tensor), sdpa:flash, sdpa:cudnn, sdpa:efficient, sdpa:math, flex, flash_attn, flash_attn3; groups: attnkit, sdpa,
+  peers, default, all. Decode reports eager and CUDA-graph GB/s side by side. See benchmarks/README.md.
 """
 
 
@@ -99,7 +100,7 @@ def _list_providers(device) -> int:
     for name, p in providers.items():
         why = p.unavailable()
         state = "available" if why is None else f"unavailable: {why}"
-        print(f"{name:<22} {'default ' if name in defaults else '        '}{state}")
+        print(f"{name:<28} {'default ' if name in defaults else '        '}{state}")
     return 0
 
 

@@ -51,6 +51,7 @@ class DeviceInfo:
 class Provider(abc.ABC):
     name: str = ""
     kind: str = "peer"  # "attnkit" or "peer"
+    modes: frozenset[str] | None = None  # the modes it measures (None: all); others get no record at all
 
     def unavailable(self) -> str | None:
         """Why this provider cannot run at all here (missing package, no device), or None."""
@@ -69,12 +70,22 @@ class Provider(abc.ABC):
         return None  # most providers have nothing to budget
 
 
+SEQLENS_SUFFIX = "+seqlens"
+
+
 class AttnkitProvider(Provider):
+    """An attnkit backend. Decode calls ``attention_with_kvcache`` over the whole cache, its lengths left to the
+    default (known on the host); with ``tensor_lengths`` (the ``+seqlens`` variant, decode only) they are passed
+    as an int32 ``cache_seqlens`` tensor, as a decode loop with per-row lengths does."""
+
     kind = "attnkit"
 
-    def __init__(self, backend: str):
+    def __init__(self, backend: str, tensor_lengths: bool = False):
         self.backend = backend
-        self.name = f"attnkit:{backend}"
+        self.tensor_lengths = tensor_lengths
+        self.name = f"attnkit:{backend}" + (SEQLENS_SUFFIX if tensor_lengths else "")
+        if tensor_lengths:
+            self.modes = frozenset({"decode"})
 
     def unavailable(self) -> str | None:
         return REGISTRY.get(self.backend).unavailable_reason()
@@ -82,9 +93,12 @@ class AttnkitProvider(Provider):
     def build(self, case: Case, device: torch.device) -> Kernel:
         backend, causal = self.backend, case.causal
         if case.mode == "decode":
+            lengths = None
+            if self.tensor_lengths:  # made once, outside the timed region
+                lengths = torch.full((case.batch,), case.seqlen_k, dtype=torch.int32, device=device)
 
             def fn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-                return attention_with_kvcache(q, k, v, causal=causal, backend=backend)
+                return attention_with_kvcache(q, k, v, cache_seqlens=lengths, causal=causal, backend=backend)
 
         else:
 
@@ -120,6 +134,10 @@ def all_providers(compile_budget_s: float | None = None) -> dict[str, Provider]:
     for backend in attnkit_backend_names():
         p = AttnkitProvider(backend)
         providers[p.name] = p
+    for backend in attnkit_backend_names():
+        if "kvcache" in REGISTRY.get(backend).capabilities.ops:  # the +seqlens variant measures decode only
+            p = AttnkitProvider(backend, tensor_lengths=True)
+            providers[p.name] = p
     for p in peers.peer_providers(compile_budget_s):
         providers[p.name] = p
     return providers
@@ -128,15 +146,16 @@ def all_providers(compile_budget_s: float | None = None) -> dict[str, Provider]:
 def default_names(providers: dict[str, Provider], device: torch.device) -> list[str]:
     """What runs without ``--providers``.
 
-    On a GPU: every available attnkit backend except ``reference`` (a correctness oracle, slow by design) and
-    every peer present. On CPU: the reference backend and SDPA's math backend, on tiny sizes, so the command is
-    testable anywhere; compiled peers and interpreted Triton kernels only when asked for by name.
+    On a GPU: every available attnkit backend except ``reference`` (a correctness oracle, slow by design), each
+    also with tensor lengths in decode (``+seqlens``), and every peer present. On CPU: the reference backend and
+    SDPA's math backend, on tiny sizes, so the command is testable anywhere; compiled peers and interpreted Triton
+    kernels only when asked for by name.
     """
     if device.type == "cpu":
         return [n for n in ("attnkit:reference", "sdpa:math") if n in providers]
     names = []
     for name, p in providers.items():
-        if name == "attnkit:reference" or p.unavailable() is not None:
+        if name.removesuffix(SEQLENS_SUFFIX) == "attnkit:reference" or p.unavailable() is not None:
             continue
         names.append(name)
     return names
@@ -168,7 +187,7 @@ def resolve_names(requested: list[str], providers: dict[str, Provider], device: 
                 add(n)
         elif token == "attnkit":
             for n, p in providers.items():
-                oracle_on_gpu = n == "attnkit:reference" and device.type != "cpu"
+                oracle_on_gpu = n.removesuffix(SEQLENS_SUFFIX) == "attnkit:reference" and device.type != "cpu"
                 if p.kind == "attnkit" and p.unavailable() is None and not oracle_on_gpu:
                     add(n)
         elif token == "peers":
@@ -180,9 +199,16 @@ def resolve_names(requested: list[str], providers: dict[str, Provider], device: 
                 add(n)
         elif token in providers:
             add(token)
-        elif f"attnkit:{resolve_alias(token.removeprefix('attnkit:'))}" in providers:
-            add(f"attnkit:{resolve_alias(token.removeprefix('attnkit:'))}")
+        elif _attnkit_name(token) in providers:
+            add(_attnkit_name(token))
         else:
             known = ", ".join([*providers, "attnkit", "sdpa", "peers", "default", "all"])
             raise ValueError(f"unknown provider {token!r}; known: {known}")
     return names
+
+
+def _attnkit_name(token: str) -> str:
+    """``triton``, ``attnkit:triton``, ``triton+seqlens`` -> the provider name with the backend alias resolved."""
+    base = token.removeprefix("attnkit:")
+    suffix = SEQLENS_SUFFIX if base.endswith(SEQLENS_SUFFIX) else ""
+    return f"attnkit:{resolve_alias(base.removesuffix(SEQLENS_SUFFIX))}{suffix}"
