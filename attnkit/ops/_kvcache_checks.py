@@ -83,7 +83,7 @@ def lengths(
     if not capturing:
         reads = [t for t in (None if known is not None else cache_seqlens, leftpad) if t is not None]
         if reads:
-            values = torch.stack(reads).tolist()  # one read-back for both
+            values = [reads[0].tolist()] if len(reads) == 1 else torch.stack(reads).tolist()  # one read-back
             if known is None:
                 host = values[0]
             if leftpad is not None:
@@ -191,7 +191,7 @@ def pages(
         if seqlen_new:
             device_check(~checks[1], "block_table rows share a page that the append writes")
         return
-    found = torch.stack(checks).tolist()
+    found = [bool(checks[0])] if len(checks) == 1 else torch.stack(checks).tolist()  # one read-back
     if found[0]:
         b = int(bad_rows.nonzero()[0, 0])
         row = block_table[b][touched[b]].tolist()

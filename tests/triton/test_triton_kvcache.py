@@ -416,16 +416,21 @@ def test_kvcache_launch_handles_no_queries():
 @pytest.mark.parametrize("opts", [dict(), dict(causal=True, window_size=(9, 0)), dict(softcap=3.0)], ids=str)
 @pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
 @pytest.mark.parametrize("backend", ["triton_cuda", "reference"])
-def test_kvcache_nan_outside_the_rows_never_leaks(backend, paged, opts):
-    """NaN and inf in every cache slot past a row's length (after the append), in unused pages and in the cache rows
-    no batch row uses: the output and lse are those of the same cache with zeros there, bit for bit, and finite."""
+@pytest.mark.parametrize("leftpad", [False, True], ids=["", "leftpad"])
+def test_kvcache_nan_outside_the_rows_never_leaks(backend, paged, opts, leftpad):
+    """NaN and inf in every cache slot outside a row's keys (past its length after the append, before its left
+    padding), in unused pages and in the cache rows no batch row uses: the output and lse are those of the same
+    cache with zeros there, bit for bit, and finite."""
     gen = torch.Generator().manual_seed(31)
     lengths, new = [5, 0, 30], 2
     q, k_cache, v_cache, k_new, v_new, kw = _cache_case(torch.float32, paged, 3, 2, 2, 2, 16, 16, lengths, new,
                                                         torch.device("cpu"), gen)  # fmt: skip
+    starts = [3, 0, 19] if leftpad else [0, 0, 0]
+    if leftpad:
+        kw["cache_leftpad"] = torch.tensor(starts, dtype=torch.int32)
     valid = torch.zeros(k_cache.shape[:2], dtype=torch.bool)  # (rows or pages, slots) holding a valid key
     for b, n in enumerate(lengths):
-        for j in range(n + new):
+        for j in range(starts[b], n + new):
             if paged:
                 valid[kw["block_table"][b, j // k_cache.shape[1]], j % k_cache.shape[1]] = True
             else:
