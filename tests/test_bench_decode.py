@@ -63,7 +63,7 @@ def test_decode_records_eager_and_graph_numbers():
 
     providers = {
         "attnkit:reference": AttnkitProvider("reference"),
-        "attnkit:reference+seqlens": AttnkitProvider("reference", tensor_lengths=True),
+        "attnkit:reference+seqlens": AttnkitProvider("reference", "seqlens"),
         "uncapturable": Scripted("uncapturable", refuses_capture),
     }
     config = BenchConfig([DECODE], providers, CPU, case_time_s=0.001, min_repeats=2, max_repeats=3, warmup=1,
@@ -132,7 +132,7 @@ def test_seqlens_variant_is_decode_only_and_passes_a_tensor(monkeypatch):
 
     monkeypatch.setattr(bench_providers, "attention_with_kvcache", spy)
     providers = {"attnkit:reference": AttnkitProvider("reference"),
-                 "attnkit:reference+seqlens": AttnkitProvider("reference", tensor_lengths=True)}  # fmt: skip
+                 "attnkit:reference+seqlens": AttnkitProvider("reference", "seqlens")}  # fmt: skip
     fwd = Case("fwd", "fp32", 1, 2, 2, 32, 32, 16, False)
     config = BenchConfig([fwd, DECODE], providers, CPU, case_time_s=0.001, min_repeats=2, max_repeats=2, warmup=0)
     records = run_bench(config).records
@@ -155,3 +155,34 @@ def test_provider_names(monkeypatch):
     gpu = default_names(providers, torch.device("cuda"))
     assert "attnkit:triton_cuda" in gpu and "attnkit:triton_cuda+seqlens" in gpu
     assert not any(n.startswith("attnkit:reference") for n in gpu)
+
+
+def test_paged_variants_judged_on_the_case_inputs():
+    """+paged16 moves the cache into shuffled pages before timing (its correctness is judged on the case's own
+    contiguous K/V through that transform); +paged256 is n/a for a cache that is not a whole number of pages."""
+    providers = {name: AttnkitProvider("reference", variant) for name, variant in
+                 (("attnkit:reference", ""), ("attnkit:reference+paged16", "paged16"),
+                  ("attnkit:reference+paged256", "paged256"))}  # fmt: skip
+    config = BenchConfig([DECODE], providers, CPU, case_time_s=0.001, min_repeats=2, max_repeats=2, warmup=0)
+    by = {r.provider: r for r in run_bench(config).records}
+    assert by["attnkit:reference+paged16"].status == "ok" and by["attnkit:reference+paged16"].gbps > 0
+    assert by["attnkit:reference+paged16"].errors["out"] <= by["attnkit:reference+paged16"].allowed["out"]
+    assert "pages of 16" in by["attnkit:reference+paged16"].note
+    assert by["attnkit:reference+paged256"].status == "n/a"
+    assert "not a multiple of the page size 256" in by["attnkit:reference+paged256"].reason
+
+
+def test_kv_lens_with_batches():
+    from attnkit.bench.cases import Grid, build_cases, parse_kv_lens
+
+    lens, batches = parse_kv_lens("1x128k, 16k,16x8k")
+    assert lens == (131072, 16384, 8192) and batches == (1, None, 16)
+    cases = build_cases(Grid(modes=("decode",), decode_kv=lens, decode_batches=batches))
+    assert [(c.batch, c.seqlen_k) for c in cases] == [(1, 131072), (8, 16384), (16, 8192)]
+    for bad in ("0x4k", "x4k", "2xk", ""):
+        with pytest.raises(ValueError, match="--kv-lens"):
+            parse_kv_lens(bad)
+    providers = all_providers()
+    assert {"attnkit:triton_cuda+paged16", "attnkit:triton_cuda+paged256"} <= set(providers)
+    with pytest.raises(ValueError, match="unknown variant"):
+        AttnkitProvider("reference", "paged7")

@@ -20,7 +20,7 @@ DECODE_LEGEND = (
     "eager: wall-clock time per call of back-to-back calls, host overhead included (a Python decode loop); "
     "graph: the same step captured in a CUDA graph, replays timed on the GPU (a loop under torch.cuda.graph). "
     "`attnkit:<backend>` leaves the cache lengths to the default (known on the host); `+seqlens` passes them "
-    "as an int32 cache_seqlens tensor."
+    "as an int32 cache_seqlens tensor; `+paged16`/`+paged256` read the cache from shuffled pages."
 )
 DEFAULT_UNIT = "TFLOP/s (higher is better)"
 
