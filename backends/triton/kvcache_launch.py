@@ -24,13 +24,6 @@ _NUM_STAGES = 2
 _SPLIT_TENSORS = 10  # leading tensor arguments of kvcache_split_fwd (the rest is the remembered tail)
 
 
-def _block_n(paged: bool, page_size: int) -> int:
-    for candidate in (128, 64, 32, 16):  # must divide the page so a key block stays inside one page
-        if candidate <= _BLOCK_N and (not paged or page_size % candidate == 0):
-            return candidate
-    return 16
-
-
 # Decode steps are short (a 1k-64k cache is read in ~0.1 ms on an H200), so triton's JIT dispatch of the two
 # kernels (~100 us each) is most of a call. As in launch.forward, a plan per key of everything the launches
 # depend on besides tensor addresses keeps the compiled kernels, their grids and argument tails; a repeated
@@ -138,7 +131,9 @@ def forward_kvcache(
     paged = info.block_table is not None
     page_size = k_cache.shape[1] if paged else 0
     capacity = info.block_table.shape[1] * page_size if paged else k_cache.shape[1]
-    block_n = _block_n(paged, page_size)
+    # Pages smaller than a key block (16, 32, 48 tokens...) are gathered key by key, so the block stays at its
+    # best size whatever the page size.
+    block_n = _BLOCK_N
     rows = group * seqlen_q
     block_m = min(64, max(16, triton.next_power_of_2(rows)))
     m_blocks = triton.cdiv(rows, block_m)
@@ -165,7 +160,8 @@ def forward_kvcache(
         HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v,
         BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK_DV=max(16, triton.next_power_of_2(head_dim_v)),
         BLOCK_M=block_m, BLOCK_N=block_n, PAGE_SIZE=max(page_size, 1),
-        PAGED=paged, HAS_BATCH_IDX=info.cache_batch_idx is not None, HAS_LEFTPAD=info.cache_leftpad is not None,
+        PAGED=paged, ONE_PAGE_PER_BLOCK=paged and page_size % block_n == 0,
+        HAS_BATCH_IDX=info.cache_batch_idx is not None, HAS_LEFTPAD=info.cache_leftpad is not None,
         HAS_ALIBI=alibi is not None, HAS_SOFTCAP=params.softcap > 0, HAS_WINDOW_LEFT=params.window_left >= 0,
         HAS_WINDOW_RIGHT=params.window_right >= 0,
         UPCAST=interpreted, DOT_PRECISION="ieee" if q.dtype == torch.float32 and not interpreted else "tf32",

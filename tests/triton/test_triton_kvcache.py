@@ -16,7 +16,8 @@ import attnkit
 from attnkit.testing import max_abs_error
 
 
-def _cache_case(dtype, paged, batch, seqlen_q, heads_k, group, head_dim, head_dim_v, lengths, new, device, gen):
+def _cache_case(dtype, paged, batch, seqlen_q, heads_k, group, head_dim, head_dim_v, lengths, new, device, gen,
+                page=None):  # fmt: skip
     def rnd(*shape):
         return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
 
@@ -27,7 +28,7 @@ def _cache_case(dtype, paged, batch, seqlen_q, heads_k, group, head_dim, head_di
     capacity = max(lengths) + new + 16
     kw = {}
     if paged:
-        page = 16 if device.type == "cpu" else 256
+        page = page or (16 if device.type == "cpu" else 256)
         per_row = -(-capacity // page)
         num_blocks = batch * per_row + 3
         k_cache = rnd(num_blocks, page, heads_k, head_dim)
@@ -43,13 +44,13 @@ def _cache_case(dtype, paged, batch, seqlen_q, heads_k, group, head_dim, head_di
 
 
 def _compare(dtype, paged, seqlen_q, group, causal, window, softcap, alibi, device, lengths, new=2, dims=(40, 24),
-             leftpad=False, num_splits=0):  # fmt: skip
+             leftpad=False, num_splits=0, page=None):  # fmt: skip
     # A stable seed per case (hash() of a tuple holding a torch.dtype changes from process to process).
     key = repr((dtype, paged, seqlen_q, group, causal, window, softcap, alibi, leftpad)).encode()
     gen = torch.Generator().manual_seed(zlib.crc32(key))
     batch, heads_k = len(lengths), 2
     q, k_cache, v_cache, k_new, v_new, kw = _cache_case(
-        dtype, paged, batch, seqlen_q, heads_k, group, *dims, lengths, new, device, gen
+        dtype, paged, batch, seqlen_q, heads_k, group, *dims, lengths, new, device, gen, page=page
     )
     if leftpad:  # each row's keys start somewhere in [0, length]: the first row at 0, the last at its length
         pads = [0] + [int(torch.randint(0, n + 1, (1,), generator=gen)) for n in lengths[1:-1]] + [lengths[-1]]
@@ -138,6 +139,14 @@ def test_kvcache_leftpad_matches_reference(case, num_splits):
     _compare(*case, device=torch.device("cpu"), lengths=[37, 50, 90, 20], leftpad=True, num_splits=num_splits)
 
 
+@pytest.mark.parametrize("page", [16, 48, 64, 128])
+def test_kvcache_page_sizes(page):
+    """Pages smaller than the 64-key block (16, 48: each key gathers its page) and pages holding whole blocks (64,
+    128: one page per block), with left padding and rows ending mid-page."""
+    _compare(torch.float32, True, 2, 2, True, (-1, -1), 0.0, True, device=torch.device("cpu"), lengths=[3, 100, 190],
+             new=3, dims=(32, 16), leftpad=True, num_splits=2, page=page)  # fmt: skip
+
+
 @pytest.mark.parametrize("seqlen_q,group", [(2, 4), (8, 4), (16, 4), (16, 8)])
 @pytest.mark.parametrize("causal", [False, True])
 def test_kvcache_speculative_queries(seqlen_q, group, causal):
@@ -208,6 +217,16 @@ def test_kvcache_gpu_leftpad_splits_and_speculation(num_splits, paged, seqlen_q,
         pytest.skip("needs a CUDA GPU")
     _compare(torch.bfloat16, paged, seqlen_q, 4, True, (-1, -1), 0.0, False, device=torch.device("cuda"),
              lengths=[1, 4000, 33000], new=3, dims=(128, 128), leftpad=leftpad, num_splits=num_splits)  # fmt: skip
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("page", [16, 48, 64, 256])
+def test_kvcache_gpu_page_sizes(page):
+    """Compiled kernel: pages gathered key by key (16, 48) and one page per key block (64, 256)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    _compare(torch.bfloat16, True, 1, 4, True, (-1, -1), 0.0, False, device=torch.device("cuda"),
+             lengths=[1, 4000, 33000], new=3, dims=(128, 128), page=page)  # fmt: skip
 
 
 def _fake_jit(real, jit_calls: list, fast_calls: list):
