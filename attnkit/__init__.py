@@ -33,6 +33,7 @@ from .errors import (
 from .info import BackendStatus, list_backends
 from .ops.attention import attention
 from .ops.kvcache import attention_with_kvcache
+from .ops.merge import merge_attention_states
 from .ops.piecewise import piecewise_attention
 from .ops.sdpa import sdpa
 from .ops.varlen import attention_varlen
@@ -68,6 +69,7 @@ __all__ = [
     "attention_varlen",
     "attention_with_kvcache",
     "list_backends",
+    "merge_attention_states",
     "nn",
     "piecewise_attention",
     "register_backend",

@@ -73,12 +73,19 @@ class VarlenInfo:
 class KVCacheInfo:
     """Where the keys of each batch row live, for ``attention_with_kvcache``.
 
-    ``cache_seqlens`` (B,) int32 counts the valid keys of each row after the append. Without ``block_table`` the
+    ``cache_seqlens`` (B,) int32 is the end of each row's keys after the append. Without ``block_table`` the
     cache is ``(B_cache, S_cache, Hk, D)`` and row ``b`` reads cache row ``cache_batch_idx[b]`` (or ``b``). With
     ``block_table`` (B, max_blocks) int32 the cache is paged: ``(num_blocks, page_size, Hk, D)`` and key ``j`` of
-    row ``b`` sits in page ``block_table[b, j // page_size]`` at slot ``j % page_size``.
+    row ``b`` sits in page ``block_table[b, j // page_size]`` at slot ``j % page_size``. ``cache_leftpad`` (B,)
+    int32 (flash-attn's left-padded caches): row ``b``'s keys are positions ``cache_leftpad[b] ... cache_seqlens[b]
+    - 1`` (default from 0); masks and ALiBi treat them as a sequence of that length, i.e. distances are
+    ``i + cache_seqlens[b] - Sq - j`` in absolute positions. ``num_splits``: how many programs share a row's keys in
+    a split-KV kernel (0: the backend's heuristic); a hint that leaves the result unchanged up to rounding.
+    All tensors are contiguous.
     """
 
     cache_seqlens: torch.Tensor
     cache_batch_idx: torch.Tensor | None = None
     block_table: torch.Tensor | None = None
+    cache_leftpad: torch.Tensor | None = None
+    num_splits: int = 0

@@ -28,7 +28,7 @@ import torch
 
 from .errors import AttnkitError
 from .params import AttentionParams, KVCacheInfo, VarlenInfo
-from .spec import AttentionSpec
+from .spec import OPS, AttentionSpec
 
 ENTRY_POINT_GROUP = "attnkit.backends"
 
@@ -69,9 +69,7 @@ class BackendCapabilities:
             "dtypes": ",".join(str(d).removeprefix("torch.") for d in sorted(self.dtypes, key=str)),
             "head dims": f"{self.min_head_dim}..{self.max_head_dim}"
             + (f" (multiple of {self.head_dim_multiple})" if self.head_dim_multiple > 1 else ""),
-            "ops": ",".join(
-                o for o in ("attention", "varlen", "kvcache", "paged_kvcache", "piecewise") if o in self.ops
-            ),
+            "ops": ",".join(o for o in OPS if o in self.ops),
             "features": ",".join(sorted(self.features)),
             "backward": "yes" if self.backward else "no",
         }
@@ -187,6 +185,13 @@ class Backend:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Attention of q (B, Sq, Hq, D) over the (already appended) cache; returns ``(out, lse)``."""
         raise AttnkitError(f"backend {self.name!r} declares no kvcache kernel")
+
+    def merge_states(
+        self, out_parts: torch.Tensor, lse_parts: torch.Tensor, out_dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Merge partial attention states: ``out_parts`` (P, B, S, H, D), ``lse_parts`` (P, B, H, S), any strides;
+        returns ``(out (B, S, H, D) in out_dtype, lse (B, H, S))`` (see ``attnkit.merge_attention_states``)."""
+        raise AttnkitError(f"backend {self.name!r} declares no merge kernel")
 
     def piecewise_forward(
         self,

@@ -21,7 +21,7 @@ FEATURES = (
 )
 
 # Operators. Each backend lists those it implements.
-OPS = ("attention", "varlen", "kvcache", "paged_kvcache", "piecewise")
+OPS = ("attention", "varlen", "kvcache", "paged_kvcache", "piecewise", "merge")  # merge: merge_attention_states
 
 
 @dataclass(frozen=True)

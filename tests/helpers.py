@@ -79,3 +79,25 @@ def assert_close(actual, expected, atol=1e-9, rtol=1e-7, msg=""):
     torch.testing.assert_close(
         actual.double(), expected.double(), atol=atol, rtol=rtol, equal_nan=True, msg=msg or None
     )
+
+
+def record_read_backs(monkeypatch, *modules: str) -> list[str]:
+    """Record every read of a tensor's values back to the host (``tolist``, ``item``, ``bool``/``int``/``float`` of
+    a tensor) made directly by code in the given files (paths relative to the repository root, e.g.
+    ``attnkit/ops/kvcache.py``); on a GPU each one is a device synchronisation. Returns the list, filled as it goes."""
+    import os
+    import sys
+
+    suffixes = tuple(os.path.join(*m.split("/")) for m in modules)
+    seen: list[str] = []
+    for attr in ("tolist", "item", "__bool__", "__int__", "__float__", "__index__"):
+        real = getattr(torch.Tensor, attr)
+
+        def spy(self, *args, _real=real, _attr=attr):
+            frame = sys._getframe(1)
+            if frame.f_code.co_filename.endswith(suffixes):
+                seen.append(f"{_attr} at {frame.f_code.co_filename}:{frame.f_lineno}")
+            return _real(self, *args)
+
+        monkeypatch.setattr(torch.Tensor, attr, spy)
+    return seen

@@ -113,7 +113,7 @@ def test_opcheck_kvcache_forward():
     k_cache = rand(2, 8, 1, 4, dtype=torch.float32, seed=1)
     v_cache = rand(2, 8, 1, 4, dtype=torch.float32, seed=2)
     lens = torch.tensor([3, 8], dtype=torch.int32)
-    args = (q, k_cache, v_cache, lens, None, None, None, 0.5, True, -1, 0, 0.0, "reference")
+    args = (q, k_cache, v_cache, lens, None, None, None, None, 0.5, True, -1, 0, 0.0, 0, "reference")
     torch.library.opcheck(torch.ops.attnkit.kvcache_forward.default, args)
 
 

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import math
-import os
-import sys
 
 import pytest
 import torch
-from helpers import assert_close, rand
+from helpers import assert_close, rand, record_read_backs
 
 import attnkit
 from attnkit import InvalidArgumentError, KVCacheOverflowError
@@ -206,16 +204,10 @@ def test_overflow_raises_before_writing(lens):
     assert torch.equal(k_cache, bk) and torch.equal(v_cache, bv)
 
 
-def _forbid_frontend_read_back(monkeypatch) -> None:
-    """Fail if attention_with_kvcache itself reads a tensor back to the host (the reference backend may)."""
-    real_tolist = torch.Tensor.tolist
-
-    def no_read_back_in_frontend(self):
-        caller = sys._getframe(1).f_code.co_filename
-        assert not caller.endswith(os.path.join("attnkit", "ops", "kvcache.py")), "frontend read a tensor back"
-        return real_tolist(self)
-
-    monkeypatch.setattr(torch.Tensor, "tolist", no_read_back_in_frontend)
+def _forbid_frontend_read_back(monkeypatch) -> list[str]:
+    """Record reads of a tensor back to the host by attention_with_kvcache itself (the reference backend may read);
+    the caller asserts the list is empty at the end."""
+    return record_read_backs(monkeypatch, "attnkit/ops/kvcache.py", "attnkit/ops/_kvcache_checks.py")
 
 
 def test_int_or_default_lengths_do_not_read_the_device(monkeypatch):
@@ -224,7 +216,7 @@ def test_int_or_default_lengths_do_not_read_the_device(monkeypatch):
     k_cache, v_cache, bk, bv = _small_cache()
     q, k_new, v_new = rand(2, 1, 1, 4), rand(2, 3, 1, 4), rand(2, 3, 1, 4)
 
-    _forbid_frontend_read_back(monkeypatch)
+    read_backs = _forbid_frontend_read_back(monkeypatch)
     attnkit.attention_with_kvcache(q, k_cache, v_cache, backend="reference")
     attnkit.attention_with_kvcache(q, k_cache, v_cache, k_new, v_new, cache_seqlens=5, backend="reference")
     assert torch.equal(k_cache[:, 5:8], k_new) and torch.equal(v_cache[:, 5:8], v_new)
@@ -234,6 +226,7 @@ def test_int_or_default_lengths_do_not_read_the_device(monkeypatch):
     with pytest.raises(InvalidArgumentError, match="negative"):
         attnkit.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=-1, backend="reference")
     assert torch.equal(k_cache, bk) and torch.equal(v_cache, bv)
+    assert read_backs == []
 
 
 def test_checks_move_to_the_device_under_graph_capture(monkeypatch):
@@ -242,7 +235,7 @@ def test_checks_move_to_the_device_under_graph_capture(monkeypatch):
     from attnkit.ops import kvcache as kvcache_op
 
     monkeypatch.setattr(kvcache_op, "_capturing", lambda device: True)
-    _forbid_frontend_read_back(monkeypatch)
+    read_backs = _forbid_frontend_read_back(monkeypatch)
     k_cache, v_cache, bk, bv = _small_cache()
     q, k_new, v_new = rand(2, 1, 1, 4), rand(2, 3, 1, 4), rand(2, 3, 1, 4)
     attnkit.attention_with_kvcache(q, k_cache, v_cache, k_new, v_new, cache_seqlens=_lens(4, 13), backend="reference")
@@ -263,7 +256,13 @@ def test_checks_move_to_the_device_under_graph_capture(monkeypatch):
         attnkit.attention_with_kvcache(
             q, pages, pages.clone(), k_new, v_new, cache_seqlens=_lens(3, 15), block_table=table, backend="reference"
         )
+    shared = torch.tensor([[0, 1], [1, 2]], dtype=I32)  # row 0 appends to page 1, which row 1 reads
+    with pytest.raises(RuntimeError, match="share a page"):
+        attnkit.attention_with_kvcache(
+            q, pages, pages.clone(), k_new, v_new, cache_seqlens=_lens(14, 3), block_table=shared, backend="reference"
+        )
     assert torch.equal(k_cache, bk) and torch.equal(v_cache, bv)
+    assert read_backs == []
 
 
 def test_paged_overflow_and_bad_block_table_raise_before_writing():
@@ -299,3 +298,155 @@ def test_no_grad_and_lse_shape():
     assert out.shape == (2, 3, 4, 8) and lse.shape == (2, 4, 3)
     assert torch.equal(out[0], torch.zeros_like(out[0])) and torch.isneginf(lse[0]).all()
     assert math.isfinite(float(lse[1].max()))
+
+
+@pytest.mark.parametrize("name", ["q", "k_cache", "v_cache", "k", "v", "rotary_cos", "alibi_slopes"])
+def test_forward_only_refuses_a_gradient(name):
+    """The op has no backward: an input that requires grad (with grad mode on) is an error naming it, raised before
+    the cache is written; under no_grad/inference_mode the same call runs and its output carries no grad."""
+    k_cache, v_cache, bk, bv = _small_cache()
+    args = dict(
+        q=rand(2, 1, 2, 4, seed=3), k_cache=k_cache, v_cache=v_cache, k=rand(2, 2, 1, 4, seed=4),
+        v=rand(2, 2, 1, 4, seed=5), rotary_cos=torch.ones(16, 1, dtype=torch.float64),
+        rotary_sin=torch.zeros(16, 1, dtype=torch.float64), alibi_slopes=torch.full((2,), 0.5),
+    )  # fmt: skip
+    args[name] = args[name].clone().requires_grad_()
+
+    def call():
+        return attnkit.attention_with_kvcache(
+            args["q"], args["k_cache"], args["v_cache"], args["k"], args["v"], cache_seqlens=_lens(3, 7),
+            rotary_cos=args["rotary_cos"], rotary_sin=args["rotary_sin"], alibi_slopes=args["alibi_slopes"],
+            backend="reference",
+        )  # fmt: skip
+
+    with pytest.raises(InvalidArgumentError, match=rf"{name} requires grad.*forward-only.*no_grad"):
+        call()
+    assert torch.equal(args["k_cache"], bk) and torch.equal(args["v_cache"], bv)
+    for mode in (torch.no_grad, torch.inference_mode):
+        with mode():
+            out = call()
+        assert not out.requires_grad and out.grad_fn is None
+
+
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+@pytest.mark.parametrize(
+    "failure",
+    ["unknown_backend", "empty_backend_env", "bad_debug_env", "backend_refuses_dtype", "alibi_shape"],
+)
+def test_failed_call_writes_nothing(failure, paged, monkeypatch):
+    """Everything is decided before the append: a call that raises for its backend request, its environment or an
+    argument checked late leaves the cache bit for bit as it was."""
+    k_cache, v_cache = rand(4, 16, 1, 4, seed=1), rand(4, 16, 1, 4, seed=2)
+    bk, bv = k_cache.clone(), v_cache.clone()
+    q, k_new, v_new = rand(2, 1, 2, 4, seed=3), rand(2, 2, 1, 4, seed=4), rand(2, 2, 1, 4, seed=5)
+    kw = dict(cache_seqlens=_lens(3, 9), rotary_cos=torch.ones(16, 1), rotary_sin=torch.zeros(16, 1))
+    kw["rotary_cos"], kw["rotary_sin"] = kw["rotary_cos"].double(), kw["rotary_sin"].double()
+    if paged:
+        kw["block_table"] = torch.tensor([[0, 1], [2, 3]], dtype=I32)
+    else:
+        k_cache, v_cache, bk, bv = k_cache[:2], v_cache[:2], bk[:2], bv[:2]
+    kw["backend"] = "reference"
+    expected: type[Exception] = InvalidArgumentError
+    if failure == "unknown_backend":
+        kw["backend"] = "bogus"
+    elif failure == "empty_backend_env":
+        kw["backend"] = "auto"
+        monkeypatch.setenv("ATTNKIT_BACKEND", ",,")
+        expected = attnkit.EnvironmentVariableError
+    elif failure == "bad_debug_env":
+        monkeypatch.setenv("ATTNKIT_DEBUG", "2")
+        expected = attnkit.EnvironmentVariableError
+    elif failure == "backend_refuses_dtype":
+        kw["backend"] = "triton_cuda"  # no float64 kernels (and, on a CPU without the interpreter, no device)
+        expected = attnkit.BackendUnsupportedError
+    else:
+        kw["alibi_slopes"] = torch.ones(3)
+    with pytest.raises(expected):
+        attnkit.attention_with_kvcache(q, k_cache, v_cache, k_new, v_new, **kw)
+    assert torch.equal(k_cache, bk) and torch.equal(v_cache, bv)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(causal=True), dict(window_size=(4, 1)), dict(alibi=True)], ids=str)
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+def test_cache_leftpad(kw, paged):
+    """flash-attn 2.6's left-padded caches: row b attends to positions cache_leftpad[b] .. cache_seqlens[b] +
+    S_new - 1, exactly as plain attention over those keys alone (masks and ALiBi count from the row's own end);
+    the append still goes to cache_seqlens[b], and rotary positions stay absolute."""
+    batch, cap, hq, hk, d = 3, 48, 4, 2, 8
+    k_rows, v_rows = rand(batch, cap, hk, d, seed=1), rand(batch, cap, hk, d, seed=2)
+    q, k_new, v_new = rand(batch, 3, hq, d, seed=3), rand(batch, 2, hk, d, seed=4), rand(batch, 2, hk, d, seed=5)
+    lens, pads = _lens(20, 7, 33), _lens(5, 7, 0)  # the middle row holds only the new tokens
+    slopes = torch.rand(hq, generator=torch.Generator().manual_seed(6)) if kw.pop("alibi", False) else None
+    pos = torch.arange(cap, dtype=torch.float64)[:, None] * torch.tensor([1.0, 0.3])
+    rotary = dict(rotary_cos=pos.cos(), rotary_sin=pos.sin())
+    args = dict(cache_seqlens=lens, cache_leftpad=pads, alibi_slopes=slopes, backend="reference", **rotary, **kw)
+    if paged:
+        k_cache, v_cache, table = _paged_copy(k_rows, v_rows, 16, gen_seed=7)
+        out = attnkit.attention_with_kvcache(q, k_cache, v_cache, k_new, v_new, block_table=table, **args)
+        k_rows, v_rows = _unpage(k_cache, table), _unpage(v_cache, table)
+    else:
+        k_cache, v_cache = k_rows.clone(), v_rows.clone()
+        out = attnkit.attention_with_kvcache(q, k_cache, v_cache, k_new, v_new, **args)
+        k_rows, v_rows = k_cache, v_cache
+    rotate = 2 * rotary["rotary_cos"].shape[1]
+    for b, (n, p) in enumerate(zip(lens.tolist(), pads.tolist())):
+        k_pos = torch.arange(n, n + 2)
+        assert_close(k_rows[b, n : n + 2, :, :rotate], _rotate(k_new[b : b + 1], rotary["rotary_cos"][k_pos][None],
+                     rotary["rotary_sin"][k_pos][None], True)[0, :, :, :rotate], atol=1e-6, rtol=1e-6)  # fmt: skip
+        q_pos = torch.arange(n, n + 3) if kw else torch.full((3,), n)
+        q_rot = _rotate(q[b : b + 1], rotary["rotary_cos"][q_pos][None], rotary["rotary_sin"][q_pos][None], True)
+        slope_kw = {} if slopes is None else dict(alibi_slopes=slopes)
+        exp = attention_naive(q_rot, k_rows[b : b + 1, p : n + 2], v_rows[b : b + 1, p : n + 2], **slope_kw, **kw)
+        assert_close(out[b : b + 1], exp, atol=1e-6, rtol=1e-6)
+
+
+def test_cache_leftpad_checks(monkeypatch):
+    k_cache, v_cache, bk, bv = _small_cache()
+    q, k_new, v_new = rand(2, 1, 1, 4), rand(2, 3, 1, 4), rand(2, 3, 1, 4)
+
+    def call(pads, lens=None, **kw):
+        lens = _lens(4, 6) if lens is None else lens
+        return attnkit.attention_with_kvcache(q, k_cache, v_cache, k_new, v_new, cache_seqlens=lens,
+                                              cache_leftpad=pads, backend="reference", **kw)  # fmt: skip
+
+    with pytest.raises(InvalidArgumentError, match=r"cache_leftpad\[1\] is 7 but cache_seqlens\[1\] is 6"):
+        call(_lens(0, 7))
+    with pytest.raises(InvalidArgumentError, match=r"cache_leftpad\[0\] is -1"):
+        call(_lens(-1, 0), lens=5)
+    with pytest.raises(InvalidArgumentError, match="cache_leftpad must be int32"):
+        call(torch.tensor([0, 1]))
+    with pytest.raises(InvalidArgumentError, match="cache_seqlens is required"):
+        attnkit.attention_with_kvcache(q, k_cache, v_cache, cache_leftpad=_lens(0, 1), backend="reference")
+    assert torch.equal(k_cache, bk) and torch.equal(v_cache, bv)
+    # lengths and left padding given as tensors are read back together, once
+    from helpers import record_read_backs
+
+    seen = record_read_backs(monkeypatch, "attnkit/ops/kvcache.py", "attnkit/ops/_kvcache_checks.py")
+    call(_lens(1, 2))
+    assert len(seen) == 1, seen
+    from attnkit.ops import kvcache as kvcache_op
+
+    monkeypatch.setattr(kvcache_op, "_capturing", lambda device: True)
+    k_cache.copy_(bk)
+    with pytest.raises(RuntimeError, match="cache_leftpad"):
+        call(_lens(5, 0))
+    assert len(seen) == 1, seen
+    assert torch.equal(k_cache, bk)
+
+
+@pytest.mark.parametrize("value", [-1, 129, 2.0, True, "4"])
+def test_num_splits_checked(value):
+    q, k_cache, v_cache = rand(2, 1, 2, 4), rand(2, 10, 2, 4, seed=1), rand(2, 10, 2, 4, seed=2)
+    with pytest.raises(InvalidArgumentError, match=r"num_splits is .*; allowed: 0 \(the backend chooses\) or 1..128"):
+        attnkit.attention_with_kvcache(q, k_cache, v_cache, num_splits=value, backend="reference")
+
+
+def test_return_lse_has_flash_attn_layout():
+    """return_lse is flash-attn's return_softmax_lse: (batch, nheads, seqlen_q) float32, natural log."""
+    q, k_cache, v_cache = rand(2, 3, 4, 8, dtype=torch.float32), rand(2, 10, 2, 8, seed=1, dtype=torch.float32), \
+        rand(2, 10, 2, 8, seed=2, dtype=torch.float32)  # fmt: skip
+    _, lse = attnkit.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=7, return_lse=True, num_splits=2,
+                                              backend="reference")  # fmt: skip
+    scores = torch.einsum("bqhd,bkhd->bhqk", q.double(), k_cache[:, :7].repeat_interleave(2, 2).double()) / 8**0.5
+    assert lse.dtype == torch.float32 and lse.shape == (2, 4, 3)
+    assert_close(lse, scores.logsumexp(-1), atol=1e-5, rtol=1e-5)

@@ -158,6 +158,7 @@ class Grid:
     hidden: int = 2048  # heads = hidden // head_dim
     heads: int | None = None  # fixed head count instead of hidden // head_dim
     decode_kv: tuple[int, ...] = tuple(1024 * 2**i for i in range(8))  # 1k .. 128k
+    decode_batches: tuple[int | None, ...] = ()  # per decode_kv entry; None (or missing): decode_tokens // kv
     decode_heads: tuple[int, int] = (32, 8)  # GQA, as in Llama-3-8B
     decode_dim: int = 128
     decode_tokens: int = 131072  # batch = decode_tokens // kv_len: every decode case reads the same bytes
@@ -194,9 +195,16 @@ def dense_cases(mode: str, dtype: str, dims: Iterable[int], seqlens: Iterable[in
     return cases
 
 
-def decode_cases(dtype: str, kv_lens: Iterable[int], heads: tuple[int, int], dim: int, tokens: int) -> list[Case]:
+def decode_cases(dtype: str, kv_lens: Iterable[int], heads: tuple[int, int], dim: int, tokens: int,
+                 batches: Sequence[int | None] = ()) -> list[Case]:  # fmt: skip
+    """One case per KV length; batch ``batches[i]`` where given, else ``tokens // kv`` (every case reads the same
+    bytes)."""
     hq, hk = heads
-    return [Case("decode", dtype, max(1, tokens // kv), hq, hk, 1, kv, dim, False) for kv in kv_lens]
+    cases = []
+    for i, kv in enumerate(kv_lens):
+        batch = batches[i] if i < len(batches) and batches[i] is not None else max(1, tokens // kv)
+        cases.append(Case("decode", dtype, batch, hq, hk, 1, kv, dim, False))
+    return cases
 
 
 def memory_cases(dtype: str, seqlens: Iterable[int], batch: int, heads: int, dim: int) -> list[Case]:
@@ -210,7 +218,8 @@ def build_cases(grid: Grid) -> list[Case]:
             cases += dense_cases(mode, grid.dtype, grid.dims, grid.seqlens, grid.causal, grid.tokens, grid.hidden,
                                  grid.heads)  # fmt: skip
         elif mode == "decode":
-            cases += decode_cases(grid.dtype, grid.decode_kv, grid.decode_heads, grid.decode_dim, grid.decode_tokens)
+            cases += decode_cases(grid.dtype, grid.decode_kv, grid.decode_heads, grid.decode_dim, grid.decode_tokens,
+                                  grid.decode_batches)  # fmt: skip
         elif mode == "memory":
             cases += memory_cases(grid.dtype, grid.memory_seqlens, grid.memory_batch, grid.memory_heads,
                                   grid.memory_dim)  # fmt: skip
@@ -252,3 +261,24 @@ def parse_ints(value: str, what: str) -> tuple[int, ...]:
     if not out:
         raise ValueError(f"{what}: empty list")
     return tuple(out)
+
+
+def parse_kv_lens(value: str, what: str = "--kv-lens") -> tuple[tuple[int, ...], tuple[int | None, ...]]:
+    """``"4k,1x128k,16x8k"`` -> KV lengths (4096, 131072, 8192) and batches (None, 1, 16): ``BxL`` fixes the batch
+    of one case, a bare length leaves it to ``decode_tokens // L``."""
+    lens: list[int] = []
+    batches: list[int | None] = []
+    for part in value.split(","):
+        part = part.strip().lower()
+        if not part:
+            continue
+        batch, sep, length = part.partition("x")
+        if not sep:
+            batch, length = "", batch
+        elif not batch:
+            raise ValueError(f"{what}: {part!r} has no batch before 'x' (examples: 4k, 1x128k)")
+        lens.append(parse_ints(length, what)[0])
+        batches.append(parse_ints(batch, what)[0] if batch else None)
+    if not lens:
+        raise ValueError(f"{what}: empty list")
+    return tuple(lens), tuple(batches)

@@ -8,18 +8,21 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from .cases import DTYPES, QUICK_GRID, Grid, build_cases, parse_ints, parse_modes
+from .cases import DTYPES, QUICK_GRID, Grid, build_cases, parse_ints, parse_kv_lens, parse_modes
 
 EPILOG = """\
 examples:
   attnkit bench                                   # default grid on the GPU (flash-attn's), all providers
   attnkit bench --mode fwd --dims 128 --causal true --providers triton,sdpa:flash,flex
   attnkit bench --mode decode --kv-lens 4k,32k,128k
+  attnkit bench --mode decode --kv-lens 1x128k,1x16k,4x32k,16x8k --providers triton,triton+seqlens,sdpa:cudnn
   attnkit bench --mode memory --memory-seqlens 32k  # the O(seqlen) memory target: peak vs budget, pass/fail
   attnkit bench --quick --out /tmp/bench          # tiny sizes, also on CPU
   attnkit bench --plot-from results/results.json  # figures from a saved run (e.g. where matplotlib is missing)
-providers: attnkit:<backend> (or just the backend name), sdpa:flash, sdpa:cudnn, sdpa:efficient, sdpa:math, flex,
-  flash_attn, flash_attn3; groups: attnkit, sdpa, peers, default, all. See benchmarks/README.md.
+providers: attnkit:<backend> (or just the backend name), attnkit:<backend>+seqlens|+paged16|+paged256 (decode
+  with a cache_seqlens tensor, or a paged cache), sdpa:flash, sdpa:cudnn, sdpa:efficient, sdpa:math, flex,
+  flash_attn, flash_attn3; groups: attnkit, sdpa, peers, default, all. Decode reports eager and CUDA-graph GB/s
+  side by side. See benchmarks/README.md.
 """
 
 
@@ -58,7 +61,8 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tokens", type=int, help="batch = tokens // seqlen (default 16384)")
     p.add_argument("--hidden", type=int, help="heads = hidden // head_dim (default 2048)")
     p.add_argument("--heads", type=int, help="fixed number of heads instead of hidden // head_dim")
-    p.add_argument("--kv-lens", help="decode KV lengths (default 1k..128k)")
+    p.add_argument("--kv-lens", help="decode KV lengths, comma list; BxL fixes the batch of one (1x128k), else "
+                                     "batch = 128k / L (default 1k..128k)")  # fmt: skip
     p.add_argument("--decode-heads", help="decode query/KV heads as Q/K (default 32/8)")
     p.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if present)")
     p.add_argument("--progress", choices=("auto", "rich", "tqdm", "plain"), default="auto")
@@ -84,7 +88,7 @@ def grid_from_args(args: argparse.Namespace, on_gpu: bool) -> Grid:
         if getattr(args, name) is not None:
             changes[name] = getattr(args, name)
     if args.kv_lens:
-        changes["decode_kv"] = parse_ints(args.kv_lens, "--kv-lens")
+        changes["decode_kv"], changes["decode_batches"] = parse_kv_lens(args.kv_lens)
     if args.decode_heads:
         hq, _, hk = args.decode_heads.partition("/")
         changes["decode_heads"] = (int(hq), int(hk or hq))
@@ -99,7 +103,7 @@ def _list_providers(device) -> int:
     for name, p in providers.items():
         why = p.unavailable()
         state = "available" if why is None else f"unavailable: {why}"
-        print(f"{name:<22} {'default ' if name in defaults else '        '}{state}")
+        print(f"{name:<28} {'default ' if name in defaults else '        '}{state}")
     return 0
 
 

@@ -22,7 +22,7 @@ TITLE = {
     "fwd": "forward",
     "bwd": "backward",
     "fwdbwd": "forward + backward",
-    "decode": "decode (1 query token, KV cache)",
+    "decode": "decode (1 query token, KV cache): eager calls and CUDA-graph replays (dotted)",
     "memory": "peak memory of forward + backward (log-log: slope 1 linear, slope 2 quadratic)",
 }
 
@@ -67,8 +67,15 @@ def _draw(ax: Any, mode: str, records: Sequence[Record], providers: Sequence[str
         if not points:
             continue
         style = "-" if name.startswith("attnkit:") else "--"
+        label = f"{name} eager" if mode == "decode" else name
         ax.plot([p[0] for p in points], [p[1] for p in points], style, marker="o", markersize=3, color=colors[name],
-                label=name)  # fmt: skip
+                label=label)  # fmt: skip
+        if mode == "decode":  # CUDA-graph replays of the same step, dotted, same colour
+            graph = sorted((r.case.x, r.graph_gbps) for r in records if r.provider == name and r.status == "ok"
+                           and r.graph_gbps is not None)  # fmt: skip
+            if graph:
+                ax.plot([p[0] for p in graph], [p[1] for p in graph], ":", marker="s", markersize=3,
+                        color=colors[name], label=f"{name} graph")  # fmt: skip
     if mode == "memory":
         _draw_memory_target(ax, records)
     ax.set_xscale("log", base=2)

@@ -51,6 +51,7 @@ class DeviceInfo:
 class Provider(abc.ABC):
     name: str = ""
     kind: str = "peer"  # "attnkit" or "peer"
+    modes: frozenset[str] | None = None  # the modes it measures (None: all); others get no record at all
 
     def unavailable(self) -> str | None:
         """Why this provider cannot run at all here (missing package, no device), or None."""
@@ -69,29 +70,83 @@ class Provider(abc.ABC):
         return None  # most providers have nothing to budget
 
 
+# Decode-only variants of an attnkit provider, named attnkit:<backend>+<variant>.
+DECODE_VARIANTS = {
+    "seqlens": "cache_seqlens passed as an int32 tensor (per-row lengths, as a decode loop has them)",
+    "paged16": "the cache in shuffled pages of 16 tokens (block_table)",
+    "paged256": "the cache in shuffled pages of 256 tokens (block_table)",
+}
+
+
 class AttnkitProvider(Provider):
+    """An attnkit backend. Decode calls ``attention_with_kvcache`` over the whole cache, its lengths left to the
+    default (known on the host); a ``variant`` (decode only, see ``DECODE_VARIANTS``) passes the lengths as a
+    tensor or moves the cache into pages first (outside the timed region)."""
+
     kind = "attnkit"
 
-    def __init__(self, backend: str):
+    def __init__(self, backend: str, variant: str = ""):
+        if variant and variant not in DECODE_VARIANTS:
+            raise ValueError(f"unknown variant {variant!r}; known: {', '.join(DECODE_VARIANTS)}")
         self.backend = backend
-        self.name = f"attnkit:{backend}"
+        self.variant = variant
+        self.name = f"attnkit:{backend}" + (f"+{variant}" if variant else "")
+        if variant:
+            self.modes = frozenset({"decode"})
 
     def unavailable(self) -> str | None:
         return REGISTRY.get(self.backend).unavailable_reason()
 
+    def na_reason(self, case: Case, info: DeviceInfo) -> str | None:
+        page = self._page_size()
+        if page and case.seqlen_k % page:
+            return f"KV length {case.seqlen_k} is not a multiple of the page size {page}"
+        return None
+
+    def _page_size(self) -> int:
+        return int(self.variant.removeprefix("paged")) if self.variant.startswith("paged") else 0
+
     def build(self, case: Case, device: torch.device) -> Kernel:
         backend, causal = self.backend, case.causal
-        if case.mode == "decode":
-
-            def fn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-                return attention_with_kvcache(q, k, v, causal=causal, backend=backend)
-
-        else:
+        if case.mode != "decode":
 
             def fn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
                 return attention(q, k, v, causal=causal, backend=backend)
 
-        return Kernel(_unsupported_as_na(fn))
+            return Kernel(_unsupported_as_na(fn))
+        lengths = table = None
+        prepare = None
+        if self.variant == "seqlens":  # made once, outside the timed region
+            lengths = torch.full((case.batch,), case.seqlen_k, dtype=torch.int32, device=device)
+        page = self._page_size()
+        if page:
+            table, prepare = _paged(case, page, device)
+
+        def fn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            return attention_with_kvcache(q, k, v, cache_seqlens=lengths, block_table=table, causal=causal,
+                                          backend=backend)  # fmt: skip
+
+        note = DECODE_VARIANTS.get(self.variant, "")
+        return Kernel(_unsupported_as_na(fn), prepare=prepare, note=note)
+
+
+def _paged(case: Case, page: int, device: torch.device) -> tuple[torch.Tensor, Prepare]:
+    """A block table spreading each row's pages over a shuffled page pool, and the (untimed) transform that copies
+    a contiguous (B, S, Hk, D) cache into that pool."""
+    per_row = case.seqlen_k // page
+    order = torch.randperm(case.batch * per_row, generator=torch.Generator().manual_seed(case.seqlen_k))
+    table = order.view(case.batch, per_row).to(device=device, dtype=torch.int32)
+    flat = table.flatten().long()
+
+    def prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        def paged(x: torch.Tensor) -> torch.Tensor:
+            pool = torch.empty(case.batch * per_row, page, *x.shape[2:], dtype=x.dtype, device=x.device)
+            pool[flat] = x.reshape(case.batch * per_row, page, *x.shape[2:])
+            return pool
+
+        return q, paged(k), paged(v)
+
+    return table, prepare
 
 
 def _unsupported_as_na(fn: AttnFn) -> AttnFn:
@@ -120,6 +175,11 @@ def all_providers(compile_budget_s: float | None = None) -> dict[str, Provider]:
     for backend in attnkit_backend_names():
         p = AttnkitProvider(backend)
         providers[p.name] = p
+    for variant in DECODE_VARIANTS:
+        for backend in attnkit_backend_names():
+            if "kvcache" in REGISTRY.get(backend).capabilities.ops:  # the variants measure decode only
+                p = AttnkitProvider(backend, variant)
+                providers[p.name] = p
     for p in peers.peer_providers(compile_budget_s):
         providers[p.name] = p
     return providers
@@ -128,15 +188,17 @@ def all_providers(compile_budget_s: float | None = None) -> dict[str, Provider]:
 def default_names(providers: dict[str, Provider], device: torch.device) -> list[str]:
     """What runs without ``--providers``.
 
-    On a GPU: every available attnkit backend except ``reference`` (a correctness oracle, slow by design) and
-    every peer present. On CPU: the reference backend and SDPA's math backend, on tiny sizes, so the command is
-    testable anywhere; compiled peers and interpreted Triton kernels only when asked for by name.
+    On a GPU: every available attnkit backend except ``reference`` (a correctness oracle, slow by design), each
+    also with tensor lengths in decode (``+seqlens``; the paged variants only by name), and every peer present. On
+    CPU: the reference backend and SDPA's math backend, on tiny sizes, so the command is testable anywhere;
+    compiled peers and interpreted Triton kernels only when asked for by name.
     """
     if device.type == "cpu":
         return [n for n in ("attnkit:reference", "sdpa:math") if n in providers]
     names = []
     for name, p in providers.items():
-        if name == "attnkit:reference" or p.unavailable() is not None:
+        base, _, variant = name.partition("+")
+        if base == "attnkit:reference" or variant.startswith("paged") or p.unavailable() is not None:
             continue
         names.append(name)
     return names
@@ -168,7 +230,7 @@ def resolve_names(requested: list[str], providers: dict[str, Provider], device: 
                 add(n)
         elif token == "attnkit":
             for n, p in providers.items():
-                oracle_on_gpu = n == "attnkit:reference" and device.type != "cpu"
+                oracle_on_gpu = n.partition("+")[0] == "attnkit:reference" and device.type != "cpu"
                 if p.kind == "attnkit" and p.unavailable() is None and not oracle_on_gpu:
                     add(n)
         elif token == "peers":
@@ -180,9 +242,15 @@ def resolve_names(requested: list[str], providers: dict[str, Provider], device: 
                 add(n)
         elif token in providers:
             add(token)
-        elif f"attnkit:{resolve_alias(token.removeprefix('attnkit:'))}" in providers:
-            add(f"attnkit:{resolve_alias(token.removeprefix('attnkit:'))}")
+        elif _attnkit_name(token) in providers:
+            add(_attnkit_name(token))
         else:
             known = ", ".join([*providers, "attnkit", "sdpa", "peers", "default", "all"])
             raise ValueError(f"unknown provider {token!r}; known: {known}")
     return names
+
+
+def _attnkit_name(token: str) -> str:
+    """``triton``, ``attnkit:triton``, ``triton+seqlens`` -> the provider name with the backend alias resolved."""
+    base, plus, variant = token.removeprefix("attnkit:").partition("+")
+    return f"attnkit:{resolve_alias(base)}{plus}{variant}"

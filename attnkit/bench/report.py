@@ -12,12 +12,22 @@ from pathlib import Path
 from .cases import MEMORY_TARGET, Case, case_flops, kv_bytes, memory_budget
 from .runner import Record, within_target
 
-UNITS = {"decode": "GB/s of K/V read", "memory": "peak extra MiB, forward+backward (lower is better)"}
+UNITS = {
+    "decode": "GB/s of K/V read, eager (wall time per call) and CUDA graph (replays)",
+    "memory": "peak extra MiB, forward+backward (lower is better)",
+}
+DECODE_LEGEND = (
+    "eager: wall-clock time per call of back-to-back calls, host overhead included (a Python decode loop); "
+    "graph: the same step captured in a CUDA graph, replays timed on the GPU (a loop under torch.cuda.graph). "
+    "`attnkit:<backend>` leaves the cache lengths to the default (known on the host); `+seqlens` passes them "
+    "as an int32 cache_seqlens tensor; `+paged16`/`+paged256` read the cache from shuffled pages."
+)
 DEFAULT_UNIT = "TFLOP/s (higher is better)"
 
 CSV_FIELDS = [
     "mode", "dtype", "batch", "heads_q", "heads_k", "seqlen_q", "seqlen_k", "head_dim", "causal", "provider",
-    "status", "ms", "min_ms", "tflops", "gbps", "peak_mib", "inputs_mib", "budget_mib", "budget_ratio", "flops",
+    "status", "ms", "min_ms", "tflops", "gbps", "graph_ms", "graph_gbps", "graph_reason", "peak_mib", "inputs_mib",
+    "budget_mib", "budget_ratio", "flops",
     "kv_bytes", "repeats", "rotations",
     "max_error", "allowed_error", "check_scope", "reason", "note",
 ]  # fmt: skip
@@ -103,11 +113,12 @@ class _Footnotes:
     def __init__(self) -> None:
         self.items: dict[tuple[str, str, str], int] = {}
 
-    def ref(self, record: Record) -> str:
-        key = (record.provider, record.status, record.reason or record.status)
+    def ref(self, record: Record, status: str | None = None, reason: str | None = None) -> str:
+        status = status or record.status
+        key = (record.provider, status, reason or record.reason or status)
         if key not in self.items:
             self.items[key] = len(self.items) + 1
-        return f"{record.status} [{self.items[key]}]"
+        return f"{status} [{self.items[key]}]"
 
     def lines(self) -> list[str]:
         return [f"{n}. `{p}` {status}: {reason}" for (p, status, reason), n in self.items.items()]
@@ -129,6 +140,9 @@ def markdown(records: Sequence[Record], meta: dict, notes: Sequence[str], provid
         axis = "kv len" if mode == "decode" else "seqlen"
         title = f"{mode}, {dtype}, head dim {dim}, {'causal' if causal else 'non-causal'}"
         lines += [f"## {title}: {UNITS.get(mode, DEFAULT_UNIT)}", ""]
+        if mode == "decode":
+            lines += _decode_table(rows, columns, axis, footnotes)
+            continue
         memory = mode == "memory"
         fixed = ["inputs MiB (q+k+v+dout)", "budget MiB"] if memory else []
         if memory:
@@ -163,3 +177,42 @@ def markdown(records: Sequence[Record], meta: dict, notes: Sequence[str], provid
     if footnotes.items:
         lines += ["## Why some cells have no number", "", *footnotes.lines(), ""]
     return "\n".join(lines)
+
+
+def _decode_table(rows: Sequence[Record], columns: Sequence[str], axis: str, footnotes: _Footnotes) -> list[str]:
+    """Two cells per provider, eager and graph GB/s; the best of each kind in bold."""
+    lines = [DECODE_LEGEND, ""]
+    header = "".join(f" `{c}` eager | `{c}` graph |" for c in columns)
+    lines.append(f"| {axis} | batch x heads |{header}")
+    lines.append("|---:|---:|" + "---:|" * (2 * len(columns)))
+    by_case: dict[Case, dict[str, Record]] = {}
+    for r in rows:
+        by_case.setdefault(r.case, {})[r.provider] = r
+    for case, cells in by_case.items():
+        ok = [cells[p] for p in columns if p in cells and cells[p].status == "ok"]
+        eager = [r.gbps for r in ok if r.gbps is not None]
+        graph = [r.graph_gbps for r in ok if r.graph_gbps is not None]
+        best_eager = max(eager) if len(eager) > 1 else None
+        best_graph = max(graph) if len(graph) > 1 else None
+        out = []
+        for p in columns:
+            r = cells.get(p)
+            if r is None:
+                out += ["", ""]
+            elif r.status != "ok":
+                out += [footnotes.ref(r), ""]
+            else:
+                out.append(_bold(r.gbps, best_eager))
+                out.append(_bold(r.graph_gbps, best_graph) if r.graph_gbps is not None
+                           else footnotes.ref(r, "n/a", f"no graph: {r.graph_reason}"))  # fmt: skip
+        heads = f"{case.heads_q}/{case.heads_k}" if case.heads_q != case.heads_k else str(case.heads_q)
+        lines.append(f"| {case.x} | {case.batch}x{heads} | " + " | ".join(out) + " |")
+    lines.append("")
+    return lines
+
+
+def _bold(value: float | None, best: float | None) -> str:
+    if value is None:
+        return "-"
+    text = _fmt(value)
+    return f"**{text}**" if value == best else text

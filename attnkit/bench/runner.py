@@ -17,9 +17,10 @@ import torch
 
 from .cases import MEMORY_TARGET, Case, case_flops, input_bytes, kv_bytes, memory_budget
 from .correctness import verify
+from .decode import Capture, measure_decode
 from .progress import PlainProgress, Progress
 from .providers import AttnFn, DeviceInfo, Kernel, NotApplicable, Provider
-from .timing import Timing, clock_for, l2_cache_bytes, measure_interleaved, rotation_count
+from .timing import Clock, Timing, clock_for, l2_cache_bytes, measure_interleaved, rotation_count
 
 Inputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]
 
@@ -34,12 +35,16 @@ class Record:
     status: str  # "ok", "n/a", "WRONG", "error"
     reason: str = ""
     note: str = ""
-    ms: float | None = None
+    ms: float | None = None  # decode: eager wall time per call (host included), see attnkit/bench/decode.py
     min_ms: float | None = None
     repeats: int = 0
     rotations: int = 0
     tflops: float | None = None
     gbps: float | None = None
+    # Decode only: CUDA-graph replays (GPU time), or why there is no such number.
+    graph_ms: float | None = None
+    graph_gbps: float | None = None
+    graph_reason: str = ""
     peak_mib: float | None = None
     # Training cases with a measured peak: the memory target's budget (cases.MemoryBudget), the part of it
     # allocated before the measurement (q, k, v, dout; not in peak_mib), and (inputs + peak) / budget.
@@ -76,6 +81,9 @@ class BenchConfig:
     max_repeats: int = 100
     time_budget_s: float | None = None  # stop starting new cases past this
     seed: int = 0
+    # Decode graph timing; None: CUDA graphs and CUDA events on a CUDA device (tests inject stand-ins).
+    graph_capture: Capture | None = None
+    graph_clock: Clock | None = None
 
 
 @dataclass
@@ -230,8 +238,11 @@ def prepare_provider(
 
 def time_providers(prepared: list[tuple[Record, Callable[[int], object]]], rotations: int, config: BenchConfig) -> None:
     """Time the prepared providers of one case in rounds (:func:`timing.measure_interleaved`), filling their
-    records."""
+    records; decode cases eagerly and as CUDA-graph replays (:func:`decode.measure_decode`)."""
     steps = {str(i): step for i, (_, step) in enumerate(prepared)}
+    if prepared and prepared[0][0].case.mode == "decode":
+        _time_decode(prepared, steps, rotations, config)
+        return
     try:
         timings = measure_interleaved(steps, rotations, clock_for(config.device), warmup=config.warmup,
                                       min_repeats=config.min_repeats, max_repeats=config.max_repeats,
@@ -244,6 +255,31 @@ def time_providers(prepared: list[tuple[Record, Callable[[int], object]]], rotat
             _record_failure(record, timing)
         else:
             _fill_rates(record, timing)
+
+
+def _time_decode(prepared, steps, rotations: int, config: BenchConfig) -> None:
+    try:
+        timings = measure_decode(steps, rotations, config.device, warmup=config.warmup,
+                                 min_repeats=config.min_repeats, max_repeats=config.max_repeats,
+                                 budget_s=config.case_time_s, capture=config.graph_capture,
+                                 graph_clock=config.graph_clock)  # fmt: skip
+    except Exception as exc:  # outside any one provider's call: a sticky CUDA error, say
+        for record, _ in prepared:
+            _record_failure(record, exc)
+        return
+    for key, (record, _) in zip(steps, prepared):
+        timing = timings[key]
+        if isinstance(timing.eager, Exception):
+            _record_failure(record, timing.eager)
+            continue
+        _fill_rates(record, timing.eager)
+        if isinstance(timing.graph, Timing):
+            record.graph_ms = timing.graph.median_ms
+            record.graph_gbps = kv_bytes(record.case) / (timing.graph.median_ms * 1e-3) / 1e9
+        elif isinstance(timing.graph, Exception):
+            record.graph_reason = f"replay failed: {_message(timing.graph)}"
+        else:
+            record.graph_reason = timing.graph
 
 
 def _record_failure(record: Record, exc: Exception) -> None:
@@ -309,7 +345,7 @@ def run_bench(
     notes: list[str] = []
     start = time.perf_counter()
     capability = torch.cuda.get_device_capability(config.device) if config.device.type == "cuda" else None
-    progress.start(len(cases) * len(config.providers))
+    progress.start(sum(len(_providers_for(case, config)) for case in cases))
     done = 0
     for index, case in enumerate(cases):
         elapsed = time.perf_counter() - start
@@ -326,7 +362,7 @@ def run_bench(
             info = DeviceInfo(config.device, free_bytes(config.device), capability, len(sets))
             # Every provider is checked first, then all are timed together, in rounds (see measure_interleaved).
             case_records, to_time = [], []
-            for provider in config.providers.values():
+            for provider in _providers_for(case, config).values():
                 record, step = prepare_provider(provider, case, sets, config, info)
                 case_records.append(record)
                 if step is None:
@@ -348,7 +384,7 @@ def run_bench(
         except torch.cuda.OutOfMemoryError as exc:
             # Inputs that do not fit: every provider of this case records it, and the run goes on.
             recorded = {r.provider for r in records if r.case == case}
-            for name in config.providers:
+            for name in _providers_for(case, config):
                 if name not in recorded:
                     records.append(Record(case, name, "error", reason=f"inputs: out of memory: {_message(exc)}"))
                     progress.advance(_describe(records[-1]))
@@ -368,6 +404,11 @@ def run_bench(
     return BenchResult(records, notes, len(cases), done, time.perf_counter() - start)
 
 
+def _providers_for(case: Case, config: BenchConfig) -> dict[str, Provider]:
+    """The providers that measure this case's mode at all (a decode-only variant has no fwd record)."""
+    return {n: p for n, p in config.providers.items() if p.modes is None or case.mode in p.modes}
+
+
 def _describe(record: Record) -> str:
     what = f"{record.case.label()} {record.provider}"
     if record.status != "ok":
@@ -379,4 +420,8 @@ def _describe(record: Record) -> str:
         ratio = f"(inputs {record.inputs_mib:.1f} + peak) / budget {record.budget_mib:.1f} MiB"
         return f"{what}: peak extra {record.peak_mib:.1f} MiB; {ratio} = {record.budget_ratio:.3f}x, {verdict}"
     rate = f"{record.gbps:.1f} GB/s" if record.gbps is not None else f"{record.tflops:.2f} TFLOP/s"
-    return f"{what}: {record.ms:.3f} ms, {rate}"
+    if record.case.mode != "decode":
+        return f"{what}: {record.ms:.3f} ms, {rate}"
+    graph = (f"graph {record.graph_ms:.3f} ms, {record.graph_gbps:.1f} GB/s" if record.graph_ms is not None
+             else f"graph: {record.graph_reason}")  # fmt: skip
+    return f"{what}: eager {record.ms:.3f} ms, {rate}; {graph}"

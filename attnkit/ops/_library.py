@@ -233,16 +233,18 @@ def kvcache_forward(
     cache_seqlens: Tensor,
     cache_batch_idx: Tensor | None,
     block_table: Tensor | None,
+    cache_leftpad: Tensor | None,
     alibi_slopes: Tensor | None,
     softmax_scale: float,
     causal: bool,
     window_left: int,
     window_right: int,
     softcap: float,
+    num_splits: int,
     backend: str,
 ) -> tuple[Tensor, Tensor]:
     params = _params(softmax_scale, causal, window_left, window_right, softcap, 0.0, 0, False)
-    info = KVCacheInfo(cache_seqlens, cache_batch_idx, block_table)
+    info = KVCacheInfo(cache_seqlens, cache_batch_idx, block_table, cache_leftpad, num_splits)
     return REGISTRY.get(backend).forward_kvcache(q, k_cache, v_cache, info, alibi_slopes, params)
 
 

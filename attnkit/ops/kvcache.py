@@ -7,19 +7,11 @@ from collections.abc import Sequence
 import torch
 
 from .. import validation
-from ..errors import InvalidArgumentError, InvalidArgumentTypeError, KVCacheOverflowError
-from . import _common, _library
-from .rotary import apply_rotary
-
-
-def _int32_vector(name: str, x: object, length: int, device: torch.device) -> torch.Tensor:
-    if not isinstance(x, torch.Tensor):
-        raise InvalidArgumentTypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype != torch.int32 or tuple(x.shape) != (length,):
-        raise InvalidArgumentError(f"{name} must be int32 of shape ({length},), got {x.dtype} {tuple(x.shape)}")
-    if x.device != device:
-        raise InvalidArgumentError(f"{name} is on {x.device} but q is on {device}")
-    return x
+from ..errors import InvalidArgumentError, InvalidArgumentTypeError
+from ..params import lse_dtype
+from . import _common, _kvcache_checks, _library
+from ._kvcache_checks import int32_vector
+from .rotary import apply_rotary, check_tables
 
 
 def attention_with_kvcache(
@@ -31,6 +23,7 @@ def attention_with_kvcache(
     *,
     cache_seqlens: torch.Tensor | int | None = None,
     cache_batch_idx: torch.Tensor | None = None,
+    cache_leftpad: torch.Tensor | None = None,
     block_table: torch.Tensor | None = None,
     rotary_cos: torch.Tensor | None = None,
     rotary_sin: torch.Tensor | None = None,
@@ -41,6 +34,7 @@ def attention_with_kvcache(
     alibi_slopes: torch.Tensor | None = None,
     softcap: float = 0.0,
     return_lse: bool = False,
+    num_splits: int = 0,
     backend: str | Sequence[str] = "auto",
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention of new queries over a KV cache, appending new keys/values in place (flash-attn semantics).
@@ -52,15 +46,23 @@ def attention_with_kvcache(
         k, v: optional new keys/values ``(batch, seqlen_new, nheads_k, headdim[_v])``, written into the cache at
             positions ``cache_seqlens[b] ...`` before attending. attnkit checks first that they fit (on the host,
             or, while a CUDA graph is captured, on the device, where a failure is a device-side assert).
-        cache_seqlens: int32 ``(batch,)`` (or an int): tokens already in each cache row *before* the append.
-            Default: the whole cache (only without ``k``/``v``).
+        cache_seqlens: int32 ``(batch,)`` (or an int): tokens already in each cache row *before* the append (with
+            ``cache_leftpad``: the position after the last one). Default: the whole cache (only without ``k``/``v``).
         cache_batch_idx: int32 ``(batch,)``: which cache row each batch row uses (default ``arange(batch)``).
+        cache_leftpad: int32 ``(batch,)``: where each row's keys start (flash-attn 2.6's left-padded caches;
+            default 0). Row ``b`` attends to positions ``cache_leftpad[b] ... cache_seqlens[b] + seqlen_new - 1``,
+            a sequence of its own for masks and ALiBi; rotary positions stay absolute.
         block_table: int32 ``(batch, max_blocks)``: pages of each row of a paged cache.
         rotary_cos, rotary_sin: ``(seqlen_ro, rotary_dim / 2)``: rotary embedding applied to ``k`` at positions
             ``cache_seqlens + arange(seqlen_new)`` and to ``q`` at ``cache_seqlens + arange(seqlen_q)`` if causal or
             windowed, else at ``cache_seqlens`` (every query at the same position). Needs ``k``.
         rotary_interleaved: rotate channel pairs (0,1),(2,3)... (True) or the two halves (False).
-        Other keywords as in :func:`attnkit.attention` (no dropout; forward only, like flash-attn).
+        return_lse: also return the log-sum-exp ``(batch, nheads, seqlen_q)`` float32, natural log, as flash-attn's
+            ``return_softmax_lse`` (e.g. for :func:`attnkit.merge_attention_states`).
+        num_splits: programs sharing one row's keys in a split-KV kernel; 0 (default) lets the backend choose
+            (FA3's heuristic on the Triton backends), 1 disables splitting. A performance knob only.
+        Other keywords as in :func:`attnkit.attention` (no dropout). Forward only, like flash-attn: with grad
+            mode on, an input that requires grad raises InvalidArgumentError (use torch.no_grad()).
 
     Returns:
         ``out`` ``(batch, seqlen_q, nheads, headdim_v)``, or ``(out, lse)``.
@@ -74,45 +76,16 @@ def attention_with_kvcache(
     validation.last_dim_contiguous({"q": q, "k_cache": k_cache, "v_cache": v_cache})
     batch, seqlen_q, num_heads_q, head_dim = q.shape
     device = q.device
+    for flag, value in (("return_lse", return_lse), ("rotary_interleaved", rotary_interleaved)):
+        if not isinstance(value, bool):
+            raise InvalidArgumentTypeError(f"{flag} must be a bool, got {value!r}")
+    if isinstance(num_splits, bool) or not isinstance(num_splits, int) or not 0 <= num_splits <= _MAX_SPLITS:
+        raise InvalidArgumentError(
+            f"num_splits is {num_splits!r}; allowed: 0 (the backend chooses) or 1..{_MAX_SPLITS}"
+        )
     # Nothing can be read back to the host while a CUDA graph is captured: the checks that need tensor values then
-    # run on the device instead (_device_check), in stream order before any write.
+    # run on the device instead (_kvcache_checks.device_check), in stream order before any write.
     capturing = _capturing(device)
-    paged = block_table is not None
-    if paged:
-        block_table = validation.tensor("block_table", block_table, 2)
-        if block_table.dtype != torch.int32 or block_table.shape[0] != batch or block_table.device != device:
-            raise InvalidArgumentError(
-                f"block_table must be int32 ({batch}, max_blocks) on {device}, got {block_table.dtype} "
-                f"{tuple(block_table.shape)} on {block_table.device}"
-            )
-        if cache_batch_idx is not None:
-            raise InvalidArgumentError("cache_batch_idx cannot be combined with block_table (a paged cache)")
-        page_size = k_cache.shape[1]
-        if page_size % 16:
-            raise InvalidArgumentError(f"paged cache page size is {page_size}; allowed: a multiple of 16")
-        capacity = block_table.shape[1] * page_size
-    else:
-        capacity = k_cache.shape[1]
-        if cache_batch_idx is None and k_cache.shape[0] != batch:
-            raise InvalidArgumentError(
-                f"k_cache has {k_cache.shape[0]} rows but q has batch {batch}; pass cache_batch_idx to pick rows"
-            )
-        if cache_batch_idx is not None:
-            cache_batch_idx = _int32_vector("cache_batch_idx", cache_batch_idx, batch, device)
-            if capturing:
-                rows_ok = ((cache_batch_idx >= 0) & (cache_batch_idx < k_cache.shape[0])).all()
-                if k is not None:
-                    ordered = cache_batch_idx.sort().values
-                    rows_ok = rows_ok & (ordered[1:] != ordered[:-1]).all()
-                _device_check(rows_ok, f"cache_batch_idx has entries outside [0, {k_cache.shape[0]}) or repeats a row")
-            else:
-                idx = cache_batch_idx.tolist()
-                if any(not 0 <= i < k_cache.shape[0] for i in idx):
-                    raise InvalidArgumentError(f"cache_batch_idx={idx} has entries outside [0, {k_cache.shape[0]})")
-                if k is not None and len(set(idx)) != len(idx):
-                    raise InvalidArgumentError(
-                        f"cache_batch_idx={idx} repeats a row; appends would overwrite each other"
-                    )
     if (k is None) != (v is None):
         raise InvalidArgumentError("pass both k and v to append, or neither")
     seqlen_new = 0
@@ -128,51 +101,22 @@ def attention_with_kvcache(
                 f"k {tuple(k.shape)}, v {tuple(v.shape)}"
             )
         seqlen_new = k.shape[1]
-    if cache_seqlens is None:
-        if k is not None:
-            raise InvalidArgumentError("cache_seqlens is required when appending k/v (where would they go?)")
-        lengths = [capacity] * batch
-        cache_seqlens = torch.full((batch,), capacity, dtype=torch.int32, device=device)
-    elif isinstance(cache_seqlens, int) and not isinstance(cache_seqlens, bool):
-        lengths = [cache_seqlens] * batch
-        cache_seqlens = torch.full((batch,), cache_seqlens, dtype=torch.int32, device=device)
-    else:
-        cache_seqlens = _int32_vector("cache_seqlens", cache_seqlens, batch, device)
-        # A device sync: the checks below must see the lengths before anything is read or written. Lengths given
-        # as an int (or left to the cache's capacity) are known on the host and cost none, so a decode step
-        # does not wait for the previous one to finish.
-        lengths = None if capturing else cache_seqlens.tolist()
-    if lengths is None:
-        longest = capacity - seqlen_new  # for the dispatch spec: the most a row may hold
-        _device_check(
-            ((cache_seqlens >= 0) & (cache_seqlens <= capacity - seqlen_new)).all(),
-            f"cache_seqlens has negative entries or a row without room for {seqlen_new} more tokens (capacity "
-            f"{capacity})",
-        )
-    else:
-        # min/max run in C: a decode batch of hundreds of rows costs no Python loop per call.
-        longest = max(lengths, default=0)
-        if lengths and min(lengths) < 0:
-            raise InvalidArgumentError(f"cache_seqlens={lengths} has negative entries")
-        if longest + seqlen_new > capacity:
-            b = lengths.index(longest)
-            raise KVCacheOverflowError(
-                f"cache row {b} holds {lengths[b]} tokens; appending {seqlen_new} would need "
-                f"{lengths[b] + seqlen_new} slots but the cache has room for {capacity}"
-            )
+    paged = block_table is not None
     if paged:
-        num_blocks = k_cache.shape[0]
-        page_size = k_cache.shape[1]
-        # One vectorised check (a single device sync) over the pages each row will touch.
-        pages_needed = (cache_seqlens.long() + seqlen_new + page_size - 1) // page_size
-        touched = torch.arange(block_table.shape[1], device=device)[None, :] < pages_needed[:, None]
-        bad_rows = (touched & ((block_table < 0) | (block_table >= num_blocks))).any(dim=1)
-        if capturing:
-            _device_check(~bad_rows.any(), f"block_table uses pages outside [0, {num_blocks})")
-        elif bool(bad_rows.any()):
-            b = int(bad_rows.nonzero()[0, 0])
-            used = block_table[b, : int(pages_needed[b])].tolist()
-            raise InvalidArgumentError(f"block_table[{b}] uses pages {used} outside [0, {num_blocks})")
+        block_table = _block_table(block_table, cache_batch_idx, k_cache, batch, device)
+        capacity = block_table.shape[1] * k_cache.shape[1]
+    else:
+        capacity = k_cache.shape[1]
+        cache_batch_idx = _cache_rows(cache_batch_idx, k_cache, batch, k is not None, device, capturing)
+    if cache_seqlens is None and k is not None:
+        raise InvalidArgumentError("cache_seqlens is required when appending k/v (where would they go?)")
+    lengths = _kvcache_checks.lengths(cache_seqlens, cache_leftpad, batch, capacity, seqlen_new, device, capturing)
+    cache_seqlens, cache_leftpad = lengths.seqlens, lengths.leftpad
+    if seqlen_new:
+        _kvcache_checks.caches_writable(k_cache, v_cache)
+    if paged:
+        _kvcache_checks.pages(block_table, cache_seqlens, cache_leftpad, seqlen_new, k_cache.shape[0],
+                              k_cache.shape[1], capturing)  # fmt: skip
 
     params = _common.resolve_params(
         head_dim=head_dim,
@@ -184,37 +128,25 @@ def attention_with_kvcache(
         deterministic=False,
     )
     slopes = validation.alibi_slopes(alibi_slopes, batch, num_heads_q, device)
-
+    per_query = params.is_masked
     if rotary_cos is not None or rotary_sin is not None:
         if rotary_cos is None or rotary_sin is None or k is None:
             raise InvalidArgumentError("rotary needs rotary_cos, rotary_sin and new k/v together")
-        rotary_cos = validation.tensor("rotary_cos", rotary_cos, 2)
-        rotary_sin = validation.tensor("rotary_sin", rotary_sin, 2)
-        if rotary_cos.shape != rotary_sin.shape or 2 * rotary_cos.shape[1] > head_dim:
-            raise InvalidArgumentError(
-                f"rotary_cos/sin must share a shape (seqlen_ro, rotary_dim/2) with rotary_dim <= {head_dim}, got "
-                f"{tuple(rotary_cos.shape)} and {tuple(rotary_sin.shape)}"
-            )
-        per_query = params.is_masked
+        rotary_cos, rotary_sin = check_tables(rotary_cos, rotary_sin, head_dim, device)
         reach = max(seqlen_new, seqlen_q if per_query else 1)
-        if lengths is None:
-            _device_check((cache_seqlens + reach <= rotary_cos.shape[0]).all(),
-                          f"rotary_cos has {rotary_cos.shape[0]} positions; a row needs more")  # fmt: skip
-        elif rotary_cos.shape[0] < longest + reach:
+        if lengths.host is None:
+            enough = (cache_seqlens + reach <= rotary_cos.shape[0]).all()
+            _kvcache_checks.device_check(enough, f"rotary_cos has {rotary_cos.shape[0]} positions; a row needs more")
+        elif rotary_cos.shape[0] < lengths.longest + reach:
             raise InvalidArgumentError(
-                f"rotary_cos has {rotary_cos.shape[0]} positions; this call needs {longest + reach}"
+                f"rotary_cos has {rotary_cos.shape[0]} positions; this call needs {lengths.longest + reach}"
             )
-        base = cache_seqlens.long()[:, None]
-        k_pos = base + torch.arange(seqlen_new, device=device)[None, :]
-        q_pos = base + (torch.arange(seqlen_q, device=device)[None, :] if per_query else 0)
-        q_pos = q_pos.expand(batch, seqlen_q)
-        k = apply_rotary(k, rotary_cos[k_pos], rotary_sin[k_pos], rotary_interleaved)
-        q = apply_rotary(q, rotary_cos[q_pos], rotary_sin[q_pos], rotary_interleaved)
-
-    if k is not None and seqlen_new:
-        _append(k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table)
-    total = cache_seqlens if not seqlen_new else (cache_seqlens + seqlen_new).to(torch.int32)
-
+    _forward_only(
+        {"q": q, "k_cache": k_cache, "v_cache": v_cache, "k": k, "v": v, "rotary_cos": rotary_cos,
+         "rotary_sin": rotary_sin, "alibi_slopes": slopes}
+    )  # fmt: skip
+    # The backend is chosen before anything is written: an unknown or refusing backend, or a malformed ATTNKIT_*
+    # variable, must leave the cache as it was.
     chosen = _common.choose(
         "paged_kvcache" if paged else "kvcache",
         backend,
@@ -223,28 +155,99 @@ def attention_with_kvcache(
         num_heads_k=k_cache.shape[2],
         batch=batch,
         seqlen_q=seqlen_q,
-        seqlen_k=longest + seqlen_new if batch else 0,
+        seqlen_k=lengths.longest + seqlen_new if batch else 0,
         params=params,
         alibi=slopes is not None,
         requires_grad=False,
     )
-    if q.shape[-1] and q.stride(-1) != 1:
+
+    # Every check has passed: from here on the call writes (the rotated new keys, then the cache).
+    if rotary_cos is not None:
+        base = cache_seqlens.long()[:, None]
+        k_pos = base + torch.arange(seqlen_new, device=device)[None, :]
+        q_pos = base + (torch.arange(seqlen_q, device=device)[None, :] if per_query else 0)
+        q_pos = q_pos.expand(batch, seqlen_q)
+        k = apply_rotary(k, rotary_cos[k_pos], rotary_sin[k_pos], rotary_interleaved)
+        q = apply_rotary(q, rotary_cos[q_pos], rotary_sin[q_pos], rotary_interleaved)
+    if k is not None and seqlen_new:
+        _append(k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table)
+    total = cache_seqlens if not seqlen_new else (cache_seqlens + seqlen_new).to(torch.int32)
+    if q.numel() == 0:  # no batch rows, queries or heads: nothing to attend (any append above has happened)
+        out = q.new_zeros((batch, seqlen_q, num_heads_q, v_cache.shape[-1]))
+        lse = torch.full((batch, num_heads_q, seqlen_q), float("-inf"), dtype=lse_dtype(q.dtype), device=device)
+        return (out, lse) if return_lse else out
+    if q.stride(-1) != 1:
         q = q.contiguous()
     out, lse = _library.kvcache_forward(
-        q, k_cache, v_cache, total, cache_batch_idx, block_table, slopes,
-        params.softmax_scale, params.causal, params.window_left, params.window_right, params.softcap, chosen,
+        q, k_cache, v_cache, total, cache_batch_idx, block_table, cache_leftpad, slopes,
+        params.softmax_scale, params.causal, params.window_left, params.window_right, params.softcap, num_splits,
+        chosen,
     )  # fmt: skip
     return (out, lse) if return_lse else out
 
 
+# flash-attn's limit on num_splits (and the Triton backends' most splits per row).
+_MAX_SPLITS = 128
+
+
+def _block_table(block_table, cache_batch_idx, k_cache, batch, device) -> torch.Tensor:
+    block_table = validation.tensor("block_table", block_table, 2)
+    if block_table.dtype != torch.int32 or block_table.shape[0] != batch or block_table.device != device:
+        raise InvalidArgumentError(
+            f"block_table must be int32 ({batch}, max_blocks) on {device}, got {block_table.dtype} "
+            f"{tuple(block_table.shape)} on {block_table.device}"
+        )
+    if cache_batch_idx is not None:
+        raise InvalidArgumentError("cache_batch_idx cannot be combined with block_table (a paged cache)")
+    page_size = k_cache.shape[1]
+    if page_size <= 0 or page_size % 16:
+        raise InvalidArgumentError(
+            f"paged cache page size (k_cache.shape[1]) is {page_size}; allowed: a positive multiple of 16"
+        )
+    return block_table.contiguous()  # kernels step through a row with stride 1
+
+
+def _cache_rows(cache_batch_idx, k_cache, batch, appending, device, capturing) -> torch.Tensor | None:
+    """The checked cache_batch_idx of a contiguous cache (None: row b is cache row b)."""
+    if cache_batch_idx is None:
+        if k_cache.shape[0] != batch:
+            raise InvalidArgumentError(
+                f"k_cache has {k_cache.shape[0]} rows but q has batch {batch}; pass cache_batch_idx to pick rows"
+            )
+        return None
+    rows = k_cache.shape[0]
+    cache_batch_idx = int32_vector("cache_batch_idx", cache_batch_idx, batch, device)
+    if capturing:
+        ok = ((cache_batch_idx >= 0) & (cache_batch_idx < rows)).all()
+        if appending:
+            ordered = cache_batch_idx.sort().values
+            ok = ok & (ordered[1:] != ordered[:-1]).all()
+        _kvcache_checks.device_check(ok, f"cache_batch_idx has entries outside [0, {rows}) or repeats a row")
+        return cache_batch_idx
+    idx = cache_batch_idx.tolist()
+    if any(not 0 <= i < rows for i in idx):
+        raise InvalidArgumentError(f"cache_batch_idx={idx} has entries outside [0, {rows})")
+    if appending and len(set(idx)) != len(idx):
+        raise InvalidArgumentError(f"cache_batch_idx={idx} repeats a row; appends would overwrite each other")
+    return cache_batch_idx
+
+
+def _forward_only(named: dict[str, object]) -> None:
+    """attention_with_kvcache has no backward (like flash-attn's ``flash_attn_with_kvcache``): refuse a call whose
+    output autograd would try to differentiate, rather than fail later in ``backward()`` or drop the gradient."""
+    if not torch.is_grad_enabled():
+        return
+    for name, x in named.items():
+        if isinstance(x, torch.Tensor) and x.requires_grad:
+            raise InvalidArgumentError(
+                f"{name} requires grad, but attention_with_kvcache is forward-only (no backward, like flash-attn's "
+                f"flash_attn_with_kvcache); call it under torch.no_grad() or torch.inference_mode(), or pass "
+                f"{name}.detach()"
+            )
+
+
 def _capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-
-
-def _device_check(ok: torch.Tensor, message: str) -> None:
-    """A check whose inputs stay on the device (CUDA-graph capture): it runs in stream order before the writes
-    that follow, and a failure stops the GPU with a device-side assert instead of raising here."""
-    torch._assert_async(ok, f"attention_with_kvcache: {message}")
 
 
 def _append(k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table) -> None:

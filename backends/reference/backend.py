@@ -7,7 +7,7 @@ import torch
 from attnkit.registry import Backend, BackendCapabilities
 from attnkit.spec import FEATURES, OPS
 
-from . import core, ops
+from . import core, merge, ops
 
 
 class ReferenceBackend(Backend):
@@ -33,6 +33,9 @@ class ReferenceBackend(Backend):
 
     def forward_kvcache(self, q, k_cache, v_cache, cache, alibi_slopes, params):
         return ops.forward_kvcache(q, k_cache, v_cache, cache, alibi_slopes, params, ops.compute_dtype_for(q.dtype))
+
+    def merge_states(self, out_parts, lse_parts, out_dtype):
+        return merge.merge_states(out_parts, lse_parts, out_dtype)
 
     def piecewise_forward(self, q1, k1, q2, k2, v, dist_threshold, params):
         return ops.piecewise_forward(q1, k1, q2, k2, v, dist_threshold, params, ops.compute_dtype_for(q1.dtype))

@@ -72,23 +72,29 @@ def backward(dout, q, k, v, out, lse, alibi, params, varlen, compute_dtype):
     return dq, dk, dv
 
 
-def gather_cache_rows(cache: torch.Tensor, info: KVCacheInfo, b: int, length: int) -> torch.Tensor:
-    """The first ``length`` keys (or values) of batch row ``b`` as a (length, Hk, D) tensor."""
+def gather_cache_rows(cache: torch.Tensor, info: KVCacheInfo, b: int, end: int, start: int = 0) -> torch.Tensor:
+    """Keys (or values) ``start ... end - 1`` of batch row ``b`` as an (end - start, Hk, D) tensor; nothing outside
+    that range is read (pages wholly before ``start`` or after ``end`` are not looked up)."""
     if info.block_table is not None:
         page = cache.shape[1]
-        pages = info.block_table[b, : (length + page - 1) // page].long()
-        return cache[pages].reshape(-1, *cache.shape[2:])[:length]
+        first = start // page
+        pages = info.block_table[b, first : (end + page - 1) // page].long()
+        return cache[pages].reshape(-1, *cache.shape[2:])[start - first * page : end - first * page]
     row = int(info.cache_batch_idx[b]) if info.cache_batch_idx is not None else b
-    return cache[row, :length]
+    return cache[row, start:end]
 
 
 def forward_kvcache(q, k_cache, v_cache, info: KVCacheInfo, alibi, params, compute_dtype):
     batch, sq, hq, _ = q.shape
     out = torch.empty(batch, sq, hq, v_cache.shape[-1], dtype=q.dtype, device=q.device)
     lse = torch.empty(batch, hq, sq, dtype=lse_dtype(q.dtype), device=q.device)
-    for b, length in enumerate(info.cache_seqlens.tolist()):
-        kb = gather_cache_rows(k_cache, info, b, length)[None]
-        vb = gather_cache_rows(v_cache, info, b, length)[None]
+    ends = info.cache_seqlens.tolist()
+    starts = info.cache_leftpad.tolist() if info.cache_leftpad is not None else [0] * batch
+    for b, (start, end) in enumerate(zip(starts, ends)):
+        # Left padding: the row's keys are start..end-1, a sequence of its own (bottom-right alignment and ALiBi
+        # distances are those of absolute positions, since both count back from the row's end).
+        kb = gather_cache_rows(k_cache, info, b, end, start)[None]
+        vb = gather_cache_rows(v_cache, info, b, end, start)[None]
         pb = core.make_problem(params, q[b : b + 1], kb, batch_offset=b)
         ob, lb = core.forward([q[b : b + 1]], [kb], vb, _slopes_row(alibi, b), pb, compute_dtype)
         out[b], lse[b] = ob[0], lb[0]

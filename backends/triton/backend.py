@@ -18,7 +18,7 @@ from attnkit.spec import AttentionSpec
 from . import probes
 
 _FEATURES = frozenset({"causal", "window", "alibi", "softcap", "dropout", "gqa", "dv_ne_d", "deterministic", "sink"})
-_OPS = frozenset({"attention", "varlen", "piecewise", "kvcache", "paged_kvcache"})
+_OPS = frozenset({"attention", "varlen", "piecewise", "kvcache", "paged_kvcache", "merge"})
 _DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32})
 
 
@@ -104,6 +104,13 @@ class _TritonBackend(Backend):
         from . import kvcache_launch
 
         return kvcache_launch.forward_kvcache(q, k_cache, v_cache, cache, alibi_slopes, params)
+
+    def merge_states(
+        self, out_parts: torch.Tensor, lse_parts: torch.Tensor, out_dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        from . import merge_launch
+
+        return merge_launch.merge_states(out_parts, lse_parts, out_dtype)
 
     def piecewise_forward(
         self,

@@ -3,7 +3,8 @@
 Decoding reads the whole cache once per step, so it is memory-bound: one program handles one KV head and *all*
 query rows of its GQA group (``rows = g * Sq + i``), so each key/value block is read once per group instead of
 once per query head, and the key range is split across programs so that even batch 1 fills the GPU. Each split
-writes a normalised partial output and its log-sum-exp; ``combine_splits`` merges them.
+writes a normalised partial output and its log-sum-exp; ``combine_splits`` merges them. With one split the
+partial buffers are the outputs themselves (the store casts to their dtype) and there is nothing to combine.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from .kernel_utils import LN2, LOG2E, dot_operand, tanh
 
 @triton.jit
 def kvcache_split_fwd(
-    Q, K, V, SLOPES, SEQLENS, BATCH_IDX, BLOCK_TABLE, OUT_PART, LSE_PART,
+    Q, K, V, SLOPES, SEQLENS, BATCH_IDX, BLOCK_TABLE, LEFTPAD, OUT_PART, LSE_PART,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -27,7 +28,9 @@ def kvcache_split_fwd(
     scale_log2, softcap, window_left, window_right,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr,
-    PAGED: tl.constexpr, HAS_BATCH_IDX: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    PAGED: tl.constexpr, ONE_PAGE_PER_BLOCK: tl.constexpr, HAS_BATCH_IDX: tl.constexpr, HAS_LEFTPAD: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
     HAS_WINDOW_LEFT: tl.constexpr, HAS_WINDOW_RIGHT: tl.constexpr, UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
@@ -60,6 +63,11 @@ def kvcache_split_fwd(
 
     start = split * keys_per_split
     end = tl.minimum(start + keys_per_split, seqlen_k)
+    if HAS_LEFTPAD:
+        # Valid keys are [first_key, seqlen_k) of the row. Positions stay absolute: the distance below only
+        # depends on the row's end, so the left padding changes no mask or ALiBi term.
+        first_key = tl.load(LEFTPAD + b)
+        start = tl.maximum(start, first_key // BLOCK_N * BLOCK_N)
     # Bottom-right alignment: query i sits at key position i + seqlen_k - seqlen_q.
     shift = seqlen_k - seqlen_q
     if HAS_WINDOW_RIGHT:
@@ -70,21 +78,27 @@ def kvcache_split_fwd(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    k_head = K + hk * stride_kh
+    v_head = V + hk * stride_vh
     for block_start in range(start, end, BLOCK_N):
         cols = block_start + tl.arange(0, BLOCK_N)
-        if PAGED:
-            # BLOCK_N divides PAGE_SIZE, so a block never straddles two pages.
-            page = tl.load(BLOCK_TABLE + b * stride_bt_b + block_start // PAGE_SIZE).to(tl.int64)
-            slot = cols % PAGE_SIZE
-            k_base = K + page * stride_kb + hk * stride_kh
-            v_base = V + page * stride_vb + hk * stride_vh
-        else:
-            slot = cols
-            k_base = K + cache_row * stride_kb + hk * stride_kh
-            v_base = V + cache_row * stride_vb + hk * stride_vh
         col_ok = cols < end
+        if HAS_LEFTPAD:
+            col_ok = col_ok & (cols >= first_key)
+        if PAGED:
+            if ONE_PAGE_PER_BLOCK:  # BLOCK_N divides PAGE_SIZE: a block never straddles two pages
+                page = tl.load(BLOCK_TABLE + b * stride_bt_b + block_start // PAGE_SIZE).to(tl.int64)
+                k_rows = page * stride_kb + (cols % PAGE_SIZE) * stride_ks
+                v_rows = page * stride_vb + (cols % PAGE_SIZE) * stride_vs
+            else:  # pages smaller than a block: each key finds its own page (a gather; each key row stays contiguous)
+                pages = tl.load(BLOCK_TABLE + b * stride_bt_b + cols // PAGE_SIZE, mask=col_ok, other=0).to(tl.int64)
+                k_rows = pages * stride_kb + (cols % PAGE_SIZE) * stride_ks
+                v_rows = pages * stride_vb + (cols % PAGE_SIZE) * stride_vs
+        else:
+            k_rows = cache_row * stride_kb + cols * stride_ks
+            v_rows = cache_row * stride_vb + cols * stride_vs
         k_mask = col_ok[None, :] & (d[:, None] < HEAD_DIM)
-        k = tl.load(k_base + slot[None, :] * stride_ks + d[:, None], mask=k_mask, other=0.0)
+        k = tl.load(k_head + k_rows[None, :] + d[:, None], mask=k_mask, other=0.0)
         s = tl.dot(q, dot_operand(k, UPCAST), input_precision=DOT_PRECISION)
         if HAS_SOFTCAP:
             s = tanh(s * (scale_log2 * LN2 / softcap)) * (softcap * LOG2E)
@@ -105,7 +119,7 @@ def kvcache_split_fwd(
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         v_mask = col_ok[:, None] & (dv[None, :] < HEAD_DIM_V)
-        vt = tl.load(v_base + slot[:, None] * stride_vs + dv[None, :], mask=v_mask, other=0.0)
+        vt = tl.load(v_head + v_rows[:, None] + dv[None, :], mask=v_mask, other=0.0)
         if UPCAST:
             acc = acc * alpha[:, None] + tl.dot(p, vt.to(tl.float32), input_precision=DOT_PRECISION)
         else:
@@ -117,7 +131,7 @@ def kvcache_split_fwd(
     lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * LN2)
     o_ptrs = (OUT_PART + split * stride_os + b * stride_ob + hq[:, None] * stride_oh + qi[:, None] * stride_om
               + dv[None, :])  # fmt: skip
-    tl.store(o_ptrs, out, mask=row_ok[:, None] & (dv[None, :] < HEAD_DIM_V))
+    tl.store(o_ptrs, out.to(OUT_PART.dtype.element_ty), mask=row_ok[:, None] & (dv[None, :] < HEAD_DIM_V))
     tl.store(LSE_PART + split * stride_ls + b * stride_lb + hq * stride_lh + qi, lse, mask=row_ok)
 
 

@@ -16,7 +16,8 @@ import attnkit
 from attnkit.testing import max_abs_error
 
 
-def _cache_case(dtype, paged, batch, seqlen_q, heads_k, group, head_dim, head_dim_v, lengths, new, device, gen):
+def _cache_case(dtype, paged, batch, seqlen_q, heads_k, group, head_dim, head_dim_v, lengths, new, device, gen,
+                page=None):  # fmt: skip
     def rnd(*shape):
         return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
 
@@ -27,7 +28,7 @@ def _cache_case(dtype, paged, batch, seqlen_q, heads_k, group, head_dim, head_di
     capacity = max(lengths) + new + 16
     kw = {}
     if paged:
-        page = 16 if device.type == "cpu" else 256
+        page = page or (16 if device.type == "cpu" else 256)
         per_row = -(-capacity // page)
         num_blocks = batch * per_row + 3
         k_cache = rnd(num_blocks, page, heads_k, head_dim)
@@ -42,14 +43,18 @@ def _cache_case(dtype, paged, batch, seqlen_q, heads_k, group, head_dim, head_di
     return q, k_cache, v_cache, k_new, v_new, kw
 
 
-def _compare(dtype, paged, seqlen_q, group, causal, window, softcap, alibi, device, lengths, new=2, dims=(40, 24)):
+def _compare(dtype, paged, seqlen_q, group, causal, window, softcap, alibi, device, lengths, new=2, dims=(40, 24),
+             leftpad=False, num_splits=0, page=None):  # fmt: skip
     # A stable seed per case (hash() of a tuple holding a torch.dtype changes from process to process).
-    key = repr((dtype, paged, seqlen_q, group, causal, window, softcap, alibi)).encode()
+    key = repr((dtype, paged, seqlen_q, group, causal, window, softcap, alibi, leftpad)).encode()
     gen = torch.Generator().manual_seed(zlib.crc32(key))
     batch, heads_k = len(lengths), 2
     q, k_cache, v_cache, k_new, v_new, kw = _cache_case(
-        dtype, paged, batch, seqlen_q, heads_k, group, *dims, lengths, new, device, gen
+        dtype, paged, batch, seqlen_q, heads_k, group, *dims, lengths, new, device, gen, page=page
     )
+    if leftpad:  # each row's keys start somewhere in [0, length]: the first row at 0, the last at its length
+        pads = [0] + [int(torch.randint(0, n + 1, (1,), generator=gen)) for n in lengths[1:-1]] + [lengths[-1]]
+        kw["cache_leftpad"] = torch.tensor(pads[: len(lengths)], dtype=torch.int32, device=device)
     slopes = (torch.rand(heads_k * group, generator=gen) * 0.3).to(device) if alibi else None
     opts = dict(causal=causal, window_size=window, softcap=softcap, alibi_slopes=slopes, return_lse=True, **kw)
     caches = {}
@@ -61,7 +66,7 @@ def _compare(dtype, paged, seqlen_q, group, causal, window, softcap, alibi, devi
             args = tuple(x.to(upcast) for x in args)
             kc, vc = args[1], args[2]
         backend = "triton_cuda" if name == "triton_cuda" else "reference"
-        results[name] = attnkit.attention_with_kvcache(*args, backend=backend, **opts)
+        results[name] = attnkit.attention_with_kvcache(*args, backend=backend, num_splits=num_splits, **opts)
         caches[name] = (kc, vc)
     # The append itself: identical bytes whichever backend attends afterwards.
     assert torch.equal(caches["triton_cuda"][0], caches["appended"][0])
@@ -85,13 +90,14 @@ def _plain(q, k_cache, v_cache, kw, totals, opts, k_new, v_new):
     from attnkit.testing import attention_naive
 
     info = KVCacheInfo(kw["cache_seqlens"], kw.get("cache_batch_idx"), kw.get("block_table"))
+    starts = kw["cache_leftpad"].tolist() if "cache_leftpad" in kw else [0] * len(totals)
     outs = []
     for b, total in enumerate(totals):
         slopes = opts["alibi_slopes"]
         outs.append(
             attention_naive(
-                q[b : b + 1], gather_cache_rows(k_cache, info, b, total)[None],
-                gather_cache_rows(v_cache, info, b, total)[None], causal=opts["causal"],
+                q[b : b + 1], gather_cache_rows(k_cache, info, b, total, starts[b])[None],
+                gather_cache_rows(v_cache, info, b, total, starts[b])[None], causal=opts["causal"],
                 window_size=opts["window_size"], softcap=opts["softcap"], alibi_slopes=slopes,
             )
         )  # fmt: skip
@@ -109,9 +115,45 @@ CPU_GRID = [
 ]
 
 
+@pytest.mark.parametrize("num_splits", [0, 3], ids=["auto-splits", "3-splits"])
 @pytest.mark.parametrize("case", CPU_GRID, ids=lambda c: "-".join(map(str, c)).replace("torch.", ""))
-def test_kvcache_matches_reference(case):
-    _compare(*case, device=torch.device("cpu"), lengths=[37, 90])
+def test_kvcache_matches_reference(case, num_splits):
+    """Each case with the heuristic's split count (one, for these short caches on the CPU) and with three splits
+    merged by the combine kernel."""
+    _compare(*case, device=torch.device("cpu"), lengths=[37, 90], num_splits=num_splits)
+
+
+LEFTPAD_GRID = [
+    # dtype, paged, seqlen_q, group, causal, window, softcap, alibi
+    (torch.float32, False, 1, 4, False, (-1, -1), 0.0, True),
+    (torch.float16, True, 3, 2, True, (-1, -1), 0.0, True),
+    (torch.float32, False, 4, 2, True, (9, 0), 2.0, False),
+]
+
+
+@pytest.mark.parametrize("num_splits", [1, 4])
+@pytest.mark.parametrize("case", LEFTPAD_GRID, ids=lambda c: "-".join(map(str, c)).replace("torch.", ""))
+def test_kvcache_leftpad_matches_reference(case, num_splits):
+    """Left-padded rows (cache_leftpad from 0 up to the row's whole length), contiguous and paged, ALiBi and
+    windows measured from the row's own end, one split and several."""
+    _compare(*case, device=torch.device("cpu"), lengths=[37, 50, 90, 20], leftpad=True, num_splits=num_splits)
+
+
+@pytest.mark.parametrize("page", [16, 48, 64, 128])
+def test_kvcache_page_sizes(page):
+    """Pages smaller than the 64-key block (16, 48: each key gathers its page) and pages holding whole blocks (64,
+    128: one page per block), with left padding and rows ending mid-page."""
+    _compare(torch.float32, True, 2, 2, True, (-1, -1), 0.0, True, device=torch.device("cpu"), lengths=[3, 100, 190],
+             new=3, dims=(32, 16), leftpad=True, num_splits=2, page=page)  # fmt: skip
+
+
+@pytest.mark.parametrize("seqlen_q,group", [(2, 4), (8, 4), (16, 4), (16, 8)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_kvcache_speculative_queries(seqlen_q, group, causal):
+    """seqlen_q up to 16 (speculative decoding, chunked prefill) with GQA: the packed (group x seqlen_q) rows span
+    one or two row blocks of the split kernel."""
+    _compare(torch.float32, False, seqlen_q, group, causal, (-1, -1), 0.0, False, device=torch.device("cpu"),
+             lengths=[40, 70], new=seqlen_q, dims=(32, 32), num_splits=2)  # fmt: skip
 
 
 def test_kvcache_empty_row_gives_zero():
@@ -164,6 +206,29 @@ def test_kvcache_gpu_long_caches(case):
              lengths=[1, 4000, 33000], new=3, dims=(128, 128))  # fmt: skip
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_splits", [0, 1, 7, 128])
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+@pytest.mark.parametrize("seqlen_q,leftpad", [(1, True), (16, False), (16, True)])
+def test_kvcache_gpu_leftpad_splits_and_speculation(num_splits, paged, seqlen_q, leftpad):
+    """Long caches on the GPU with left padding, forced split counts (one, several, the most) and 16 queries per
+    row (speculative decoding) at GQA 32/8."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    _compare(torch.bfloat16, paged, seqlen_q, 4, True, (-1, -1), 0.0, False, device=torch.device("cuda"),
+             lengths=[1, 4000, 33000], new=3, dims=(128, 128), leftpad=leftpad, num_splits=num_splits)  # fmt: skip
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("page", [16, 48, 64, 256])
+def test_kvcache_gpu_page_sizes(page):
+    """Compiled kernel: pages gathered key by key (16, 48) and one page per key block (64, 256)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    _compare(torch.bfloat16, True, 1, 4, True, (-1, -1), 0.0, False, device=torch.device("cuda"),
+             lengths=[1, 4000, 33000], new=3, dims=(128, 128), page=page)  # fmt: skip
+
+
 def _fake_jit(real, jit_calls: list, fast_calls: list):
     """Stands in for a @triton.jit kernel: records the arguments the JIT would bind (signature order, defaults
     applied) and returns a fake compiled kernel that records direct launches."""
@@ -189,9 +254,11 @@ def _fake_jit(real, jit_calls: list, fast_calls: list):
     return FakeJit()
 
 
-def test_kvcache_fast_launch_passes_the_jit_arguments(monkeypatch):
-    """A repeated decode call with the same key launches the two kernels of the first call directly, with exactly
-    the arguments triton's JIT dispatch bound (faked here: the fast path is GPU only); new buffers each call."""
+@pytest.mark.parametrize("num_splits", [2, 1], ids=["split+combine", "one-split"])
+def test_kvcache_fast_launch_passes_the_jit_arguments(monkeypatch, num_splits):
+    """A repeated decode call with the same key launches the kernels of the first call directly, with exactly the
+    arguments triton's JIT dispatch bound (faked here: the fast path is GPU only); new buffers each call. With one
+    split there is no combine kernel: the split kernel writes the outputs."""
     from attnkit.backends.triton import kvcache_launch, launch, probes
 
     from attnkit.params import AttentionParams, KVCacheInfo
@@ -205,24 +272,29 @@ def test_kvcache_fast_launch_passes_the_jit_arguments(monkeypatch):
     gen = torch.Generator().manual_seed(5)
     q = torch.randn(2, 1, 8, 64, generator=gen, dtype=torch.bfloat16)
     k_cache = torch.randn(3, 96, 2, 64, generator=gen, dtype=torch.bfloat16)
-    info = KVCacheInfo(torch.tensor([40, 96], dtype=torch.int32), torch.tensor([2, 0], dtype=torch.int32))
+    info = KVCacheInfo(torch.tensor([40, 96], dtype=torch.int32), torch.tensor([2, 0], dtype=torch.int32),
+                       cache_leftpad=torch.tensor([3, 0], dtype=torch.int32), num_splits=num_splits)  # fmt: skip
     slopes = torch.rand(8, generator=gen)
     params = AttentionParams(softmax_scale=0.125, causal=True, window_left=30, window_right=0, softcap=4.0)
     out1, _ = kvcache_launch.forward_kvcache(q, k_cache, k_cache, info, slopes, params)
     out2, lse2 = kvcache_launch.forward_kvcache(q, k_cache, k_cache, info, slopes, params)
-    assert len(jit) == 2 and len(fast) == 2 and out2 is not out1
-    for (grid, expected), (fast_grid, got), fresh in zip(jit, fast, ((7, 8), (0, 1, 2, 3))):
+    kernels = 2 if num_splits > 1 else 1
+    assert len(jit) == kernels and len(fast) == kernels and out2 is not out1
+    for (grid, expected), (fast_grid, got), fresh in zip(jit, fast, ((8, 9), (0, 1, 2, 3))):
         assert fast_grid == grid and len(got) == len(expected)
         for i, (a, b) in enumerate(zip(got, expected)):
             if i in fresh:  # the workspace and the outputs: new tensors of the same layout
                 assert a is not b and (a.shape, a.stride(), a.dtype) == (b.shape, b.stride(), b.dtype)
             else:
                 assert a is b or (not isinstance(a, torch.Tensor) and a == b and type(a) is type(b)), i
-    assert fast[1][1][2] is out2 and fast[1][1][3] is lse2
+    if num_splits > 1:
+        assert fast[1][1][2] is out2 and fast[1][1][3] is lse2
+    else:  # the split kernel's destinations are views of the outputs
+        assert fast[0][1][8].data_ptr() == out2.data_ptr() and fast[0][1][9].data_ptr() == lse2.data_ptr()
     # Other parameters or another cache shape: the JIT path again.
     kvcache_launch.forward_kvcache(q, k_cache, k_cache, info, None, params)
-    kvcache_launch.forward_kvcache(q, k_cache[:, :64], k_cache[:, :64], info, slopes, params)
-    assert len(jit) == 6 and len(fast) == 2
+    kvcache_launch.forward_kvcache(q, k_cache[:, :80], k_cache[:, :80], info, slopes, params)
+    assert len(jit) == 3 * kernels and len(fast) == kernels
 
 
 @pytest.mark.gpu
@@ -256,8 +328,9 @@ def test_kvcache_gpu_fast_launch_bitwise(paged, monkeypatch):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("leftpad", [False, True], ids=["", "leftpad"])
 @pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
-def test_kvcache_gpu_cuda_graph_capture(paged):
+def test_kvcache_gpu_cuda_graph_capture(paged, leftpad):
     """flash-attn's decode loop (a cache_seqlens tensor, new k/v appended) can be captured in a CUDA graph: the
     checks run on the device during capture, and a replay gives the eager call's output and cache bytes."""
     if not torch.cuda.is_available():
@@ -266,6 +339,8 @@ def test_kvcache_gpu_cuda_graph_capture(paged):
     gen = torch.Generator().manual_seed(12)
     q, k_cache, v_cache, k_new, v_new, kw = _cache_case(torch.bfloat16, paged, 3, 1, 2, 4, 128, 128,
                                                         [5, 3000, 9000], 1, cuda, gen)  # fmt: skip
+    if leftpad:
+        kw["cache_leftpad"] = torch.tensor([0, 1000, 8999], dtype=torch.int32, device=cuda)
     opts = dict(causal=True, backend="triton_cuda", **kw)
     k_before, v_before = k_cache.clone(), v_cache.clone()
     k_eager, v_eager = k_cache.clone(), v_cache.clone()
@@ -291,3 +366,144 @@ def test_kvcache_gpu_cuda_graph_capture(paged):
     torch.cuda.synchronize()
     assert torch.equal(out_graph, out_eager)
     assert torch.equal(k_cache, k_eager) and torch.equal(v_cache, v_eager)
+
+
+def _strided(x: torch.Tensor, junk: int) -> torch.Tensor:
+    """The same values as ``x`` in a view that is not contiguous: every other element along the last axis, the
+    elements in between set to ``junk`` (a kernel that ignores the stride reads them)."""
+    wide = torch.full((*x.shape[:-1], 2 * x.shape[-1]), junk, dtype=x.dtype, device=x.device)
+    wide[..., ::2] = x
+    view = wide[..., ::2]
+    assert not view.is_contiguous() and torch.equal(view, x)
+    return view
+
+
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+@pytest.mark.parametrize("backend", ["triton_cuda", "reference"])
+def test_kvcache_strided_index_tensors(paged, backend):
+    """Strided cache_seqlens, cache_batch_idx and block_table give the bits of their contiguous copies (the Triton
+    kernels read them as dense vectors, so the frontend makes them contiguous), append included."""
+    gen = torch.Generator().manual_seed(21)
+    q, k_cache, v_cache, k_new, v_new, kw = _cache_case(torch.float32, paged, 3, 2, 2, 2, 16, 16, [5, 40, 17], 2,
+                                                        torch.device("cpu"), gen)  # fmt: skip
+    strided = {name: _strided(t, 7 if name == "cache_seqlens" else 10**6) for name, t in kw.items()}
+    results = []
+    for opts in (kw, strided):
+        kc, vc = k_cache.clone(), v_cache.clone()
+        out = attnkit.attention_with_kvcache(q, kc, vc, k_new, v_new, causal=True, return_lse=True, backend=backend,
+                                             **opts)  # fmt: skip
+        results.append((*out, kc, vc))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("shape", [(0, 1, 4, 16), (2, 0, 4, 16), (2, 1, 0, 16)], ids=["batch0", "seqlen0", "heads0"])
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+def test_kvcache_empty_queries(shape, paged):
+    """No batch rows, queries or query heads: an empty result like the reference's (the split heuristic divides by
+    the batch, so this used to raise ZeroDivisionError), with the append still done."""
+    batch = shape[0]
+    kw = dict(cache_seqlens=3)
+    if paged:
+        kw["block_table"] = torch.arange(batch * 2, dtype=torch.int32).view(batch, 2)
+    rows = batch * 2 if paged else batch
+    k_cache, v_cache = torch.randn(rows, 16, 2, 16), torch.randn(rows, 16, 2, 16)
+    k_new, v_new = torch.randn(batch, 2, 2, 16), torch.randn(batch, 2, 2, 16)
+    results = []
+    for backend in ("triton_cuda", "reference"):
+        kc, vc = k_cache.clone(), v_cache.clone()
+        out, lse = attnkit.attention_with_kvcache(torch.randn(*shape), kc, vc, k_new, v_new, return_lse=True,
+                                                  backend=backend, **kw)  # fmt: skip
+        results.append((out, lse, kc, vc))
+    for a, b in zip(*results):
+        assert a.shape == b.shape and torch.equal(a, b)
+    assert results[0][0].shape == shape
+
+
+def test_kvcache_launch_handles_no_queries():
+    """The backend entry point itself (below the frontend) returns an empty result for batch 0."""
+    from attnkit.backends.triton import kvcache_launch
+
+    from attnkit.params import AttentionParams, KVCacheInfo
+
+    q, cache = torch.randn(0, 1, 4, 16), torch.randn(0, 16, 2, 16)
+    info = KVCacheInfo(torch.zeros(0, dtype=torch.int32))
+    out, lse = kvcache_launch.forward_kvcache(q, cache, cache, info, None, AttentionParams(softmax_scale=0.25))
+    assert out.shape == (0, 1, 4, 16) and lse.shape == (0, 4, 1)
+
+
+@pytest.mark.parametrize("opts", [dict(), dict(causal=True, window_size=(9, 0)), dict(softcap=3.0)], ids=str)
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+@pytest.mark.parametrize("backend", ["triton_cuda", "reference"])
+@pytest.mark.parametrize("leftpad", [False, True], ids=["", "leftpad"])
+def test_kvcache_nan_outside_the_rows_never_leaks(backend, paged, opts, leftpad):
+    """NaN and inf in every cache slot outside a row's keys (past its length after the append, before its left
+    padding), in unused pages and in the cache rows no batch row uses: the output and lse are those of the same
+    cache with zeros there, bit for bit, and finite."""
+    gen = torch.Generator().manual_seed(31)
+    lengths, new = [5, 0, 30], 2
+    q, k_cache, v_cache, k_new, v_new, kw = _cache_case(torch.float32, paged, 3, 2, 2, 2, 16, 16, lengths, new,
+                                                        torch.device("cpu"), gen)  # fmt: skip
+    starts = [3, 0, 19] if leftpad else [0, 0, 0]
+    if leftpad:
+        kw["cache_leftpad"] = torch.tensor(starts, dtype=torch.int32)
+    valid = torch.zeros(k_cache.shape[:2], dtype=torch.bool)  # (rows or pages, slots) holding a valid key
+    for b, n in enumerate(lengths):
+        for j in range(starts[b], n + new):
+            if paged:
+                valid[kw["block_table"][b, j // k_cache.shape[1]], j % k_cache.shape[1]] = True
+            else:
+                valid[kw["cache_batch_idx"][b], j] = True
+    results = []
+    for poison in (0.0, float("nan"), float("inf")):
+        kc, vc = k_cache.clone(), v_cache.clone()
+        kc[~valid], vc[~valid] = poison, -poison
+        if poison == 0.0:
+            clean_k, clean_v = kc, vc
+        out, lse = attnkit.attention_with_kvcache(q, kc, vc, k_new, v_new, return_lse=True, backend=backend,
+                                                  **kw, **opts)  # fmt: skip
+        results.append((out, lse))
+        assert torch.equal(kc[valid], clean_k[valid]) and torch.equal(vc[valid], clean_v[valid])
+    for out, lse in results[1:]:
+        assert not out.isnan().any() and not lse.isnan().any()
+        assert torch.equal(out, results[0][0]) and torch.equal(lse, results[0][1])
+
+
+def test_split_heuristic():
+    """FA3's rule on an H200-like GPU (132 SMs x 2 resident programs): no split when the work nearly fills it or
+    the cache is short; else the smallest count whose last wave is >= 85% as full as the best count's."""
+    import math
+
+    from attnkit.backends.triton.kvcache_splits import split_count
+
+    slots = 264
+    assert split_count(212, 2048, 64, slots) == 1  # >= 80% of the slots busy without splitting
+    assert split_count(8, 8, 64, slots) == 1  # 512 keys: not worth a combine
+    # batch x kv heads (GQA 32/8, one row block): 1 x 8 -> 29 splits (232 programs), 4 x 8 -> 8, 16 x 8 -> 2
+    assert [split_count(w, 2048, 64, slots) for w in (8, 32, 128)] == [29, 8, 2]
+    assert split_count(8, 20, 64, slots) == 17  # at most one split per key block: 20 blocks, best of 1..20
+
+    def efficiency(work, splits):
+        waves = work * splits / slots
+        return waves / math.ceil(waves)
+
+    for work in range(1, 212, 7):
+        for blocks in (9, 33, 300, 4096):
+            s = split_count(work, blocks, 64, slots)
+            limit = min(128, blocks)
+            best = max(efficiency(work, n) for n in range(1, limit + 1))
+            assert 1 <= s <= limit and efficiency(work, s) >= 0.85 * best
+            assert all(efficiency(work, n) < 0.85 * best for n in range(1, s))
+
+
+def test_forced_num_splits_is_clamped_to_the_key_blocks():
+    from attnkit.backends.triton.kvcache_launch import _WAVES, splits_for
+    from attnkit.backends.triton.kvcache_splits import split_count
+
+    from attnkit.params import KVCacheInfo
+
+    cpu = torch.device("cpu")  # counted as 4 multiprocessors
+    info = KVCacheInfo(torch.zeros(1, dtype=torch.int32), num_splits=64)
+    assert splits_for(info, 8, 10, 64, cpu) == 10
+    assert splits_for(KVCacheInfo(info.cache_seqlens, num_splits=3), 8, 10, 64, cpu) == 3
+    assert splits_for(KVCacheInfo(info.cache_seqlens), 1, 10, 64, cpu) == split_count(1, 10, 64, _WAVES * 4) == 7
