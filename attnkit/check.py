@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import AttnkitError, BackendUnsupportedError, NoBackendError
+from .errors import BackendUnsupportedError, NoBackendError
 from .ops.attention import attention
 from .ops.varlen import attention_varlen
 from .registry import REGISTRY
@@ -110,8 +110,9 @@ def check_case(
         fast = [out, *torch.autograd.grad(out, tensors, grad)]
     except (BackendUnsupportedError, NoBackendError) as exc:  # the backend declines this case: not a failure
         return Row(backend, case.name, label, f"skip: {str(exc).splitlines()[-1].strip(' -')}", {}, {}, None)
-    except AttnkitError as exc:  # it accepted the case and then failed (a compile error, say): loud
-        return Row(backend, case.name, label, f"FAIL: {type(exc).__name__}: {str(exc).splitlines()[0]}", {}, {}, None)
+    except Exception as exc:  # it accepted the case and then failed (a compile error, a crash): loud, and go on
+        first = (str(exc).splitlines() or [""])[0]
+        return Row(backend, case.name, label, f"FAIL: {type(exc).__name__}: {first}", {}, {}, None)
     key = (case, dtype, str(device), seed)
     if refs is not None and key in refs:
         exact, plain = refs[key]

@@ -272,26 +272,6 @@ def test_ring_shift_sends_to_the_next_global_rank(monkeypatch):
     assert received[0] is ops[2][1] and received[1] is ops[3][1]
 
 
-def test_recomputing_backward_is_not_given_merged_results():
-    """torch_sdpa's CUDA backward re-runs SDPA and ignores the given out/lse: the ring's blocks (whose backward gets
-    the merged out/lse) must go elsewhere. Its CPU backward takes out/lse as given, so it stays eligible there."""
-    from attnkit.registry import REGISTRY
-    from attnkit.spec import AttentionSpec
-
-    sdpa = REGISTRY.get("torch_sdpa")
-
-    def spec(device, merged):
-        return AttentionSpec(
-            op="attention", device_type=device, compute_capability=(9, 0) if device == "cuda" else None,
-            is_hip=False, dtype=torch.bfloat16, head_dim=128, head_dim_v=128, num_heads_q=8, num_heads_k=8, batch=1,
-            seqlen_q=512, seqlen_k=512, features=frozenset({"causal"}), requires_grad=True, merged_backward=merged,
-        )  # fmt: skip
-
-    assert any("ignores the given out/lse" in r for r in sdpa.extra_why_not(spec("cuda", True)))
-    assert not any("out/lse" in r for r in sdpa.extra_why_not(spec("cuda", False)))
-    assert not any("out/lse" in r for r in sdpa.extra_why_not(spec("cpu", True)))
-
-
 def test_ring_blocks_ask_dispatch_for_a_merged_backward(group, monkeypatch):
     seen = []
     real = attnkit.dispatch.select_backend_name

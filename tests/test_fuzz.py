@@ -107,3 +107,20 @@ def test_cli_replay(capsys):
     assert main(["check", "--device", "cpu", "--backend", "reference", "--fuzz-replay", "4"]) == 0
     out = capsys.readouterr().out
     assert "seed 4:" in out and "reference: pass" in out
+
+
+def test_check_reports_a_crashing_backend_as_a_failure(monkeypatch):
+    """attnkit check goes on past a backend that accepts a case and then raises something other than an attnkit
+    error (seen on the H200: a backward that died in autograd), and counts it as FAIL."""
+    from attnkit import check
+
+    backend = REGISTRY.get("reference")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("element 0 of tensors does not require grad")
+
+    monkeypatch.setattr(backend, "forward", broken)
+    case = check.default_cases(CPU, large=False)[0]
+    row = check.check_case("reference", case, torch.float32, CPU)
+    assert row.status.startswith("FAIL") and "RuntimeError" in row.status
+    assert "1 failed" in check.format_rows([row])
