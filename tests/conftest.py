@@ -6,17 +6,40 @@
   the dispatch decision cache before and after, because decisions are cached per spec while the environment is
   read at call time.
 
-This file must not import triton or set TRITON_INTERPRET: the Triton tests do that in tests/triton/conftest.py.
+* TRITON_INTERPRET: a CPU run that includes tests/triton turns the interpreter on here, at configure time, before
+  any test module is collected: triton reads the variable when ``triton.language`` is first imported, and some
+  modules import it while being collected (transformers does), before tests/triton/conftest.py is loaded; kernels
+  decorated after that would run under the interpreter with triton's own library functions compiled ("Cannot call
+  @triton.jit'd outside of the scope of a kernel"). Runs without tests/triton leave it unset, as before.
 """
 
 from __future__ import annotations
 
 import os
+import pathlib
 
 import pytest
 from hypothesis import HealthCheck, settings
 
 import attnkit.dispatch
+
+_TRITON_TESTS = pathlib.Path(__file__).resolve().parent / "triton"
+
+
+def _runs_triton_tests(config: pytest.Config) -> bool:
+    for arg in config.args or [str(config.rootpath / "tests")]:
+        path = pathlib.Path(arg.split("::")[0]).resolve()
+        if path == _TRITON_TESTS or _TRITON_TESTS.is_relative_to(path) or path.is_relative_to(_TRITON_TESTS):
+            return True
+    return False
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    markexpr = config.getoption("markexpr", "") or ""
+    gpu_run = "gpu" in markexpr and "not gpu" not in markexpr
+    if not gpu_run and _runs_triton_tests(config):
+        os.environ["TRITON_INTERPRET"] = "1"
+
 
 settings.register_profile(
     "ci",
