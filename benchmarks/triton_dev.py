@@ -549,18 +549,10 @@ def _tile_name(t) -> str:
     )
 
 
-@contextlib.contextmanager
 def _forced_fwd_tile(tile):
     from attnkit.backends.triton import launch
 
-    # The host fast path remembers the tile of the first call per shape: off while tiles are forced.
-    original, fast = launch._tile, launch.FAST_LAUNCH
-    launch._tile = lambda kind, *a, **k: tile if kind == "fwd" else original(kind, *a, **k)
-    launch.FAST_LAUNCH = False
-    try:
-        yield
-    finally:
-        launch._tile, launch.FAST_LAUNCH = original, fast
+    return launch.forced_tiles(fwd=tile)  # also keeps the host fast path off while the tile is forced
 
 
 def _sweep_compile_worker(task: tuple[int, bool, int, bool]) -> str:
@@ -873,17 +865,10 @@ def _bwd_variants(d: int) -> list[tuple[str, object, object]]:
     return variants
 
 
-@contextlib.contextmanager
 def _forced_bwd_tiles(dkdv, dq):
     from attnkit.backends.triton import launch
 
-    original = launch._tile
-    forced = {"dkdv": dkdv, "dq": dq}
-    launch._tile = lambda kind, *a, **k: forced.get(kind) or original(kind, *a, **k)
-    try:
-        yield
-    finally:
-        launch._tile = original
+    return launch.forced_tiles(**{k: t for k, t in (("dkdv", dkdv), ("dq", dq)) if t is not None})
 
 
 def _bwd_compile_worker(task: tuple[int, bool, int]) -> str:
