@@ -100,3 +100,8 @@ def cupy_wgmma() -> bool:
 def snapshot() -> dict[str, str | None]:
     """Current values of every attnkit variable, for ``attnkit info``."""
     return {name: os.environ.get(name) for name in ALL_VARIABLES}
+
+
+def dispatch_variables() -> tuple[str | None, str | None]:
+    """The raw ``ATTNKIT_BACKEND`` and ``ATTNKIT_DISABLE`` values (a cache key for dispatch; parsed only when new)."""
+    return os.environ.get(BACKEND), os.environ.get(DISABLE)
