@@ -143,7 +143,6 @@ ERROR_PREFIX = "!"
 _REQUEST_ERRORS = {e.__name__: e for e in (InvalidArgumentError, InvalidArgumentTypeError, EnvironmentVariableError)}
 
 
-@torch.compiler.assume_constant_result
 def traced_token(backend: str | Sequence[str], requires_grad: bool, merged_backward: bool = False) -> str:
     """:func:`request_token` for a call being traced by ``torch.compile``, with the call's grad flag appended.
 
@@ -156,6 +155,12 @@ def traced_token(backend: str | Sequence[str], requires_grad: bool, merged_backw
         return request_token(backend) + _SEP + grad
     except (InvalidArgumentError, InvalidArgumentTypeError, EnvironmentVariableError) as exc:
         return ERROR_PREFIX + type(exc).__name__ + _SEP + str(exc)
+
+
+# What torch.compiler.assume_constant_result(traced_token) does, without importing torch._dynamo (seconds) at
+# ``import attnkit``; tests/test_compile.py fails if Dynamo ever stops honouring the mark (it would trace into
+# the registry and the context variable, and break the graph).
+traced_token._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 def raise_for_token(token: str) -> None:
