@@ -25,7 +25,6 @@ _FEATURE_SETS: dict[int, frozenset[str]] = {}
 
 
 def feature_bits(
-    *,
     causal: bool,
     window: bool,
     alibi: bool,
@@ -36,7 +35,7 @@ def feature_bits(
     deterministic: bool,
     sink: bool = False,
 ) -> int:
-    """The features in use as a bit mask, in the order of :data:`FEATURES`."""
+    """The features in use as a bit mask, in the order of :data:`FEATURES` (positional: it runs on every call)."""
     return (
         causal
         | window << 1

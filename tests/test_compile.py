@@ -32,6 +32,7 @@ from attnkit.ops import _library
 from attnkit.testing import attention_naive
 
 F32, I32 = torch.float32, torch.int32
+OPS = torch.ops.attnkit
 ALL_CHECKS = (
     "test_schema",
     "test_autograd_registration",
@@ -479,15 +480,15 @@ def test_opcheck_attention(gqa):
     hk = 1 if gqa else 2
     q = _strided(2, 5, 2, 4, seed=0, requires_grad=True)
     k, v = _strided(2, 6, hk, 4, seed=1, requires_grad=True), _strided(2, 6, hk, 4, seed=2, requires_grad=True)
-    _opcheck(_library.attention_forward, _attention_args(q, k, v, alibi=torch.rand(2)))
+    _opcheck(OPS.attention_forward.default, _attention_args(q, k, v, alibi=torch.rand(2)))
     # dropout: the seed is an argument, so the op stays a pure function
-    _opcheck(_library.attention_forward, _attention_args(q, k, v, dropout_p=0.25))
+    _opcheck(OPS.attention_forward.default, _attention_args(q, k, v, dropout_p=0.25))
     # a traced call's request token: the op chooses the backend itself
-    _opcheck(_library.attention_forward, _attention_args(q, k, v, backend=dispatch.traced_token("auto", True)))
+    _opcheck(OPS.attention_forward.default, _attention_args(q, k, v, backend=dispatch.traced_token("auto", True)))
     with torch.no_grad():
         out, lse = _library.attention_forward(*_attention_args(q, k, v))
     dout = _strided(2, 5, 2, 4, seed=3)
-    _opcheck(_library.attention_backward, (dout, q.detach(), k.detach(), v.detach(), out, lse,
+    _opcheck(OPS.attention_backward.default, (dout, q.detach(), k.detach(), v.detach(), out, lse,
                                            *_attention_args(q, k, v)[3:]))  # fmt: skip
 
 
@@ -497,21 +498,21 @@ def test_opcheck_attention_varlen():
     v = rand(9, 2, 4, dtype=F32, requires_grad=True, seed=2)
     varlen = (cu_seqlens([3, 4]), cu_seqlens([5, 4]), 4, 5)
     args = _attention_args(q, k, v, varlen=varlen)
-    _opcheck(_library.attention_forward, args)
+    _opcheck(OPS.attention_forward.default, args)
     with torch.no_grad():
         out, lse = _library.attention_forward(*args)
-    _opcheck(_library.attention_backward, (rand(7, 2, 4, dtype=F32, seed=3), q.detach(), k.detach(), v.detach(),
+    _opcheck(OPS.attention_backward.default, (rand(7, 2, 4, dtype=F32, seed=3), q.detach(), k.detach(), v.detach(),
                                            out, lse, *args[3:]))  # fmt: skip
 
 
 def test_opcheck_piecewise():
     q1, k1, q2, k2, v = (_strided(1, 6, 2, 4, seed=s, requires_grad=True) for s in range(5))
     args = (q1, k1, q2, k2, v, 2, 0.5, True, "reference")
-    _opcheck(_library.piecewise_forward, args)
+    _opcheck(OPS.piecewise_forward.default, args)
     with torch.no_grad():
         out, lse = _library.piecewise_forward(*args)
     detached = tuple(x.detach() for x in (q1, k1, q2, k2, v))
-    _opcheck(_library.piecewise_backward, (_strided(1, 6, 2, 4, seed=9), *detached, out, lse, 2, 0.5, True,
+    _opcheck(OPS.piecewise_backward.default, (_strided(1, 6, 2, 4, seed=9), *detached, out, lse, 2, 0.5, True,
                                            "reference"))  # fmt: skip
 
 
@@ -535,7 +536,7 @@ def test_opcheck_kvcache(layout):
         k_new = v_new = None
     leftpad = torch.tensor([1, 2], dtype=I32) if layout == "leftpad" else None
     args = (q, k_cache, v_cache, k_new, v_new, lens, idx, table, leftpad, None, 0.5, True, -1, 0, 0.0, 0, "reference")
-    _opcheck(_library.kvcache_forward, args)
+    _opcheck(OPS.kvcache_forward.default, args)
 
 
 def test_ops_return_the_documented_layout():

@@ -54,23 +54,6 @@ def resolve_params(
     )
 
 
-def feature_bits(
-    params: AttentionParams, *, alibi: bool, gqa: bool, dv_ne_d: bool, requires_grad: bool, sink: bool = False
-) -> int:
-    """The call's features as the bit mask of :func:`attnkit.spec.feature_bits`."""
-    return spec_feature_bits(
-        causal=params.causal,
-        window=params.has_window,
-        alibi=alibi,
-        softcap=params.softcap > 0,
-        dropout=params.dropout_p > 0,
-        gqa=gqa,
-        dv_ne_d=dv_ne_d,
-        deterministic=params.deterministic and requires_grad,
-        sink=sink,
-    )
-
-
 def choose(
     op: str,
     backend: str | Sequence[str],
@@ -96,14 +79,10 @@ def choose(
         dispatch.raise_for_token(token)
         return token
     num_heads_q, head_dim = q.shape[-2], q.shape[-1]
-    bits = feature_bits(
-        params,
-        alibi=alibi,
-        gqa=num_heads_q != num_heads_k,
-        dv_ne_d=head_dim_v != head_dim,
-        requires_grad=requires_grad,
-        sink=sink,
-    )
+    bits = spec_feature_bits(
+        params.causal, params.has_window, alibi, params.softcap > 0, params.dropout_p > 0, num_heads_q != num_heads_k,
+        head_dim_v != head_dim, params.deterministic and requires_grad, sink,
+    )  # fmt: skip
     return dispatch.decide(
         dispatch.request_token(backend), op, q.device, q.dtype, head_dim, head_dim_v, num_heads_q, num_heads_k, batch,
         seqlen_q, seqlen_k, bits, requires_grad, merged_backward,

@@ -60,27 +60,63 @@ _LIB.define(
     "-> (Tensor, Tensor)"
 )
 
-attention_forward = torch.ops.attnkit.attention_forward.default
-attention_backward = torch.ops.attnkit.attention_backward.default
-piecewise_forward = torch.ops.attnkit.piecewise_forward.default
-piecewise_backward = torch.ops.attnkit.piecewise_backward.default
-kvcache_forward = torch.ops.attnkit.kvcache_forward.default
+_attention_forward = torch.ops.attnkit.attention_forward.default
+_attention_backward = torch.ops.attnkit.attention_backward.default
+_piecewise_forward = torch.ops.attnkit.piecewise_forward.default
+_piecewise_backward = torch.ops.attnkit.piecewise_backward.default
+_kvcache_forward = torch.ops.attnkit.kvcache_forward.default
+_below_autograd = torch._C._AutoDispatchBelowAutograd
+# The backward op as is (attnkit.distributed calls it for its blocks; it has no derivative of its own).
+attention_backward = _attention_backward
+
+
+# What the frontends call. A call that autograd will not record goes below the autograd key at once: the op's
+# autograd kernel would only do the same, and each trip through the dispatcher into Python costs microseconds.
+def _records_grad(q, k, v, sink) -> bool:
+    return q.requires_grad or k.requires_grad or v.requires_grad or (sink is not None and sink.requires_grad)
+
+
+def attention_forward(*args):
+    # args[17], when given: the learnable sink, a differentiable input like q, k and v
+    sink = args[17] if len(args) > 17 else None
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and _records_grad(args[0], args[1], args[2], sink)):
+        return _attention_forward(*args)
+    with _below_autograd():
+        return _attention_forward(*args)
+
+
+def piecewise_forward(*args):
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(t.requires_grad for t in args[:5])):
+        return _piecewise_forward(*args)
+    with _below_autograd():
+        return _piecewise_forward(*args)
+
+
+def kvcache_forward(*args):
+    if torch.compiler.is_compiling():
+        return _kvcache_forward(*args)
+    with _below_autograd():  # no derivative: the op's autograd kernel does the same
+        return _kvcache_forward(*args)
+
+
+# Frozen records per scalar tuple: building one costs more than looking it up (not cached with dropout, whose seed
+# is new every call).
+_PARAMS: dict[tuple, AttentionParams] = {}
 
 
 def _params(softmax_scale, causal, window_left, window_right, softcap, dropout_p, dropout_seed, deterministic,
             dropout_seed_tensor=None):  # fmt: skip
     if dropout_seed_tensor is not None:  # drawn in a compiled graph
         dropout_seed = int(dropout_seed_tensor)
-    return AttentionParams(
-        softmax_scale=softmax_scale,
-        causal=causal,
-        window_left=window_left,
-        window_right=window_right,
-        softcap=softcap,
-        dropout_p=dropout_p,
-        dropout_seed=dropout_seed,
-        deterministic=deterministic,
-    )
+    key = (softmax_scale, causal, window_left, window_right, softcap, dropout_p, dropout_seed, deterministic)
+    params = _PARAMS.get(key)
+    if params is None:
+        params = AttentionParams(*key)
+        if not dropout_p:
+            if len(_PARAMS) >= 1024:
+                _PARAMS.clear()
+            _PARAMS[key] = params
+    return params
 
 
 def _positive_scale(softmax_scale: float, *queries: Tensor) -> tuple[float, list[Tensor], bool]:
@@ -112,16 +148,9 @@ def _backend(backend: str, op: str, q: Tensor, k: Tensor, v: Tensor, batch: int,
         requires_grad, merged = traced[0] or requires_grad, traced[1]
     hq, d, hk, dv = q.shape[-2], q.shape[-1], k.shape[-2], v.shape[-1]
     bits = feature_bits(
-        causal=params.causal,
-        window=params.has_window,
-        alibi=alibi,
-        softcap=params.softcap > 0,
-        dropout=params.dropout_p > 0,
-        gqa=hq != hk,
-        dv_ne_d=dv != d,
-        deterministic=params.deterministic and requires_grad,
-        sink=sink,
-    )
+        params.causal, params.has_window, alibi, params.softcap > 0, params.dropout_p > 0, hq != hk, dv != d,
+        params.deterministic and requires_grad, sink,
+    )  # fmt: skip
     name = dispatch.decide(
         backend, op, q.device, q.dtype, d, dv, hq, hk, batch, seqlen_q, seqlen_k, bits, requires_grad, merged
     )
@@ -186,8 +215,8 @@ class _Attention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, cu_q, cu_k, max_q, max_k, alibi, *rest):  # type: ignore[override]
         *scalars, sink, seed_tensor = rest  # the nine scalars, learnable_sink, dropout_seed_tensor
-        with torch._C._AutoDispatchBelowAutograd():
-            out, lse = attention_forward(q, k, v, cu_q, cu_k, max_q, max_k, alibi, *scalars, sink, seed_tensor)
+        with _below_autograd():
+            out, lse = _attention_forward(q, k, v, cu_q, cu_k, max_q, max_k, alibi, *scalars, sink, seed_tensor)
         ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, alibi, sink, seed_tensor)
         ctx.scalars = (max_q, max_k, *scalars)
         ctx.mark_non_differentiable(lse)
@@ -201,8 +230,8 @@ class _Attention(torch.autograd.Function):
         if dout.stride(-1) != 1:
             dout = dout.contiguous()
         # The saved lse includes the sink, so the backends' backward needs no sink of its own.
-        dq, dk, dv = attention_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, alibi, *scalars,
-                                        seed_tensor)  # fmt: skip
+        dq, dk, dv = _attention_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, alibi, *scalars,
+                                         seed_tensor)  # fmt: skip
         dsink = None
         if sink is not None and ctx.needs_input_grad[17]:
             dsink = sink_rule.grad(sink, dout, out, lse, varlen=cu_q is not None).to(sink.dtype)
@@ -214,11 +243,10 @@ def _attention_forward_autograd(q, k, v, cu_q, cu_k, max_q, max_k, alibi, softma
                                 learnable_sink=None, dropout_seed_tensor=None):  # fmt: skip
     args = (q, k, v, cu_q, cu_k, max_q, max_k, alibi, softmax_scale, causal, window_left, window_right, softcap,
             dropout_p, dropout_seed, deterministic, backend, learnable_sink, dropout_seed_tensor)  # fmt: skip
-    grads = q.requires_grad or k.requires_grad or v.requires_grad
-    if torch.is_grad_enabled() and (grads or (learnable_sink is not None and learnable_sink.requires_grad)):
+    if torch.is_grad_enabled() and _records_grad(q, k, v, learnable_sink):
         return _Attention.apply(*args)
-    with torch._C._AutoDispatchBelowAutograd():
-        return attention_forward(*args)
+    with _below_autograd():
+        return _attention_forward(*args)
 
 
 # ---- piecewise -----------------------------------------------------------------------------------------------
@@ -259,8 +287,8 @@ def _piecewise_backward_impl(dout, q1, k1, q2, k2, v, out, lse, dist_threshold, 
 class _Piecewise(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q1, k1, q2, k2, v, *scalars):  # type: ignore[override]
-        with torch._C._AutoDispatchBelowAutograd():
-            out, lse = piecewise_forward(q1, k1, q2, k2, v, *scalars)
+        with _below_autograd():
+            out, lse = _piecewise_forward(q1, k1, q2, k2, v, *scalars)
         ctx.save_for_backward(q1, k1, q2, k2, v, out, lse)
         ctx.scalars = scalars
         ctx.mark_non_differentiable(lse)
@@ -272,15 +300,15 @@ class _Piecewise(torch.autograd.Function):
         q1, k1, q2, k2, v, out, lse = ctx.saved_tensors
         if dout.stride(-1) != 1:
             dout = dout.contiguous()
-        grads = piecewise_backward(dout, q1, k1, q2, k2, v, out, lse, *ctx.scalars)
+        grads = _piecewise_backward(dout, q1, k1, q2, k2, v, out, lse, *ctx.scalars)
         return (*grads, None, None, None, None)
 
 
 def _piecewise_forward_autograd(q1, k1, q2, k2, v, *rest):
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q1, k1, q2, k2, v)):
         return _Piecewise.apply(q1, k1, q2, k2, v, *rest)
-    with torch._C._AutoDispatchBelowAutograd():
-        return piecewise_forward(q1, k1, q2, k2, v, *rest)
+    with _below_autograd():
+        return _piecewise_forward(q1, k1, q2, k2, v, *rest)
 
 
 # ---- kv cache (forward only, like flash-attn) -----------------------------------------------------------------
@@ -341,7 +369,7 @@ def _no_autograd(op):
     """Autograd kernel of an op without a derivative: run it below autograd (its outputs do not require grad)."""
 
     def kernel(*args):
-        with torch._C._AutoDispatchBelowAutograd():
+        with _below_autograd():
             return op(*args)
 
     return kernel
@@ -353,15 +381,15 @@ def _register() -> None:
         "attention_backward": (
             _attention_backward_impl,
             lambda *a: _backward_fake(*a, count=3),
-            _no_autograd(attention_backward),
+            _no_autograd(_attention_backward),
         ),
         "piecewise_forward": (_piecewise_forward_impl, _piecewise_forward_fake, _piecewise_forward_autograd),
         "piecewise_backward": (
             _piecewise_backward_impl,
             lambda *a: _backward_fake(*a, count=5),
-            _no_autograd(piecewise_backward),
+            _no_autograd(_piecewise_backward),
         ),
-        "kvcache_forward": (_kvcache_forward_impl, _kvcache_forward_fake, _no_autograd(kvcache_forward)),
+        "kvcache_forward": (_kvcache_forward_impl, _kvcache_forward_fake, _no_autograd(_kvcache_forward)),
     }
     for name, (impl, fake, autograd) in impls.items():
         _LIB.impl(name, impl, "CompositeExplicitAutograd")

@@ -88,23 +88,23 @@ def test_opcheck_attention_and_kvcache():
     q = _strided(1, 5, 2, 16, seed=0, requires_grad=True)
     k, v = _strided(1, 6, 1, 16, seed=1, requires_grad=True), _strided(1, 6, 1, 16, seed=2, requires_grad=True)
     args = (q, k, v, None, None, 5, 6, None, 0.25, True, -1, 0, 0.0, 0.0, 0, False, BACKEND, None)
-    torch.library.opcheck(_library.attention_forward, args, test_utils=ALL_CHECKS)
+    torch.library.opcheck(torch.ops.attnkit.attention_forward.default, args, test_utils=ALL_CHECKS)
     with torch.no_grad():
         out, lse = _library.attention_forward(*args)
     dout = _strided(1, 5, 2, 16, seed=3)
     back = (dout, q.detach(), k.detach(), v.detach(), out, lse, *args[3:])
-    torch.library.opcheck(_library.attention_backward, back, test_utils=ALL_CHECKS)
+    torch.library.opcheck(torch.ops.attnkit.attention_backward.default, back, test_utils=ALL_CHECKS)
 
     qv, kv_ = q.detach()[0], k.detach()[0]
     cu_q, cu_k = torch.tensor([0, 2, 5], dtype=I32), torch.tensor([0, 4, 6], dtype=I32)
     varlen = (qv, kv_, kv_.clone(), cu_q, cu_k, 3, 4, None, 0.25, False, -1, -1, 0.0, 0.0, 0, False, BACKEND, None)
-    torch.library.opcheck(_library.attention_forward, varlen, test_utils=ALL_CHECKS)
+    torch.library.opcheck(torch.ops.attnkit.attention_forward.default, varlen, test_utils=ALL_CHECKS)
 
     kc, vc = _rand(2, 16, 1, 16, seed=4), _rand(2, 16, 1, 16, seed=5)
     lens = torch.tensor([3, 9], dtype=I32)
     kv_args = (_rand(2, 1, 2, 16, seed=6), kc, vc, _rand(2, 1, 1, 16, seed=7), _rand(2, 1, 1, 16, seed=8), lens,
                None, None, None, 0.25, False, -1, -1, 0.0, BACKEND)  # fmt: skip
-    torch.library.opcheck(_library.kvcache_forward, kv_args, test_utils=ALL_CHECKS)
+    torch.library.opcheck(torch.ops.attnkit.kvcache_forward.default, kv_args, test_utils=ALL_CHECKS)
 
 
 def test_kernels_allocate_the_documented_layout():
