@@ -274,21 +274,23 @@ def test_inductor_dropout_draws_a_seed_per_run(seed_spy):
 
 @pytest.mark.parametrize(
     "kw",
-    [dict(causal=True), dict(window_size=(3, 1), softcap=2.0), dict(alibi=True)],
-    ids=["causal", "window_softcap", "alibi"],
+    [dict(causal=True), dict(window_size=(3, 1), softcap=2.0), dict(alibi=True), dict(causal=True, sink=True)],
+    ids=["causal", "window_softcap", "alibi", "sink"],
 )
 def test_compile_attention_matches_eager(kw):
     kw = dict(kw)
     if kw.pop("alibi", False):
         kw["alibi_slopes"] = torch.rand(4)
+    sink = rand(4, dtype=F32, seed=9, requires_grad=True) if kw.pop("sink", False) else None
 
-    def fn(q, k, v):
-        return attnkit.attention(q, k, v, backend="reference", **kw) * 2.0
+    def fn(q, k, v, sink):
+        return attnkit.attention(q, k, v, backend="reference", learnable_sink=sink, **kw) * 2.0
 
     q, k, v = qkv(2, 13, 17, 4, 2, 8, dtype=F32, requires_grad=True)
+    wrt = (q, k, v) if sink is None else (q, k, v, sink)
     compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
-    out_c, out_e = compiled(q, k, v), fn(q, k, v)
-    _assert_same((out_c, _grads(out_c, (q, k, v))), (out_e, _grads(out_e, (q, k, v))), atol=1e-6, rtol=1e-6)
+    out_c, out_e = compiled(q, k, v, sink), fn(q, k, v, sink)
+    _assert_same((out_c, _grads(out_c, wrt)), (out_e, _grads(out_e, wrt)), atol=1e-6, rtol=1e-6)
 
 
 def test_compile_lse_and_varlen():
@@ -466,6 +468,7 @@ def _strided(*shape, seed, requires_grad=False):
 
 
 def _attention_args(q, k, v, *, varlen=None, alibi=None, dropout_p=0.0, backend="reference"):
+    """attention_forward's arguments up to learnable_sink (None); dropout_seed_tensor is left to its default."""
     cq, ck, mq, mk = varlen if varlen else (None, None, q.shape[-3], k.shape[-3])
     scale = q.shape[-1] ** -0.5
     return (q, k, v, cq, ck, mq, mk, alibi, scale, True, -1, 0, 0.0, dropout_p, 1234, False, backend, None)
@@ -483,6 +486,10 @@ def test_opcheck_attention(gqa):
     _opcheck(OPS.attention_forward.default, _attention_args(q, k, v, alibi=torch.rand(2)))
     # dropout: the seed is an argument, so the op stays a pure function
     _opcheck(OPS.attention_forward.default, _attention_args(q, k, v, dropout_p=0.25))
+    # a learnable sink (float32 (Hq,)), differentiable like q, k and v
+    with_sink = list(_attention_args(q, k, v))
+    with_sink[17] = rand(2, dtype=F32, seed=7, requires_grad=True)
+    _opcheck(OPS.attention_forward.default, tuple(with_sink))
     # a traced call's request token: the op chooses the backend itself
     _opcheck(OPS.attention_forward.default, _attention_args(q, k, v, backend=dispatch.traced_token("auto", True)))
     with torch.no_grad():
@@ -490,6 +497,19 @@ def test_opcheck_attention(gqa):
     dout = _strided(2, 5, 2, 4, seed=3)
     _opcheck(OPS.attention_backward.default, (dout, q.detach(), k.detach(), v.detach(), out, lse,
                                            *_attention_args(q, k, v)[3:]))  # fmt: skip
+
+
+def test_opcheck_attention_torch_sdpa():
+    """torch_sdpa (auto's CPU choice) returns strided outputs from ATen's kernels: the op hands back contiguous ones,
+    as its fake kernel says."""
+    q = _strided(2, 5, 2, 4, seed=0, requires_grad=True)
+    k, v = _strided(2, 6, 1, 4, seed=1, requires_grad=True), _strided(2, 6, 1, 4, seed=2, requires_grad=True)
+    args = _attention_args(q, k, v, backend="torch_sdpa")
+    _opcheck(OPS.attention_forward.default, args)
+    with torch.no_grad():
+        out, lse = _library.attention_forward(*args)
+    dout = _strided(2, 5, 2, 4, seed=3)
+    _opcheck(OPS.attention_backward.default, (dout, q.detach(), k.detach(), v.detach(), out, lse, *args[3:]))
 
 
 def test_opcheck_attention_varlen():
