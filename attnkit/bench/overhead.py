@@ -6,7 +6,7 @@ run and in rounds (every provider once per round, the starting provider rotating
 calls: ``wall`` is a batch's time up to and including the final device synchronisation divided by the calls,
 ``host`` the same without waiting for the device; the report gives medians over the rounds.
 
-Providers per case: attnkit with each available backend that runs it, ``attnkit:frontend`` (a backend that
+Providers per case: attnkit with each backend ``auto`` could run it on, ``attnkit:frontend`` (a backend that
 returns preallocated outputs: attnkit's own cost per call without any kernel), and SDPA on the same problem
 (decode: an in-place append into the cache plus SDPA over its valid prefix; varlen: SDPA over the padded batch).
 """
@@ -197,7 +197,8 @@ def _label(backend: str) -> str:
 
 
 def _attnkit_backends(case: str, device: torch.device, dtype: torch.dtype) -> list[str]:
-    """Available backends that run this case, the automatic choice first."""
+    """Backends the automatic choice could run this case on, its choice first (so not the Triton interpreter on a
+    CPU, which is for tests)."""
     op = {"attention": "attention", "attention_train": "attention", "varlen": "varlen"}.get(case, "kvcache")
     hq, hk, d = (32, 8, 128) if op == "kvcache" else (8, 8, 64)
     spec = attnkit.AttentionSpec(
@@ -208,7 +209,11 @@ def _attnkit_backends(case: str, device: torch.device, dtype: torch.dtype) -> li
         requires_grad=case == "attention_train",
     )  # fmt: skip
     chosen = attnkit.select_backend(spec).name
-    others = [b.name for b in REGISTRY.backends() if b.name not in (chosen, _FRONTEND_BACKEND) and not b.why_not(spec)]
+    others = [
+        b.name
+        for b in REGISTRY.backends()
+        if b.name not in (chosen, _FRONTEND_BACKEND) and not b.why_not(spec) and not b.why_not_auto(spec)
+    ]
     return [chosen, *sorted(others)]
 
 
