@@ -21,10 +21,10 @@ from torch import Tensor
 
 from .. import dispatch
 from .. import sink as sink_rule
-from . import _kvcache_checks
 from ..params import AttentionParams, KVCacheInfo, VarlenInfo, lse_dtype
 from ..registry import REGISTRY, Backend
 from ..spec import feature_bits
+from . import _kvcache_checks
 
 _LIB = torch.library.Library("attnkit", "DEF")
 

@@ -103,7 +103,7 @@ def test_opcheck_attention_and_kvcache():
     kc, vc = _rand(2, 16, 1, 16, seed=4), _rand(2, 16, 1, 16, seed=5)
     lens = torch.tensor([3, 9], dtype=I32)
     kv_args = (_rand(2, 1, 2, 16, seed=6), kc, vc, _rand(2, 1, 1, 16, seed=7), _rand(2, 1, 1, 16, seed=8), lens,
-               None, None, None, 0.25, False, -1, -1, 0.0, BACKEND)  # fmt: skip
+               None, None, None, None, 0.25, False, -1, -1, 0.0, 0, BACKEND)  # fmt: skip
     torch.library.opcheck(torch.ops.attnkit.kvcache_forward.default, kv_args, test_utils=ALL_CHECKS)
 
 
