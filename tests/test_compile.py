@@ -323,6 +323,30 @@ def test_compiled_varlen_checks_offsets_on_the_device():
             compiled(q, torch.tensor(bad, dtype=I32), good)
 
 
+def test_compiled_kvcache_refuses_an_aliased_cache():
+    """An append into caches that share memory is refused before anything is written, compiled as in eager: the
+    op checks k_cache against v_cache (storage addresses, which Dynamo does not trace); torch itself refuses to
+    compile an in-place write into a cache whose rows alias (stride 0)."""
+
+    def step(q, k_cache, v_cache, k_new, v_new):
+        return attnkit.attention_with_kvcache(q, k_cache, v_cache, k_new, v_new, cache_seqlens=3, backend="reference")
+
+    q, k_new, v_new = rand(2, 1, 2, 4, dtype=F32), rand(2, 1, 1, 4, dtype=F32, seed=1), rand(2, 1, 1, 4, dtype=F32)
+    kv = rand(2, 8, 1, 8, dtype=F32, seed=2)
+    before = kv.clone()
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    with pytest.raises(attnkit.InvalidArgumentError, match="share memory"):
+        compiled(q, kv[..., :4], kv[..., 2:6], k_new, v_new)  # overlapping halves of one buffer
+    assert torch.equal(kv, before)
+    torch._dynamo.reset()
+    shared = rand(1, 8, 1, 4, dtype=F32, seed=3).expand(2, 8, 1, 4)  # one row seen twice
+    with pytest.raises(RuntimeError, match="single memory location"):
+        compiled(q, shared, kv[..., :4].clone(), k_new, v_new)
+    k_cache, v_cache = rand(2, 8, 1, 4, dtype=F32, seed=4), rand(2, 8, 1, 4, dtype=F32, seed=5)
+    expected = step(q, k_cache.clone(), v_cache.clone(), k_new, v_new)
+    assert_close(compiled(q, k_cache, v_cache, k_new, v_new), expected)
+
+
 def test_compile_first_call_in_fresh_process():
     """The very first attnkit call of a process happening inside torch.compile(fullgraph=True) must trace."""
     code = textwrap.dedent("""
