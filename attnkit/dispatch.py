@@ -4,29 +4,50 @@ Precedence: the explicit ``backend=`` argument, then the innermost ``use_backend
 ``ATTNKIT_BACKEND``, then the automatic choice. A request is one name (forced: it runs or raises
 :class:`BackendUnsupportedError` with its reasons) or an ordered list (the first eligible one runs, else
 :class:`NoBackendError`). The automatic choice tries every registered backend not listed in ``ATTNKIT_DISABLE``
-by descending priority; eligibility (``why_not``) is separate from that ordering. Decisions are cached per
-(spec, request, disabled set) so the environment is read at call time but ``why_not`` runs once per shape.
+by descending priority; eligibility (``why_not``) is separate from that ordering.
+
+A call is decided in two cached steps, so that a repeated call costs two dictionary look-ups:
+
+1. :func:`request_token` turns the ``backend=`` argument, the ``use_backend`` context and the environment into a
+   *request token*, a string such as ``"@auto||cupy_cuda"`` (origin, names, disabled names), cached per raw value;
+2. :func:`decide` picks the backend for a token and the static properties of the call (operator, device, dtype,
+   head dims and counts, batch, sequence lengths, features, grad): ``why_not`` runs once per such key.
+
+In eager mode the frontend does both and hands the custom op the chosen backend's name. Under ``torch.compile``
+neither is traced: the frontend resolves the request once, when Dynamo traces it (a constant of the graph, like
+other configuration), and hands the op the token; the op's implementation makes step 2 at run time with the real
+shapes, so dynamic shapes need no recompilation per length and no dispatch code is ever traced.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
-import functools
 import logging
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 
 from . import env
-from .errors import BackendUnsupportedError, InvalidArgumentError, InvalidArgumentTypeError, NoBackendError
+from .errors import (
+    BackendUnsupportedError,
+    EnvironmentVariableError,
+    InvalidArgumentError,
+    InvalidArgumentTypeError,
+    NoBackendError,
+)
 from .registry import ALIASES, REGISTRY, Backend, resolve_alias
-from .spec import AttentionSpec
+from .spec import AttentionSpec, device_capability, features_from_bits, is_hip
 
 logger = logging.getLogger("attnkit.dispatch")
 
 _CONTEXT: contextvars.ContextVar[tuple[str, ...] | None] = contextvars.ContextVar("attnkit_backend", default=None)
-_TRACEABLE_STACK: list[tuple[str, ...] | None] = []  # mirror of _CONTEXT for torch.compile tracing
+
+# Both caches are emptied when full (and by clear_cache, which registering a backend calls).
+CACHE_LIMIT = 4096
+TOKEN_PREFIX = "@"
+_SEP = "|"
 
 
 def _normalise(request: str | Sequence[str], what: str) -> tuple[str, ...]:
@@ -56,37 +77,190 @@ def _normalise(request: str | Sequence[str], what: str) -> tuple[str, ...]:
 def use_backend(name_or_names: str | Sequence[str]) -> Iterator[None]:
     """Within the block, calls with ``backend='auto'`` use this backend (or the first eligible of this list)."""
     names = _normalise(name_or_names, "use_backend")
-    value = None if names == ("auto",) else names
-    token = _CONTEXT.set(value)
-    _TRACEABLE_STACK.append(value)
+    token = _CONTEXT.set(None if names == ("auto",) else names)
     try:
         yield
     finally:
-        _TRACEABLE_STACK.pop()
         _CONTEXT.reset(token)
 
 
-def _context_request() -> tuple[str, ...] | None:
-    if torch.compiler.is_compiling():
-        # Dynamo cannot trace ContextVar.get, but it can read a plain list: while tracing, the innermost
-        # use_backend() of the whole process applies (and is baked into the graph like every dispatch decision).
-        return _TRACEABLE_STACK[-1] if _TRACEABLE_STACK else None
-    return _CONTEXT.get()
+# ---- step 1: the request ---------------------------------------------------------------------------------------
 
 
-def _request(backend: str | Sequence[str]) -> tuple[tuple[str, ...] | None, str]:
-    """The effective request and where it came from."""
+@dataclass(frozen=True)
+class Request:
+    """What a call asks for: ``names`` in order (None: the automatic choice), where that came from, and the
+    backends ``ATTNKIT_DISABLE`` removes from the automatic choice."""
+
+    names: tuple[str, ...] | None
+    origin: str
+    disabled: frozenset[str] = frozenset()
+
+    def token(self) -> str:
+        fields = (self.origin, ",".join(self.names or ()), ",".join(sorted(self.disabled)))
+        return TOKEN_PREFIX + _SEP.join(fields)
+
+
+def _resolve(backend: str | Sequence[str]) -> Request:
     if backend != "auto":
         names = _normalise(backend, "backend")
         if names != ("auto",):
-            return names, "backend= argument"
-    ctx = _context_request()
+            return Request(names, "backend= argument")
+    ctx = _CONTEXT.get()
     if ctx is not None:
-        return ctx, "use_backend()"
+        return Request(ctx, "use_backend()")
     forced = env.backend_override(REGISTRY.names(), ALIASES)
     if forced is not None:
-        return tuple(resolve_alias(n) for n in forced), env.BACKEND
-    return None, "auto"
+        return Request(tuple(resolve_alias(n) for n in forced), env.BACKEND)
+    disabled = env.disabled_backends(REGISTRY.names(), ALIASES)
+    return Request(None, "auto", frozenset(resolve_alias(n) for n in disabled))
+
+
+_TOKENS: dict[tuple, str] = {}  # (backend argument, context, raw ATTNKIT_BACKEND, raw ATTNKIT_DISABLE) -> token
+_PARSED: dict[str, tuple[Request, tuple[bool, bool] | None]] = {}  # token -> (request, grad flags of a traced call)
+
+
+def request_token(backend: str | Sequence[str] = "auto") -> str:
+    """The request of a call made now (argument, ``use_backend`` context, environment) as a token string.
+
+    Raises for an unknown name or a malformed variable, like a call would."""
+    arg = backend if isinstance(backend, str) else tuple(backend) if isinstance(backend, (list, tuple)) else None
+    if arg is None:
+        return _resolve(backend).token()  # raises the type error
+    key = (arg, _CONTEXT.get(), *env.dispatch_variables())
+    token = _TOKENS.get(key)
+    if token is None:
+        request = _resolve(backend)
+        token = request.token()
+        if len(_TOKENS) >= CACHE_LIMIT:
+            _TOKENS.clear()
+        _TOKENS[key] = token
+        _PARSED[token] = (request, None)
+    return token
+
+
+ERROR_PREFIX = "!"
+_REQUEST_ERRORS = {e.__name__: e for e in (InvalidArgumentError, InvalidArgumentTypeError, EnvironmentVariableError)}
+
+
+def traced_token(backend: str | Sequence[str], requires_grad: bool, merged_backward: bool = False) -> str:
+    """:func:`request_token` for a call being traced by ``torch.compile``, with the call's grad flag appended.
+
+    Dynamo runs this once while tracing and puts the string into the graph as a constant, so nothing of the
+    registry, the context variable or the environment is traced; the custom op decides at run time. A bad request
+    comes back as ``"!<error class>|<message>"`` for :func:`raise_for_token` to raise in traced code (an exception
+    escaping this function would surface as an internal Dynamo error)."""
+    try:
+        grad = "merged" if merged_backward else "grad" if requires_grad else "nograd"
+        return request_token(backend) + _SEP + grad
+    except (InvalidArgumentError, InvalidArgumentTypeError, EnvironmentVariableError) as exc:
+        return ERROR_PREFIX + type(exc).__name__ + _SEP + str(exc)
+
+
+# What torch.compiler.assume_constant_result(traced_token) does, without importing torch._dynamo (seconds) at
+# ``import attnkit``; tests/test_compile.py fails if Dynamo ever stops honouring the mark (it would trace into
+# the registry and the context variable, and break the graph).
+traced_token._dynamo_marked_constant = True  # type: ignore[attr-defined]
+
+
+def raise_for_token(token: str) -> None:
+    """Raises the error a :func:`traced_token` result carries, if any."""
+    if token.startswith(ERROR_PREFIX):
+        name, _, message = token[len(ERROR_PREFIX) :].partition(_SEP)
+        raise _REQUEST_ERRORS[name](message)
+
+
+_GRAD_FLAGS = {"nograd": (False, False), "grad": (True, False), "merged": (True, True)}
+
+
+def parse_token(token: str) -> tuple[Request, tuple[bool, bool] | None]:
+    """The request of a token and, for tokens made by :func:`traced_token`, the call's ``(requires_grad,
+    merged_backward)``."""
+    parsed = _PARSED.get(token)
+    if parsed is None:
+        # Not made in this process since the last clear_cache (e.g. baked into a graph that inductor cached).
+        fields = token[len(TOKEN_PREFIX) :].split(_SEP)
+        grad = None
+        if len(fields) == 4 and fields[3] in _GRAD_FLAGS:
+            grad = _GRAD_FLAGS[fields.pop()]
+        if not token.startswith(TOKEN_PREFIX) or len(fields) != 3:
+            raise InvalidArgumentError(f"backend={token!r} is neither a backend name nor an attnkit request token")
+        origin, names, disabled = fields
+        known = set(REGISTRY.names())
+        unknown = [n for n in (*names.split(","), *disabled.split(",")) if n and n not in known]
+        if unknown:
+            raise InvalidArgumentError(f"request token {token!r} names unregistered backend(s) {unknown}")
+        request = Request(
+            tuple(names.split(",")) if names else None, origin, frozenset(filter(None, disabled.split(",")))
+        )
+        parsed = (request, grad)
+        if len(_PARSED) >= CACHE_LIMIT:
+            _PARSED.clear()
+        _PARSED[token] = parsed
+    return parsed
+
+
+# ---- step 2: the decision --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Decision:
+    name: str
+    spec: AttentionSpec
+    rejected: tuple[tuple[str, tuple[str, ...]], ...]
+    origin: str
+
+
+_DECISIONS: dict[tuple, _Decision] = {}  # (token, static properties of a call) -> decision
+_BY_SPEC: dict[tuple[AttentionSpec, str], _Decision] = {}  # (spec, token) -> decision
+
+
+def decide(
+    token: str,
+    op: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    head_dim: int,
+    head_dim_v: int,
+    num_heads_q: int,
+    num_heads_k: int,
+    batch: int,
+    seqlen_q: int,
+    seqlen_k: int,
+    feature_bits: int,
+    requires_grad: bool,
+    merged_backward: bool = False,
+) -> str:
+    """Registry name of the backend for a call with these static properties (``feature_bits``: see
+    :func:`attnkit.spec.feature_bits`); ``why_not`` runs once per distinct key."""
+    key = (token, op, device, dtype, head_dim, head_dim_v, num_heads_q, num_heads_k, batch, seqlen_q, seqlen_k,
+           feature_bits, requires_grad, merged_backward)  # fmt: skip
+    decision = _DECISIONS.get(key)
+    if decision is None:
+        spec = AttentionSpec(
+            op=op,
+            device_type=device.type,
+            compute_capability=device_capability(device),
+            is_hip=is_hip() and device.type == "cuda",
+            dtype=dtype,
+            head_dim=head_dim,
+            head_dim_v=head_dim_v,
+            num_heads_q=num_heads_q,
+            num_heads_k=num_heads_k,
+            batch=batch,
+            seqlen_q=seqlen_q,
+            seqlen_k=seqlen_k,
+            features=features_from_bits(feature_bits),
+            requires_grad=requires_grad,
+            merged_backward=merged_backward,
+        )
+        decision = _decide_cached(spec, token)
+        if len(_DECISIONS) >= CACHE_LIMIT:
+            _DECISIONS.clear()
+        _DECISIONS[key] = decision
+    if env.debug():
+        _log(decision)
+    return decision.name
 
 
 def select_backend(spec: AttentionSpec, backend: str | Sequence[str] = "auto") -> Backend:
@@ -95,47 +269,53 @@ def select_backend(spec: AttentionSpec, backend: str | Sequence[str] = "auto") -
 
 
 def select_backend_name(spec: AttentionSpec, backend: str | Sequence[str] = "auto") -> str:
-    """Registry name of the backend :func:`select_backend` picks (what the custom ops are given)."""
-    request, origin = _request(backend)
-    disabled = env.disabled_backends(REGISTRY.names(), ALIASES) if request is None else frozenset()
-    name, rejected = _decide(spec, request, origin, frozenset(resolve_alias(n) for n in disabled))
+    """Registry name of the backend :func:`select_backend` picks for ``spec`` (what the custom ops are given)."""
+    decision = _decide_cached(spec, request_token(backend))
     if env.debug():
-        _log(spec, name, origin, rejected)
-    return name
+        _log(decision)
+    return decision.name
 
 
-@functools.lru_cache(maxsize=4096)
-def _decide(
-    spec: AttentionSpec, request: tuple[str, ...] | None, origin: str, disabled: frozenset[str]
-) -> tuple[str, tuple[tuple[str, tuple[str, ...]], ...]]:
+def _decide_cached(spec: AttentionSpec, token: str) -> _Decision:
+    decision = _BY_SPEC.get((spec, token))
+    if decision is None:
+        decision = _decide(spec, parse_token(token)[0])
+        if len(_BY_SPEC) >= CACHE_LIMIT:
+            _BY_SPEC.clear()
+        _BY_SPEC[spec, token] = decision
+    return decision
+
+
+def _decide(spec: AttentionSpec, request: Request) -> _Decision:
     rejected: dict[str, list[str]] = {}
     # Registry names, not Backend.name: a backend may be registered under another name than its class declares.
-    names = list(request) if request is not None else sorted(REGISTRY.names(), key=lambda n: -REGISTRY.get(n).priority)
+    auto = request.names is None
+    names = sorted(REGISTRY.names(), key=lambda n: -REGISTRY.get(n).priority) if auto else list(request.names)
     for name in names:
         b = REGISTRY.get(name)
-        if request is None and name in disabled:
+        if auto and name in request.disabled:
             rejected[name] = [f"disabled by {env.DISABLE}"]
             continue
         reasons = b.why_not(spec)
-        if request is None and not reasons:
+        if auto and not reasons:
             reasons = b.why_not_auto(spec)
         if reasons:
             rejected[name] = reasons
             continue
-        return name, tuple((n, tuple(r)) for n, r in rejected.items())
-    if request is not None and len(request) == 1:
-        raise BackendUnsupportedError(request[0], rejected[request[0]])
-    raise NoBackendError(rejected, summary=f"{spec.describe()} (requested by {origin})")
+        return _Decision(name, spec, tuple((n, tuple(r)) for n, r in rejected.items()), request.origin)
+    if not auto and len(names) == 1:
+        raise BackendUnsupportedError(names[0], rejected[names[0]])
+    raise NoBackendError(rejected, summary=f"{spec.describe()} (requested by {request.origin})")
 
 
-def _log(spec: AttentionSpec, chosen: str, origin: str, rejected: tuple[tuple[str, tuple[str, ...]], ...]) -> None:
+def _log(decision: _Decision) -> None:
     if not logger.handlers and not logging.getLogger().handlers:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("[attnkit] %(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
-    lines = [f"{spec.describe()} -> {chosen} (by {origin})"]
-    lines += [f"  rejected {name}: {'; '.join(reasons)}" for name, reasons in rejected]
+    lines = [f"{decision.spec.describe()} -> {decision.name} (by {decision.origin})"]
+    lines += [f"  rejected {name}: {'; '.join(reasons)}" for name, reasons in decision.rejected]
     logger.warning("\n".join(lines))
 
 
@@ -145,4 +325,7 @@ def explain(spec: AttentionSpec) -> dict[str, list[str]]:
 
 
 def clear_cache() -> None:
-    _decide.cache_clear()
+    _TOKENS.clear()
+    _PARSED.clear()
+    _DECISIONS.clear()
+    _BY_SPEC.clear()

@@ -12,6 +12,9 @@ Layouts (flash-attn's):
 * varlen (``VarlenInfo`` given): q ``(Tq, Hq, D)``, k ``(Tk, Hk, D)``, v ``(Tk, Hk, Dv)``; out ``(Tq, Hq, Dv)``,
   lse ``(Hq, Tq)``. Sequence ``b`` owns rows ``cu_seqlens[b]:cu_seqlens[b+1]``; rows past ``cu_seqlens_q[-1]``
   (padding) get out = 0, lse = -inf and zero gradients.
+* strides: inputs may be strided (contiguous in the last dimension only); outputs, and the gradients ``backward``
+  returns, are new contiguous tensors of these shapes. The custom ops' fake kernels promise exactly that (what
+  ``torch.compile`` plans with), and the ops copy any other layout a backend returns.
 
 Masking, for query row ``i`` and key column ``j`` of one sequence with lengths ``Sq`` and ``Sk`` (bottom-right
 aligned, as in flash-attn 2.x): let ``d = i + Sk - Sq - j``. The key is visible iff

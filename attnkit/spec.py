@@ -20,6 +20,42 @@ FEATURES = (
     "sink",  # learnable attention sink: a per-head logit in the softmax denominator
 )
 
+# A call's features as one int (bit i = FEATURES[i]): a cheap part of the dispatch cache key.
+_FEATURE_SETS: dict[int, frozenset[str]] = {}
+
+
+def feature_bits(
+    causal: bool,
+    window: bool,
+    alibi: bool,
+    softcap: bool,
+    dropout: bool,
+    gqa: bool,
+    dv_ne_d: bool,
+    deterministic: bool,
+    sink: bool = False,
+) -> int:
+    """The features in use as a bit mask, in the order of :data:`FEATURES` (positional: it runs on every call)."""
+    return (
+        causal
+        | window << 1
+        | alibi << 2
+        | softcap << 3
+        | dropout << 4
+        | gqa << 5
+        | dv_ne_d << 6
+        | deterministic << 7
+        | sink << 8
+    )
+
+
+def features_from_bits(bits: int) -> frozenset[str]:
+    found = _FEATURE_SETS.get(bits)
+    if found is None:
+        found = _FEATURE_SETS[bits] = frozenset(f for i, f in enumerate(FEATURES) if bits >> i & 1)
+    return found
+
+
 # Operators. Each backend lists those it implements.
 OPS = ("attention", "varlen", "kvcache", "paged_kvcache", "piecewise", "merge")  # merge: merge_attention_states
 

@@ -127,14 +127,19 @@ def flag(name: str, value: object) -> bool:
 SCALE_LIMIT = 2.0**127
 
 
+def _finite(value: float) -> bool:
+    # Comparisons rather than math.isfinite, which Dynamo cannot trace under dynamic shapes (NaN fails both).
+    return -math.inf < value < math.inf
+
+
 def softmax_scale(value: object, head_dim: int) -> float:
     if value is None:
         return 1.0 / math.sqrt(head_dim)
     if (
         isinstance(value, bool)
         or not isinstance(value, (int, float))
-        or abs(value) > SCALE_LIMIT  # before isfinite, which overflows on huge ints
-        or not math.isfinite(value)
+        or abs(value) > SCALE_LIMIT  # first: huge ints overflow float conversions
+        or not _finite(value)
     ):
         raise InvalidArgumentError(
             f"softmax_scale is {value!r}; allowed: a number with |softmax_scale| <= 2**127 (float32 range), "
@@ -147,8 +152,8 @@ def softcap(value: object) -> float:
     if (
         isinstance(value, bool)
         or not isinstance(value, (int, float))
-        or not 0 <= value <= SCALE_LIMIT  # before isfinite, which overflows on huge ints
-        or not math.isfinite(value)
+        or not 0 <= value <= SCALE_LIMIT  # first: huge ints overflow float conversions
+        or not _finite(value)
     ):
         raise InvalidArgumentError(f"softcap is {value!r}; allowed: a number in [0, 2**127] (0 disables it)")
     return float(value)
@@ -176,8 +181,13 @@ def alibi_slopes(slopes: object, batch: int, num_heads_q: int, device: torch.dev
     return slopes.contiguous()
 
 
-def cu_seqlens(name: str, cu: object, max_name: str, max_seqlen: object, total: int, device: torch.device) -> list[int]:
-    """Checks one cu_seqlens tensor against its max_seqlen and the packed length; returns it as a list."""
+def cu_seqlens(
+    name: str, cu: object, max_name: str, max_seqlen: object, total: int, device: torch.device
+) -> list[int] | None:
+    """Checks one cu_seqlens tensor against its max_seqlen and the packed length; returns it as a list.
+
+    While torch.compile traces the call the offsets cannot be read back (a graph break, and a device sync per call):
+    the same rules then run as device-side asserts in the graph and None is returned."""
     if not isinstance(cu, torch.Tensor):
         raise InvalidArgumentTypeError(f"{name} must be a torch.Tensor, got {type(cu).__name__}")
     if cu.dtype != torch.int32 or cu.dim() != 1 or cu.shape[0] < 2:
@@ -189,6 +199,9 @@ def cu_seqlens(name: str, cu: object, max_name: str, max_seqlen: object, total: 
         raise InvalidArgumentError(f"{name} is on {cu.device} but q is on {device}")
     if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0:
         raise InvalidArgumentError(f"{max_name} is {max_seqlen!r}; allowed: an int >= 0")
+    if torch.compiler.is_compiling():
+        _cu_seqlens_on_device(name, cu, max_name, max_seqlen, total)
+        return None
     values = cu.tolist()
     lengths = [b - a for a, b in itertools.pairwise(values)]
     if values[0] != 0 or any(n < 0 for n in lengths):
@@ -200,3 +213,11 @@ def cu_seqlens(name: str, cu: object, max_name: str, max_seqlen: object, total: 
             f"{max_name}={max_seqlen} is smaller than the longest sequence in {name} ({max(lengths)})"
         )
     return values
+
+
+def _cu_seqlens_on_device(name: str, cu: torch.Tensor, max_name: str, max_seqlen: int, total: int) -> None:
+    lengths = cu[1:] - cu[:-1]
+    torch._assert_async(cu[0] == 0, f"{name} must start at 0")
+    torch._assert_async((lengths >= 0).all(), f"{name} must never decrease")
+    torch._assert_async(cu[-1] <= total, f"{name} ends past the packed tensor's rows")
+    torch._assert_async(lengths.max() <= max_seqlen, f"{max_name} is smaller than the longest sequence in {name}")

@@ -274,13 +274,13 @@ def test_ring_shift_sends_to_the_next_global_rank(monkeypatch):
 
 def test_ring_blocks_ask_dispatch_for_a_merged_backward(group, monkeypatch):
     seen = []
-    real = attnkit.dispatch.select_backend_name
+    real = attnkit.dispatch.decide
 
-    def spy(spec, backend="auto"):
-        seen.append((spec.merged_backward, spec.requires_grad))
-        return real(spec, backend)
+    def spy(*args):  # (token, op, device, ..., feature_bits, requires_grad, merged_backward)
+        seen.append((args[-1], args[-2]))
+        return real(*args)
 
-    monkeypatch.setattr(attnkit.ops._common, "select_backend_name", spy)
+    monkeypatch.setattr(attnkit.dispatch, "decide", spy)
     q, k, v = qkv(1, 8, 8, 2, 2, 8, requires_grad=True)
     cp.ring_attention(q, k, v, group=group, causal=True)
     cp.ring_attention(q, k, v, group=group, causal=True, strategy="allgather")  # each block's own out/lse

@@ -7,7 +7,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-MODES = ("fwd", "bwd", "fwdbwd", "decode", "memory")
+MODES = ("fwd", "bwd", "fwdbwd", "decode", "memory", "overhead")
+# Not a grid of cases: per-call host cost at tiny sizes (attnkit.bench.overhead), run beside the case modes.
+OVERHEAD = "overhead"
 DENSE_MODES = ("fwd", "bwd", "fwdbwd")
 
 DTYPES: dict[str, torch.dtype] = {
@@ -220,6 +222,8 @@ def build_cases(grid: Grid) -> list[Case]:
         elif mode == "decode":
             cases += decode_cases(grid.dtype, grid.decode_kv, grid.decode_heads, grid.decode_dim, grid.decode_tokens,
                                   grid.decode_batches)  # fmt: skip
+        elif mode == OVERHEAD:
+            continue
         elif mode == "memory":
             cases += memory_cases(grid.dtype, grid.memory_seqlens, grid.memory_batch, grid.memory_heads,
                                   grid.memory_dim)  # fmt: skip

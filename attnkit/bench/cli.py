@@ -8,7 +8,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from .cases import DTYPES, QUICK_GRID, Grid, build_cases, parse_ints, parse_kv_lens, parse_modes
+from .cases import DTYPES, OVERHEAD, QUICK_GRID, Grid, build_cases, parse_ints, parse_kv_lens, parse_modes
 
 EPILOG = """\
 examples:
@@ -17,6 +17,7 @@ examples:
   attnkit bench --mode decode --kv-lens 4k,32k,128k
   attnkit bench --mode decode --kv-lens 1x128k,1x16k,4x32k,16x8k --providers triton,triton+seqlens,sdpa:cudnn
   attnkit bench --mode memory --memory-seqlens 32k  # the O(seqlen) memory target: peak vs budget, pass/fail
+  attnkit bench --mode overhead                   # wall time per eager call at tiny sizes, beside SDPA (CPU too)
   attnkit bench --quick --out /tmp/bench          # tiny sizes, also on CPU
   attnkit bench --plot-from results/results.json  # figures from a saved run (e.g. where matplotlib is missing)
 providers: attnkit:<backend> (or just the backend name), attnkit:<backend>+seqlens|+paged16|+paged256 (decode
@@ -39,7 +40,7 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--mode", action="append", metavar="MODE",
-                   help="fwd, bwd, fwdbwd, decode, memory (repeatable or comma list; default on GPU: "
+                   help="fwd, bwd, fwdbwd, decode, memory, overhead (repeatable or comma list; default on GPU: "
                         "fwd,bwd,decode,memory; on CPU: fwd,bwd)")  # fmt: skip
     p.add_argument("--dims", help="head dims, comma list (default 64,128,256)")
     p.add_argument("--seqlens", help="sequence lengths, comma list, 1k = 1024 (default 512..16k; sets the memory "
@@ -69,6 +70,10 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="inputs, and the batch and KV head the check draws")
     p.add_argument("--list-providers", action="store_true", help="list providers with availability and exit")
     p.add_argument("--plot-from", type=Path, metavar="JSON", help="only draw figures from a results.json")
+    p.add_argument("--overhead-seconds", type=float, default=None, metavar="SECONDS",
+                   help="overhead mode: timing per case, all providers (default 3 on GPU, 2 on CPU)")  # fmt: skip
+    p.add_argument("--overhead-rounds", type=int, default=15, metavar="N",
+                   help="overhead mode: rounds per case; medians are over these (default 15)")  # fmt: skip
     p.set_defaults(func=run_cli)
 
 
@@ -123,6 +128,16 @@ def _plot_only(args: argparse.Namespace) -> int:
     return 0
 
 
+def _overhead(args: argparse.Namespace, device, dtype: str, out_dir: Path) -> None:
+    from .overhead import markdown, run
+
+    seconds = args.overhead_seconds if args.overhead_seconds is not None else (3.0 if device.type == "cuda" else 2.0)
+    result = run(device, DTYPES[dtype], seconds=seconds, rounds=args.overhead_rounds, out_dir=out_dir,
+                 log=lambda line: print(line, file=sys.stderr))  # fmt: skip
+    print(markdown(result))
+    print(f"overhead results in {out_dir}: overhead.json, overhead.md")
+
+
 def run_cli(args: argparse.Namespace) -> int:
     import torch
 
@@ -140,10 +155,14 @@ def run_cli(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"attnkit bench: {exc}", file=sys.stderr)
         return 2
-    if not on_gpu and not args.quick:
-        print("attnkit bench: no GPU, running the --quick grid", file=sys.stderr)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
     out_dir = args.out or Path(f"attnkit-bench-{stamp}")
+    if OVERHEAD in grid.modes:
+        _overhead(args, device, grid.dtype, out_dir)
+        if not cases:
+            return 0
+    if not on_gpu and not args.quick:
+        print("attnkit bench: no GPU, running the --quick grid", file=sys.stderr)
     options = Options(
         out_dir=out_dir,
         device=device,

@@ -6,11 +6,22 @@ from collections.abc import Sequence
 
 import torch
 
+from .. import dispatch, validation
 from .. import dropout as dropout_rng
-from .. import validation
-from ..dispatch import select_backend_name
 from ..params import AttentionParams, lse_dtype
-from ..spec import AttentionSpec, device_capability, is_hip
+from ..spec import feature_bits as spec_feature_bits
+
+# Seeds are 63-bit non-negative integers; this one stands for "the seed tensor passed beside it" (see below).
+TRACED_SEED = -1
+
+
+def dropout_seed_tensor(params: AttentionParams) -> torch.Tensor | None:
+    """The dropout seed of a call traced by torch.compile, drawn in the graph (each run draws anew, from PyTorch's
+    default generator through inductor's RNG): a Python int cannot be drawn there without a graph break. None for
+    eager calls, whose seed is ``params.dropout_seed``."""
+    if params.dropout_seed != TRACED_SEED:
+        return None
+    return torch.randint(0, 2**63 - 1, (), dtype=torch.int64)
 
 
 def resolve_params(
@@ -38,34 +49,9 @@ def resolve_params(
         window_right=right,
         softcap=validation.softcap(softcap),
         dropout_p=p,
-        dropout_seed=dropout_rng.draw_seed() if p > 0 else 0,
+        dropout_seed=(TRACED_SEED if torch.compiler.is_compiling() else dropout_rng.draw_seed()) if p > 0 else 0,
         deterministic=deterministic,
     )
-
-
-def features(
-    params: AttentionParams, *, alibi: bool, gqa: bool, dv_ne_d: bool, requires_grad: bool, sink: bool = False
-) -> frozenset[str]:
-    found = set()
-    if params.causal:
-        found.add("causal")
-    if params.has_window:
-        found.add("window")
-    if alibi:
-        found.add("alibi")
-    if params.softcap > 0:
-        found.add("softcap")
-    if params.dropout_p > 0:
-        found.add("dropout")
-    if gqa:
-        found.add("gqa")
-    if dv_ne_d:
-        found.add("dv_ne_d")
-    if params.deterministic and requires_grad:
-        found.add("deterministic")
-    if sink:
-        found.add("sink")
-    return frozenset(found)
 
 
 def choose(
@@ -84,33 +70,23 @@ def choose(
     sink: bool = False,
     merged_backward: bool = False,
 ) -> str:
-    """Registry name of the backend that will run this call (``merged_backward``: see AttentionSpec)."""
+    """What the custom op is told about the backend: in eager mode the registry name of the backend that will run
+    this call (raising now when none can); while ``torch.compile`` traces the call, a request token, and the op
+    decides when it runs (see :mod:`attnkit.dispatch`). ``merged_backward``: see AttentionSpec."""
+    merged_backward = merged_backward and requires_grad
+    if torch.compiler.is_compiling():
+        token = dispatch.traced_token(backend, requires_grad, merged_backward)
+        dispatch.raise_for_token(token)
+        return token
     num_heads_q, head_dim = q.shape[-2], q.shape[-1]
-    spec = AttentionSpec(
-        op=op,
-        device_type=q.device.type,
-        compute_capability=device_capability(q.device),
-        is_hip=is_hip() and q.device.type == "cuda",
-        dtype=q.dtype,
-        head_dim=head_dim,
-        head_dim_v=head_dim_v,
-        num_heads_q=num_heads_q,
-        num_heads_k=num_heads_k,
-        batch=batch,
-        seqlen_q=seqlen_q,
-        seqlen_k=seqlen_k,
-        features=features(
-            params,
-            alibi=alibi,
-            gqa=num_heads_q != num_heads_k,
-            dv_ne_d=head_dim_v != head_dim,
-            requires_grad=requires_grad,
-            sink=sink,
-        ),
-        requires_grad=requires_grad,
-        merged_backward=merged_backward and requires_grad,
-    )
-    return select_backend_name(spec, backend)
+    bits = spec_feature_bits(
+        params.causal, params.has_window, alibi, params.softcap > 0, params.dropout_p > 0, num_heads_q != num_heads_k,
+        head_dim_v != head_dim, params.deterministic and requires_grad, sink,
+    )  # fmt: skip
+    return dispatch.decide(
+        dispatch.request_token(backend), op, q.device, q.dtype, head_dim, head_dim_v, num_heads_q, num_heads_k, batch,
+        seqlen_q, seqlen_k, bits, requires_grad, merged_backward,
+    )  # fmt: skip
 
 
 def needs_grad(*tensors: torch.Tensor) -> bool:

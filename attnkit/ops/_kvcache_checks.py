@@ -97,7 +97,7 @@ def lengths(
         )
     else:
         # min/max run in C: a decode batch of hundreds of rows costs no Python loop per call.
-        longest = max(host, default=0)
+        longest = max(host) if host else 0  # no default=: Dynamo cannot trace it
         if host and min(host) < 0:
             raise InvalidArgumentError(f"cache_seqlens={_short(host)} has negative entries")
         if longest + seqlen_new > capacity:

@@ -112,5 +112,6 @@ def attention(
             q, k, v, None, None, seqlen_q, seqlen_k, slopes,
             params.softmax_scale, params.causal, params.window_left, params.window_right, params.softcap,
             params.dropout_p, params.dropout_seed, params.deterministic, chosen, sink,
+            _common.dropout_seed_tensor(params),
         )  # fmt: skip
     return (out, lse) if return_lse else out

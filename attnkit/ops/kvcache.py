@@ -112,7 +112,7 @@ def attention_with_kvcache(
         raise InvalidArgumentError("cache_seqlens is required when appending k/v (where would they go?)")
     lengths = _kvcache_checks.lengths(cache_seqlens, cache_leftpad, batch, capacity, seqlen_new, device, capturing)
     cache_seqlens, cache_leftpad = lengths.seqlens, lengths.leftpad
-    if seqlen_new:
+    if seqlen_new and not torch.compiler.is_compiling():  # traced: the op checks when it runs (no data_ptr here)
         _kvcache_checks.caches_writable(k_cache, v_cache)
     if paged:
         _kvcache_checks.pages(block_table, cache_seqlens, cache_leftpad, seqlen_new, k_cache.shape[0],
@@ -155,7 +155,7 @@ def attention_with_kvcache(
         num_heads_k=k_cache.shape[2],
         batch=batch,
         seqlen_q=seqlen_q,
-        seqlen_k=lengths.longest + seqlen_new if batch else 0,
+        seqlen_k=capacity if batch else 0,  # static: the lengths change every decode step
         params=params,
         alibi=slopes is not None,
         requires_grad=False,
@@ -169,17 +169,17 @@ def attention_with_kvcache(
         q_pos = q_pos.expand(batch, seqlen_q)
         k = apply_rotary(k, rotary_cos[k_pos], rotary_sin[k_pos], rotary_interleaved)
         q = apply_rotary(q, rotary_cos[q_pos], rotary_sin[q_pos], rotary_interleaved)
-    if k is not None and seqlen_new:
-        _append(k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table)
-    total = cache_seqlens if not seqlen_new else (cache_seqlens + seqlen_new).to(torch.int32)
-    if q.numel() == 0:  # no batch rows, queries or heads: nothing to attend (any append above has happened)
+    if q.numel() == 0:  # no batch rows, queries or heads: nothing to attend, but the append still happens
+        if k is not None and seqlen_new:
+            _library.append_kv(k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table)
         out = q.new_zeros((batch, seqlen_q, num_heads_q, v_cache.shape[-1]))
         lse = torch.full((batch, num_heads_q, seqlen_q), float("-inf"), dtype=lse_dtype(q.dtype), device=device)
         return (out, lse) if return_lse else out
     if q.stride(-1) != 1:
         q = q.contiguous()
+    # The op appends k/v to the cache (a declared in-place write), then attends.
     out, lse = _library.kvcache_forward(
-        q, k_cache, v_cache, total, cache_batch_idx, block_table, cache_leftpad, slopes,
+        q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table, cache_leftpad, slopes,
         params.softmax_scale, params.causal, params.window_left, params.window_right, params.softcap, num_splits,
         chosen,
     )  # fmt: skip
@@ -247,21 +247,5 @@ def _forward_only(named: dict[str, object]) -> None:
 
 
 def _capturing(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-
-
-def _append(k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table) -> None:
-    batch, seqlen_new = k.shape[:2]
-    device = k.device
-    pos = cache_seqlens.long()[:, None] + torch.arange(seqlen_new, device=device)[None, :]  # (B, S_new)
-    with torch.no_grad():
-        if block_table is not None:
-            page_size = k_cache.shape[1]
-            pages = torch.gather(block_table.long(), 1, pos // page_size)
-            k_cache[pages, pos % page_size] = k.to(k_cache.dtype)
-            v_cache[pages, pos % page_size] = v.to(v_cache.dtype)
-        else:
-            rows = cache_batch_idx.long() if cache_batch_idx is not None else torch.arange(batch, device=device)
-            rows = rows[:, None].expand(batch, seqlen_new)
-            k_cache[rows, pos] = k.to(k_cache.dtype)
-            v_cache[rows, pos] = v.to(v_cache.dtype)
+    """True when tensor values cannot be read back: CUDA-graph capture, or torch.compile tracing the call."""
+    return torch.compiler.is_compiling() or (device.type == "cuda" and torch.cuda.is_current_stream_capturing())

@@ -53,20 +53,24 @@ def attention_varlen(
     validation.same_dtype_device({"q": q, "k": k, "v": v})
     validation.heads_and_dims(q.shape, k.shape, v.shape, seq_axis=None)
     validation.last_dim_contiguous({"q": q, "k": k, "v": v})
+    # The offsets as lists (None while torch.compile traces the call: then checked on the device).
     cq = validation.cu_seqlens("cu_seqlens_q", cu_seqlens_q, "max_seqlen_q", max_seqlen_q, q.shape[0], q.device)
     ck = validation.cu_seqlens("cu_seqlens_k", cu_seqlens_k, "max_seqlen_k", max_seqlen_k, k.shape[0], q.device)
-    if len(cq) != len(ck):
+    batch = cu_seqlens_q.shape[0] - 1
+    if cu_seqlens_k.shape[0] - 1 != batch:
         raise InvalidArgumentError(
-            f"cu_seqlens_q has {len(cq) - 1} sequences but cu_seqlens_k has {len(ck) - 1}; they must match"
+            f"cu_seqlens_q has {batch} sequences but cu_seqlens_k has {cu_seqlens_k.shape[0] - 1}; they must match"
         )
     # Every backend reads the offsets as a dense int32 array (the Triton and CuPy kernels index them directly):
     # hand over a contiguous copy of a strided or offset view.
     cu_seqlens_q, cu_seqlens_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()
-    batch = len(cq) - 1
     # Backends size their grids by max_seqlen: pass on the longest sequence, not a larger claim (max_seqlen_q=10**6
     # over 16 tokens kept the Triton kernels busy for minutes).
-    max_seqlen_q = max(b - a for a, b in itertools.pairwise(cq))
-    max_seqlen_k = max(b - a for a, b in itertools.pairwise(ck))
+    if cq is not None:
+        max_seqlen_q = max(b - a for a, b in itertools.pairwise(cq))
+        max_seqlen_k = max(b - a for a, b in itertools.pairwise(ck))
+    else:  # traced by torch.compile: the offsets stay on the device, and no sequence outgrows the packed tensor
+        max_seqlen_q, max_seqlen_k = min(max_seqlen_q, q.shape[0]), min(max_seqlen_k, k.shape[0])
     num_heads_q, head_dim = q.shape[1], q.shape[2]
     params = _common.resolve_params(
         head_dim=head_dim,
@@ -102,19 +106,20 @@ def attention_varlen(
             (q.shape[0], num_heads_q, v.shape[-1]), (num_heads_q, q.shape[0]), q, k, v
         )
         if max_seqlen_q > 0:  # rows of a sequence without keys have lse = sink; padding rows stay -inf
-            lse = _varlen_sink_lse(lse, sink, cq)
+            lse = _varlen_sink_lse(lse, sink, cu_seqlens_q)
     else:
         out, lse = _library.attention_forward(
             q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, slopes,
             params.softmax_scale, params.causal, params.window_left, params.window_right, params.softcap,
             params.dropout_p, params.dropout_seed, params.deterministic, chosen, sink,
+            _common.dropout_seed_tensor(params),
         )  # fmt: skip
     return (out, lse) if return_lse else out
 
 
-def _varlen_sink_lse(lse: torch.Tensor, sink: torch.Tensor | None, offsets: list[int]) -> torch.Tensor:
-    if sink is None or offsets[-1] == 0:
+def _varlen_sink_lse(lse: torch.Tensor, sink: torch.Tensor | None, cu_seqlens_q: torch.Tensor) -> torch.Tensor:
+    if sink is None:
         return lse
-    lse = lse.clone()
-    lse[:, : offsets[-1]] = sink.detach().to(lse.dtype)[:, None]
-    return lse
+    # A mask rather than a slice up to cu_seqlens_q[-1]: no read-back, so it traces under torch.compile too.
+    rows = torch.arange(lse.shape[1], device=lse.device) < cu_seqlens_q[-1]
+    return torch.where(rows[None, :], sink.detach().to(lse.dtype)[:, None], lse)

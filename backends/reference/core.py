@@ -194,7 +194,7 @@ def backward(
     kg = [_kv(k, compute_dtype) for k in ks]
     vg = _kv(v, compute_dtype)
     slopes = _slopes(alibi, batch, hk, pb.group, compute_dtype)
-    dqs = [torch.zeros_like(q, dtype=compute_dtype) for q in qs]
+    dqs = [torch.zeros(q.shape, dtype=compute_dtype, device=device) for q in qs]
     dks = [torch.zeros(batch, hk, 1, sk, k.shape[-1], dtype=compute_dtype, device=device) for k in ks]
     dvg = torch.zeros(batch, hk, 1, sk, dvdim, dtype=compute_dtype, device=device)
     for r0 in range(0, sq, QUERY_CHUNK):
@@ -235,9 +235,11 @@ def backward(
                 dks[idx][:, :, :, c0:c1] += torch.matmul(part.transpose(-1, -2), qc[idx]).sum(dim=2, keepdim=True)
         for idx, acc in enumerate(dq_acc):
             dqs[idx][:, r0:r1] = acc.permute(0, 3, 1, 2, 4).reshape(batch, r1 - r0, hq, -1)
-    dq_out = [d.to(q.dtype) for d, q in zip(dqs, qs)]
-    dk_out = [d.squeeze(2).permute(0, 2, 1, 3).to(k.dtype) for d, k in zip(dks, ks)]
-    dv_out = dvg.squeeze(2).permute(0, 2, 1, 3).to(v.dtype)
+    # Gradients are contiguous whatever the inputs' strides (the layout attnkit's ops document).
+    contiguous = torch.contiguous_format
+    dq_out = [d.to(q.dtype, memory_format=contiguous) for d, q in zip(dqs, qs)]
+    dk_out = [d.squeeze(2).permute(0, 2, 1, 3).to(k.dtype, memory_format=contiguous) for d, k in zip(dks, ks)]
+    dv_out = dvg.squeeze(2).permute(0, 2, 1, 3).to(v.dtype, memory_format=contiguous)
     return dq_out, dk_out, dv_out
 
 

@@ -49,7 +49,7 @@ def backward(dout, q, k, v, out, lse, alibi, params, varlen, compute_dtype):
         pb = core.make_problem(params, q, k)
         dqs, dks, dv = core.backward(dout, [q], [k], v, out, lse, alibi, pb, compute_dtype)
         return dqs[0], dks[0], dv
-    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    dq, dk, dv = (torch.zeros(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v))
     for b, (q0, q1, k0, k1) in enumerate(_bounds(varlen)):
         if q1 == q0 or k1 == k0:
             continue
