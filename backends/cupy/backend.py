@@ -280,6 +280,8 @@ class CupyCudaBackend(Backend):
                 out["kernels"] = (
                     "wgmma (fwd_sm90.cu, bwd_sm90.cu; sm_90a) for kernel head dims 64/128, mma.sync otherwise"
                 )
+                if env.cupy_tma_bwd():
+                    out["kernels"] += "; dense backward: TMA warp-specialized bwd_sm90_ws.cu"
             else:
                 out["kernels"] = "mma.sync (fwd.cu, bwd.cu)"
         return out

@@ -137,7 +137,6 @@ class Sm90BwdConfig:
 SM90_BWD_HEAD_DIMS = (64, 128)
 
 
-
 @dataclass(frozen=True)
 class Sm90WsBwdConfig:
     """The warp-specialized Hopper backward (bwd_sm90_ws.cu): a producer warpgroup issuing TMA copies and two

@@ -200,11 +200,11 @@ def test_backward_launch_arguments(recorder):
 def test_backward_launch_pads_odd_head_dims(recorder):
     q = torch.randn(1, 5, 2, 36, dtype=torch.float16)  # padded to 40 for 16-byte rows, kernel 64
     k = torch.randn(1, 7, 2, 36, dtype=torch.float16)
-    dq, dk, dv = cb.CupyCudaBackend().backward(
+    dq, dk, _ = cb.CupyCudaBackend().backward(
         q, q, k, k, q, torch.randn(1, 2, 5), None, AttentionParams(softmax_scale=0.2), None
     )
     assert dq.shape == q.shape and dk.shape == k.shape and dk.is_contiguous()
-    pre, main = recorder
+    _, main = recorder
     assert main["name"] == ws_bwd.KERNEL and dict(main["spec"].defines)["ATTNKIT_HEAD_DIM"] == 64
     mq = main["args"][0]
     assert mq.dims == (40, 5, 2, 1) and mq.address != q.data_ptr()  # the padded copy
@@ -229,6 +229,4 @@ def test_argument_list_checks():
             [0] * 5, lse, lse, t, t[:, :2], None, 0, 4, 4, 1, 1, 64, 0.1, (0.1, 0, 0, 0, 0), (-1, -1)
         )
     with pytest.raises(InvalidArgumentError, match="32-bit"):
-        ws_bwd.kernel_arguments(
-            [0] * 5, lse, lse, t, t, None, 0, 2**31, 4, 1, 1, 64, 0.1, (0.1, 0, 0, 0, 0), (-1, -1)
-        )
+        ws_bwd.kernel_arguments([0] * 5, lse, lse, t, t, None, 0, 2**31, 4, 1, 1, 64, 0.1, (0.1, 0, 0, 0, 0), (-1, -1))
