@@ -18,6 +18,7 @@ TRITON_AUTOTUNE = "ATTNKIT_TRITON_AUTOTUNE"
 CUPY_CACHE_DIR = "ATTNKIT_CUPY_CACHE_DIR"
 CUPY_WGMMA = "ATTNKIT_CUPY_WGMMA"
 SPEED_TABLE = "ATTNKIT_SPEED_TABLE"
+CUPY_TMA_BWD = "ATTNKIT_CUPY_TMA_BWD"
 
 ALL_VARIABLES = {
     BACKEND: "force one backend, or an ordered allow-list: name[,name...]",
@@ -27,6 +28,8 @@ ALL_VARIABLES = {
     CUPY_CACHE_DIR: "directory for compiled CuPy kernels (default: ~/.cache/attnkit/cupy)",
     CUPY_WGMMA: "0 keeps the CuPy backend on its mma.sync kernels on Hopper instead of the wgmma ones (0/1)",
     SPEED_TABLE: "measured speed table auto ranks backends by: a JSON path (attnkit bench --speed-table), 0 for none",
+    CUPY_TMA_BWD: "0 keeps the CuPy backend's Hopper backward on bwd_sm90.cu instead of the TMA warp-specialized "
+    "bwd_sm90_ws.cu (0/1)",
 }
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -124,6 +127,11 @@ def cupy_wgmma() -> bool:
 def speed_table_setting() -> str | None:
     """The raw ``ATTNKIT_SPEED_TABLE`` value (a dispatch cache key; attnkit.speed parses and checks it)."""
     return _get(SPEED_TABLE)
+
+
+def cupy_tma_bwd() -> bool:
+    """Whether the CuPy backend's Hopper backward may use the TMA warp-specialized kernel (bwd_sm90_ws.cu)."""
+    return _flag(CUPY_TMA_BWD, True)
 
 
 def snapshot() -> dict[str, str | None]:

@@ -21,7 +21,7 @@ from attnkit.params import AttentionParams, VarlenInfo
 from attnkit.registry import Backend, BackendCapabilities
 from attnkit.spec import AttentionSpec
 
-from . import compiler
+from . import compiler, ws_bwd
 from .config import (
     MAX_GRID_YZ,
     PRE_THREADS,
@@ -280,6 +280,8 @@ class CupyCudaBackend(Backend):
                 out["kernels"] = (
                     "wgmma (fwd_sm90.cu, bwd_sm90.cu; sm_90a) for kernel head dims 64/128, mma.sync otherwise"
                 )
+                if env.cupy_tma_bwd():
+                    out["kernels"] += "; dense backward: TMA warp-specialized bwd_sm90_ws.cu"
             else:
                 out["kernels"] = "mma.sync (fwd.cu, bwd.cu)"
         return out
@@ -370,6 +372,9 @@ class CupyCudaBackend(Backend):
         d = q.shape[-1]
         launch = _Launcher(q.device)
         arch = _arch(launch.index)
+        grads = self._ws_backward(launch, arch, dout, q, k, v, out, lse, alibi_slopes, params, varlen)
+        if grads is not None:
+            return grads
         source, kernel_name, cfg = backward_kernel(d, q.dtype, arch, launch.smem_limit())
         dp = padded_head_dim(d)
         is_var = varlen is not None
@@ -442,6 +447,74 @@ class CupyCudaBackend(Backend):
             *_i32(use_cap, use_alibi, params.window_left, params.window_right),
         ]
         launch(spec, kernel_name, cfg.grid(max_sk, hk, batch), cfg.threads, cfg.smem_bytes, args)
+        dq = dq_acc[..., :d].to(q.dtype)
+        if dp != d:
+            dk, dv = dk[..., :d].contiguous(), dv[..., :d].contiguous()
+        return dq, dk, dv
+
+    # ---- warp-specialized Hopper backward (bwd_sm90_ws.cu) ---------------------------------------------------
+    @staticmethod
+    def _ws_backward(
+        launch: _Launcher,
+        arch: str,
+        dout: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        out: torch.Tensor,
+        lse: torch.Tensor,
+        alibi_slopes: torch.Tensor | None,
+        params: AttentionParams,
+        varlen: VarlenInfo | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """Gradients from the TMA warp-specialized kernel, or None when it does not apply to this call (the
+        caller then runs bwd_sm90.cu / bwd.cu); nothing is written before that decision."""
+        d = q.shape[-1]
+        cfg = ws_bwd.ws_backward_config(d, q.dtype, arch, launch.smem_limit(), varlen is not None)
+        if cfg is None or q.numel() == 0 or k.numel() == 0:
+            return None
+        dp = padded_head_dim(d)
+        batch, sq, hq = q.shape[0], q.shape[1], q.shape[2]
+        sk, hk = k.shape[1], k.shape[2]
+        qp, kp, vp, op, dop = (kernel_ready(t, dp) for t in (q, k, v, out, dout))
+        dq_acc = torch.zeros(*q.shape[:-1], dp, dtype=torch.float32, device=q.device)
+        try:
+            maps = ws_bwd.tensor_maps(cfg, qp, kp, vp, dop, dq_acc)
+        except InvalidArgumentError:
+            return None  # a stride or address TMA cannot describe: the cp.async kernels take any layout
+        dk = torch.empty(*k.shape[:-1], dp, dtype=q.dtype, device=q.device)
+        dv = torch.empty_like(dk)
+        lse_p, delta_p = ws_bwd.padded_rows(cfg, lse.to(torch.float32))
+        n = lse_p.shape[-1]
+        pre_spec = compiler.ModuleSpec.make("bwd.cu", bwd_config(d, q.dtype, launch.smem_limit()).defines(), arch)
+        pre_args = [
+            _ptr(op),
+            _ptr(dop),
+            _ptr(delta_p),
+            *_i64(*seq_strides(op, False), *seq_strides(dop, False), hq * n, n),
+            *_i32(sq, hq, dp),
+        ]
+        launch(pre_spec, "attnkit_bwd_pre", pre_grid(sq, hq, batch), PRE_THREADS, 0, pre_args)
+        alibi, alibi_sb = alibi_ready(alibi_slopes)
+        args = ws_bwd.kernel_arguments(
+            ws_bwd.encode_maps(maps),
+            lse_p,
+            delta_p,
+            dk,
+            dv,
+            alibi,
+            alibi_sb,
+            sq,
+            sk,
+            hq,
+            hk,
+            dp,
+            params.softmax_scale,
+            score_args(params, alibi),
+            (params.window_left, params.window_right),
+        )
+        spec = compiler.ModuleSpec.make(ws_bwd.SOURCE, cfg.defines(), "sm_90a")
+        launch(spec, ws_bwd.KERNEL, cfg.grid(sk, hk, batch), cfg.threads, cfg.smem_bytes, args)
         dq = dq_acc[..., :d].to(q.dtype)
         if dp != d:
             dk, dv = dk[..., :d].contiguous(), dv[..., :d].contiguous()

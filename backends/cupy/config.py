@@ -138,6 +138,50 @@ SM90_BWD_HEAD_DIMS = (64, 128)
 
 
 @dataclass(frozen=True)
+class Sm90WsBwdConfig:
+    """The warp-specialized Hopper backward (bwd_sm90_ws.cu): a producer warpgroup issuing TMA copies and two
+    consumer warpgroups of 64 keys each, 128 keys per CTA, 64 queries per step, Q/dO/lse/delta in two stages."""
+
+    head_dim: int  # kernel head dim: 64 or 128
+    bf16: bool
+    block_n: int = 128
+    block_m: int = 64
+    threads: int = 384  # producer warpgroup + two consumer warpgroups
+    stages: int = 2
+
+    @property
+    def smem_bytes(self) -> int:
+        d, bn, bm, st = self.head_dim, self.block_n, self.block_m, self.stages
+        kv = 2 * bn * d * 2
+        q_do = st * 2 * bm * d * 2
+        ds = 2 * bn * bm * 2  # dS^T, two buffers
+        dq = 2 * bm * 64 * 4  # fp32 dQ staging, one 64-column tile per consumer warpgroup
+        lse_delta = st * 2 * bm * 4
+        barriers = 8 * (1 + 2 * st)
+        return kv + q_do + ds + dq + lse_delta + barriers + SM90_ALIGN_SLACK
+
+    def defines(self) -> dict[str, int]:
+        return {"ATTNKIT_HEAD_DIM": self.head_dim, "ATTNKIT_BF16": int(self.bf16)}
+
+    def grid(self, max_seqlen_k: int, heads_k: int, batch: int) -> tuple[int, int, int]:
+        return (-(-max_seqlen_k // self.block_n), heads_k, batch)
+
+    def lse_len(self, seqlen_q: int) -> int:
+        """Row length of the padded lse/delta buffers: whole query blocks, so every bulk copy is 16-byte aligned."""
+        return -(-seqlen_q // self.block_m) * self.block_m
+
+
+def sm90_ws_bwd_config(head_dim: int, dtype: torch.dtype, smem_limit: int | None = None) -> Sm90WsBwdConfig | None:
+    """The warp-specialized backward's configuration for this head dim, or None when it does not cover it (or does
+    not fit ``smem_limit``)."""
+    hd = kernel_head_dim(padded_head_dim(head_dim))
+    if hd not in SM90_BWD_HEAD_DIMS:
+        return None
+    cfg = Sm90WsBwdConfig(hd, bool(dtype_flag(dtype)))
+    return cfg if smem_limit is None or cfg.smem_bytes <= smem_limit else None
+
+
+@dataclass(frozen=True)
 class BwdConfig:
     head_dim: int
     bf16: bool

@@ -326,6 +326,7 @@ def test_forward_varlen_and_padding(recorder):
 @pytest.mark.parametrize("wgmma", [True, False])
 def test_backward_arguments(recorder, monkeypatch, wgmma):
     monkeypatch.setenv("ATTNKIT_CUPY_WGMMA", "1" if wgmma else "0")
+    monkeypatch.setenv("ATTNKIT_CUPY_TMA_BWD", "0")  # the warp-specialized kernel: test_cupy_ws_bwd_cpu.py
     q = torch.randn(2, 37, 4, 128, dtype=torch.float16)
     k = torch.randn(2, 50, 1, 128, dtype=torch.float16)
     v = torch.randn(2, 50, 1, 128, dtype=torch.float16)

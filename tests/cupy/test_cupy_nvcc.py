@@ -50,6 +50,11 @@ def _units() -> list[compiler.ModuleSpec]:
     for hd in config.SM90_BWD_HEAD_DIMS:
         for bf16 in (False, True):
             specs.append(compiler.ModuleSpec.make("bwd_sm90.cu", config.Sm90BwdConfig(hd, bf16).defines(), "sm_90a"))
+    # The warp-specialized backward (sm_90a only): both head dims, both dtypes.
+    for hd in config.SM90_BWD_HEAD_DIMS:
+        for bf16 in (False, True):
+            defines = config.Sm90WsBwdConfig(hd, bf16).defines()
+            specs.append(compiler.ModuleSpec.make("bwd_sm90_ws.cu", defines, "sm_90a"))
     # The smaller-tile fallbacks chosen on 99 KB shared-memory GPUs (sm_86/89), built once for sm_80.
     for hd in config.KERNEL_HEAD_DIMS:
         for t in config._FWD_TILES[hd][1:]:
@@ -83,6 +88,11 @@ def test_every_source_builds_with_nvcc(tmp_path):
         # ptxas falls back to serialised wgmma (a large slowdown, still correct) when it cannot keep the
         # accumulators in place across an async group; that must not ship unnoticed.
         assert "wgmma.mma_async instructions are serialized" not in log, log
+        if spec.source == "bwd_sm90_ws.cu":
+            # Its consumers hold dK, dV, S and dP in registers under setmaxnreg 240: ptxas must accept the
+            # register reconfiguration (C7508 says it ignored it) and must not spill.
+            assert "C7508" not in log and "setmaxnreg ignored" not in log, log
+            assert re.search(r"\b0 bytes spill stores, 0 bytes spill loads", log), log
 
 
 def test_macros_used_by_python_exist_in_sources():
@@ -92,6 +102,7 @@ def test_macros_used_by_python_exist_in_sources():
         ("fwd_sm90.cu", config.sm90_fwd_config(64, torch.float16)),
         ("bwd.cu", config.bwd_config(64, torch.float16)),
         ("bwd_sm90.cu", config.sm90_bwd_config(64, torch.float16)),
+        ("bwd_sm90_ws.cu", config.sm90_ws_bwd_config(64, torch.float16)),
     )
     for source, cfg in pairs:
         text = compiler.read_kernel_text(source)

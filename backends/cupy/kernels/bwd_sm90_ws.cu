@@ -1,0 +1,435 @@
+// Hopper (sm_90a) warp-specialized backward: TMA loads, mbarrier pipeline, two consumer warpgroups, dQ by TMA
+// reduce-add. Dense batches only (the backend keeps varlen and misaligned tensors on bwd_sm90.cu).
+//
+// A CTA owns BN = 128 keys of one (batch, kv head) and walks every query head of its GQA group and every query
+// block (BM = 64 rows) that can see those keys. Warpgroup 0 is the producer: after shrinking its register file
+// (setmaxnreg 24) one thread issues the bulk copies. Warpgroups 1 and 2 are consumers (setmaxnreg 240), each
+// owning 64 of the keys with their dK and dV in registers:
+//   K, V          one TMA load each for the CTA's life (mbarrier kv_full)
+//   Q, dO         TMA, two stages with full/empty mbarriers; lse and delta ride on the same full barrier as plain
+//                 bulk copies (the backend pads their rows to a multiple of BM, so every copy is 16-byte aligned)
+//   S^T = K Q^T, dP^T = V dO^T          wgmma, both operands in shared memory
+//   dV += P^T dO, dK += dS^T Q          wgmma, A = P^T / dS^T from registers
+//   dQ = dS K                           dS^T of both warpgroups goes to shared memory (two buffers); at d = 128
+//                                       warpgroup w computes columns [64w, 64w + 64) over all 128 keys, at d = 64
+//                                       each warpgroup takes the 64 columns over its own keys. The fp32 tile goes
+//                                       to shared memory and is added to the global dQ accumulator by
+//                                       cp.reduce.async.bulk.tensor (out-of-range rows and columns are dropped).
+// Tiles use the 128-byte swizzle (sw128.cuh) that TMA writes with CU_TENSOR_MAP_SWIZZLE_128B: 64-column slabs of
+// 128-byte rows, 1024-byte aligned.
+//
+// Macros: ATTNKIT_HEAD_DIM (64 or 128), ATTNKIT_BF16.
+#include "common.cuh"
+#include "softmax.cuh"
+#include "sw128.cuh"
+#include "wgmma.cuh"
+
+#ifndef ATTNKIT_HEAD_DIM
+#define ATTNKIT_HEAD_DIM 128
+#endif
+#ifndef ATTNKIT_BF16
+#define ATTNKIT_BF16 1
+#endif
+
+namespace ak {
+
+// A CUtensorMap (cuda.h is not included, see common.cuh): 128 opaque bytes, 64-byte aligned.
+struct alignas(64) TmaDesc {
+    u64 opaque[16];
+};
+
+// ---- mbarrier, TMA and bulk-copy wrappers ---------------------------------------------------------------------
+__device__ __forceinline__ void mbar_init(u32 bar, u32 count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count));
+}
+
+// Makes the mbarrier initializations visible to the async proxy (TMA completes transactions on them).
+__device__ __forceinline__ void mbar_init_fence() { asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory"); }
+
+__device__ __forceinline__ void mbar_expect_tx(u32 bar, u32 bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+
+__device__ __forceinline__ void mbar_arrive(u32 bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+
+// Blocks until the barrier's phase with this parity has completed.
+__device__ __forceinline__ void mbar_wait(u32 bar, u32 parity) {
+    asm volatile(
+        "{\n.reg .pred done;\n"
+        "WAIT_%=:\n"
+        "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+        "@!done bra WAIT_%=;\n}\n" ::"r"(bar),
+        "r"(parity)
+        : "memory");
+}
+
+// Box of a 4-D tensor map (coordinates innermost first) -> shared memory, completing on `bar`.
+__device__ __forceinline__ void tma_load_4d(u32 dst, const TmaDesc* map, int c0, int c1, int c2, int c3, u32 bar) {
+    asm volatile(
+        "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, "
+        "%5}], [%6];\n" ::"r"(dst),
+        "l"(map), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(bar)
+        : "memory");
+}
+
+// Shared memory -> global, element-wise float add into the box; elements outside the tensor are skipped.
+__device__ __forceinline__ void tma_reduce_add_4d(const TmaDesc* map, u32 src, int c0, int c1, int c2, int c3) {
+    asm volatile(
+        "cp.reduce.async.bulk.tensor.4d.global.shared::cta.add.tile.bulk_group [%0, {%2, %3, %4, %5}], [%1];\n" ::"l"(
+            map),
+        "r"(src), "r"(c0), "r"(c1), "r"(c2), "r"(c3)
+        : "memory");
+}
+
+// Contiguous global -> shared copy (bytes and addresses multiples of 16), completing on `bar`.
+__device__ __forceinline__ void bulk_load(u32 dst, const void* src, u32 bytes, u32 bar) {
+    asm volatile(
+        "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(dst),
+        "l"(src), "r"(bytes), "r"(bar)
+        : "memory");
+}
+
+__device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
+
+// This thread's bulk groups have finished reading shared memory (the source may be overwritten).
+__device__ __forceinline__ void bulk_wait_read0() { asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory"); }
+
+// This thread's bulk groups are complete (their global writes performed).
+__device__ __forceinline__ void bulk_wait0() { asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory"); }
+
+__device__ __forceinline__ void named_bar_sync(int id, int threads) {
+    asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+
+template <int REGS>
+__device__ __forceinline__ void setmaxnreg_inc() {
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(REGS));
+}
+
+template <int REGS>
+__device__ __forceinline__ void setmaxnreg_dec() {
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(REGS));
+}
+
+// P^T and dS^T of one warp's 16 keys x (8 * MTILE) queries (the math of backward_scores in softmax.cuh), packed
+// into wgmma A fragments 16 queries at a time, so each pair of accumulator columns dies as soon as it is packed:
+// that keeps the masked path inside the consumers' 240 registers.
+template <int MTILE, bool BF16>
+__device__ __forceinline__ void scores_to_fragments(float (&sst)[MTILE][4], float (&dpt)[MTILE][4],
+                                                    u32 (&ap)[MTILE / 2][4], u32 (&as)[MTILE / 2][4],
+                                                    const float* bL, const float* bD, int m0, int key0, int lane,
+                                                    bool need_mask, float scale, int shift, int sq, int sk,
+                                                    const ScoreParams& sp) {
+    const bool fast = !need_mask && !sp.use_softcap && !sp.use_alibi;
+#pragma unroll
+    for (int kk = 0; kk < MTILE / 2; ++kk) {
+#pragma unroll
+        for (int jj = 0; jj < 2; ++jj) {
+            const int j = 2 * kk + jj;
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int cl = j * 8 + 2 * (lane & 3) + (e & 1);  // query inside the block
+                float p, ds;
+                if (fast) {
+                    // Every key visible to every query: lse is finite, the scale folds into one FMA before ex2.
+                    p = fast_exp2(fmaf(sst[j][e], sp.scale_log2, -bL[cl] * AK_LOG2E));
+                    ds = p * (dpt[j][e] - bD[cl]) * scale;
+                } else {
+                    const int key = key0 + (e >> 1) * 8;
+                    float lv = bL[cl];
+                    // A row that saw no key has lse = -inf; +inf makes all its probabilities 0.
+                    lv = lv == -AK_INF ? AK_INF : lv * AK_LOG2E;
+                    float th = 0.f;
+                    float x = transform_score(sst[j][e], m0 + cl, key, shift, sp, th);
+                    if (need_mask && !visible(m0 + cl, key, shift, sq, sk, sp.window_left, sp.window_right))
+                        x = -AK_INF;
+                    p = fast_exp2(x - lv);
+                    ds = p * (dpt[j][e] - bD[cl]) * scale;
+                    if (sp.use_softcap) ds *= 1.f - th * th;
+                }
+                sst[j][e] = p;
+                dpt[j][e] = ds;
+            }
+        }
+        ap[kk][0] = pack2<BF16>(sst[2 * kk][0], sst[2 * kk][1]);
+        ap[kk][1] = pack2<BF16>(sst[2 * kk][2], sst[2 * kk][3]);
+        ap[kk][2] = pack2<BF16>(sst[2 * kk + 1][0], sst[2 * kk + 1][1]);
+        ap[kk][3] = pack2<BF16>(sst[2 * kk + 1][2], sst[2 * kk + 1][3]);
+        as[kk][0] = pack2<BF16>(dpt[2 * kk][0], dpt[2 * kk][1]);
+        as[kk][1] = pack2<BF16>(dpt[2 * kk][2], dpt[2 * kk][3]);
+        as[kk][2] = pack2<BF16>(dpt[2 * kk + 1][0], dpt[2 * kk + 1][1]);
+        as[kk][3] = pack2<BF16>(dpt[2 * kk + 1][2], dpt[2 * kk + 1][3]);
+    }
+}
+
+struct WsBwdArgs {
+    const float* lse;    // [batch][heads_q][lse_len], natural log; rows past seqlen_q are don't-care
+    const float* delta;  // same layout: rowsum(dO * O)
+    u16* dk;
+    u16* dv;
+    const float* alibi;
+    i64 lse_len;  // seqlen_q rounded up to BM
+    i64 dkv_b, dkv_s, dkv_h;
+    int seqlen_q, seqlen_k, heads_q, group, d, alibi_sb;
+    float scale;
+};
+
+template <int D, bool BF16>
+struct BwdSm90WsKernel {
+    static constexpr int NT = 384;
+    static constexpr int BN = 128;  // keys per CTA
+    static constexpr int WBN = 64;  // keys per consumer warpgroup
+    static constexpr int BM = 64;   // queries per step
+    static constexpr int DTILE = D / 8;
+    static constexpr int MTILE = BM / 8;
+    static constexpr u32 SLAB = SW128_ROW_BYTES;
+    static constexpr u32 KV_BYTES = BN * D * 2;
+    static constexpr u32 QO_BYTES = BM * D * 2;
+    static constexpr u32 DS_BYTES = BN * BM * 2;
+    static constexpr u32 DQ_BYTES = BM * 64 * 4;    // one warpgroup's fp32 dQ tile: two 32-column halves
+    static constexpr u32 DQ_HALF = BM * 32 * 4;     // 64 rows x 128 bytes
+    static constexpr u32 LD_BYTES = BM * 4;         // one stage of lse (or delta)
+    static constexpr u32 STAGE_TX = 2 * QO_BYTES + 2 * LD_BYTES;
+    static_assert(D == 64 || D == 128, "the warp-specialized backward is built for head dims 64 and 128");
+    static constexpr bool SPLIT_COLS = D == 128;  // dQ split by columns (d = 128) or by keys (d = 64)
+    using MmaS = Wgmma<BM, BF16>;
+    using MmaKV = Wgmma<D, BF16>;
+    using MmaQ = Wgmma<64, BF16>;
+
+    // Barrier ids: 0 is __syncthreads; 1 spans both consumer warpgroups; 2 + w one warpgroup.
+    static constexpr int BAR_CONSUMERS = 1;
+
+    static __device__ __forceinline__ void run(const TmaDesc* tq, const TmaDesc* tk, const TmaDesc* tv,
+                                               const TmaDesc* tdo, const TmaDesc* tdq, const WsBwdArgs& a,
+                                               ScoreParams sp) {
+        extern __shared__ uint4_aligned smem_raw[];
+        // Layout (1024-byte aligned): K, V, Q[2], dO[2], dS^T[2], dQ staging[2 warpgroups], lse[2], delta[2],
+        // mbarriers kv_full, full[2], empty[2].
+        const u32 base = smem_u32(smem_raw);
+        const u32 sKa = (base + 1023u) & ~1023u;
+        const u32 sVa = sKa + KV_BYTES;
+        const u32 sQa = sVa + KV_BYTES;
+        const u32 sdOa = sQa + 2 * QO_BYTES;
+        const u32 sdSa = sdOa + 2 * QO_BYTES;
+        const u32 sdQa = sdSa + 2 * DS_BYTES;
+        const u32 sLa = sdQa + 2 * DQ_BYTES;
+        const u32 sDa = sLa + 2 * LD_BYTES;
+        const u32 bar_kv = sDa + 2 * LD_BYTES;
+        const u32 bar_full = bar_kv + 8;
+        const u32 bar_empty = bar_full + 16;
+        const float* sL = reinterpret_cast<const float*>(reinterpret_cast<const char*>(smem_raw) + (sLa - base));
+        const float* sDl = sL + 2 * BM;
+
+        const int tid = threadIdx.x;
+        const int hk = blockIdx.y;
+        const int b = blockIdx.z;
+        const int n0 = blockIdx.x * BN;
+        const int sq = a.seqlen_q, sk = a.seqlen_k;
+        if (n0 >= sk) return;  // whole CTA, before any barrier
+        const int shift = sk - sq;
+        const int wl = sp.window_left, wr = sp.window_right;
+
+        // Query rows that can see any of this CTA's keys.
+        int i_lo = 0, i_hi = sq;
+        if (wr >= 0) i_lo = max(0, n0 - shift - wr);
+        if (wl >= 0) i_hi = min(sq, n0 + BN - 1 - shift + wl + 1);
+        const int mb_lo = i_lo / BM;
+        const int nmb = i_hi > i_lo ? (i_hi + BM - 1) / BM - mb_lo : 0;
+        const int total = nmb * a.group;
+
+        if (tid == 0) {
+            mbar_init(bar_kv, 1);
+            mbar_init(bar_full, 1);
+            mbar_init(bar_full + 8, 1);
+            mbar_init(bar_empty, 8);  // one arrival per consumer warp
+            mbar_init(bar_empty + 8, 8);
+            mbar_init_fence();
+        }
+        __syncthreads();
+
+        if (tid < 128) {
+            // ---- producer warpgroup ----
+            setmaxnreg_dec<24>();
+            if (tid == 0 && total > 0) {
+                mbar_expect_tx(bar_kv, 2 * KV_BYTES);
+#pragma unroll
+                for (int s = 0; s < D / 64; ++s) {
+                    tma_load_4d(sKa + (u32)s * (BN * SLAB), tk, s * 64, n0, hk, b, bar_kv);
+                    tma_load_4d(sVa + (u32)s * (BN * SLAB), tv, s * 64, n0, hk, b, bar_kv);
+                }
+                for (int it = 0; it < total; ++it) {
+                    const int buf = it & 1;
+                    if (it >= 2) mbar_wait(bar_empty + 8 * buf, ((it >> 1) & 1) ^ 1);
+                    const int h = hk * a.group + it / nmb;
+                    const int m0 = (mb_lo + it % nmb) * BM;
+                    const u32 full = bar_full + 8 * buf;
+                    mbar_expect_tx(full, STAGE_TX);
+#pragma unroll
+                    for (int s = 0; s < D / 64; ++s) {
+                        tma_load_4d(sQa + buf * QO_BYTES + (u32)s * (BM * SLAB), tq, s * 64, m0, h, b, full);
+                        tma_load_4d(sdOa + buf * QO_BYTES + (u32)s * (BM * SLAB), tdo, s * 64, m0, h, b, full);
+                    }
+                    const i64 loff = ((i64)b * a.heads_q + h) * a.lse_len + m0;
+                    bulk_load(sLa + buf * LD_BYTES, a.lse + loff, LD_BYTES, full);
+                    bulk_load(sDa + buf * LD_BYTES, a.delta + loff, LD_BYTES, full);
+                }
+            }
+            return;
+        }
+
+        // ---- consumer warpgroups ----
+        setmaxnreg_inc<240>();
+        const int ctid = tid - 128;
+        const int w = ctid >> 7;  // consumer warpgroup 0 / 1
+        const int wtid = ctid & 127;
+        const int lane = wtid & 31;
+        const int wwarp = wtid >> 5;  // warp inside the warpgroup
+        const int key_row = wwarp * 16 + (lane >> 2);  // first key row of this thread inside the warpgroup's 64
+        const int kw0 = n0 + w * WBN;                 // the warpgroup's first key
+        const int rows_k = min(WBN, sk - kw0);         // may be <= 0: the warpgroup then only helps with dQ
+
+        float acc_dk[DTILE][4], acc_dv[DTILE][4];
+#pragma unroll
+        for (int j = 0; j < DTILE; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                acc_dk[j][e] = 0.f;
+                acc_dv[j][e] = 0.f;
+            }
+
+        if (total > 0) {
+            mbar_wait(bar_kv, 0);
+            const u32 sKw = sKa + (u32)(w * WBN) * SLAB;
+            const u32 sVw = sVa + (u32)(w * WBN) * SLAB;
+            const u32 my_dq = sdQa + (u32)w * DQ_BYTES;
+            for (int it = 0; it < total; ++it) {
+                const int buf = it & 1;
+                const int h = hk * a.group + it / nmb;
+                const int m0 = (mb_lo + it % nmb) * BM;
+                if (sp.use_alibi) sp.slope_log2 = a.alibi[(i64)b * a.alibi_sb + h] * AK_LOG2E;
+                const u32 bQ = sQa + buf * QO_BYTES, bdO = sdOa + buf * QO_BYTES;
+                const u32 bdS = sdSa + buf * DS_BYTES;
+                mbar_wait(bar_full + 8 * buf, (it >> 1) & 1);
+
+                float sst[MTILE][4], dpt[MTILE][4];
+                wgmma_fence();
+#pragma unroll
+                for (int kk = 0; kk < D / 16; ++kk) {
+                    const u32 off = (u32)(kk >> 2) * (BN * SLAB) + (u32)(kk & 3) * 32;  // K/V: BN rows per slab
+                    const u32 offq = (u32)(kk >> 2) * (BM * SLAB) + (u32)(kk & 3) * 32;
+                    MmaS::template ss<0, 0>(sst, sw128_desc(sKw + off, 16, 1024), sw128_desc(bQ + offq, 16, 1024),
+                                            kk > 0);
+                    MmaS::template ss<0, 0>(dpt, sw128_desc(sVw + off, 16, 1024), sw128_desc(bdO + offq, 16, 1024),
+                                            kk > 0);
+                }
+                wgmma_commit();
+                wgmma_wait<0>();
+
+                const bool need_mask = (kw0 + WBN > sk) || (m0 + BM > sq) ||
+                                       (wr >= 0 && kw0 + WBN - 1 > m0 + shift + wr) ||
+                                       (wl >= 0 && kw0 < m0 + BM - 1 + shift - wl);
+                u32 ap[BM / 16][4], as[BM / 16][4];
+                scores_to_fragments<MTILE, BF16>(sst, dpt, ap, as, sL + buf * BM, sDl + buf * BM, m0, kw0 + key_row,
+                                                 lane, need_mask, a.scale, shift, sq, sk, sp);
+                // dS^T (key r of the CTA, query c) at r*128 + ((c/8) ^ (r%8))*16 + (c%8)*2 of this step's buffer.
+                // The buffer was last read by step it-2's dQ, which both warpgroups finished before step it-1's
+                // consumer barrier.
+#pragma unroll
+                for (int kk = 0; kk < BM / 16; ++kk)
+#pragma unroll
+                    for (int half = 0; half < 2; ++half)
+#pragma unroll
+                        for (int hh = 0; hh < 2; ++hh) {
+                            const int r = w * WBN + key_row + hh * 8;
+                            const int c = kk * 16 + half * 8 + 2 * (lane & 3);
+                            const u32 addr = bdS + (u32)r * SLAB + (u32)(((c >> 3) ^ (r & 7)) << 4) + (u32)(c & 7) * 2;
+                            asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(addr), "r"(as[kk][2 * half + hh]));
+                        }
+
+                wgmma_fence();
+#pragma unroll
+                for (int kk = 0; kk < BM / 16; ++kk) {
+                    MmaKV::template rs<1>(acc_dv, ap[kk], sw128_desc(bdO + (u32)kk * (16 * SLAB), BM * SLAB, 1024), 1);
+                    MmaKV::template rs<1>(acc_dk, as[kk], sw128_desc(bQ + (u32)kk * (16 * SLAB), BM * SLAB, 1024), 1);
+                }
+                wgmma_commit();
+                wgmma_wait<0>();
+                // Q, dO, lse and delta of this stage are no longer read by this warp: hand the stage back.
+                __syncwarp();
+                if (lane == 0) mbar_arrive(bar_empty + 8 * buf);
+
+                fence_proxy_async();  // dS^T stores -> visible to wgmma's async proxy
+                named_bar_sync(BAR_CONSUMERS, 256);
+
+                // dQ tile [BM x 64] of this warpgroup: A = dS^T read M-major, B = K read N-major, 16 keys per k-step.
+                constexpr int KK0 = 0, KK_N = SPLIT_COLS ? BN / 16 : WBN / 16;
+                const int col_slab = SPLIT_COLS ? w : 0;
+                const int kk_base = SPLIT_COLS ? 0 : w * (WBN / 16);
+                float acc[8][4];
+                wgmma_fence();
+#pragma unroll
+                for (int kk = KK0; kk < KK_N; ++kk) {
+                    const u32 krow = (u32)(kk_base + kk) * (16 * SLAB);
+                    const u64 da = sw128_desc(bdS + krow, BN * SLAB, 1024);
+                    const u64 db = sw128_desc(sKa + (u32)col_slab * (BN * SLAB) + krow, BN * SLAB, 1024);
+                    MmaQ::template ss<1, 1>(acc, da, db, kk > KK0);
+                }
+                wgmma_commit();
+                wgmma_wait<0>();
+
+                // Stage the fp32 tile in the 128-byte swizzle of the dQ tensor map's 32-column box, then add it
+                // to global memory with one bulk reduction per half.
+                if (wtid == 0) bulk_wait_read0();  // the previous step's reduction has read the staging tile
+                named_bar_sync(2 + w, 128);
+#pragma unroll
+                for (int j = 0; j < 8; ++j)
+#pragma unroll
+                    for (int hh = 0; hh < 2; ++hh) {
+                        const int r = key_row + hh * 8;  // query row inside the block
+                        const int chunk = 2 * (j & 3) + ((lane & 3) >> 1);
+                        const u32 addr = my_dq + (u32)(j >> 2) * DQ_HALF + (u32)r * SLAB +
+                                         (u32)((chunk ^ (r & 7)) << 4) + (u32)(lane & 1) * 8;
+                        asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(addr), "f"(acc[j][2 * hh]),
+                                     "f"(acc[j][2 * hh + 1]));
+                    }
+                fence_proxy_async();  // staging stores -> visible to the bulk reduction
+                named_bar_sync(2 + w, 128);
+                if (wtid == 0) {
+                    tma_reduce_add_4d(tdq, my_dq, col_slab * 64, m0, h, b);
+                    tma_reduce_add_4d(tdq, my_dq + DQ_HALF, col_slab * 64 + 32, m0, h, b);
+                    bulk_commit();
+                }
+            }
+            if (wtid == 0) bulk_wait0();
+        }
+
+        // dK and dV rows of this warpgroup; keys that no query sees get zeros.
+        if (rows_k > 0) {
+            u16* dkg = a.dk + (i64)b * a.dkv_b + (i64)kw0 * a.dkv_s + (i64)hk * a.dkv_h;
+            u16* dvg = a.dv + (i64)b * a.dkv_b + (i64)kw0 * a.dkv_s + (i64)hk * a.dkv_h;
+            store_dk_dv<BF16>(acc_dk, acc_dv, dkg, dvg, a.dkv_s, wwarp * 16, 0, rows_k, a.d, lane);
+        }
+    }
+};
+
+}  // namespace ak
+
+// Tensor maps (built by backends/cupy/tma.py, innermost dim first): q, dout: bf16/fp16 (d, seqlen_q, heads_q,
+// batch), box (64, 64); k, v: (d, seqlen_k, heads_k, batch), box (64, 128); dq_acc: fp32 (d, seqlen_q, heads_q,
+// batch), box (32, 64); all with the 128-byte swizzle. lse and delta: fp32 [batch][heads_q][lse_len].
+extern "C" __global__ void __launch_bounds__(384, 1)
+    attnkit_bwd_sm90_ws(const __grid_constant__ ak::TmaDesc tq, const __grid_constant__ ak::TmaDesc tk,
+                        const __grid_constant__ ak::TmaDesc tv, const __grid_constant__ ak::TmaDesc tdo,
+                        const __grid_constant__ ak::TmaDesc tdq, const float* lse, const float* delta, ak::u16* dk,
+                        ak::u16* dv, const float* alibi, ak::i64 lse_len, ak::i64 dkv_b, ak::i64 dkv_s,
+                        ak::i64 dkv_h, int seqlen_q, int seqlen_k, int heads_q, int group, int d, int alibi_sb,
+                        float scale, float scale_log2, float cap_pre, float cap_post, int use_softcap, int use_alibi,
+                        int window_left, int window_right) {
+    const ak::WsBwdArgs a{lse,   delta, dk, dv,       alibi,    lse_len, dkv_b, dkv_s, dkv_h, seqlen_q,
+                          seqlen_k, heads_q, group, d, alibi_sb, scale};
+    const ak::ScoreParams sp =
+        ak::make_score_params(scale_log2, cap_pre, cap_post, use_softcap, use_alibi, window_left, window_right);
+    ak::BwdSm90WsKernel<ATTNKIT_HEAD_DIM, ATTNKIT_BF16 != 0>::run(&tq, &tk, &tv, &tdo, &tdq, a, sp);
+}
