@@ -496,7 +496,7 @@ def test_decisions_are_cached_per_spec(fakes):
     assert len(calls) == 1
     choose(spec(seqlen_q=129))
     assert len(calls) == 2
-    REGISTRY.register("fake_new", _backend("fake_new", 1, ANY_CAPS))  # registering clears the cache
+    REGISTRY.register("fake_new", _backend("fake_new", 1, ANY_CAPS))  # a new registry generation: decided afresh
     choose(s)
     assert len(calls) == 3
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from .cases import Case, scores_elements
-from .providers import AttnFn
+from .interface import AttnFn
 
 Tensor = torch.Tensor
 
