@@ -32,6 +32,7 @@ from .spec import OPS, AttentionSpec
 
 ENTRY_POINT_GROUP = "attnkit.backends"
 
+# The one table of built-in backends; pyproject.toml's entry points must equal it (tests/test_packaging.py).
 BUILTIN_BACKENDS: dict[str, str] = {
     "reference": "attnkit.backends.reference:ReferenceBackend",
     "triton_cuda": "attnkit.backends.triton:TritonCudaBackend",
