@@ -31,6 +31,21 @@ def cu_seqlens(lengths):
     return torch.tensor(offsets, dtype=torch.int32)
 
 
+def plain_attention(q, k, v, causal=False):
+    """Attention computed the plain way in the inputs' dtype, K/V heads repeated for GQA, causal aligned
+    bottom-right, rows that see no key 0: a right answer for the benchmark's tests at low precision."""
+    g = q.shape[2] // k.shape[2]
+    k, v = k.repeat_interleave(g, 2), v.repeat_interleave(g, 2)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * q.shape[-1] ** -0.5
+    if causal:
+        sq, sk = q.shape[1], k.shape[1]
+        rows = torch.arange(sq, device=q.device)[:, None]
+        cols = torch.arange(sk, device=q.device)[None, :]
+        scores = scores.masked_fill(cols > rows + sk - sq, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    return torch.einsum("bhqk,bkhd->bqhd", probs, v)
+
+
 def visible(i, j, sq, sk, left, right):
     """The masking rule of attnkit.params, written out for one (i, j) pair."""
     d = i + sk - sq - j

@@ -12,11 +12,12 @@ import math
 
 import pytest
 import torch
+from helpers import plain_attention
 
 import attnkit
 from attnkit.bench import correctness
 from attnkit.bench.cases import Case
-from attnkit.bench.correctness import blocks, choose_sample, recompute, reference_attention, repeat_error, verify
+from attnkit.bench.correctness import blocks, choose_sample, recompute, repeat_error, verify
 
 S = 100
 BLOCK = 16
@@ -41,8 +42,7 @@ def inputs(case: Case, seed: int = 0) -> list[torch.Tensor]:
 
 def right(causal: bool):
     def fn(q, k, v):
-        g = q.shape[2] // k.shape[2]
-        return reference_attention(q, k.repeat_interleave(g, 2), v.repeat_interleave(g, 2), causal, q.dtype)
+        return plain_attention(q, k, v, causal)
 
     return fn
 

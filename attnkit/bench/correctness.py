@@ -119,19 +119,6 @@ def describe(sample: Sample, case: Case) -> str:
     return "; ".join([*parts, calls])
 
 
-def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, dtype: torch.dtype):
-    """Plain attention in ``dtype`` with as many K/V heads as query heads; causal aligned bottom-right."""
-    scale = q.shape[-1] ** -0.5
-    scores = torch.einsum("bqhd,bkhd->bhqk", q.to(dtype), k.to(dtype)) * scale
-    if causal:
-        sq, sk = q.shape[1], k.shape[1]
-        rows = torch.arange(sq, device=q.device)[:, None]
-        cols = torch.arange(sk, device=q.device)[None, :]
-        scores = scores.masked_fill(cols > rows + sk - sq, float("-inf"))
-    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # rows that see no key give 0, as in flash-attn
-    return torch.einsum("bhqk,bkhd->bqhd", probs, v.to(dtype))
-
-
 # ---- the recomputation of a sample ------------------------------------------------------------------------
 # Shapes: q and dout of one chunk are (G, C, D), the G query heads that share one KV head at C query rows whose
 # global indices are ``rows``; k and v are that KV head's (Sk, D).
