@@ -79,7 +79,7 @@ def test_declines_what_it_cannot_do():
 
 
 def test_declines_cuda_tensors():
-    """Its CUDA path failed the H200 GPU suite and was removed: CUDA specs are declined by the capability table."""
+    """CPU only: CUDA specs are declined by the capability table (see the backend's docstring for why)."""
     spec = make_spec(compute_capability=(9, 0), dtype=torch.bfloat16, head_dim=128, head_dim_v=128, batch=1,
                      seqlen_q=512, seqlen_k=512, features=frozenset({"causal"}), requires_grad=True)  # fmt: skip
     assert any("cuda" in r for r in attnkit.registry.REGISTRY.get("torch_sdpa").why_not(spec))
