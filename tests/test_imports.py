@@ -9,8 +9,9 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import attnkit
 import attnkit.backends
+
+import attnkit
 
 
 def _modules() -> dict[str, tuple[Path, bool]]:
