@@ -45,7 +45,8 @@ logger = logging.getLogger("attnkit.dispatch")
 
 _CONTEXT: contextvars.ContextVar[tuple[str, ...] | None] = contextvars.ContextVar("attnkit_backend", default=None)
 
-# Both caches are emptied when full (and by clear_cache, which registering a backend calls).
+# Every cache is emptied when full and by clear_cache. Each key holds the registry's generation, so entries made
+# before a backend was (un)registered are never found again.
 CACHE_LIMIT = 4096
 TOKEN_PREFIX = "@"
 _SEP = "|"
@@ -117,8 +118,10 @@ def _resolve(backend: str | Sequence[str]) -> Request:
     return Request(None, "auto", frozenset(resolve_alias(n) for n in disabled))
 
 
-_TOKENS: dict[tuple, str] = {}  # (backend argument, context, raw ATTNKIT_BACKEND, raw ATTNKIT_DISABLE) -> token
-_PARSED: dict[str, tuple[Request, tuple[bool, bool] | None]] = {}  # token -> (request, grad flags of a traced call)
+# (backend argument, context, raw ATTNKIT_BACKEND, raw ATTNKIT_DISABLE, registry generation) -> token
+_TOKENS: dict[tuple, str] = {}
+# (token, registry generation) -> (request, grad flags of a traced call)
+_PARSED: dict[tuple[str, int], tuple[Request, tuple[bool, bool] | None]] = {}
 
 
 def request_token(backend: str | Sequence[str] = "auto") -> str:
@@ -128,7 +131,8 @@ def request_token(backend: str | Sequence[str] = "auto") -> str:
     arg = backend if isinstance(backend, str) else tuple(backend) if isinstance(backend, (list, tuple)) else None
     if arg is None:
         return _resolve(backend).token()  # raises the type error
-    key = (arg, _CONTEXT.get(), *env.dispatch_variables())
+    generation = REGISTRY.generation
+    key = (arg, _CONTEXT.get(), *env.dispatch_variables(), generation)
     token = _TOKENS.get(key)
     if token is None:
         request = _resolve(backend)
@@ -136,7 +140,7 @@ def request_token(backend: str | Sequence[str] = "auto") -> str:
         if len(_TOKENS) >= CACHE_LIMIT:
             _TOKENS.clear()
         _TOKENS[key] = token
-        _PARSED[token] = (request, None)
+        _PARSED[token, generation] = (request, None)
     return token
 
 
@@ -177,9 +181,10 @@ _GRAD_FLAGS = {"nograd": (False, False), "grad": (True, False), "merged": (True,
 def parse_token(token: str) -> tuple[Request, tuple[bool, bool] | None]:
     """The request of a token and, for tokens made by :func:`traced_token`, the call's ``(requires_grad,
     merged_backward)``."""
-    parsed = _PARSED.get(token)
+    key = (token, REGISTRY.generation)
+    parsed = _PARSED.get(key)
     if parsed is None:
-        # Not made in this process since the last clear_cache (e.g. baked into a graph that inductor cached).
+        # Not made in this process with the current registry (e.g. baked into a graph that inductor cached).
         fields = token[len(TOKEN_PREFIX) :].split(_SEP)
         grad = None
         if len(fields) == 4 and fields[3] in _GRAD_FLAGS:
@@ -197,7 +202,7 @@ def parse_token(token: str) -> tuple[Request, tuple[bool, bool] | None]:
         parsed = (request, grad)
         if len(_PARSED) >= CACHE_LIMIT:
             _PARSED.clear()
-        _PARSED[token] = parsed
+        _PARSED[key] = parsed
     return parsed
 
 
@@ -212,8 +217,9 @@ class _Decision:
     origin: str
 
 
-_DECISIONS: dict[tuple, _Decision] = {}  # (token, static properties of a call) -> decision
-_BY_SPEC: dict[tuple[AttentionSpec, str, str | None], _Decision] = {}  # (spec, token, speed table) -> decision
+_DECISIONS: dict[tuple, _Decision] = {}  # (token, static properties, speed table, registry generation) -> decision
+# (spec, token, speed table, registry generation) -> decision
+_BY_SPEC: dict[tuple[AttentionSpec, str, str | None, int], _Decision] = {}
 
 
 def decide(
@@ -235,7 +241,7 @@ def decide(
     """Registry name of the backend for a call with these static properties (``feature_bits``: see
     :func:`attnkit.spec.feature_bits`); ``why_not`` runs once per distinct key."""
     key = (token, op, device, dtype, head_dim, head_dim_v, num_heads_q, num_heads_k, batch, seqlen_q, seqlen_k,
-           feature_bits, requires_grad, merged_backward, env.speed_table_setting())  # fmt: skip
+           feature_bits, requires_grad, merged_backward, env.speed_table_setting(), REGISTRY.generation)  # fmt: skip
     decision = _DECISIONS.get(key)
     if decision is None:
         spec = AttentionSpec(
@@ -279,12 +285,13 @@ def select_backend_name(spec: AttentionSpec, backend: str | Sequence[str] = "aut
 
 def _decide_cached(spec: AttentionSpec, token: str) -> _Decision:
     setting = env.speed_table_setting()
-    decision = _BY_SPEC.get((spec, token, setting))
+    key = (spec, token, setting, REGISTRY.generation)
+    decision = _BY_SPEC.get(key)
     if decision is None:
         decision = _decide(spec, parse_token(token)[0], setting)
         if len(_BY_SPEC) >= CACHE_LIMIT:
             _BY_SPEC.clear()
-        _BY_SPEC[spec, token, setting] = decision
+        _BY_SPEC[key] = decision
     return decision
 
 

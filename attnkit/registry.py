@@ -32,6 +32,7 @@ from .spec import OPS, AttentionSpec
 
 ENTRY_POINT_GROUP = "attnkit.backends"
 
+# The one table of built-in backends; pyproject.toml's entry points must equal it (tests/test_packaging.py).
 BUILTIN_BACKENDS: dict[str, str] = {
     "reference": "attnkit.backends.reference:ReferenceBackend",
     "triton_cuda": "attnkit.backends.triton:TritonCudaBackend",
@@ -248,6 +249,9 @@ class Registry:
     _entries: dict[str, _Entry] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _discovered: bool = False
+    # Bumped by every (un)registration. Whatever caches answers derived from the registry (dispatch's decisions)
+    # puts it in its keys, so a registration invalidates them without the registry knowing who caches.
+    generation: int = 0
 
     def register(self, name: str, target: str | type[Backend] | Backend, source: str = "user") -> None:
         """Register a backend by ``"module:attribute"`` string, class or instance (last registration wins)."""
@@ -258,12 +262,12 @@ class Registry:
             entry.instance = target()
         with self._lock:
             self._entries[name] = entry
-        _clear_caches()
+            self.generation += 1
 
     def unregister(self, name: str) -> None:
         with self._lock:
             self._entries.pop(name, None)
-        _clear_caches()
+            self.generation += 1
 
     def _discover(self) -> None:
         if self._discovered:
@@ -337,9 +341,3 @@ def resolve_alias(name: str) -> str:
 
         return "triton_rocm" if is_hip() else "triton_cuda"
     return name
-
-
-def _clear_caches() -> None:
-    from . import dispatch
-
-    dispatch.clear_cache()

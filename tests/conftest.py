@@ -19,9 +19,11 @@ import os
 import pathlib
 
 import pytest
+from fake_backends import install_fakes
 from hypothesis import HealthCheck, settings
 
 import attnkit.dispatch
+from attnkit.registry import REGISTRY
 
 _TRITON_TESTS = pathlib.Path(__file__).resolve().parent / "triton"
 
@@ -85,3 +87,21 @@ def clean_env(monkeypatch):
         monkeypatch.delenv(name)
     attnkit.dispatch.clear_cache()
     return monkeypatch
+
+
+@pytest.fixture
+def fakes(monkeypatch, clean_env):
+    """An isolated registry holding the real reference backend and three fakes (tests/fake_backends.py); yields
+    the specs fake_nv was asked about.
+
+    Whatever else is installed (Triton, CuPy, third-party entry points) is hidden, so the selection tests give the
+    same answers on a laptop and on a GPU machine."""
+    REGISTRY.names()  # discover first, so nothing is re-added to the isolated table
+    isolated = {"reference": REGISTRY._entries["reference"]}
+    monkeypatch.setattr(REGISTRY, "_entries", isolated)
+    monkeypatch.setattr(REGISTRY, "_discovered", True)
+    yield install_fakes()
+    for name in list(isolated):
+        if name != "reference":
+            REGISTRY.unregister(name)
+    attnkit.dispatch.clear_cache()

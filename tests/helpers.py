@@ -6,7 +6,33 @@ import math
 
 import torch
 
+from attnkit.spec import AttentionSpec
+
 F64 = torch.float64
+
+_SPEC_DEFAULTS = dict(
+    op="attention",
+    device_type="cuda",
+    compute_capability=(8, 0),
+    is_hip=False,
+    dtype=torch.float16,
+    head_dim=64,
+    head_dim_v=64,
+    num_heads_q=8,
+    num_heads_k=8,
+    batch=2,
+    seqlen_q=128,
+    seqlen_k=128,
+)
+
+
+def make_spec(**fields) -> AttentionSpec:
+    """An AttentionSpec built by hand, for tests that ask backends about a call without making it: fp16 on an
+    sm_80 CUDA device, batch 2, 8 query and 8 KV heads of 64, 128 query and key rows, unless ``fields`` say
+    otherwise. A spec off CUDA has no compute capability unless one is given."""
+    if fields.get("device_type", "cuda") != "cuda":
+        fields.setdefault("compute_capability", None)
+    return AttentionSpec(**{**_SPEC_DEFAULTS, **fields})
 
 
 def rand(*shape, dtype=F64, requires_grad=False, seed=None, scale=1.0):
@@ -29,6 +55,21 @@ def cu_seqlens(lengths):
     for n in lengths:
         offsets.append(offsets[-1] + n)
     return torch.tensor(offsets, dtype=torch.int32)
+
+
+def plain_attention(q, k, v, causal=False):
+    """Attention computed the plain way in the inputs' dtype, K/V heads repeated for GQA, causal aligned
+    bottom-right, rows that see no key 0: a right answer for the benchmark's tests at low precision."""
+    g = q.shape[2] // k.shape[2]
+    k, v = k.repeat_interleave(g, 2), v.repeat_interleave(g, 2)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * q.shape[-1] ** -0.5
+    if causal:
+        sq, sk = q.shape[1], k.shape[1]
+        rows = torch.arange(sq, device=q.device)[:, None]
+        cols = torch.arange(sk, device=q.device)[None, :]
+        scores = scores.masked_fill(cols > rows + sk - sq, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    return torch.einsum("bhqk,bkhd->bqhd", probs, v)
 
 
 def visible(i, j, sq, sk, left, right):

@@ -10,11 +10,12 @@ import math
 
 import pytest
 import torch
+from helpers import plain_attention
 
 from attnkit.bench import cases as bc
 from attnkit.bench import peers
 from attnkit.bench.cases import Case, case_flops, forward_flops, kv_bytes
-from attnkit.bench.correctness import reference_attention, verify
+from attnkit.bench.correctness import verify
 from attnkit.bench.peers import FlashAttnProvider, FlexProvider, SdpaProvider, math_bytes
 from attnkit.bench.providers import DeviceInfo, Kernel, NotApplicable, Provider, all_providers, resolve_names
 from attnkit.bench.runner import BenchConfig, run_bench
@@ -192,8 +193,7 @@ def _inputs(case):
 
 def _right(causal):
     def fn(q, k, v):
-        g = q.shape[2] // k.shape[2]
-        return reference_attention(q, k.repeat_interleave(g, 2), v.repeat_interleave(g, 2), causal, q.dtype)
+        return plain_attention(q, k, v, causal)
 
     return fn
 

@@ -1,6 +1,6 @@
 """The benchmark's correctness check (``attnkit.bench.correctness.verify``) on CPU: the sampled recomputation is
-exact, a right provider passes, and planted corruptions that the earlier check (batch 0, heads first and last,
-the last 128 rows, dk/dv only on small problems, one call) let through now fail.
+exact, a right provider passes, and planted corruptions fail that a partial check (batch 0 only, the first and
+last heads, the last 128 rows, dk/dv only on small problems, one call) would let through.
 
 Sizes are scaled down to keep CPU time small: the full-check threshold is lowered so that these small problems
 take the sampled path, and blocks are 16 rows (64 by default), so 100 query rows give the judged blocks 0-15,
@@ -12,11 +12,12 @@ import math
 
 import pytest
 import torch
+from helpers import plain_attention
 
 import attnkit
 from attnkit.bench import correctness
 from attnkit.bench.cases import Case
-from attnkit.bench.correctness import blocks, choose_sample, recompute, reference_attention, repeat_error, verify
+from attnkit.bench.correctness import blocks, choose_sample, recompute, repeat_error, verify
 
 S = 100
 BLOCK = 16
@@ -41,8 +42,7 @@ def inputs(case: Case, seed: int = 0) -> list[torch.Tensor]:
 
 def right(causal: bool):
     def fn(q, k, v):
-        g = q.shape[2] // k.shape[2]
-        return reference_attention(q, k.repeat_interleave(g, 2), v.repeat_interleave(g, 2), causal, q.dtype)
+        return plain_attention(q, k, v, causal)
 
     return fn
 
@@ -157,17 +157,17 @@ def test_attnkit_reference_backend_passes_in_half_precision(sampled, dtype):
     assert verdict.ok, verdict.summary()
 
 
-# ---- planted corruptions the earlier check let through -------------------------------------------------------
+# ---- planted corruptions a partial check would let through --------------------------------------------------
 B2 = Case("fwd", "fp32", 2, 4, 2, S, S, 16, False)
 
 
 @pytest.mark.parametrize(
     "region",
     [
-        # The earlier check judged only the last 128 rows: rows 0..S-129, scaled down to the 16-row blocks.
+        # Outside the last 128 rows (rows 0..S-129), scaled down to the 16-row blocks.
         (slice(None), slice(0, S - 2 * BLOCK)),
-        (slice(None), slice(None), slice(1, 3)),  # the middle heads (it judged heads 0 and 3)
-        (slice(1, 2),),  # batch 1 (it judged batch 0)
+        (slice(None), slice(None), slice(1, 3)),  # the middle heads (a partial check judges heads 0 and 3)
+        (slice(1, 2),),  # batch 1 (a partial check judges batch 0)
     ],
     ids=["rows-0..S-129", "middle-heads", "batch-1"],
 )

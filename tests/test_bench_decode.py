@@ -8,10 +8,10 @@ import json
 
 import pytest
 import torch
+from helpers import plain_attention
 
 from attnkit.bench import providers as bench_providers
 from attnkit.bench.cases import Case
-from attnkit.bench.correctness import reference_attention
 from attnkit.bench.decode import SyncedHostClock, eager_block, measure_decode
 from attnkit.bench.providers import AttnkitProvider, Kernel, Provider, all_providers, default_names, resolve_names
 from attnkit.bench.report import markdown
@@ -24,8 +24,7 @@ DECODE = Case("decode", "fp32", 2, 4, 2, 1, 48, 16, False)
 
 
 def _right(q, k, v):
-    g = q.shape[2] // k.shape[2]
-    return reference_attention(q, k.repeat_interleave(g, 2), v.repeat_interleave(g, 2), False, q.dtype)
+    return plain_attention(q, k, v)
 
 
 class FakeGraphs:

@@ -226,8 +226,8 @@ def test_flags_must_be_bools(kw, needles):
 @pytest.mark.parametrize("name", ["rotary_cos", "rotary_sin"])
 @pytest.mark.parametrize("dtype", [torch.complex64, torch.int64, torch.bool])
 def test_rotary_tables_must_be_real_floats(name, dtype):
-    """A complex table (e.g. torch.polar's exp(i theta)) used to be cast to float32, silently dropping its imaginary
-    part; integer and bool tables are refused too."""
+    """A complex table (e.g. torch.polar's exp(i theta)) is refused, not cast to float32 (which would silently drop
+    its imaginary part); integer and bool tables are refused too."""
     call, untouched = _rotary_call(**{name: torch.ones(16, 2, dtype=dtype)})
     with pytest.raises(attnkit.InvalidArgumentTypeError, match=rf"{name}.dtype is {str(dtype)[6:]}; allowed: float16"):
         call()

@@ -14,6 +14,11 @@ import pytest
 
 import attnkit
 
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # the test extra installs tomli there
+    import tomli as tomllib
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -71,16 +76,15 @@ def test_wheel_entry_points(wheel):
     (ep_file,) = [n for n in wheel.namelist() if n.endswith(".dist-info/entry_points.txt")]
     parser = configparser.ConfigParser()
     parser.read_string(wheel.read(ep_file).decode())
-    backends = dict(parser["attnkit.backends"])
-    assert backends == {
-        "reference": "attnkit.backends.reference:ReferenceBackend",
-        "triton_cuda": "attnkit.backends.triton:TritonCudaBackend",
-        "triton_rocm": "attnkit.backends.triton:TritonRocmBackend",
-        "cupy_cuda": "attnkit.backends.cupy:CupyCudaBackend",
-        "torch_sdpa": "attnkit.backends.torch_sdpa:TorchSdpaBackend",
-    }
+    assert dict(parser["attnkit.backends"]) == attnkit.registry.BUILTIN_BACKENDS
     assert dict(parser["console_scripts"]) == {"attnkit": "attnkit.cli:main"}
-    assert backends == attnkit.registry.BUILTIN_BACKENDS
+
+
+def test_pyproject_lists_the_builtin_backends():
+    """attnkit.registry.BUILTIN_BACKENDS is the table; pyproject.toml's entry points must repeat it exactly."""
+    with open(ROOT / "pyproject.toml", "rb") as f:
+        entry_points = tomllib.load(f)["project"]["entry-points"]
+    assert entry_points["attnkit.backends"] == attnkit.registry.BUILTIN_BACKENDS
 
 
 def _run(*args, timeout=300):

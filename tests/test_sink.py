@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from helpers import assert_close, cu_seqlens, qkv, rand
+from helpers import assert_close, cu_seqlens, make_spec, qkv, rand
 
 import attnkit
 from attnkit.testing import attention_naive
@@ -147,11 +147,8 @@ def test_bad_sink_is_rejected(bad, exc, words):
 
 
 def test_backends_without_sink_decline_with_a_reason():
-    spec = attnkit.AttentionSpec(
-        op="attention", device_type="cuda", compute_capability=(9, 0), is_hip=False, dtype=torch.bfloat16,
-        head_dim=64, head_dim_v=64, num_heads_q=4, num_heads_k=4, batch=1, seqlen_q=16, seqlen_k=16,
-        features=frozenset({"sink"}),
-    )  # fmt: skip
+    spec = make_spec(compute_capability=(9, 0), dtype=torch.bfloat16, num_heads_q=4, num_heads_k=4, batch=1,
+                     seqlen_q=16, seqlen_k=16, features=frozenset({"sink"}))  # fmt: skip
     cupy = attnkit.registry.REGISTRY.get("cupy_cuda")
     assert "sink" not in cupy.capabilities.features
     if cupy.unavailable_reason() is None:  # on a machine where CuPy can run, the reason names the feature

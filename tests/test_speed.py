@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import make_spec
 
 from attnkit import Backend, BackendCapabilities, EnvironmentVariableError, dispatch, speed
 from attnkit.dispatch import select_backend_name
@@ -20,22 +21,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def spec(**kw) -> AttentionSpec:
-    base = dict(
-        op="attention",
-        device_type="cuda",
-        compute_capability=(9, 0),
-        is_hip=False,
-        dtype=torch.bfloat16,
-        head_dim=128,
-        head_dim_v=128,
-        num_heads_q=8,
-        num_heads_k=8,
-        batch=2,
-        seqlen_q=4096,
-        seqlen_k=4096,
-    )
-    base.update(kw)
-    return AttentionSpec(**base)
+    hopper = dict(compute_capability=(9, 0), dtype=torch.bfloat16, head_dim=128, head_dim_v=128, seqlen_q=4096,
+                  seqlen_k=4096)  # fmt: skip
+    return make_spec(**{**hopper, **kw})
 
 
 def table(*entries) -> speed.SpeedTable:

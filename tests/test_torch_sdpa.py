@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import qkv, rand
+from helpers import make_spec, qkv, rand
 
 import attnkit
 from attnkit.testing import attention_ref, max_abs_error
@@ -47,11 +47,9 @@ def test_matches_reference_cpu(sq, sk, causal, dtype):
 
 def test_auto_uses_it_on_cpu_only_for_what_it_supports():
     def chosen(**kw):
-        spec_kw = dict(op="attention", device_type="cpu", compute_capability=None, is_hip=False,
-                       dtype=torch.float32, head_dim=8, head_dim_v=8, num_heads_q=2, num_heads_k=2, batch=1,
-                       seqlen_q=9, seqlen_k=9)  # fmt: skip
-        spec_kw.update(kw)
-        return attnkit.select_backend(attnkit.AttentionSpec(**spec_kw)).name
+        tiny = dict(device_type="cpu", dtype=torch.float32, head_dim=8, head_dim_v=8, num_heads_q=2, num_heads_k=2,
+                    batch=1, seqlen_q=9, seqlen_k=9)  # fmt: skip
+        return attnkit.select_backend(make_spec(**{**tiny, **kw})).name
 
     assert chosen() == "torch_sdpa"
     assert chosen(features=frozenset({"causal", "gqa"}), num_heads_k=1) == "torch_sdpa"
@@ -81,12 +79,7 @@ def test_declines_what_it_cannot_do():
 
 
 def test_declines_cuda_tensors():
-    """Its CUDA path failed the H200 GPU suite and was removed: CUDA specs are declined by the capability table."""
-    from attnkit.spec import AttentionSpec
-
-    spec = AttentionSpec(
-        op="attention", device_type="cuda", compute_capability=(9, 0), is_hip=False, dtype=torch.bfloat16,
-        head_dim=128, head_dim_v=128, num_heads_q=8, num_heads_k=8, batch=1, seqlen_q=512, seqlen_k=512,
-        features=frozenset({"causal"}), requires_grad=True,
-    )  # fmt: skip
+    """CPU only: CUDA specs are declined by the capability table (see the backend's docstring for why)."""
+    spec = make_spec(compute_capability=(9, 0), dtype=torch.bfloat16, head_dim=128, head_dim_v=128, batch=1,
+                     seqlen_q=512, seqlen_k=512, features=frozenset({"causal"}), requires_grad=True)  # fmt: skip
     assert any("cuda" in r for r in attnkit.registry.REGISTRY.get("torch_sdpa").why_not(spec))

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from .cases import Case, scores_elements
-from .providers import AttnFn
+from .interface import AttnFn
 
 Tensor = torch.Tensor
 
@@ -117,19 +117,6 @@ def describe(sample: Sample, case: Case) -> str:
         parts.append(f"dk, dv at key rows {_ranges(sample.keys)} of {case.seqlen_k} of KV heads "
                      f"{list(sample.kv_heads)} of {case.heads_k}")  # fmt: skip
     return "; ".join([*parts, calls])
-
-
-def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, dtype: torch.dtype):
-    """Plain attention in ``dtype`` with as many K/V heads as query heads; causal aligned bottom-right."""
-    scale = q.shape[-1] ** -0.5
-    scores = torch.einsum("bqhd,bkhd->bhqk", q.to(dtype), k.to(dtype)) * scale
-    if causal:
-        sq, sk = q.shape[1], k.shape[1]
-        rows = torch.arange(sq, device=q.device)[:, None]
-        cols = torch.arange(sk, device=q.device)[None, :]
-        scores = scores.masked_fill(cols > rows + sk - sq, float("-inf"))
-    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # rows that see no key give 0, as in flash-attn
-    return torch.einsum("bhqk,bkhd->bqhd", probs, v.to(dtype))
 
 
 # ---- the recomputation of a sample ------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .cases import Case, scores_elements
-from .providers import DeviceInfo, Kernel, NotApplicable, Provider
+from .interface import DeviceInfo, Kernel, NotApplicable, Provider
 
 # SDPA's math backend upcasts fp16/bf16 to fp32 (unless allow_fp16_bf16_reduction_math_sdp is set), so its
 # score matrices are fp32 whatever the input dtype.

@@ -9,66 +9,15 @@ results, whereas any other exception becomes "error".
 
 from __future__ import annotations
 
-import abc
-from collections.abc import Callable
-from dataclasses import dataclass
-
 import torch
 
 from ..errors import BackendUnsupportedError, NoBackendError
 from ..ops.attention import attention
 from ..ops.kvcache import attention_with_kvcache
 from ..registry import REGISTRY, resolve_alias
+from . import peers
 from .cases import Case
-
-AttnFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-Prepare = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
-
-
-class NotApplicable(Exception):
-    """The provider cannot run this case (a limit of the provider, not a failure)."""
-
-
-@dataclass
-class Kernel:
-    """What a provider hands the runner: the call, an untimed input transform, and a note for the results."""
-
-    fn: AttnFn
-    prepare: Prepare | None = None
-    note: str = ""
-
-
-@dataclass
-class DeviceInfo:
-    """What providers need to know about the device to decide applicability without trying."""
-
-    device: torch.device
-    free_bytes: int  # memory a provider may use for one case
-    compute_capability: tuple[int, int] | None = None
-    rotations: int = 1  # input sets alive at once; providers that keep S^2 activations per set multiply by it
-
-
-class Provider(abc.ABC):
-    name: str = ""
-    kind: str = "peer"  # "attnkit" or "peer"
-    modes: frozenset[str] | None = None  # the modes it measures (None: all); others get no record at all
-
-    def unavailable(self) -> str | None:
-        """Why this provider cannot run at all here (missing package, no device), or None."""
-        return None
-
-    def na_reason(self, case: Case, info: DeviceInfo) -> str | None:
-        """Why this provider cannot run ``case``, decided without running it, or None."""
-        return None
-
-    @abc.abstractmethod
-    def build(self, case: Case, device: torch.device) -> Kernel:
-        """The callable to time for ``case`` (inputs allocated, correctness not yet checked)."""
-
-    def first_run(self, seconds: float) -> None:
-        """Told how long the first (compiling) call of a case took; FlexAttention budgets its compiles with it."""
-        return None  # most providers have nothing to budget
-
+from .interface import AttnFn, DeviceInfo, Kernel, NotApplicable, Prepare, Provider
 
 # Decode-only variants of an attnkit provider, named attnkit:<backend>+<variant>.
 DECODE_VARIANTS = {
@@ -169,8 +118,6 @@ def attnkit_backend_names() -> list[str]:
 
 def all_providers(compile_budget_s: float | None = None) -> dict[str, Provider]:
     """Every provider attnkit knows of, available or not, by name (``compile_budget_s``: see FlexProvider)."""
-    from . import peers
-
     providers: dict[str, Provider] = {}
     for backend in attnkit_backend_names():
         p = AttnkitProvider(backend)

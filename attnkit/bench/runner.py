@@ -18,8 +18,8 @@ import torch
 from .cases import MEMORY_TARGET, Case, case_flops, input_bytes, kv_bytes, memory_budget
 from .correctness import verify
 from .decode import Capture, measure_decode
+from .interface import AttnFn, DeviceInfo, Kernel, NotApplicable, Provider
 from .progress import PlainProgress, Progress
-from .providers import AttnFn, DeviceInfo, Kernel, NotApplicable, Provider
 from .timing import Clock, Timing, clock_for, l2_cache_bytes, measure_interleaved, rotation_count
 
 Inputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]

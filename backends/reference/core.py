@@ -11,7 +11,6 @@ uses ``q1.k1`` where ``i + Sk - Sq - j < dist_threshold`` and ``q2.k2`` elsewher
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -261,7 +260,3 @@ def make_problem(
         dist_threshold=dist_threshold,
         sink=sink,
     )
-
-
-def default_scale(head_dim: int) -> float:
-    return 1.0 / math.sqrt(head_dim)

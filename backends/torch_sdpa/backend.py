@@ -4,9 +4,10 @@ The public ``torch.nn.functional.scaled_dot_product_attention`` returns no log-s
 return and its backward contract passes around, so this backend calls the ATen operators underneath it:
 
 ``aten._scaled_dot_product_flash_attention_for_cpu`` and its backward (the fused flash kernel SDPA picks on CPU;
-grouped K/V heads are read in place). CPU only: a CUDA path (the memory-efficient kernel, with a backward that
-re-ran the public SDPA under autograd) failed the H200 GPU suite, because autograd records nothing inside a custom
-op's implementation, and was removed (benchmarks/results/h200_2026-12-01_trust/); on GPUs attnkit's own kernels run.
+grouped K/V heads are read in place). CPU only: a CUDA path on the memory-efficient kernel would need a backward
+that re-runs the public SDPA under autograd, and autograd records nothing inside a custom op's implementation
+(such a path failed the H200 GPU suite: benchmarks/results/h200_2026-12-01_trust/); on GPUs attnkit's own kernels
+run.
 
 What it supports is declared below: no window, softcap, ALiBi, sink or attnkit-reproducible dropout, equal q/k and
 v head dims, and causal only where every query sees a key (``seqlen_q <= seqlen_k``). On the CPU it outranks the

@@ -12,6 +12,7 @@ import pytest
 import torch
 from attnkit.backends.cupy import backend as cb
 from attnkit.backends.cupy import compiler, config
+from helpers import make_spec
 
 import attnkit
 from attnkit.errors import BackendCompileError, InvalidArgumentError
@@ -20,12 +21,8 @@ from attnkit.spec import AttentionSpec
 
 
 def _spec(**kw) -> AttentionSpec:
-    base = dict(
-        op="attention", device_type="cuda", compute_capability=(9, 0), is_hip=False, dtype=torch.bfloat16,
-        head_dim=128, head_dim_v=128, num_heads_q=8, num_heads_k=8, batch=2, seqlen_q=128, seqlen_k=128,
-    )  # fmt: skip
-    base.update(kw)
-    return AttentionSpec(**base)
+    hopper = dict(compute_capability=(9, 0), dtype=torch.bfloat16, head_dim=128, head_dim_v=128)
+    return make_spec(**{**hopper, **kw})
 
 
 # ---- availability and capabilities ---------------------------------------------------------------------------

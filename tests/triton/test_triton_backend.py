@@ -9,6 +9,7 @@ import textwrap
 import pytest
 import torch
 from attnkit.backends.triton import TritonCudaBackend, TritonRocmBackend, probes
+from helpers import make_spec
 
 import attnkit
 from attnkit.registry import REGISTRY
@@ -16,22 +17,9 @@ from attnkit.spec import AttentionSpec
 
 
 def _spec(**kw) -> AttentionSpec:
-    base = dict(
-        op="attention",
-        device_type="cpu",
-        compute_capability=None,
-        is_hip=False,
-        dtype=torch.bfloat16,
-        head_dim=64,
-        head_dim_v=64,
-        num_heads_q=4,
-        num_heads_k=2,
-        batch=1,
-        seqlen_q=8,
-        seqlen_k=8,
-    )
-    base.update(kw)
-    return AttentionSpec(**base)
+    small = dict(device_type="cpu", compute_capability=None, dtype=torch.bfloat16, num_heads_q=4, num_heads_k=2,
+                 batch=1, seqlen_q=8, seqlen_k=8)  # fmt: skip
+    return make_spec(**{**small, **kw})
 
 
 def test_registered_names_and_priorities():

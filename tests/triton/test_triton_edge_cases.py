@@ -70,7 +70,7 @@ def test_strided_cu_seqlens():
 
 @pytest.mark.parametrize("window", [(-1, 2**31 - 1), (2**31 - 1, -1), (2**31 - 1, 2**31 - 1), (2**63, 0), (3, 2**40)])
 def test_huge_windows(window):
-    """Bounds near or past 2**31 used to overflow the kernels' int32 arithmetic (all-zero output)."""
+    """Bounds near or past 2**31 must not overflow the kernels' int32 arithmetic (an overflow gives all-zero output)."""
     q, k, v = _rand(2, 37, 2, 16, seed=4), _rand(2, 21, 1, 16, seed=5), _rand(2, 21, 1, 16, seed=6)
     for x in (q, k, v):
         x.requires_grad_()

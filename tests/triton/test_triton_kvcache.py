@@ -401,7 +401,7 @@ def test_kvcache_strided_index_tensors(paged, backend):
 @pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
 def test_kvcache_empty_queries(shape, paged):
     """No batch rows, queries or query heads: an empty result like the reference's (the split heuristic divides by
-    the batch, so this used to raise ZeroDivisionError), with the append still done."""
+    the batch, so an empty batch must not reach it), with the append still done."""
     batch = shape[0]
     kw = dict(cache_seqlens=3)
     if paged:

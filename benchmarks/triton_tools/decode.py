@@ -1,0 +1,133 @@
+"""``decodesweep``: the split-KV decoding kernel's key block, warps, stages and split count against SDPA flash
+and cuDNN, in rounds, outputs checked."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import time
+from collections.abc import Callable
+
+from .common import run_header, sweep_report
+
+_DECODE_VARIANTS = [  # (key block, warps, stages, waves of programs); the first is the shipped setting
+    (64, 4, 2, 2),
+    (64, 4, 3, 2),
+    (64, 4, 4, 2),
+    (64, 8, 3, 2),
+    (64, 4, 3, 4),
+    (128, 4, 2, 2),
+    (128, 4, 3, 2),
+    (128, 8, 3, 2),
+    (128, 8, 2, 4),
+    (32, 4, 4, 2),
+]
+
+
+@contextlib.contextmanager
+def _decode_setting(block_n: int, warps: int, stages: int, waves: int):
+    from attnkit.backends.triton import kvcache_launch as kl
+
+    saved = (kl._BLOCK_N, kl._NUM_WARPS, kl._NUM_STAGES, kl._WAVES)
+    kl._BLOCK_N, kl._NUM_WARPS, kl._NUM_STAGES, kl._WAVES = block_n, warps, stages, waves
+    try:
+        yield
+    finally:
+        kl._BLOCK_N, kl._NUM_WARPS, kl._NUM_STAGES, kl._WAVES = saved
+
+
+def _decode_case(kv: int, budget_s: float) -> dict:
+    """One KV length of `decodesweep`. Every setting is checked against SDPA-flash, captured in a CUDA graph and
+    its replays timed in rounds with SDPA flash's and cuDNN's (GPU time alone: a decode step is shorter than the
+    host time of an eager call). The host time of eager calls (wall clock per call, synchronised at the end of
+    100 back-to-back calls) is measured too."""
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    import attnkit
+    from attnkit.bench.timing import CudaClock, measure_interleaved
+
+    b, hq, hk, d = 131072 // kv, 32, 8, 128
+    gen = torch.Generator(device="cuda").manual_seed(kv)
+    q = torch.randn(b, 1, hq, d, dtype=torch.bfloat16, device="cuda", generator=gen)
+    k, v = (torch.randn(b, kv, hk, d, dtype=torch.bfloat16, device="cuda", generator=gen) for _ in range(2))
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        ref = F.scaled_dot_product_attention(qt, kt, vt, enable_gqa=True).transpose(1, 2)
+    eager: dict[str, Callable[[], object]] = {}
+    errors: dict[str, float] = {}
+    for setting in _DECODE_VARIANTS:
+
+        def call(setting=setting):
+            with _decode_setting(*setting):
+                return attnkit.attention_with_kvcache(q, k, v, backend="triton_cuda")
+
+        name = "x".join(map(str, setting))
+        try:
+            errors[name] = float((call() - ref).abs().max())
+            eager[name] = call
+        except Exception as exc:
+            print(f"kv={kv} {name}: {type(exc).__name__}: {str(exc)[:160]}", flush=True)
+    for label, kind in (("sdpa flash", SDPBackend.FLASH_ATTENTION), ("sdpa cudnn", SDPBackend.CUDNN_ATTENTION)):
+
+        def sdpa_call(kind=kind):
+            with sdpa_kernel(kind):
+                return F.scaled_dot_product_attention(qt, kt, vt, enable_gqa=True)
+
+        eager[label] = sdpa_call
+    steps: dict[str, Callable[[int], object]] = {}
+    for name, fn in eager.items():
+        try:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    fn()
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                fn()
+            steps[name] = lambda _i, graph=graph: graph.replay()
+        except Exception as exc:
+            print(f"kv={kv} {name}: no graph: {type(exc).__name__}: {str(exc)[:160]}", flush=True)
+    timings = measure_interleaved(steps, 1, CudaClock(torch.device("cuda")), warmup=3, min_repeats=20,
+                                  max_repeats=400, budget_s=budget_s)  # fmt: skip
+    kv_bytes = 2 * k.numel() * k.element_size()
+    gbs = {n: kv_bytes / t.median_ms / 1e6 for n, t in timings.items() if not isinstance(t, Exception)}
+    host_us = {}
+    for name in ("x".join(map(str, _DECODE_VARIANTS[0])), "sdpa flash", "sdpa cudnn"):
+        fn = eager[name]
+        fn()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(100):
+            fn()
+        torch.cuda.synchronize()
+        host_us[name] = (time.perf_counter() - t0) / 100 * 1e6
+    return {"kv": kv, "batch": b, "gbs": gbs, "err": errors, "eager_us_per_call": host_us}
+
+
+def decodesweep(args: argparse.Namespace) -> None:
+    """One query token per sequence against a full cache (GQA 32/8, head dim 128, batch = 131072 / KV length, the
+    benchmark's decode case): each setting of the split kernel checked against SDPA-flash, then CUDA-graph replays
+    timed in rounds with SDPA flash's and cuDNN's (GB/s of K/V read), and the eager wall time per call."""
+    import torch
+
+    header = run_header()
+    lines = [f"### Decode settings (key block x warps x stages x waves), GB/s in rounds ({header})", ""]
+    print(lines[0], flush=True)
+    results = []
+    for kv in (int(x) for x in args.kv_lens.split(",")):
+        row = _decode_case(kv, args.budget_per_case)
+        results.append(row)
+        gbs, errors = row["gbs"], row["err"]
+        eager = ", ".join(f"{n} {us:.0f} us" for n, us in row["eager_us_per_call"].items())
+        case = [
+            f"kv={kv} batch={row['batch']}: graph replays, flash {gbs.get('sdpa flash', 0):.0f}, cudnn "
+            f"{gbs.get('sdpa cudnn', 0):.0f}; eager wall per call: {eager}"
+        ]
+        for name in sorted(errors, key=lambda n: -gbs.get(n, 0)):
+            case.append(f"    {name:12s} {gbs.get(name, 0):6.0f}  err {errors[name]:.3g}")
+        sweep_report("decodesweep", header, case, lines, results)
+        torch.cuda.empty_cache()
