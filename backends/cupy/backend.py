@@ -160,6 +160,56 @@ def ws_forward_args(
     ]
 
 
+def _launch_ws(
+    launch: Any,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    alibi: torch.Tensor | None,
+    alibi_sb: int,
+    params: AttentionParams,
+    cfg: Sm90WsFwdConfig,
+) -> None:
+    args = ws_forward_args(q, k, v, out, lse, alibi, alibi_sb, params, cfg)
+    spec = compiler.ModuleSpec.make(WS_SOURCE, cfg.defines(), "sm_90a")
+    launch(spec, WS_KERNEL, cfg.grid(q.shape[1], q.shape[2], q.shape[0]), cfg.threads, cfg.smem_bytes, args)
+
+
+def ws_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    params: AttentionParams,
+    cfg: Sm90WsFwdConfig,
+    alibi_slopes: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The warp-specialised forward with an explicit configuration (ablations, benchmarks), dense inputs only.
+
+    Unlike :meth:`CupyCudaBackend.forward` it does not choose: it raises when ``cfg`` cannot serve the call."""
+    d = q.shape[-1]
+    dp = padded_head_dim(d)
+    if q.dim() != 4 or k.shape[-1] != d or v.shape[-1] != d or dp > cfg.head_dim:
+        raise InvalidArgumentError(
+            f"ws_forward takes dense (batch, seqlen, heads, dim) tensors of one head dim <= {cfg.head_dim}; "
+            f"got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
+    if q.shape[-2] % k.shape[-2]:
+        raise InvalidArgumentError(f"query heads {q.shape[-2]} are not a multiple of key heads {k.shape[-2]}")
+    batch, sq, hq = q.shape[:3]
+    out = torch.empty(batch, sq, hq, dp, dtype=q.dtype, device=q.device)
+    lse = torch.empty(batch, hq, sq, dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out[..., :d], lse
+    qp, kp, vp = (kernel_ready(t, dp) for t in (q, k, v))
+    if not all(tma_ready(t) for t in (qp, kp, vp)):
+        raise InvalidArgumentError("ws_forward: the TMA unit cannot read these tensors (stride 0 or unaligned)")
+    alibi, alibi_sb = alibi_ready(alibi_slopes)
+    _launch_ws(_Launcher(q.device), qp, kp, vp, out, lse, alibi, alibi_sb, params, cfg)
+    return (out if dp == d else out[..., :d].contiguous()), lse
+
+
 def _module_arch(source: str, arch: str) -> str:
     # The wgmma kernels need the arch-specific target: wgmma does not exist in plain sm_90 code.
     return "sm_90a" if source in compiler.SM90A_SOURCES else arch
@@ -407,9 +457,7 @@ class CupyCudaBackend(Backend):
         # start at arbitrary rows, which a 4-D tensor map per batch entry cannot address).
         ws_cfg = None if is_var else ws_forward_config(d, q.dtype, arch, launch.smem_limit())
         if ws_cfg is not None and all(tma_ready(t) for t in (qp, kp, vp)):
-            args = ws_forward_args(qp, kp, vp, out, lse, alibi, alibi_sb, params, ws_cfg)
-            spec = compiler.ModuleSpec.make(WS_SOURCE, ws_cfg.defines(), "sm_90a")
-            launch(spec, WS_KERNEL, ws_cfg.grid(max_sq, hq, batch), ws_cfg.threads, ws_cfg.smem_bytes, args)
+            _launch_ws(launch, qp, kp, vp, out, lse, alibi, alibi_sb, params, ws_cfg)
             return (out if dp == d else out[..., :d].contiguous()), lse
         scale_log2, cap_pre, cap_post, use_cap, use_alibi = score_args(params, alibi)
         args = [
