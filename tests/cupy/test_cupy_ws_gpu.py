@@ -20,9 +20,10 @@ if not torch.cuda.is_available():  # collected on CPU CI only to be deselected; 
 if torch.cuda.get_device_capability() != (9, 0):
     pytest.skip("the warp-specialised forward exists for sm_90 only", allow_module_level=True)
 
-import attnkit  # noqa: E402
 from attnkit.backends.cupy import backend as cb  # noqa: E402
 from attnkit.backends.cupy import config  # noqa: E402
+
+import attnkit  # noqa: E402
 from attnkit.params import AttentionParams  # noqa: E402
 from attnkit.testing import attention_ref, max_abs_error  # noqa: E402
 
