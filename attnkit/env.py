@@ -19,6 +19,7 @@ CUPY_CACHE_DIR = "ATTNKIT_CUPY_CACHE_DIR"
 CUPY_WGMMA = "ATTNKIT_CUPY_WGMMA"
 SPEED_TABLE = "ATTNKIT_SPEED_TABLE"
 CUPY_TMA_BWD = "ATTNKIT_CUPY_TMA_BWD"
+CUPY_TMA = "ATTNKIT_CUPY_TMA"
 
 ALL_VARIABLES = {
     BACKEND: "force one backend, or an ordered allow-list: name[,name...]",
@@ -30,6 +31,8 @@ ALL_VARIABLES = {
     SPEED_TABLE: "measured speed table auto ranks backends by: a JSON path (attnkit bench --speed-table), 0 for none",
     CUPY_TMA_BWD: "0 keeps the CuPy backend's Hopper backward on bwd_sm90.cu instead of the TMA warp-specialized "
     "bwd_sm90_ws.cu (0/1)",
+    CUPY_TMA: "0 keeps the CuPy backend's dense Hopper forward on fwd_sm90.cu instead of the TMA warp-specialised "
+    "fwd_sm90_ws.cu (0/1)",
 }
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -132,6 +135,11 @@ def speed_table_setting() -> str | None:
 def cupy_tma_bwd() -> bool:
     """Whether the CuPy backend's Hopper backward may use the TMA warp-specialized kernel (bwd_sm90_ws.cu)."""
     return _flag(CUPY_TMA_BWD, True)
+
+
+def cupy_tma() -> bool:
+    """Whether the CuPy backend's dense Hopper forward may use the TMA warp-specialised kernel (fwd_sm90_ws.cu)."""
+    return _flag(CUPY_TMA, True)
 
 
 def snapshot() -> dict[str, str | None]:

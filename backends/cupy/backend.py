@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import math
+from collections import Counter
 from typing import Any
 
 import torch
@@ -21,7 +22,7 @@ from attnkit.params import AttentionParams, VarlenInfo
 from attnkit.registry import Backend, BackendCapabilities
 from attnkit.spec import AttentionSpec
 
-from . import compiler, ws_bwd
+from . import compiler, tma, ws_bwd
 from .config import (
     MAX_GRID_YZ,
     PRE_THREADS,
@@ -29,12 +30,14 @@ from .config import (
     FwdConfig,
     Sm90BwdConfig,
     Sm90FwdConfig,
+    Sm90WsFwdConfig,
     bwd_config,
     fwd_config,
     padded_head_dim,
     pre_grid,
     sm90_bwd_config,
     sm90_fwd_config,
+    sm90_ws_fwd_config,
 )
 
 LOG2E = 1.4426950408889634
@@ -94,6 +97,117 @@ def backward_kernel(
         if cfg is not None:
             return "bwd_sm90.cu", "attnkit_bwd_sm90", cfg
     return "bwd.cu", "attnkit_bwd", bwd_config(head_dim, dtype, smem_limit)
+
+
+WS_SOURCE = "fwd_sm90_ws.cu"
+WS_KERNEL = "attnkit_fwd_sm90_ws"
+
+
+def ws_forward_config(head_dim: int, dtype: torch.dtype, arch: str, smem_limit: int) -> Sm90WsFwdConfig | None:
+    """The warp-specialised TMA forward's configuration when it may serve this call: sm_90 machine code, wgmma
+    and TMA allowed (``ATTNKIT_CUPY_WGMMA``, ``ATTNKIT_CUPY_TMA``), a head dim it covers, and the tiles fit.
+    The tensors' own eligibility (dense, TMA strides) is decided by :func:`tma_ready`."""
+    if arch != "sm_90" or not env.cupy_wgmma() or not env.cupy_tma():
+        return None
+    return sm90_ws_fwd_config(head_dim, dtype, smem_limit)
+
+
+def tma_ready(t: torch.Tensor) -> bool:
+    """A dense (batch, seqlen, heads, dim) tensor the TMA unit can read as it is: contiguous last dim, 16-byte
+    aligned base, and every other dim of size > 1 with a positive stride of a multiple of 16 bytes."""
+    if t.dim() != 4 or t.stride(-1) != 1 or t.data_ptr() % 16:
+        return False
+    elem = t.element_size()
+    return all(n == 1 or (s > 0 and (s * elem) % 16 == 0) for n, s in zip(t.shape[:-1], t.stride()[:-1]))
+
+
+def tma_map(t: torch.Tensor, rows: int) -> Any:
+    """Tensor map of a (batch, seqlen, heads, dim) tensor with a box of 64 columns x ``rows`` positions (one
+    128-byte-swizzled slab of the kernel's layout). Dims of size 1 get the contiguous stride, which TMA accepts
+    whatever their real stride is (a size-1 dim is only ever indexed at 0)."""
+    b, n, h, d = t.shape
+    strides = list(t.stride()[:-1])  # batch, seqlen, heads
+    natural = (n * h * d, h * d, d)
+    strides = [st if size > 1 else nat for st, size, nat in zip(strides, (b, n, h), natural)]
+    return tma.encode_tiled(t, (d, n, h, b), (strides[1], strides[2], strides[0]), (64, rows, 1, 1))
+
+
+def ws_forward_args(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    alibi: torch.Tensor | None,
+    alibi_sb: int,
+    params: AttentionParams,
+    cfg: Sm90WsFwdConfig,
+) -> list[Any]:
+    """The argument list of ``attnkit_fwd_sm90_ws``, in the kernel's parameter order (the one place it is built)."""
+    scale_log2, cap_pre, cap_post, use_cap, use_alibi = score_args(params, alibi)
+    hq, hk = q.shape[2], k.shape[2]
+    return [
+        tma_map(q, cfg.block_m),
+        tma_map(k, cfg.block_n),
+        tma_map(v, cfg.block_n),
+        _ptr(out),
+        _ptr(lse),
+        _ptr(alibi),
+        *_i64(out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1)),
+        *_i32(q.shape[1], k.shape[1], hq // hk, q.shape[3], alibi_sb),
+        *_f32(scale_log2, cap_pre, cap_post),
+        *_i32(use_cap, use_alibi, params.window_left, params.window_right),
+    ]
+
+
+def _launch_ws(
+    launch: Any,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    alibi: torch.Tensor | None,
+    alibi_sb: int,
+    params: AttentionParams,
+    cfg: Sm90WsFwdConfig,
+) -> None:
+    args = ws_forward_args(q, k, v, out, lse, alibi, alibi_sb, params, cfg)
+    spec = compiler.ModuleSpec.make(WS_SOURCE, cfg.defines(), "sm_90a")
+    launch(spec, WS_KERNEL, cfg.grid(q.shape[1], q.shape[2], q.shape[0]), cfg.threads, cfg.smem_bytes, args)
+
+
+def ws_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    params: AttentionParams,
+    cfg: Sm90WsFwdConfig,
+    alibi_slopes: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The warp-specialised forward with an explicit configuration (ablations, benchmarks), dense inputs only.
+
+    Unlike :meth:`CupyCudaBackend.forward` it does not choose: it raises when ``cfg`` cannot serve the call."""
+    d = q.shape[-1]
+    dp = padded_head_dim(d)
+    if q.dim() != 4 or k.shape[-1] != d or v.shape[-1] != d or dp > cfg.head_dim:
+        raise InvalidArgumentError(
+            f"ws_forward takes dense (batch, seqlen, heads, dim) tensors of one head dim <= {cfg.head_dim}; "
+            f"got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
+    if q.shape[-2] % k.shape[-2]:
+        raise InvalidArgumentError(f"query heads {q.shape[-2]} are not a multiple of key heads {k.shape[-2]}")
+    batch, sq, hq = q.shape[:3]
+    out = torch.empty(batch, sq, hq, dp, dtype=q.dtype, device=q.device)
+    lse = torch.empty(batch, hq, sq, dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out[..., :d], lse
+    qp, kp, vp = (kernel_ready(t, dp) for t in (q, k, v))
+    if not all(tma_ready(t) for t in (qp, kp, vp)):
+        raise InvalidArgumentError("ws_forward: the TMA unit cannot read these tensors (stride 0 or unaligned)")
+    alibi, alibi_sb = alibi_ready(alibi_slopes)
+    _launch_ws(_Launcher(q.device), qp, kp, vp, out, lse, alibi, alibi_sb, params, cfg)
+    return (out if dp == d else out[..., :d].contiguous()), lse
 
 
 def _module_arch(source: str, arch: str) -> str:
@@ -188,6 +302,10 @@ def _cupy_stream(ptr: int, device: int) -> Any:
     return cupy.cuda.ExternalStream(ptr, device)
 
 
+# Kernel launches per kernel name since import: lets tests check which kernel actually served a call.
+LAUNCH_COUNTS: Counter[str] = Counter()
+
+
 class _Launcher:
     """Runs one kernel on PyTorch's current stream of ``device``."""
 
@@ -206,6 +324,7 @@ class _Launcher:
         kern = compiler.MODULES.kernel(self.index, spec, name, smem)
         with cupy.cuda.Device(self.index), _cupy_stream(self.stream, self.index):
             kern(grid, (threads, 1, 1), tuple(args), shared_mem=smem)
+        LAUNCH_COUNTS[name] += 1
 
 
 class CupyCudaBackend(Backend):
@@ -280,6 +399,9 @@ class CupyCudaBackend(Backend):
                 out["kernels"] = (
                     "wgmma (fwd_sm90.cu, bwd_sm90.cu; sm_90a) for kernel head dims 64/128, mma.sync otherwise"
                 )
+                if env.cupy_tma():
+                    out["kernels"] += "; dense forward for head dims 33-128 on the warp-specialised TMA kernel "
+                    out["kernels"] += "(fwd_sm90_ws.cu)"
                 if env.cupy_tma_bwd():
                     out["kernels"] += "; dense backward: TMA warp-specialized bwd_sm90_ws.cu"
             else:
@@ -331,6 +453,12 @@ class CupyCudaBackend(Backend):
             return out[..., :d], lse
         qp, kp, vp = (kernel_ready(t, dp) for t in (q, k, v))
         alibi, alibi_sb = alibi_ready(alibi_slopes)
+        # Dense batches on Hopper take the warp-specialised TMA kernel; varlen keeps fwd_sm90.cu (its sequences
+        # start at arbitrary rows, which a 4-D tensor map per batch entry cannot address).
+        ws_cfg = None if is_var else ws_forward_config(d, q.dtype, arch, launch.smem_limit())
+        if ws_cfg is not None and all(tma_ready(t) for t in (qp, kp, vp)):
+            _launch_ws(launch, qp, kp, vp, out, lse, alibi, alibi_sb, params, ws_cfg)
+            return (out if dp == d else out[..., :d].contiguous()), lse
         scale_log2, cap_pre, cap_post, use_cap, use_alibi = score_args(params, alibi)
         args = [
             _ptr(qp),

@@ -7,6 +7,7 @@ The tile choices follow FlashAttention-2 on Ampere/Hopper (see benchmarks/NOTES-
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -135,6 +136,68 @@ class Sm90BwdConfig:
 
 
 SM90_BWD_HEAD_DIMS = (64, 128)
+
+
+@dataclass(frozen=True)
+class Sm90WsFwdConfig:
+    """The warp-specialised Hopper forward (fwd_sm90_ws.cu): a TMA producer warpgroup and two consumer
+    warpgroups of 64 query rows each (BM = 128), K/V in a 2-stage ring of ``block_n``-key tiles.
+
+    ``pipeline`` (softmax of tile i overlapping the GEMMs inside a warpgroup) and ``pingpong`` (the two consumers
+    taking turns on named barriers) are compile-time switches, so one GPU run can time each lever."""
+
+    head_dim: int  # kernel head dim: 64 or 128
+    bf16: bool
+    block_n: int = 128
+    pipeline: bool = True
+    pingpong: bool = False
+    producer_regs: int = 24
+    consumer_regs: int = 240
+
+    block_m: ClassVar[int] = 128
+    threads: ClassVar[int] = 384
+    barrier_bytes: ClassVar[int] = 9 * 8  # Q full; K/V full and empty per stage
+
+    def __post_init__(self) -> None:
+        if self.head_dim not in SM90_WS_HEAD_DIMS or self.block_n not in (64, 128):
+            raise InvalidArgumentError(
+                f"fwd_sm90_ws is built for head dims {SM90_WS_HEAD_DIMS} and 64 or 128 keys per tile, "
+                f"got head_dim={self.head_dim}, block_n={self.block_n}"
+            )
+        # setmaxnreg takes multiples of 8 in [24, 256], and the three warpgroups must fit the 64K register file.
+        for name, regs in (("producer_regs", self.producer_regs), ("consumer_regs", self.consumer_regs)):
+            if regs % 8 or not 24 <= regs <= 256:
+                raise InvalidArgumentError(f"{name}={regs}; allowed: multiples of 8 in 24..256")
+        if 128 * (self.producer_regs + 2 * self.consumer_regs) > 65536:
+            raise InvalidArgumentError(
+                f"producer_regs={self.producer_regs} + 2 x consumer_regs={self.consumer_regs} per thread of 128 "
+                "exceed the 65536 registers of an SM"
+            )
+
+    @property
+    def smem_bytes(self) -> int:
+        # Q and two stages of K and V (unpadded, 128-byte swizzle), the barriers, and 1 KB to align to the swizzle.
+        return (self.block_m + 4 * self.block_n) * self.head_dim * 2 + self.barrier_bytes + SM90_ALIGN_SLACK
+
+    def defines(self) -> dict[str, int]:
+        return {
+            "ATTNKIT_HEAD_DIM": self.head_dim,
+            "ATTNKIT_BF16": int(self.bf16),
+            "ATTNKIT_WS_BN": self.block_n,
+            "ATTNKIT_WS_PIPE": int(self.pipeline),
+            "ATTNKIT_WS_PINGPONG": int(self.pingpong),
+            "ATTNKIT_WS_PRODUCER_REGS": self.producer_regs,
+            "ATTNKIT_WS_CONSUMER_REGS": self.consumer_regs,
+        }
+
+    def grid(self, max_seqlen_q: int, heads_q: int, batch: int) -> tuple[int, int, int]:
+        return (-(-max_seqlen_q // self.block_m), heads_q, batch)
+
+
+# The warp-specialised forward covers padded head dims 33..128 (TMA zero-fills the columns up to the kernel dim,
+# so e.g. 80 and 96 run on the 128 kernel); 32 and below keep the mma.sync kernel built for them.
+SM90_WS_HEAD_DIMS = (64, 128)
+SM90_WS_MIN_HEAD_DIM = 33
 
 
 @dataclass(frozen=True)
@@ -297,3 +360,21 @@ def pre_grid(seqlen: int, heads: int, batch: int) -> tuple[int, int, int]:
 
 # CUDA caps gridDim.y and gridDim.z at 65535 (heads and batch live there).
 MAX_GRID_YZ = 65535
+
+
+def ws_kernel_head_dim(head_dim: int) -> int | None:
+    """Kernel head dim of the warp-specialised forward for this head dim, or None when it does not cover it."""
+    dp = padded_head_dim(head_dim)
+    if dp < SM90_WS_MIN_HEAD_DIM or dp > SM90_WS_HEAD_DIMS[-1]:
+        return None
+    return next(hd for hd in SM90_WS_HEAD_DIMS if dp <= hd)
+
+
+def sm90_ws_fwd_config(head_dim: int, dtype: torch.dtype, smem_limit: int | None = None) -> Sm90WsFwdConfig | None:
+    """The warp-specialised forward's configuration for this head dim, or None when it does not cover the head dim
+    or does not fit ``smem_limit`` bytes of shared memory."""
+    hd = ws_kernel_head_dim(head_dim)
+    if hd is None:
+        return None
+    cfg = Sm90WsFwdConfig(hd, bool(dtype_flag(dtype)))
+    return cfg if smem_limit is None or cfg.smem_bytes <= smem_limit else None

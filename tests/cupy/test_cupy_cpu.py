@@ -267,6 +267,7 @@ def _ints(args, start, n):
 @pytest.mark.parametrize("wgmma", [True, False])
 def test_forward_dense_arguments(recorder, monkeypatch, wgmma):
     monkeypatch.setenv("ATTNKIT_CUPY_WGMMA", "1" if wgmma else "0")
+    monkeypatch.setenv("ATTNKIT_CUPY_TMA", "0")  # the TMA kernel's arguments: test_cupy_ws_cpu.py
     q = torch.randn(2, 37, 4, 64, dtype=torch.bfloat16)
     k = torch.randn(2, 53, 2, 64, dtype=torch.bfloat16)
     v = torch.randn(2, 53, 2, 64, dtype=torch.bfloat16)

@@ -20,6 +20,13 @@ import torch
 from attnkit.backends.cupy import compiler, config
 
 ARCHS = ("sm_80", "sm_90")
+# The warp-specialised forward's ablation switches (benchmarks/cupy_ws_bench.py times each of them).
+WS_VARIANTS = (
+    {"pipeline": False},
+    {"pingpong": True},
+    {"block_n": 64},
+    {"producer_regs": 32},
+)
 
 
 def _nvcc() -> str:
@@ -47,6 +54,15 @@ def _units() -> list[compiler.ModuleSpec]:
             for bf16 in (False, True):
                 defines = config.Sm90FwdConfig(hd, bf16, *t).defines()
                 specs.append(compiler.ModuleSpec.make("fwd_sm90.cu", defines, "sm_90a"))
+    # The warp-specialised TMA forward: its default per head dim and dtype, plus every ablation switch once.
+    for hd in config.SM90_WS_HEAD_DIMS:
+        for bf16 in (False, True):
+            specs.append(
+                compiler.ModuleSpec.make("fwd_sm90_ws.cu", config.Sm90WsFwdConfig(hd, bf16).defines(), "sm_90a")
+            )
+    for variant in WS_VARIANTS:
+        defines = config.Sm90WsFwdConfig(128, True, **variant).defines()
+        specs.append(compiler.ModuleSpec.make("fwd_sm90_ws.cu", defines, "sm_90a"))
     for hd in config.SM90_BWD_HEAD_DIMS:
         for bf16 in (False, True):
             specs.append(compiler.ModuleSpec.make("bwd_sm90.cu", config.Sm90BwdConfig(hd, bf16).defines(), "sm_90a"))
@@ -93,6 +109,11 @@ def test_every_source_builds_with_nvcc(tmp_path):
             # register reconfiguration (C7508 says it ignored it) and must not spill.
             assert "C7508" not in log and "setmaxnreg ignored" not in log, log
             assert re.search(r"\b0 bytes spill stores, 0 bytes spill loads", log), log
+        if spec.source == "fwd_sm90_ws.cu":
+            # The register hand-over must be honoured (C7508: setmaxnreg ignored) and the consumers must not spill;
+            # ptxas inserting its own wgmma fence (C7519) means a register operand was touched in flight.
+            assert "C7508" not in log and "C7519" not in log, log
+            assert re.search(r"\b0 bytes spill stores, 0 bytes spill loads", log), log
 
 
 def test_macros_used_by_python_exist_in_sources():
@@ -100,6 +121,7 @@ def test_macros_used_by_python_exist_in_sources():
     pairs = (
         ("fwd.cu", config.fwd_config(64, torch.float16)),
         ("fwd_sm90.cu", config.sm90_fwd_config(64, torch.float16)),
+        ("fwd_sm90_ws.cu", config.sm90_ws_fwd_config(64, torch.float16)),
         ("bwd.cu", config.bwd_config(64, torch.float16)),
         ("bwd_sm90.cu", config.sm90_bwd_config(64, torch.float16)),
         ("bwd_sm90_ws.cu", config.sm90_ws_bwd_config(64, torch.float16)),

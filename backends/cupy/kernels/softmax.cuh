@@ -11,11 +11,26 @@ namespace ak {
 
 template <int MT, int NTILE, int DTILE>
 struct OnlineSoftmax {
-    // Online-softmax update for a tile where every key is visible and the score is plain q.k * scale: the row
-    // max is taken on the raw dot products and the scale folded into one FMA before ex2.
-    static __device__ __forceinline__ void plain(float (&s)[MT][NTILE][4], float (&acc_o)[MT][DTILE][4],
-                                                         float (&row_max)[MT][2], float (&row_sum)[MT][2],
-                                                         float scale_log2) {
+    // acc_o *= alpha per row: the rescale that goes with a probability step (kept apart so a pipelined kernel can
+    // run it after the P V product of the previous tile has retired).
+    static __device__ __forceinline__ void rescale(float (&acc_o)[MT][DTILE][4], const float (&alpha)[MT][2]) {
+#pragma unroll
+        for (int t = 0; t < MT; ++t)
+#pragma unroll
+            for (int hh = 0; hh < 2; ++hh)
+#pragma unroll
+                for (int j = 0; j < DTILE; ++j) {
+                    acc_o[t][j][2 * hh] *= alpha[t][hh];
+                    acc_o[t][j][2 * hh + 1] *= alpha[t][hh];
+                }
+    }
+
+    // Probability step for a tile where every key is visible and the score is plain q.k * scale: the row max is
+    // taken on the raw dot products and the scale folded into one FMA before ex2. s becomes P; alpha returns the
+    // factor the output accumulator must be scaled by.
+    static __device__ __forceinline__ void plain_probs(float (&s)[MT][NTILE][4], float (&row_max)[MT][2],
+                                                       float (&row_sum)[MT][2], float (&alpha)[MT][2],
+                                                       float scale_log2) {
 #pragma unroll
         for (int t = 0; t < MT; ++t) {
 #pragma unroll
@@ -26,7 +41,7 @@ struct OnlineSoftmax {
                 mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
                 mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
                 const float m_new = fmaxf(row_max[t][hh], mx * scale_log2);
-                const float alpha = fast_exp2(row_max[t][hh] - m_new);  // ex2(-inf) = 0 on the first tile
+                alpha[t][hh] = fast_exp2(row_max[t][hh] - m_new);  // ex2(-inf) = 0 on the first tile
                 row_max[t][hh] = m_new;
                 float sum = 0.f;
 #pragma unroll
@@ -37,24 +52,19 @@ struct OnlineSoftmax {
                         s[t][j][2 * hh + e] = p;
                         sum += p;
                     }
-                row_sum[t][hh] = row_sum[t][hh] * alpha + sum;
-#pragma unroll
-                for (int j = 0; j < DTILE; ++j) {
-                    acc_o[t][j][2 * hh] *= alpha;
-                    acc_o[t][j][2 * hh + 1] *= alpha;
-                }
+                row_sum[t][hh] = row_sum[t][hh] * alpha[t][hh] + sum;
             }
         }
     }
 
-    // Online-softmax update with per-element visibility where `need_mask` (always for FULL = false) and, for
-    // FULL, the full score transform (softcap, ALiBi; otherwise the plain scale). `row0` is the sequence position
-    // of this warp's first row.
+    // Probability step with per-element visibility where `need_mask` (always for FULL = false) and, for FULL, the
+    // full score transform (softcap, ALiBi; otherwise the plain scale). `row0` is the sequence position of this
+    // warp's first row.
     template <bool FULL>
-    static __device__ __forceinline__ void generic(float (&s)[MT][NTILE][4], float (&acc_o)[MT][DTILE][4],
-                                                        float (&row_max)[MT][2], float (&row_sum)[MT][2], int n0,
-                                                        int row0, int lane, bool need_mask, int shift,
-                                                        const SeqInfo& si, const ScoreParams& sp) {
+    static __device__ __forceinline__ void generic_probs(float (&s)[MT][NTILE][4], float (&row_max)[MT][2],
+                                                         float (&row_sum)[MT][2], float (&alpha)[MT][2], int n0,
+                                                         int row0, int lane, bool need_mask, int shift,
+                                                         const SeqInfo& si, const ScoreParams& sp) {
 #pragma unroll
         for (int t = 0; t < MT; ++t) {
 #pragma unroll
@@ -84,7 +94,7 @@ struct OnlineSoftmax {
                 const float m_new = fmaxf(row_max[t][hh], mx);
                 // A row with nothing visible so far keeps max -inf; subtracting 0 instead avoids inf-inf.
                 const float m_use = m_new == -AK_INF ? 0.f : m_new;
-                const float alpha = fast_exp2(row_max[t][hh] - m_use);
+                alpha[t][hh] = fast_exp2(row_max[t][hh] - m_use);
                 row_max[t][hh] = m_new;
                 float sum = 0.f;
 #pragma unroll
@@ -95,29 +105,34 @@ struct OnlineSoftmax {
                         s[t][j][2 * hh + e] = p;
                         sum += p;
                     }
-                row_sum[t][hh] = row_sum[t][hh] * alpha + sum;
-#pragma unroll
-                for (int j = 0; j < DTILE; ++j) {
-                    acc_o[t][j][2 * hh] *= alpha;
-                    acc_o[t][j][2 * hh + 1] *= alpha;
-                }
+                row_sum[t][hh] = row_sum[t][hh] * alpha[t][hh] + sum;
             }
         }
     }
 
-    // One tile's update with the cheapest path that is exact for it: `plain_scores` (no softcap/ALiBi, positive
-    // scale) and no mask take plain(); a masked tile of plain scores the mask-only generic path; anything else the
-    // full transform. The branch is uniform per tile, so only boundary tiles pay for per-element work.
+    // One tile's probability step with the cheapest path that is exact for it: `plain_scores` (no softcap/ALiBi,
+    // positive scale) and no mask take plain_probs(); a masked tile of plain scores the mask-only generic path;
+    // anything else the full transform. The branch is uniform per tile, so only boundary tiles pay per element.
+    static __device__ __forceinline__ void probs(float (&s)[MT][NTILE][4], float (&row_max)[MT][2],
+                                                 float (&row_sum)[MT][2], float (&alpha)[MT][2], int n0, int row0,
+                                                 int lane, bool plain_scores, bool need_mask, int shift,
+                                                 const SeqInfo& si, const ScoreParams& sp) {
+        if (!plain_scores)
+            generic_probs<true>(s, row_max, row_sum, alpha, n0, row0, lane, need_mask, shift, si, sp);
+        else if (need_mask)
+            generic_probs<false>(s, row_max, row_sum, alpha, n0, row0, lane, true, shift, si, sp);
+        else
+            plain_probs(s, row_max, row_sum, alpha, sp.scale_log2);
+    }
+
+    // Probability step and rescale in one (the unpipelined kernels).
     static __device__ __forceinline__ void update(float (&s)[MT][NTILE][4], float (&acc_o)[MT][DTILE][4],
                                                   float (&row_max)[MT][2], float (&row_sum)[MT][2], int n0,
                                                   int row0, int lane, bool plain_scores, bool need_mask, int shift,
                                                   const SeqInfo& si, const ScoreParams& sp) {
-        if (!plain_scores)
-            generic<true>(s, acc_o, row_max, row_sum, n0, row0, lane, need_mask, shift, si, sp);
-        else if (need_mask)
-            generic<false>(s, acc_o, row_max, row_sum, n0, row0, lane, true, shift, si, sp);
-        else
-            plain(s, acc_o, row_max, row_sum, sp.scale_log2);
+        float alpha[MT][2];
+        probs(s, row_max, row_sum, alpha, n0, row0, lane, plain_scores, need_mask, shift, si, sp);
+        rescale(acc_o, alpha);
     }
 
     // Epilogue: normalise, write this warp's rows of O (zeros for rows that saw no key) and the natural-log LSE.
