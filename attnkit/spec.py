@@ -18,6 +18,7 @@ FEATURES = (
     "dv_ne_d",  # value head dim differs from qk head dim
     "deterministic",  # deterministic backward requested
     "sink",  # learnable attention sink: a per-head logit in the softmax denominator
+    "fp8",  # float8_e4m3fn inputs with descales (attnkit.fp8), forward only
 )
 
 # Operators. Each backend lists those it implements.

@@ -79,8 +79,10 @@ def choose(
     requires_grad: bool,
     sink: bool = False,
     merged_backward: bool = False,
+    extra_features: frozenset[str] = frozenset(),
 ) -> str:
-    """Registry name of the backend that will run this call (``merged_backward``: see AttentionSpec)."""
+    """Registry name of the backend that will run this call (``merged_backward``: see AttentionSpec).
+    ``extra_features`` are features the options do not show (``fp8``: attnkit.fp8.features)."""
     num_heads_q, head_dim = q.shape[-2], q.shape[-1]
     spec = AttentionSpec(
         op=op,
@@ -102,7 +104,8 @@ def choose(
             dv_ne_d=head_dim_v != head_dim,
             requires_grad=requires_grad,
             sink=sink,
-        ),
+        )
+        | extra_features,
         requires_grad=requires_grad,
         merged_backward=merged_backward and requires_grad,
     )

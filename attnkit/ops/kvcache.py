@@ -6,9 +6,9 @@ from collections.abc import Sequence
 
 import torch
 
-from .. import validation
+from .. import fp8, validation
 from ..errors import InvalidArgumentError, InvalidArgumentTypeError, KVCacheOverflowError
-from . import _common, _library
+from . import _common, _fp8_library, _library
 from .rotary import apply_rotary
 
 
@@ -42,6 +42,10 @@ def attention_with_kvcache(
     softcap: float = 0.0,
     return_lse: bool = False,
     backend: str | Sequence[str] = "auto",
+    q_descale: torch.Tensor | None = None,
+    k_descale: torch.Tensor | None = None,
+    v_descale: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention of new queries over a KV cache, appending new keys/values in place (flash-attn semantics).
 
@@ -60,6 +64,8 @@ def attention_with_kvcache(
             ``cache_seqlens + arange(seqlen_new)`` and to ``q`` at ``cache_seqlens + arange(seqlen_q)`` if causal or
             windowed, else at ``cache_seqlens`` (every query at the same position). Needs ``k``.
         rotary_interleaved: rotate channel pairs (0,1),(2,3)... (True) or the two halves (False).
+        q_descale, k_descale, v_descale, out_dtype: for a float8_e4m3fn q and cache (and new k/v), as in
+            :func:`attnkit.attention`: ``(batch, nheads_k)`` float32, indexed by q's batch row; no rotary.
         Other keywords as in :func:`attnkit.attention` (no dropout; forward only, like flash-attn).
 
     Returns:
@@ -68,7 +74,7 @@ def attention_with_kvcache(
     q = validation.tensor("q", q, 4)
     k_cache = validation.tensor("k_cache", k_cache, 4)
     v_cache = validation.tensor("v_cache", v_cache, 4)
-    validation.same_dtype_device({"q": q, "k_cache": k_cache, "v_cache": v_cache})
+    is_fp8 = fp8.same_dtype_device({"q": q, "k_cache": k_cache, "v_cache": v_cache})
     validation.heads_and_dims(q.shape, k_cache.shape, v_cache.shape, seq_axis=None)
     # The cache is written in place, so it cannot be copied to make it contiguous: ask for it instead.
     validation.last_dim_contiguous({"q": q, "k_cache": k_cache, "v_cache": v_cache})
@@ -119,7 +125,7 @@ def attention_with_kvcache(
     if k is not None:
         k = validation.tensor("k", k, 4)
         v = validation.tensor("v", v, 4)
-        validation.same_dtype_device({"q": q, "k": k, "v": v})
+        fp8.same_dtype_device({"q": q, "k": k, "v": v})
         if tuple(k.shape) != (batch, k.shape[1], k_cache.shape[2], head_dim) or tuple(v.shape) != (
             batch, k.shape[1], v_cache.shape[2], v_cache.shape[3],
         ):  # fmt: skip
@@ -184,6 +190,11 @@ def attention_with_kvcache(
         deterministic=False,
     )
     slopes = validation.alibi_slopes(alibi_slopes, batch, num_heads_q, device)
+    scales = fp8.scales(
+        is_fp8, {"q": q, "k_cache": k_cache, "v_cache": v_cache}, q_descale=q_descale, k_descale=k_descale,
+        v_descale=v_descale, out_dtype=out_dtype, batch=batch, num_heads_k=k_cache.shape[2], requires_grad=False,
+    )  # fmt: skip
+    fp8.no_rotary(is_fp8, rotary_cos is not None or rotary_sin is not None)
 
     if rotary_cos is not None or rotary_sin is not None:
         if rotary_cos is None or rotary_sin is None or k is None:
@@ -227,9 +238,15 @@ def attention_with_kvcache(
         params=params,
         alibi=slopes is not None,
         requires_grad=False,
+        extra_features=fp8.features(scales),
     )
     if q.shape[-1] and q.stride(-1) != 1:
         q = q.contiguous()
+    if scales is not None:
+        out, lse = _fp8_library.kvcache_forward(
+            q, k_cache, v_cache, total, cache_batch_idx, block_table, slopes, params, scales, chosen
+        )
+        return (out, lse) if return_lse else out
     out, lse = _library.kvcache_forward(
         q, k_cache, v_cache, total, cache_batch_idx, block_table, slopes,
         params.softmax_scale, params.causal, params.window_left, params.window_right, params.softcap, chosen,
