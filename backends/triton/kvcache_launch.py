@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
+from attnkit.fp8 import Fp8Scales
 from attnkit.params import AttentionParams, KVCacheInfo
 
 from . import launch, probes
@@ -46,7 +47,7 @@ class _DecodePlan:
     part_shape: tuple[int, ...]
 
 
-def _plan_key(q, k_cache, v_cache, info: KVCacheInfo, alibi, params: AttentionParams) -> tuple:
+def _plan_key(q, k_cache, v_cache, info: KVCacheInfo, alibi, params: AttentionParams, scales) -> tuple:
     """Shapes, strides, dtypes, devices and 16-byte alignment of every tensor argument, and the parameters
     (triton specialises pointers on alignment and integers on divisibility by 16 and on being 1)."""
 
@@ -56,6 +57,7 @@ def _plan_key(q, k_cache, v_cache, info: KVCacheInfo, alibi, params: AttentionPa
     return (
         meta(q), meta(k_cache), meta(v_cache), meta(info.cache_seqlens), meta(info.cache_batch_idx),
         meta(info.block_table), meta(alibi), params, _WAVES, _BLOCK_N, _NUM_WARPS, _NUM_STAGES,
+        None if scales is None else (scales.out_dtype, *(meta(t) for t in _descales(info, scales))),
     )  # fmt: skip
 
 
@@ -68,6 +70,13 @@ def _pointer_args(info: KVCacheInfo, alibi: torch.Tensor | None) -> tuple[torch.
         return seqlens if t is None else t
 
     return present(alibi), seqlens, present(info.cache_batch_idx), present(info.block_table)
+
+
+def _descales(info: KVCacheInfo, scales: Fp8Scales | None) -> tuple[torch.Tensor, ...]:
+    """Q/K/V_DESCALE of the split kernel (after its outputs); the lengths stand in when FP8 is off."""
+    if scales is None:
+        return (info.cache_seqlens,) * 3
+    return scales.q_descale, scales.k_descale, scales.v_descale
 
 
 def _multiprocessors(device: torch.device) -> int:
@@ -83,21 +92,31 @@ def forward_kvcache(
     info: KVCacheInfo,
     alibi: torch.Tensor | None,
     params: AttentionParams,
+    scales: Fp8Scales | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``scales`` (float8_e4m3fn q and cache): descales and the output dtype."""
     interpreted = probes.interpreter_enabled()
+    out_dtype = q.dtype if scales is None else scales.out_dtype
     plan_key = None
     if launch.FAST_LAUNCH and launch._FAST_LAUNCH_SUPPORTED and not interpreted:
-        plan_key = _plan_key(q, k_cache, v_cache, info, alibi, params)
+        plan_key = _plan_key(q, k_cache, v_cache, info, alibi, params, scales)
         plan = _plans.get(plan_key)
         if plan is not None:
             out_part = torch.empty(plan.part_shape, dtype=torch.float32, device=q.device)
             lse_part = torch.empty(plan.part_shape[:-1], dtype=torch.float32, device=q.device)
-            out = torch.empty(q.shape[:3] + v_cache.shape[3:], dtype=q.dtype, device=q.device)
+            out = torch.empty(q.shape[:3] + v_cache.shape[3:], dtype=out_dtype, device=q.device)
             lse = torch.empty(q.shape[0], q.shape[2], q.shape[1], dtype=torch.float32, device=q.device)
             if all(launch._aligned(t) for t in (out_part, lse_part, out, lse)):
                 with launch._on_device(q):
                     plan.split_kernel[plan.split_grid](
-                        q, k_cache, v_cache, *_pointer_args(info, alibi), out_part, lse_part, *plan.split_tail
+                        q,
+                        k_cache,
+                        v_cache,
+                        *_pointer_args(info, alibi),
+                        out_part,
+                        lse_part,
+                        *_descales(info, scales),
+                        *plan.split_tail,
                     )
                     plan.combine_kernel[plan.combine_grid](out_part, lse_part, out, lse, *plan.combine_tail)
                 return out, lse
@@ -120,14 +139,14 @@ def forward_kvcache(
 
     out_part = torch.empty(splits, batch, heads_q, seqlen_q, head_dim_v, dtype=torch.float32, device=q.device)
     lse_part = torch.empty(splits, batch, heads_q, seqlen_q, dtype=torch.float32, device=q.device)
-    out = torch.empty(batch, seqlen_q, heads_q, head_dim_v, dtype=q.dtype, device=q.device)
+    out = torch.empty(batch, seqlen_q, heads_q, head_dim_v, dtype=out_dtype, device=q.device)
     lse = torch.empty(batch, heads_q, seqlen_q, dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse.fill_(float("-inf"))
 
     slope_stride_b = alibi.stride(0) if alibi is not None and alibi.dim() == 2 else 0
     split_args = (
-        q, k_cache, v_cache, *_pointer_args(info, alibi), out_part, lse_part,
+        q, k_cache, v_cache, *_pointer_args(info, alibi), out_part, lse_part, *_descales(info, scales),
         q.stride(0), q.stride(1), q.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -145,6 +164,7 @@ def forward_kvcache(
         HAS_SOFTCAP=params.softcap > 0, HAS_WINDOW_LEFT=params.window_left >= 0,
         HAS_WINDOW_RIGHT=params.window_right >= 0,
         UPCAST=interpreted, DOT_PRECISION="ieee" if q.dtype == torch.float32 and not interpreted else "tf32",
+        FP8=scales is not None,
     )  # fmt: skip
     split_grid = (splits, batch * heads_k, m_blocks)
     split_kernel = kvcache_split_fwd[split_grid](
@@ -181,6 +201,6 @@ def _remember(key: tuple, split_kernel, split_grid, split_args, split_kwargs, co
     if len(_plans) >= launch._PLAN_LIMIT:
         _plans.clear()
     _plans[key] = _DecodePlan(
-        split_kernel, split_grid, (*split_args[9:], *split_tail),
+        split_kernel, split_grid, (*split_args[12:], *split_tail),
         combine_kernel, (combine_grid[0], 1, 1), (*combine_args[4:], *combine_tail), part_shape,
     )  # fmt: skip
