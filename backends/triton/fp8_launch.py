@@ -21,6 +21,7 @@ import torch
 import triton
 
 from attnkit import env
+from attnkit.errors import InvalidArgumentError
 from attnkit.fp8 import Fp8Scales
 from attnkit.params import AttentionParams, VarlenInfo
 
@@ -117,7 +118,7 @@ def forward_fp8(
         return out, lse
     interpreted = launch._interpreted()
     if V_LAYOUT not in V_LAYOUTS:
-        raise ValueError(f"fp8_launch.V_LAYOUT is {V_LAYOUT!r}; allowed: {', '.join(V_LAYOUTS)}")
+        raise InvalidArgumentError(f"fp8_launch.V_LAYOUT is {V_LAYOUT!r}; allowed: {', '.join(V_LAYOUTS)}")
     v_t = V_LAYOUT == "transposed" or (V_LAYOUT == "auto" and varlen is None)
     v_src = _transposed_v(v, varlen) if v_t else v
     idx64 = launch._needs_idx64(prob, [q, k, v_src, out])
