@@ -8,11 +8,12 @@ so the kernel wants V^T tiles. Two ways (``V_LAYOUT``; ``benchmarks/fp8_bench.py
   for 16k tokens x 16 KV heads x 128 channels at an H200's 4.8 TB/s, against ~0.7 ms of attention at 4k context
   (about 2% of the call; 8% at 1k, 0.5% at 16k), plus as many bytes of scratch.
 * ``"as_stored"``: V untouched; triton copies each (keys x Dv) tile from shared memory through registers into a
-  transposed shared buffer before the product (sm_90 compile: no extra registers, one more shared-memory round
-  trip per tile).
+  transposed shared buffer before the product (sm_90 compile: up to 13 more registers per thread, one more
+  shared-memory round trip per tile).
 
-``"auto"`` (the default) transposes for dense calls and keeps V as stored for varlen ones, where a sequence's
-slice of a packed V^T would start at any byte, too misaligned for TMA or 16-byte copies.
+``"auto"`` (the default) transposes where K and V^T stream through TMA (dense calls on Hopper) and keeps V as
+stored elsewhere: for varlen calls, whose sequences' slices of a packed V^T would start at any byte, and for
+pointer loads, where the transposed path spills registers on causal calls (sm_90 compile report).
 """
 
 from __future__ import annotations
@@ -33,8 +34,9 @@ V_LAYOUT = "auto"
 
 # Tiles, (block_m, block_n, num_warps, num_stages, tma), default first (ATTNKIT_TRITON_AUTOTUNE=0); calls that
 # cannot use TMA skip the TMA rows. Not timed yet (chosen on a machine without a GPU): every entry compiles for
-# sm_90 with triton 3.9 without register spills (`benchmarks/fp8_bench.py xcompile`), except 128 x 256, which
-# spills 16 bytes and is kept as the widest key block.
+# sm_90 with triton 3.9, causal or not, without register spills in the layout "auto" gives it (TMA rows: V^T;
+# the others: V as stored). `benchmarks/fp8_bench.py xcompile` prints the report; 128 x 256 keys spilled 240
+# bytes (causal) and was left out.
 _T, _F = True, False
 _CUDA_TILES: dict[str, list[tuple[int, int, int, int, bool]]] = {
     "small": [
@@ -42,7 +44,7 @@ _CUDA_TILES: dict[str, list[tuple[int, int, int, int, bool]]] = {
         (128, 128, 8, 3, _F), (128, 64, 4, 3, _F), (64, 64, 4, 3, _F),
     ],
     "mid": [
-        (128, 128, 8, 3, _T), (128, 128, 8, 4, _T), (128, 64, 8, 3, _T), (64, 128, 4, 3, _T), (128, 256, 8, 2, _T),
+        (128, 128, 8, 3, _T), (128, 128, 8, 4, _T), (128, 64, 8, 3, _T), (64, 128, 4, 3, _T),
         (128, 128, 8, 2, _F), (128, 64, 8, 3, _F), (64, 64, 4, 3, _F),
     ],
     "large": [(128, 64, 8, 2, _F), (128, 32, 8, 2, _F), (64, 64, 4, 2, _F), (64, 32, 4, 2, _F)],
@@ -81,18 +83,38 @@ def _transposed_v(v: torch.Tensor, varlen: VarlenInfo | None) -> torch.Tensor:
     return buf.permute(0, 3, 1, 2)[:, :keys]
 
 
-def _tma_ok(prob: launch.Problem, k: torch.Tensor, v_src: torch.Tensor, v_t: bool, idx64: bool) -> bool:
-    """TMA descriptors for K and V: Hopper, 16-byte aligned bases and row strides (so no V^T of a varlen call,
-    whose sequences start at any byte), head dims of whole 16-byte rows, tiles at most 128 wide."""
-    if idx64 or (v_t and prob.varlen is not None) or not k.is_cuda or not probes.use_tma(k.device):
+def _tma_k_ok(prob: launch.Problem, k: torch.Tensor, idx64: bool) -> bool:
+    """TMA for K: Hopper, 32-bit offsets, head dims of whole 16-byte rows, tiles at most 128 wide, 16-byte
+    aligned base and row strides."""
+    if idx64 or not k.is_cuda or not probes.use_tma(k.device):
         return False
     if max(_block(prob.head_dim), _block(prob.head_dim_v)) > 128 or prob.head_dim % 16 or prob.head_dim_v % 16:
         return False
-    if k.data_ptr() % 16 or v_src.data_ptr() % 16 or any(st % 16 for st in k.stride()[:-1]):
+    return k.data_ptr() % 16 == 0 and all(st % 16 == 0 for st in k.stride()[:-1])
+
+
+def _tma_v_ok(prob: launch.Problem, v_src: torch.Tensor, v_t: bool) -> bool:
+    """TMA for V as stored, or for V^T of a dense call (a varlen sequence's slice of V^T starts at any byte)."""
+    if v_src.data_ptr() % 16:
         return False
     if v_t:  # strides of key row (1), batch, head and channel (the padded key count)
-        return all(st % 16 == 0 for i, st in enumerate(v_src.stride()) if i != 1)
+        return prob.varlen is None and all(st % 16 == 0 for i, st in enumerate(v_src.stride()) if i != 1)
     return v_src.stride(-1) == 1 and all(st % 16 == 0 for st in v_src.stride()[:-1])
+
+
+def _tma_ok(prob: launch.Problem, k: torch.Tensor, v_src: torch.Tensor, v_t: bool, idx64: bool) -> bool:
+    return _tma_k_ok(prob, k, idx64) and _tma_v_ok(prob, v_src, v_t)
+
+
+def _use_v_t(prob: launch.Problem, k: torch.Tensor, idx64: bool, hardware_tma: bool) -> bool:
+    """V_LAYOUT "auto": V^T where the call streams K and V^T through TMA (dense, Hopper): every load pipelined and
+    no spills in the sm_90 compile. Pointer loads keep V as stored, whose tiles copy 16 bytes at a time; the
+    transposed pointer path spills on causal calls (benchmarks/fp8_bench.py xcompile)."""
+    if V_LAYOUT not in V_LAYOUTS:
+        raise InvalidArgumentError(f"fp8_launch.V_LAYOUT is {V_LAYOUT!r}; allowed: {', '.join(V_LAYOUTS)}")
+    if V_LAYOUT != "auto":
+        return V_LAYOUT == "transposed"
+    return prob.varlen is None and hardware_tma and _tma_k_ok(prob, k, idx64)
 
 
 def forward_fp8(
@@ -117,12 +139,11 @@ def forward_fp8(
     if out.numel() == 0:
         return out, lse
     interpreted = launch._interpreted()
-    if V_LAYOUT not in V_LAYOUTS:
-        raise InvalidArgumentError(f"fp8_launch.V_LAYOUT is {V_LAYOUT!r}; allowed: {', '.join(V_LAYOUTS)}")
-    v_t = V_LAYOUT == "transposed" or (V_LAYOUT == "auto" and varlen is None)
+    hardware_tma = vendor == "nvidia" and not interpreted
+    v_t = _use_v_t(prob, k, launch._needs_idx64(prob, [q, k, v, out]), hardware_tma)
     v_src = _transposed_v(v, varlen) if v_t else v
     idx64 = launch._needs_idx64(prob, [q, k, v_src, out])
-    tma_allowed = vendor == "nvidia" and not interpreted and _tma_ok(prob, k, v_src, v_t, idx64)
+    tma_allowed = hardware_tma and _tma_ok(prob, k, v_src, v_t, idx64)
     slopes, ssb = launch._slopes(alibi, q)
     cu_q, cu_k = launch._cu(varlen, q)
     args = (

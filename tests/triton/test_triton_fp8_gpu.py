@@ -56,7 +56,7 @@ def test_against_dequantized_float64(v_layout, b, sq, sk, hq, hk, d, dv, causal,
 
 
 @pytest.mark.parametrize("causal", [False, True])
-def test_pointer_path_without_tma(monkeypatch, causal):
+def test_pointer_path_without_tma(v_layout, monkeypatch, causal):
     from attnkit.backends.triton import fp8_launch
 
     monkeypatch.setattr(fp8_launch, "_tma_ok", lambda *args: False)
