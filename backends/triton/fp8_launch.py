@@ -18,6 +18,9 @@ pointer loads, where the transposed path spills registers on causal calls (sm_90
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import triton
 
@@ -54,6 +57,18 @@ INTERPRETER_TILE = configs.Tile(32, 16, 4, 1)
 MIN_BLOCK_D = 32
 
 _tuned: dict[tuple, configs.Tile] = {}
+_forced: list[configs.Tile] = []
+
+
+@contextlib.contextmanager
+def forced_tile(tile: configs.Tile) -> Iterator[None]:
+    """Run the fp8 forward with ``tile`` inside the block (tests and sweeps); a TMA tile needs a call that can
+    use TMA. Tiles chosen outside the block stay remembered."""
+    _forced.append(tile)
+    try:
+        yield
+    finally:
+        _forced.pop()
 
 
 def _d_class(block_d: int) -> str:
@@ -183,6 +198,10 @@ def forward_fp8(
 def _tile(prob: launch.Problem, tma: bool, flags: dict[str, object], launch_with, interpreted: bool) -> configs.Tile:
     """Fixed under the interpreter or with ATTNKIT_TRITON_AUTOTUNE=0, else the fastest candidate, timed once per
     key (launch._autotune) and remembered."""
+    if _forced:
+        if _forced[-1].use_tma and not tma:
+            raise InvalidArgumentError(f"forced fp8 tile {_forced[-1]} uses TMA, which this call cannot")
+        return _forced[-1]
     if interpreted:
         return INTERPRETER_TILE
     block_d = max(_block(prob.head_dim), _block(prob.head_dim_v))

@@ -77,6 +77,18 @@ def test_dropout_draws_the_common_mask():
     assert_ok(check_dense(Fp8Case(b=2, sq=33, sk=47, hq=2, hk=1, d=32, dropout_p=0.3, seed=9)))
 
 
+def test_forced_tiles():
+    """Other tile shapes than the interpreter's default (keys per block > queries per block here), and a TMA tile
+    refused where TMA cannot run."""
+    from attnkit.backends.triton import configs, fp8_launch
+
+    with fp8_launch.forced_tile(configs.Tile(16, 64, 4, 1)):
+        assert_ok(check_dense(Fp8Case(b=1, sq=70, sk=150, hq=2, hk=1, d=32, causal=True, seed=12)))
+    with fp8_launch.forced_tile(configs.Tile(64, 64, 4, 1, use_tma=True)), pytest.raises(attnkit.AttnkitError) as info:
+        check_dense(Fp8Case(b=1, sq=8, sk=8, d=32))
+    assert "TMA" in str(info.value)
+
+
 def test_fully_masked_rows_zero_and_nan_propagation():
     case = Fp8Case(b=1, sq=70, sk=20, hq=2, hk=2, d=32, causal=True, seed=11)
     (q8, k8, v8), scales, _ = case.inputs()

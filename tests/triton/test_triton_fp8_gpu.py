@@ -55,6 +55,43 @@ def test_against_dequantized_float64(v_layout, b, sq, sk, hq, hk, d, dv, causal,
     assert_ok(check_dense(case))
 
 
+# Head dims landing in each class of the fp8 tile table (padded <= 64, 128, 256), powers of two first (no column
+# masks); both qualify for TMA where the class has TMA tiles (whole 16-byte rows).
+CLASS_DIMS = {64: (64, 48), 128: (128, 96), 256: (256, 208)}
+LENGTHS = ((1024, 1024), (1000, 1000), (777, 1531))
+
+
+def _tiles():
+    from attnkit.backends.triton import fp8_launch
+
+    return [(block_d, tile) for block_d in CLASS_DIMS for tile in fp8_launch.candidates(block_d, tma=True)]
+
+
+def _tile_id(entry) -> str:
+    block_d, t = entry
+    return f"d{block_d}-{t.block_m}x{t.block_n}w{t.num_warps}s{t.num_stages}{'-tma' if t.use_tma else ''}"
+
+
+@pytest.mark.parametrize("entry", _tiles(), ids=_tile_id)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_every_candidate_tile(entry, causal):
+    """The autotuner may pick any tile, and the interpreter cannot tell a miscompiled tile from a right one
+    (benchmarks/NOTES-triton.md, head dim 256): each runs forced, at lengths that are tile multiples, odd ones and
+    unequal ones (not multiples of 16, which triton specialises on). V_LAYOUT is "auto", so these dense Hopper
+    calls read V^T whatever the tile (the V layout is chosen before the tile, as under autotuning)."""
+    from attnkit.backends.triton import fp8_launch
+
+    block_d, tile = entry
+    failures = []
+    for d in CLASS_DIMS[block_d]:
+        for i, (sq, sk) in enumerate(LENGTHS):
+            case = Fp8Case(b=2, sq=sq, sk=sk, hq=4, hk=2, d=d, causal=causal, seed=i + d, device="cuda")
+            with fp8_launch.forced_tile(tile):
+                report = check_dense(case)
+            failures += [f"d={d} {sq}x{sk}: {f}" for f in report.failures()]
+    assert not failures, failures
+
+
 @pytest.mark.parametrize("causal", [False, True])
 def test_pointer_path_without_tma(v_layout, monkeypatch, causal):
     from attnkit.backends.triton import fp8_launch
