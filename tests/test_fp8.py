@@ -7,6 +7,9 @@ which share no code with it. The kernels' own accuracy is tested in tests/triton
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 import torch
 from helpers import cu_seqlens, loop_attention, qkv
@@ -250,6 +253,29 @@ def test_gradients_are_refused():
     q8 = q8.detach()
     scales["v_descale"].requires_grad_()
     _raises(InvalidArgumentError, lambda: attnkit.attention(q8, k8, v8, **scales), "v_descale")
+
+
+def test_learnable_sink_with_fp8_is_refused():
+    (q8, k8, v8), scales = fp8_qkv(1, 4, 4, 2, 1, 8)
+    sink = torch.zeros(2)
+    _raises(
+        InvalidArgumentError, lambda: attnkit.attention(q8, k8, v8, **scales, learnable_sink=sink), "learnable_sink"
+    )
+    cu = cu_seqlens([4])
+    _raises(
+        InvalidArgumentError,
+        lambda: attnkit.attention_varlen(q8[0], k8[0], v8[0], cu, cu, 4, 4, learnable_sink=sink.requires_grad_()),
+        "learnable_sink",
+    )
+
+
+def test_readme_fp8_snippet_runs():
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text[text.index("## FP8 inputs") :]
+    (block,) = re.findall(r"```python\n(.*?)```", section[: section.index("\n## ", 1)], flags=re.S)
+    scope: dict = {}
+    exec(compile(block, "README fp8 snippet", "exec"), scope)
+    assert scope["out"].dtype == torch.bfloat16 and scope["out"].shape == scope["q"].shape
 
 
 def test_kvcache_rotary_with_fp8_is_refused_before_writing():

@@ -8,6 +8,7 @@ import torch
 
 from .. import fp8, validation
 from .. import sink as sink_rule
+from . import _common, _fp8_library, _library
 
 
 def attention(
