@@ -155,7 +155,7 @@ def test_fp8_ops_return_the_documented_layout():
 def test_gradients_through_fp8_raise_the_forward_only_error():
     tensors, scales = _fp8_qkv()
     q8 = tensors[0].clone().requires_grad_()
-    with pytest.raises(InvalidArgumentError, match="forward only.*q require grad"):
+    with pytest.raises(InvalidArgumentError, match=r"forward only.*q require grad"):
         attnkit.attention(q8, *tensors[1:], **scales, backend="reference")
     descale = scales["k_descale"].clone().requires_grad_()
     with pytest.raises(InvalidArgumentError, match="k_descale requires grad"):
@@ -218,8 +218,10 @@ def test_inductor_fp8_kvcache_decode():
     compilation, and new lengths are new values (one graph)."""
 
     def step(q, k_cache, v_cache, k_new, v_new, lens, qd, kd, vd):
-        return attnkit.attention_with_kvcache(q, k_cache, v_cache, k_new, v_new, cache_seqlens=lens, causal=True,
-                                              q_descale=qd, k_descale=kd, v_descale=vd, backend="reference")  # fmt: skip
+        return attnkit.attention_with_kvcache(
+            q, k_cache, v_cache, k_new, v_new, cache_seqlens=lens, causal=True, q_descale=qd, k_descale=kd,
+            v_descale=vd, backend="reference",
+        )  # fmt: skip
 
     k_cache, v_cache = (_quantized(2, 40, 2, 16, 2, seed=s)[0] for s in (1, 2))
     k_eager, v_eager = k_cache.clone(), v_cache.clone()
