@@ -52,11 +52,18 @@ def _name(dtype: torch.dtype) -> str:
 
 def same_dtype_device(named: Mapping[str, torch.Tensor]) -> bool:
     """:func:`attnkit.validation.same_dtype_device` for calls that may be fp8: True when every tensor is
-    float8_e4m3fn (and all share a device); otherwise the usual check runs and False is returned."""
+    float8_e4m3fn (and all share a real device), False when the usual check passes; raises otherwise, naming
+    float8_e4m3fn where a float8 tensor is involved."""
+    first_name, first = next(iter(named.items()))
+    if first.dtype != FP8_DTYPE:
+        # Every call that is not fp8 pays only for this branch: the usual check, then nothing.
+        try:
+            validation.same_dtype_device(named)
+            return False
+        except InvalidArgumentTypeError:
+            if not any(x.dtype in _FLOAT8 for x in named.values()):
+                raise
     fp8 = [name for name, x in named.items() if x.dtype in _FLOAT8]
-    if not fp8:
-        validation.same_dtype_device(dict(named))
-        return False
     for name in fp8:
         if named[name].dtype != FP8_DTYPE:
             raise InvalidArgumentTypeError(
@@ -70,7 +77,10 @@ def same_dtype_device(named: Mapping[str, torch.Tensor]) -> bool:
             f"{fp8[0]} is float8_e4m3fn but {other} is {_name(named[other].dtype)}; fp8 attention needs "
             f"{', '.join(named)} all in float8_e4m3fn (quantize {other} too), or none of them"
         )
-    first_name, first = next(iter(named.items()))
+    if first.device.type == "meta":
+        raise InvalidArgumentError(
+            f"{first_name} is on the meta device, which holds no data; attnkit needs tensors on a real device"
+        )
     for name, x in named.items():
         if x.device != first.device:
             raise InvalidArgumentError(
@@ -93,6 +103,8 @@ def scales(
 ) -> Fp8Scales | None:
     """Checks the fp8 arguments of one call; :class:`Fp8Scales` for fp8 inputs, None for the others (which must
     then pass no descales, and no ``out_dtype`` other than their own dtype)."""
+    if not is_fp8 and q_descale is None and k_descale is None and v_descale is None and out_dtype is None:
+        return None  # the common case, first
     first = next(iter(named.values()))
     given = dict(zip(DESCALE_NAMES, (q_descale, k_descale, v_descale)))
     if not is_fp8:
