@@ -1,8 +1,10 @@
 """FP8 forward against attnkit's own bf16 forward, in one run, plus an sm_90 compile report that needs no GPU.
 
 Subcommands
-  run [--dims 128] [--seqlens 1024,...,16384] [--causal both] [--out DIR]
-        GPU. flash-attn's benchmark shapes (16k tokens: batch = 16384 / seqlen, hidden 2048: heads = 2048 / head
+  run [--dims 128] [--seqlens 1024,...,16384] [--causal both] [--autotune] [--out DIR]
+        GPU. Under two minutes on an H200 as is: both kernels run their default tiles
+        (ATTNKIT_TRITON_AUTOTUNE=0) unless --autotune (or ATTNKIT_TRITON_AUTOTUNE=1) asks for the tuned ones, for
+        which a machine with an empty Triton cache compiles every candidate tile of both kernels first (minutes). flash-attn's benchmark shapes (16k tokens: batch = 16384 / seqlen, hidden 2048: heads = 2048 / head
         dim). Per case, timed in rounds (attnkit.bench.timing.measure_interleaved, CUDA events, inputs rotated
         past L2): triton_cuda bf16, triton_cuda fp8 with each V layout (fp8_launch.V_LAYOUT: "transposed", whose
         time includes the one-time V^T copy, and "as_stored"), and that copy alone. Before timing, each fp8 output
@@ -26,6 +28,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
@@ -133,7 +136,10 @@ def run(args: argparse.Namespace) -> int:
         return 2
     device = torch.device("cuda")
     cc = torch.cuda.get_device_capability(device)
-    print(f"{torch.cuda.get_device_name(device)} sm_{cc[0]}{cc[1]}, torch {torch.__version__}")
+    os.environ["ATTNKIT_TRITON_AUTOTUNE"] = "1" if args.autotune else "0"
+    tiles = "autotuned tiles" if args.autotune else "default tiles (ATTNKIT_TRITON_AUTOTUNE=0)"
+    print(f"{torch.cuda.get_device_name(device)} sm_{cc[0]}{cc[1]}, torch {torch.__version__}, {tiles}")
+    started = time.monotonic()
     rows, failed = [], False
     for d in [int(x) for x in args.dims.split(",")]:
         for causal in _bool_list(args.causal):
@@ -146,9 +152,11 @@ def run(args: argparse.Namespace) -> int:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "fp8_bench.json").write_text(json.dumps(rows, indent=1))
-    table = _table(rows, f"{torch.cuda.get_device_name(device)}, triton {_triton_version()}") + _target(rows)
+    title = f"{torch.cuda.get_device_name(device)}, triton {_triton_version()}, {tiles}"
+    table = _table(rows, title) + _target(rows)
     (out_dir / "fp8_bench.md").write_text(table)
     print(table)
+    print(f"run took {time.monotonic() - started:.0f} s")
     return 1 if failed else 0
 
 
@@ -304,6 +312,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--causal", default="both", choices=["true", "false", "both"])
     p.add_argument("--case-time", type=float, default=0.3, help="timing budget per case and provider (s)")
     p.add_argument("--check-max-seqlen", type=int, default=8192, help="accuracy check up to this seqlen")
+    p.add_argument(
+        "--autotune",
+        action="store_true",
+        default=os.environ.get("ATTNKIT_TRITON_AUTOTUNE", "0").lower() in ("1", "true", "yes", "on"),
+        help="time the autotuned tiles (default: the default tiles, unless ATTNKIT_TRITON_AUTOTUNE=1)",
+    )
     p.add_argument("--out", default=os.environ.get("OUT", str(ROOT / "benchmarks" / "results")))
     p = sub.add_parser("xcompile")
     p.add_argument("--dims", default="64,128,256")
