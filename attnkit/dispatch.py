@@ -4,7 +4,8 @@ Precedence: the explicit ``backend=`` argument, then the innermost ``use_backend
 ``ATTNKIT_BACKEND``, then the automatic choice. A request is one name (forced: it runs or raises
 :class:`BackendUnsupportedError` with its reasons) or an ordered list (the first eligible one runs, else
 :class:`NoBackendError`). The automatic choice tries every registered backend not listed in ``ATTNKIT_DISABLE``
-by descending priority; eligibility (``why_not``) is separate from that ordering.
+by descending priority, reordered for the call's class by the measured speed table (:mod:`attnkit.speed`);
+eligibility (``why_not``) is separate from that ordering.
 
 A call is decided in two cached steps, so that a repeated call costs two dictionary look-ups:
 
@@ -29,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import env
+from . import env, speed
 from .errors import (
     BackendUnsupportedError,
     EnvironmentVariableError,
@@ -212,7 +213,7 @@ class _Decision:
 
 
 _DECISIONS: dict[tuple, _Decision] = {}  # (token, static properties of a call) -> decision
-_BY_SPEC: dict[tuple[AttentionSpec, str], _Decision] = {}  # (spec, token) -> decision
+_BY_SPEC: dict[tuple[AttentionSpec, str, str | None], _Decision] = {}  # (spec, token, speed table) -> decision
 
 
 def decide(
@@ -234,7 +235,7 @@ def decide(
     """Registry name of the backend for a call with these static properties (``feature_bits``: see
     :func:`attnkit.spec.feature_bits`); ``why_not`` runs once per distinct key."""
     key = (token, op, device, dtype, head_dim, head_dim_v, num_heads_q, num_heads_k, batch, seqlen_q, seqlen_k,
-           feature_bits, requires_grad, merged_backward)  # fmt: skip
+           feature_bits, requires_grad, merged_backward, env.speed_table_setting())  # fmt: skip
     decision = _DECISIONS.get(key)
     if decision is None:
         spec = AttentionSpec(
@@ -277,20 +278,25 @@ def select_backend_name(spec: AttentionSpec, backend: str | Sequence[str] = "aut
 
 
 def _decide_cached(spec: AttentionSpec, token: str) -> _Decision:
-    decision = _BY_SPEC.get((spec, token))
+    setting = env.speed_table_setting()
+    decision = _BY_SPEC.get((spec, token, setting))
     if decision is None:
-        decision = _decide(spec, parse_token(token)[0])
+        decision = _decide(spec, parse_token(token)[0], setting)
         if len(_BY_SPEC) >= CACHE_LIMIT:
             _BY_SPEC.clear()
-        _BY_SPEC[spec, token] = decision
+        _BY_SPEC[spec, token, setting] = decision
     return decision
 
 
-def _decide(spec: AttentionSpec, request: Request) -> _Decision:
+def _decide(spec: AttentionSpec, request: Request, speed_setting: str | None = None) -> _Decision:
     rejected: dict[str, list[str]] = {}
     # Registry names, not Backend.name: a backend may be registered under another name than its class declares.
     auto = request.names is None
-    names = sorted(REGISTRY.names(), key=lambda n: -REGISTRY.get(n).priority) if auto else list(request.names)
+    if auto:
+        names = sorted(REGISTRY.names(), key=lambda n: -REGISTRY.get(n).priority)
+        names = speed.rank(spec, names, speed.active_table(speed_setting))
+    else:
+        names = list(request.names)
     for name in names:
         b = REGISTRY.get(name)
         if auto and name in request.disabled:

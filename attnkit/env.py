@@ -17,6 +17,7 @@ DEBUG = "ATTNKIT_DEBUG"
 TRITON_AUTOTUNE = "ATTNKIT_TRITON_AUTOTUNE"
 CUPY_CACHE_DIR = "ATTNKIT_CUPY_CACHE_DIR"
 CUPY_WGMMA = "ATTNKIT_CUPY_WGMMA"
+SPEED_TABLE = "ATTNKIT_SPEED_TABLE"
 
 ALL_VARIABLES = {
     BACKEND: "force one backend, or an ordered allow-list: name[,name...]",
@@ -25,6 +26,7 @@ ALL_VARIABLES = {
     TRITON_AUTOTUNE: "0 uses the Triton backend's fixed default tile configs instead of autotuning (0/1)",
     CUPY_CACHE_DIR: "directory for compiled CuPy kernels (default: ~/.cache/attnkit/cupy)",
     CUPY_WGMMA: "0 keeps the CuPy backend on its mma.sync kernels on Hopper instead of the wgmma ones (0/1)",
+    SPEED_TABLE: "measured speed table auto ranks backends by: a JSON path (attnkit bench --speed-table), 0 for none",
 }
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -117,6 +119,11 @@ def cupy_cache_dir() -> str:
 
 def cupy_wgmma() -> bool:
     return _flag(CUPY_WGMMA, True)
+
+
+def speed_table_setting() -> str | None:
+    """The raw ``ATTNKIT_SPEED_TABLE`` value (a dispatch cache key; attnkit.speed parses and checks it)."""
+    return _get(SPEED_TABLE)
 
 
 def snapshot() -> dict[str, str | None]:

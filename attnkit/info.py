@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import env
+from . import env, speed
 from .registry import REGISTRY, BackendCapabilities
 
 
@@ -97,4 +97,16 @@ def format_info() -> str:
                 lines.append(f"      {key:<15} {value}")
         for key, value in s.details.items():
             lines.append(f"      {key:<15} {value}")
+    lines.append("")
+    lines.append(f"speed table (auto tries these first, per class; {env.SPEED_TABLE} overrides)")
+    try:
+        table = speed.active_table(env.speed_table_setting())
+    except Exception as exc:
+        lines.append(f"  unusable: {exc}")
+    else:
+        arch = None
+        if torch.cuda.is_available():
+            cap = torch.cuda.get_device_capability(torch.cuda.current_device())
+            arch = speed.arch_of(cap, getattr(torch.version, "hip", None) is not None)
+        lines += [f"  {line}" for line in speed.describe(table, arch)]
     return "\n".join(lines)

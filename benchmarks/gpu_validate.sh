@@ -2,7 +2,7 @@
 # GPU validation on a CUDA machine in one command: install, `attnkit info`, then `attnkit check` and every GPU test
 # side by side on the same GPU (correctness only, nothing timed): every GPU test but CuPy's (Triton kernels, every
 # autotune tile, the full grid, KV cache, frontend) in TEST_PROCS parallel shards (their run time is mostly
-# compilation), the CuPy module, and the differential fuzzer for FUZZ_SECONDS (default 300) in FUZZ_PROCS
+# compilation), the CuPy GPU tests (tests/cupy), and the differential fuzzer for FUZZ_SECONDS (default 300) in FUZZ_PROCS
 # processes (default 6).
 #   benchmarks/gpu_validate.sh OUT_DIR
 # Writes OUT_DIR/validate.txt (environment, exit codes, pass/fail lines) and one log per job: check.txt,
@@ -30,7 +30,7 @@ python3 -m attnkit check >"$out/check.txt" 2>&1 &
 pid_check=$!
 OUT="$shards" python3 benchmarks/triton_dev.py gputests --procs "${TEST_PROCS:-10}" >"$shards/summary.txt" 2>&1 &
 pid_triton=$!
-python3 -m pytest -m gpu tests/cupy/test_cupy_gpu.py -q -p no:cacheprovider -rfE >"$out/cupy_gpu.txt" 2>&1 &
+python3 -m pytest -m gpu tests/cupy -q -p no:cacheprovider -rfE >"$out/cupy_gpu.txt" 2>&1 &
 pid_cupy=$!
 python3 -m attnkit check --fuzz "${FUZZ_SECONDS:-300}" --fuzz-procs "${FUZZ_PROCS:-6}" >"$out/fuzz.txt" 2>&1 &
 pid_fuzz=$!

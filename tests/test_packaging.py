@@ -49,6 +49,7 @@ def test_wheel_contains_backends(wheel):
     for src in sorted((ROOT / "backends" / "reference").glob("*.py")):
         assert f"attnkit/backends/reference/{src.name}" in names
     assert "attnkit/backends/__init__.py" in names
+    assert "attnkit/backends/speed_table.json" in names  # auto's measured ranking (attnkit.speed)
     if (ROOT / "backends" / "triton" / "__init__.py").exists():
         assert "attnkit/backends/triton/__init__.py" in names
     for src in sorted((ROOT / "backends" / "triton").glob("*.py")):

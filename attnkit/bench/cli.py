@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -20,6 +21,8 @@ examples:
   attnkit bench --mode overhead                   # wall time per eager call at tiny sizes, beside SDPA (CPU too)
   attnkit bench --quick --out /tmp/bench          # tiny sizes, also on CPU
   attnkit bench --plot-from results/results.json  # figures from a saved run (e.g. where matplotlib is missing)
+  attnkit bench --mode fwd,bwd --dims 64,128,256 --providers attnkit --speed-table my_table.json
+  attnkit bench --speed-table-from a/results.json --speed-table-from b/results.json --speed-table t.json
 providers: attnkit:<backend> (or just the backend name), attnkit:<backend>+seqlens|+paged16|+paged256 (decode
   with a cache_seqlens tensor, or a paged cache), sdpa:flash, sdpa:cudnn, sdpa:efficient, sdpa:math, flex,
   flash_attn, flash_attn3; groups: attnkit, sdpa, peers, default, all. Decode reports eager and CUDA-graph GB/s
@@ -74,6 +77,20 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
                    help="overhead mode: timing per case, all providers (default 3 on GPU, 2 on CPU)")  # fmt: skip
     p.add_argument("--overhead-rounds", type=int, default=15, metavar="N",
                    help="overhead mode: rounds per case; medians are over these (default 15)")  # fmt: skip
+    p.add_argument(
+        "--speed-table",
+        type=Path,
+        metavar="JSON",
+        help="write the measured speed table auto ranks backends by (attnkit.speed) from this run's fwd and "
+        "bwd records; use it with ATTNKIT_SPEED_TABLE=JSON or commit it as backends/speed_table.json",
+    )
+    p.add_argument(
+        "--speed-table-from",
+        type=Path,
+        action="append",
+        metavar="RESULTS_JSON",
+        help="build --speed-table from saved results.json files of one GPU instead of running (repeatable)",
+    )
     p.set_defaults(func=run_cli)
 
 
@@ -138,9 +155,52 @@ def _overhead(args: argparse.Namespace, device, dtype: str, out_dir: Path) -> No
     print(f"overhead results in {out_dir}: overhead.json, overhead.md")
 
 
+def _speed_source(meta: dict) -> str:
+    keys = ("gpu", "driver", "torch", "triton", "cupy", "date_utc", "attnkit_commit")
+    return ", ".join(f"{k} {meta[k]}" for k in keys if meta.get(k))
+
+
+def _write_speed_table(path: Path, documents: list[tuple[str, dict]]) -> int:
+    from attnkit import speed
+
+    rows: list[dict] = []
+    caps = set()
+    sources = []
+    for label, doc in documents:
+        cap = doc["meta"].get("compute_capability")
+        if not cap:
+            print("attnkit bench: --speed-table needs GPU results (no compute capability in the run)", file=sys.stderr)
+            return 2
+        caps.add(cap)
+        rows += doc["results"]
+        sources.append(f"{label} ({_speed_source(doc['meta'])})")
+    if len(caps) != 1:
+        print(f"attnkit bench: --speed-table-from runs of several GPU kinds ({sorted(caps)})", file=sys.stderr)
+        return 2
+    major, _, minor = caps.pop().partition(".")
+    import torch
+
+    hip = getattr(torch.version, "hip", None) is not None
+    table = speed.build(rows, (int(major), int(minor)), hip, source="; ".join(dict.fromkeys(sources)))
+    if not table["entries"]:
+        print("attnkit bench: no attnkit fwd/bwd records at seqlen >= 2k to rank", file=sys.stderr)
+        return 2
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(table, indent=1) + "\n")
+    for line in speed.describe(speed.parse(table, str(path))):
+        print(line)
+    return 0
+
+
 def run_cli(args: argparse.Namespace) -> int:
     import torch
 
+    if args.speed_table_from:
+        if not args.speed_table:
+            print("attnkit bench: --speed-table-from needs --speed-table PATH", file=sys.stderr)
+            return 2
+        saved = [(str(p), json.loads(p.read_text())) for p in args.speed_table_from]
+        return _write_speed_table(args.speed_table, saved)
     if args.plot_from:
         return _plot_only(args)
     device = torch.device(args.device) if args.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -183,4 +243,7 @@ def run_cli(args: argparse.Namespace) -> int:
         print(f"attnkit bench: {exc}", file=sys.stderr)
         return 2
     print(summary(result, out_dir))
+    if args.speed_table:
+        results = out_dir / "results.json"
+        return _write_speed_table(args.speed_table, [(str(results), json.loads(results.read_text()))])
     return 0

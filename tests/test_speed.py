@@ -1,0 +1,224 @@
+"""The measured speed table (attnkit.speed): keys, ranking, building from benchmark rows, the environment
+variable, and auto's use of it in dispatch."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from attnkit import Backend, BackendCapabilities, EnvironmentVariableError, dispatch, speed
+from attnkit.dispatch import select_backend_name
+from attnkit.registry import REGISTRY
+from attnkit.spec import AttentionSpec
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def spec(**kw) -> AttentionSpec:
+    base = dict(
+        op="attention",
+        device_type="cuda",
+        compute_capability=(9, 0),
+        is_hip=False,
+        dtype=torch.bfloat16,
+        head_dim=128,
+        head_dim_v=128,
+        num_heads_q=8,
+        num_heads_k=8,
+        batch=2,
+        seqlen_q=4096,
+        seqlen_k=4096,
+    )
+    base.update(kw)
+    return AttentionSpec(**base)
+
+
+def table(*entries) -> speed.SpeedTable:
+    return speed.parse({"format": speed.TABLE_FORMAT, "entries": list(entries)})
+
+
+def entry(order, arch="sm_90", head_dim=128, causal=False, pass_="fwd"):
+    return {"arch": arch, "head_dim": head_dim, "causal": causal, "pass": pass_, "order": list(order)}
+
+
+def test_key_of_a_call():
+    assert speed.key_of(spec()) == speed.SpeedKey("sm_90", 128, False, "fwd")
+    assert speed.key_of(spec(head_dim=80, head_dim_v=80)).head_dim == 128
+    assert speed.key_of(spec(head_dim=64, head_dim_v=64)).head_dim == 64
+    assert speed.key_of(spec(features=frozenset({"causal"}), requires_grad=True)) == speed.SpeedKey(
+        "sm_90", 128, True, "train"
+    )
+    assert speed.key_of(spec(is_hip=True, compute_capability=(9, 4))).arch == "hip_94"
+    # No entry applies: fp32, CPU, other operators, head dims beyond the classes.
+    assert speed.key_of(spec(dtype=torch.float32)) is None
+    assert speed.key_of(spec(device_type="cpu", compute_capability=None)) is None
+    assert speed.key_of(spec(op="kvcache")) is None
+    assert speed.key_of(spec(head_dim=512, head_dim_v=512)) is None
+
+
+def test_rank_reorders_only_listed_backends():
+    t = table(entry(["b", "a"]))
+    # 'x' and 'y' are not in the table and keep their places; 'a' and 'b' swap slots.
+    assert speed.rank(spec(), ["x", "a", "y", "b"], t) == ["x", "b", "y", "a"]
+    # A listed backend that is not registered is ignored.
+    assert speed.rank(spec(), ["a", "x"], table(entry(["gone", "a"]))) == ["a", "x"]
+    # Another class, or no table: the priority order.
+    assert speed.rank(spec(features=frozenset({"causal"})), ["a", "b"], t) == ["a", "b"]
+    assert speed.rank(spec(), ["a", "b"], None) == ["a", "b"]
+
+
+@pytest.mark.parametrize(
+    "doc",
+    [
+        {"format": 99, "entries": []},
+        {"format": 1, "entries": [{"arch": "sm_90"}]},
+        {"format": 1, "entries": [entry(["a"], pass_="bwd")]},
+        {"format": 1, "entries": [entry(["a"], head_dim=100)]},
+        {"format": 1, "entries": [entry([])]},
+    ],
+)
+def test_malformed_tables_are_refused(doc):
+    with pytest.raises(ValueError, match="speed table"):
+        speed.parse(doc)
+
+
+def rows(backend, mode, tflops_by_seqlen, head_dim=128, causal=False, status="ok"):
+    return [
+        {
+            "provider": f"attnkit:{backend}",
+            "mode": mode,
+            "head_dim": head_dim,
+            "causal": causal,
+            "seqlen_q": s,
+            "status": status,
+            "tflops": t,
+        }
+        for s, t in tflops_by_seqlen.items()
+    ]
+
+
+def test_build_ranks_by_measured_speed():
+    data = (
+        rows("fast_fwd", "fwd", {1024: 10.0, 2048: 500.0, 4096: 520.0})
+        + rows("fast_fwd", "bwd", {2048: 200.0, 4096: 210.0})
+        + rows("fast_bwd", "fwd", {1024: 900.0, 2048: 450.0, 4096: 460.0})
+        + rows("fast_bwd", "bwd", {2048: 350.0, 4096: 360.0})
+        + rows("broken", "fwd", {2048: 999.0}, status="WRONG")  # wrong answers never rank
+        + [
+            {
+                "provider": "sdpa:cudnn",
+                "mode": "fwd",
+                "head_dim": 128,
+                "causal": False,
+                "seqlen_q": 4096,
+                "status": "ok",
+                "tflops": 2000.0,
+            }
+        ]
+    )
+    doc = speed.build(data, (9, 0), source="unit test")
+    t = speed.parse(doc)
+    # Forward alone: fast_fwd (the 1024 row is below MIN_SEQLEN and does not count).
+    assert t.order[speed.SpeedKey("sm_90", 128, False, "fwd")] == ("fast_fwd", "fast_bwd")
+    # A training step: 1/fwd + 2.5/bwd favours the faster backward.
+    assert t.order[speed.SpeedKey("sm_90", 128, False, "train")] == ("fast_bwd", "fast_fwd")
+    assert doc["source"] == "unit test"
+    fwd_entry = next(e for e in doc["entries"] if e["pass"] == "fwd")
+    assert fwd_entry["tflops"]["fast_fwd"]["fwd"] == pytest.approx((500.0 * 520.0) ** 0.5, abs=0.1)
+
+
+def test_build_compares_on_common_lengths():
+    # 'a' ran 16k too (where everything is faster); it must not win on a length 'b' never ran.
+    data = rows("a", "fwd", {4096: 400.0, 16384: 900.0}) + rows("b", "fwd", {4096: 450.0})
+    t = speed.parse(speed.build(data, (9, 0)))
+    assert t.order[speed.SpeedKey("sm_90", 128, False, "fwd")] == ("b", "a")
+
+
+def test_builtin_table_is_valid_and_names_builtin_backends():
+    t = speed.load(speed.builtin_path())
+    assert t.order, "the built-in table has entries"
+    from attnkit.registry import BUILTIN_BACKENDS
+
+    known = set(BUILTIN_BACKENDS)
+    for names in t.order.values():
+        assert set(names) <= known
+
+
+def test_active_table_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.delenv("ATTNKIT_SPEED_TABLE", raising=False)
+    assert speed.active_table(None).path == str(speed.builtin_path())
+    for off in ("0", "off", " OFF "):
+        assert speed.active_table(off) is None
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps({"format": 1, "entries": [entry(["a"])]}))
+    assert speed.active_table(str(path)).order[speed.SpeedKey("sm_90", 128, False, "fwd")] == ("a",)
+    with pytest.raises(EnvironmentVariableError, match=r"ATTNKIT_SPEED_TABLE.*no such file"):
+        speed.active_table(str(tmp_path / "missing.json"))
+    path.write_text("{not json")
+    with pytest.raises(EnvironmentVariableError, match="ATTNKIT_SPEED_TABLE"):
+        speed.active_table(str(path))
+
+
+CAPS = BackendCapabilities(
+    device_types=frozenset({"cuda"}),
+    dtypes=frozenset({torch.float16, torch.bfloat16}),
+    ops=frozenset({"attention", "varlen"}),
+    features=frozenset({"causal"}),
+)
+
+
+def _fake(name, priority):
+    return type(f"Fake_{name}", (Backend,), dict(name=name, priority=priority, capabilities=CAPS,
+                                                  unavailable_reason=lambda self: None))  # fmt: skip
+
+
+@pytest.fixture
+def two_fakes(monkeypatch, clean_env):
+    REGISTRY.names()
+    monkeypatch.setattr(REGISTRY, "_entries", {"reference": REGISTRY._entries["reference"]})
+    monkeypatch.setattr(REGISTRY, "_discovered", True)
+    REGISTRY.register("slow_high", _fake("slow_high", 100))
+    REGISTRY.register("fast_low", _fake("fast_low", 50))
+    yield
+    dispatch.clear_cache()
+
+
+def test_auto_follows_the_table_and_explicit_requests_ignore_it(two_fakes, monkeypatch, tmp_path):
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps({"format": 1, "entries": [entry(["fast_low", "slow_high"])]}))
+    assert select_backend_name(spec()) == "slow_high"  # the built-in table names neither: priority
+    monkeypatch.setenv("ATTNKIT_SPEED_TABLE", str(path))
+    assert select_backend_name(spec()) == "fast_low"
+    assert select_backend_name(spec(features=frozenset({"causal"}))) == "slow_high"  # no entry for causal
+    assert select_backend_name(spec(), backend="slow_high") == "slow_high"
+    assert select_backend_name(spec(), backend=["slow_high", "fast_low"]) == "slow_high"
+    token = dispatch.request_token("auto")
+    dev = torch.device("cuda")
+    args = (token, "attention", dev, torch.bfloat16, 128, 128, 8, 8, 2, 4096, 4096, 0, False)
+    monkeypatch.setattr("attnkit.dispatch.device_capability", lambda d: (9, 0))
+    assert dispatch.decide(*args) == "fast_low"
+    monkeypatch.setenv("ATTNKIT_SPEED_TABLE", "off")  # the cached decision does not outlive the setting
+    assert dispatch.decide(*args) == "slow_high"
+    assert select_backend_name(spec()) == "slow_high"
+
+
+def test_cli_builds_a_table_from_saved_runs(tmp_path):
+    results = {
+        "meta": {"gpu": "Fake GPU", "compute_capability": "9.0", "date_utc": "2026-12-02T00:00:00Z"},
+        "results": rows("triton_cuda", "fwd", {4096: 300.0}) + rows("cupy_cuda", "fwd", {4096: 400.0}),
+    }
+    src = tmp_path / "results.json"
+    src.write_text(json.dumps(results))
+    out = tmp_path / "table.json"
+    cmd = [sys.executable, "-m", "attnkit", "bench", "--speed-table-from", str(src), "--speed-table", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "sm_90 d128 non-causal fwd" in proc.stdout and "cupy_cuda > triton_cuda" in proc.stdout
+    t = speed.load(out)
+    assert t.order[speed.SpeedKey("sm_90", 128, False, "fwd")] == ("cupy_cuda", "triton_cuda")
+    assert "Fake GPU" in t.source
