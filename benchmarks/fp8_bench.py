@@ -2,9 +2,10 @@
 
 Subcommands
   run [--dims 128] [--seqlens 1024,...,16384] [--causal both] [--autotune] [--out DIR]
-        GPU. Under two minutes on an H200 as is: both kernels run their default tiles
+        GPU. Meant to finish in under two minutes on an H200: both kernels run their default tiles
         (ATTNKIT_TRITON_AUTOTUNE=0) unless --autotune (or ATTNKIT_TRITON_AUTOTUNE=1) asks for the tuned ones, for
-        which a machine with an empty Triton cache compiles every candidate tile of both kernels first (minutes). flash-attn's benchmark shapes (16k tokens: batch = 16384 / seqlen, hidden 2048: heads = 2048 / head
+        which a machine with an empty Triton cache compiles every candidate tile of both kernels first (minutes).
+        flash-attn's benchmark shapes (16k tokens: batch = 16384 / seqlen, hidden 2048: heads = 2048 / head
         dim). Per case, timed in rounds (attnkit.bench.timing.measure_interleaved, CUDA events, inputs rotated
         past L2): triton_cuda bf16, triton_cuda fp8 with each V layout (fp8_launch.V_LAYOUT: "transposed", whose
         time includes the one-time V^T copy, and "as_stored"), and that copy alone. Before timing, each fp8 output
