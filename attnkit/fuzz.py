@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import dropout as dropout_rng
+from . import fuzz_fp8
 from .errors import BackendUnsupportedError
 from .ops.attention import attention
 from .ops.kvcache import attention_with_kvcache
@@ -95,6 +96,14 @@ class Case:
     capacity: int = 0  # kvcache: slots per cache row
     page_size: int = 0  # kvcache: 0 = contiguous cache
     batch_idx: tuple[int, ...] = ()  # kvcache: cache row of each batch row (contiguous caches)
+    # float8_e4m3fn inputs with descales (attnkit.fuzz_fp8); ``dtype`` is then the output dtype
+    fp8: bool = False
+    fp8_flip_q: bool = False  # q_descale negated: the scores change sign
+
+    @property
+    def label(self) -> str:
+        """The operator, marked ``/fp8`` for fp8 cases (the summary counts them apart)."""
+        return f"{self.op}/fp8" if self.fp8 else self.op
 
     def describe(self) -> str:
         opts = [f"causal={self.causal}"] if self.causal else []
@@ -112,6 +121,8 @@ class Case:
             opts.append(f"scale={self.softmax_scale:.3g}")
         if self.sink:
             opts.append("sink")
+        if self.fp8:
+            opts.append("fp8 (negated q_descale)" if self.fp8_flip_q else "fp8")
         shape = f"B={self.batch} Sq={self.seqlen_q} Sk={self.seqlen_k} Hq={self.heads_q} Hk={self.heads_k} "
         shape += f"D={self.head_dim} Dv={self.head_dim_v}"
         if self.op == "varlen":
@@ -120,7 +131,10 @@ class Case:
             shape += f" cache_lens={list(self.cache_lens)} new={self.new_len} capacity={self.capacity}"
             shape += f" page={self.page_size}" if self.page_size else ""
             shape += f" batch_idx={list(self.batch_idx)}" if self.batch_idx else ""
-        return f"{self.op} {str(self.dtype).removeprefix('torch.')} {shape} {' '.join(opts)}".strip()
+        dtype = str(self.dtype).removeprefix("torch.")
+        if self.fp8:
+            dtype = f"float8_e4m3fn->{dtype}"
+        return f"{self.op} {dtype} {shape} {' '.join(opts)}".strip()
 
 
 def _length(rng: random.Random, limit: int) -> int:
@@ -130,8 +144,14 @@ def _length(rng: random.Random, limit: int) -> int:
     return max(1, min(limit, int(math.exp(rng.uniform(0.0, math.log(limit + 1))))))
 
 
-def draw_case(seed: int, limits: Limits, ops: Sequence[str] = OPS) -> Case:
-    """The case of ``seed``: a pure function of the seed and the limits."""
+# Share of fp8 cases where a fuzzed backend takes them. Drawn from a generator of their own, so the other fields of a
+# seed's case are the same whether fp8 cases are drawn or not.
+FP8_SHARE = 0.15
+
+
+def draw_case(seed: int, limits: Limits, ops: Sequence[str] = OPS, fp8: bool = False) -> Case:
+    """The case of ``seed``: a pure function of the seed, the limits, the operators and ``fp8`` (whether fp8 cases
+    may be drawn: some fuzzed backend declares them)."""
     rng = random.Random(seed)
     op = rng.choices(list(ops), weights=[{"attention": 55, "varlen": 25, "kvcache": 20}[o] for o in ops])[0]
     dtype = rng.choices([torch.float16, torch.bfloat16, torch.float32], weights=[40, 40, 20])[0]
@@ -172,6 +192,12 @@ def draw_case(seed: int, limits: Limits, ops: Sequence[str] = OPS) -> Case:
         seed, op, dtype, batch, seqlen_q, seqlen_k, heads_q, heads_k, head_dim, head_dim_v, causal, window,
         softcap, alibi, dropout_p, deterministic, softmax_scale, sink,
     )  # fmt: skip
+    fp8_rng = random.Random(f"fp8 {seed}")
+    if fp8 and fp8_rng.random() < FP8_SHARE:
+        # Forward only, no sink (refused with fp8), no dropout (see attnkit.fuzz_fp8).
+        case = dataclasses.replace(
+            case, fp8=True, fp8_flip_q=fp8_rng.random() < 0.2, dropout_p=0.0, deterministic=False, sink=False
+        )
     if op == "varlen":
         lengths_q = tuple(rng.choice([0, 1, rng.randint(1, seqlen_q), seqlen_q]) for _ in range(batch))
         lengths_k = tuple(rng.choice([0, 1, rng.randint(1, seqlen_k), seqlen_k]) for _ in range(batch))
@@ -221,12 +247,14 @@ class _Judge:
         self.truncates = dtype == torch.bfloat16 and truncating_bf16(backend)
         self.failures: list[str] = []
 
-    def rule(self, name: str, fast: torch.Tensor, exact: torch.Tensor, plain: torch.Tensor, factor: float) -> None:
+    def rule(self, name: str, fast: torch.Tensor, exact: torch.Tensor, plain: torch.Tensor, factor: float,
+             atol: float | None = None) -> None:  # fmt: skip
+        """``atol``: the absolute floor, when not the dtype's (ATOL / GRAD_ATOL)."""
         if fast.shape != exact.shape:
             self.failures.append(f"{name}: shape {tuple(fast.shape)}, expected {tuple(exact.shape)}")
             return
         err = max_abs_error(fast, exact)
-        floor = (ATOL if name == "out" else GRAD_ATOL)[self.dtype]
+        floor = (ATOL if name == "out" else GRAD_ATOL)[self.dtype] if atol is None else atol
         allowed = factor * max_abs_error(plain, exact) + floor
         if self.truncates:
             allowed += _bf16_ulp(float(exact.detach().abs().max())) if exact.numel() else 0.0
@@ -520,20 +548,40 @@ _CHECKS: dict[str, Callable[[Case, str, torch.device], list[str]]] = {
 }
 
 
+def _check_fp8(case: Case, name: str, device: torch.device) -> list[str]:
+    inp = _Inputs(case, device)
+    judge = _Judge(case.dtype, name)
+
+    def randn(*shape: int) -> torch.Tensor:  # float32 on the host: quantized there, then moved
+        return torch.randn(*shape, generator=inp.gen, dtype=torch.float64).float()
+
+    fuzz_fp8.CHECKS[case.op](case, name, device, randn, inp.slopes(case), judge)
+    return judge.failures
+
+
 def run_case(case: Case, backends: Sequence[str], device: torch.device) -> list[Outcome]:
     outcomes = []
+    check = _check_fp8 if case.fp8 else _CHECKS[case.op]
     for name in backends:
+        if case.fp8 and not fuzz_fp8.accepts_fp8(name):
+            outcomes.append(Outcome(name, case.label, "n/a"))
+            continue
         try:
-            failures = _CHECKS[case.op](case, name, device)
+            failures = check(case, name, device)
         except BackendUnsupportedError:
-            outcomes.append(Outcome(name, case.op, "n/a"))
+            outcomes.append(Outcome(name, case.label, "n/a"))
             continue
         except Exception as exc:  # any other exception is a failure of the backend on a valid input
             lines = traceback.format_exception_only(type(exc), exc)
-            outcomes.append(Outcome(name, case.op, "FAIL", [f"raised {''.join(lines).strip()[:600]}"]))
+            outcomes.append(Outcome(name, case.label, "FAIL", [f"raised {''.join(lines).strip()[:600]}"]))
             continue
-        outcomes.append(Outcome(name, case.op, "FAIL" if failures else "pass", failures))
+        outcomes.append(Outcome(name, case.label, "FAIL" if failures else "pass", failures))
     return outcomes
+
+
+def draws_fp8(backends: Sequence[str]) -> bool:
+    """Whether fp8 cases are drawn for these backends: some of them declares fp8."""
+    return any(fuzz_fp8.accepts_fp8(name) for name in backends)
 
 
 def available_backends(device: torch.device) -> list[str]:
@@ -571,9 +619,9 @@ class Summary:
         self.failures.extend(other.failures)
 
     def format(self) -> str:
-        lines = [f"{'backend':<12} {'op':<10} {'pass':>6} {'FAIL':>6} {'n/a':>6}"]
+        lines = [f"{'backend':<12} {'op':<14} {'pass':>6} {'FAIL':>6} {'n/a':>6}"]
         for (backend, op), slot in sorted(self.counts.items()):
-            lines.append(f"{backend:<12} {op:<10} {slot['pass']:>6} {slot['FAIL']:>6} {slot['n/a']:>6}")
+            lines.append(f"{backend:<12} {op:<14} {slot['pass']:>6} {slot['FAIL']:>6} {slot['n/a']:>6}")
         passed = sum(s["pass"] for s in self.counts.values())
         failed = sum(s["FAIL"] for s in self.counts.values())
         lines.append(f"{self.cases} cases; {passed} passed, {failed} failed")
@@ -607,8 +655,9 @@ def fuzz(
     deadline = time.monotonic() + seconds
     summary = Summary()
     seed = first_seed + worker
+    with_fp8 = draws_fp8(names)
     while time.monotonic() < deadline and (max_cases is None or summary.cases < max_cases):
-        case = draw_case(seed, limits, ops)
+        case = draw_case(seed, limits, ops, with_fp8)
         outcomes = run_case(case, names, device)
         summary.add(case, outcomes)
         for o in outcomes:
@@ -644,10 +693,11 @@ def fuzz_parallel(
 
 
 def replay(seed: int, *, device: torch.device, backends: Sequence[str] | None = None) -> Summary:
-    case = draw_case(seed, Limits.for_device(device))
+    names = list(backends) if backends else available_backends(device)
+    case = draw_case(seed, Limits.for_device(device), fp8=draws_fp8(names))
     print(f"seed {seed}: {case.describe()}")
     summary = Summary()
-    outcomes = run_case(case, list(backends) if backends else available_backends(device), device)
+    outcomes = run_case(case, names, device)
     summary.add(case, outcomes)
     for o in outcomes:
         print(f"  {o.backend}: {o.status}" + "".join(f"\n    {d}" for d in o.details))

@@ -12,7 +12,8 @@ Writing a backend (see docs/architecture.md):
 * override ``unavailable_reason()`` to report a missing package or device (with an install hint);
 * override ``extra_why_not(spec)`` for limits the capability table cannot express;
 * implement ``forward``/``backward`` (dense and varlen, see :mod:`attnkit.params` for layouts) and, when the
-  capabilities list them, ``forward_kvcache``, ``piecewise_forward`` and ``piecewise_backward``.
+  capabilities list them, ``forward_kvcache``, ``piecewise_forward`` and ``piecewise_backward`` (and, with
+  float8_e4m3fn among the dtypes and the ``fp8`` feature, ``forward_fp8`` / ``forward_kvcache_fp8``).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from typing import ClassVar
 import torch
 
 from .errors import AttnkitError
+from .fp8 import Fp8Scales
 from .params import AttentionParams, KVCacheInfo, VarlenInfo
 from .spec import OPS, AttentionSpec
 
@@ -193,6 +195,33 @@ class Backend:
         """Merge partial attention states: ``out_parts`` (P, B, S, H, D), ``lse_parts`` (P, B, H, S), any strides;
         returns ``(out (B, S, H, D) in out_dtype, lse (B, H, S))`` (see ``attnkit.merge_attention_states``)."""
         raise AttnkitError(f"backend {self.name!r} declares no merge kernel")
+
+    def forward_fp8(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        alibi_slopes: torch.Tensor | None,
+        params: AttentionParams,
+        varlen: VarlenInfo | None,
+        scales: Fp8Scales,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`forward` for float8_e4m3fn q, k, v with descales (attnkit.fp8); ``out`` in ``scales.out_dtype``,
+        lse float32. Needed only when the capabilities list the ``fp8`` feature."""
+        raise AttnkitError(f"backend {self.name!r} declares no fp8 kernel")
+
+    def forward_kvcache_fp8(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        cache: KVCacheInfo,
+        alibi_slopes: torch.Tensor | None,
+        params: AttentionParams,
+        scales: Fp8Scales,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`forward_kvcache` for a float8_e4m3fn q and cache; descales are indexed by q's batch row."""
+        raise AttnkitError(f"backend {self.name!r} declares no fp8 kvcache kernel")
 
     def piecewise_forward(
         self,

@@ -18,6 +18,7 @@ FEATURES = (
     "dv_ne_d",  # value head dim differs from qk head dim
     "deterministic",  # deterministic backward requested
     "sink",  # learnable attention sink: a per-head logit in the softmax denominator
+    "fp8",  # float8_e4m3fn inputs with descales (attnkit.fp8), forward only
 )
 
 # A call's features as one int (bit i = FEATURES[i]): a cheap part of the dispatch cache key.
@@ -34,6 +35,7 @@ def feature_bits(
     dv_ne_d: bool,
     deterministic: bool,
     sink: bool = False,
+    fp8: bool = False,
 ) -> int:
     """The features in use as a bit mask, in the order of :data:`FEATURES` (positional: it runs on every call)."""
     return (
@@ -46,6 +48,7 @@ def feature_bits(
         | dv_ne_d << 6
         | deterministic << 7
         | sink << 8
+        | fp8 << 9
     )
 
 

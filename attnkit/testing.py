@@ -19,6 +19,7 @@ from collections.abc import Sequence
 import torch
 
 from . import dropout as dropout_rng
+from . import fp8
 from .ops.attention import attention
 from .ops.piecewise import piecewise_attention
 from .ops.varlen import attention_varlen
@@ -216,3 +217,84 @@ def within_tolerance(
     err_fast = max_abs_error(fast, exact)
     allowed = factor * max_abs_error(plain, exact) + atol
     return err_fast <= allowed, err_fast, allowed
+
+
+def attention_fp8_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    q_descale: torch.Tensor | None = None,
+    k_descale: torch.Tensor | None = None,
+    v_descale: torch.Tensor | None = None,
+    causal: bool = False,
+    softmax_scale: float | None = None,
+    window_size: tuple[int, int] = (-1, -1),
+    alibi_slopes: torch.Tensor | None = None,
+    softcap: float = 0.0,
+    dropout_p: float = 0.0,
+    return_lse: bool = False,
+    upcast: bool = True,
+    p_fp8: bool = True,
+):
+    """References for float8_e4m3fn ``attention`` calls, on the dequantized inputs (FlashAttention-3's fp8 tests).
+
+    ``upcast=True``: the exact answer, the dequantized inputs in float64 through the reference (float64 out).
+    ``upcast=False``: plain PyTorch in bfloat16 (dequantized inputs rounded to bfloat16, materialised scores);
+    with ``p_fp8`` the probabilities are rounded to float8_e4m3fn before the PV product the way the fp8 kernels
+    round them (``exp(s - rowmax) * 2^8``, normalised by the unrounded row sum), else they stay bfloat16. The
+    tolerance rule compares a kernel with the ``p_fp8`` one (docs/fp8.md). Dropout draws its seed from the torch
+    generator like the real op (see :func:`attention_ref`).
+    """
+    hk = k.shape[2]
+    ones = torch.ones(q.shape[0], hk, dtype=torch.float32, device=q.device)
+    qd, kd, vd = (ones if d is None else d for d in (q_descale, k_descale, v_descale))
+    kw = dict(causal=causal, softmax_scale=softmax_scale, window_size=window_size, softcap=softcap)
+    if upcast:
+        qf, kf, vf = (fp8.dequantize(x, d, torch.float64) for x, d in ((q, qd), (k, kd), (v, vd)))
+        return attention(
+            qf, kf, vf, alibi_slopes=alibi_slopes, dropout_p=dropout_p, return_lse=return_lse, backend="reference",
+            **kw,
+        )  # fmt: skip
+    qf, kf, vf = (fp8.dequantize(x, d).to(torch.bfloat16) for x, d in ((q, qd), (k, kd), (v, vd)))
+    seed = _seed_for(dropout_p)
+    if not p_fp8:
+        return attention_naive(
+            qf, kf, vf, alibi_slopes=alibi_slopes, dropout_p=dropout_p, dropout_seed=seed, return_lse=return_lse,
+            **kw,
+        )  # fmt: skip
+    batch, sq, hq, d = q.shape
+    sk = k.shape[1]
+    scale = softmax_scale if softmax_scale is not None else d**-0.5
+    left, right = window_size
+    if causal:
+        right = 0
+    kf = kf.repeat_interleave(hq // hk, dim=2)
+    vf = vf.repeat_interleave(hq // hk, dim=2)
+    s = torch.einsum("bihd,bjhd->bhij", qf, kf) * scale
+    if softcap > 0:
+        s = torch.tanh(s / softcap) * softcap
+    visible, dist = _mask(sq, sk, left, right, q.device)
+    if alibi_slopes is not None:
+        slopes = alibi_slopes.to(s.dtype)
+        slopes = slopes[None, :, None, None] if slopes.dim() == 1 else slopes[:, :, None, None]
+        s = s - slopes * dist.abs().to(s.dtype)
+    s = s.masked_fill(~visible, float("-inf"))
+    m = s.amax(dim=-1, keepdim=True)
+    m = torch.where(torch.isinf(m) & (m < 0), torch.zeros_like(m), m)
+    p = torch.exp(s - m)  # bfloat16, in [0, 1]
+    row_sum = p.float().sum(dim=-1)
+    p8 = (p.float() * 256.0).to(fp8.FP8_DTYPE).to(torch.bfloat16)
+    if dropout_p > 0:
+        bh = torch.arange(batch, device=q.device)[:, None] * hq + torch.arange(hq, device=q.device)
+        keep = dropout_rng.keep_mask(
+            seed, dropout_p, bh.reshape(-1), torch.arange(sq, device=q.device), torch.arange(sk, device=q.device)
+        ).view(batch, hq, sq, sk)
+        p8 = p8 * keep.to(p8.dtype)
+    acc = torch.einsum("bhij,bjhd->bihd", p8, vf).float()
+    denom = torch.where(row_sum == 0, torch.ones_like(row_sum), row_sum * 256.0)
+    out = (acc / denom.permute(0, 2, 1)[..., None]).masked_fill((row_sum == 0).permute(0, 2, 1)[..., None], 0.0)
+    out = out / (1.0 - dropout_p)
+    out = out.to(torch.bfloat16)
+    lse = torch.where(row_sum == 0, torch.full_like(row_sum, float("-inf")), m[..., 0].float() + row_sum.log())
+    return (out, lse) if return_lse else out

@@ -248,19 +248,25 @@ def _common_mutations(draw, call: Call, tensor_names: list[str]) -> list[Callabl
 def _varlen_mutations(draw, call: Call) -> list[Callable[[], Call]]:
     q, cq, ck = call.args[0], call.args[3], call.args[4]
     total_q = q.shape[0]
-    return [
-        lambda: _replace_arg(call, 3, cq.long(), "cu_seqlens_q"),
-        lambda: _replace_arg(call, 4, ck.tolist(), "cu_seqlens_k"),
-        lambda: _replace_arg(call, 3, cq[None], "cu_seqlens_q"),
-        lambda: _replace_arg(call, 3, cq[:1], "cu_seqlens_q"),
-        lambda: _replace_arg(call, 3, cq + 1, "cu_seqlens_q"),
-        lambda: _replace_arg(call, 4, torch.cat([ck, ck[-1:] - 1]), "cu_seqlens"),
-        lambda: _replace_arg(call, 3, torch.cat([cq[:-1], cq.new_tensor([total_q + 5])]), "cu_seqlens_q"),
-        lambda: _replace_arg(call, 4, -ck, "cu_seqlens_k"),
-        lambda: _replace_arg(call, 4, torch.cat([ck, ck[-1:]]), "cu_seqlens"),
-        lambda: _replace_arg(call, 5, draw(st.sampled_from([-1, 2.0, "4", True, None])), "max_seqlen_q"),
-        lambda: _replace_arg(call, 6, draw(st.sampled_from([-3, 1.5, None])), "max_seqlen_k"),
-    ] + ([lambda: _replace_arg(call, 5, 0, "max_seqlen_q")] if int((cq[1:] - cq[:-1]).max()) > 0 else [])
+    return (
+        [
+            lambda: _replace_arg(call, 3, cq.long(), "cu_seqlens_q"),
+            lambda: _replace_arg(call, 4, ck.tolist(), "cu_seqlens_k"),
+            lambda: _replace_arg(call, 3, cq[None], "cu_seqlens_q"),
+            lambda: _replace_arg(call, 3, cq[:1], "cu_seqlens_q"),
+            lambda: _replace_arg(call, 3, cq + 1, "cu_seqlens_q"),
+            lambda: _replace_arg(call, 4, torch.cat([ck, ck[-1:] - 1]), "cu_seqlens"),
+            lambda: _replace_arg(call, 3, torch.cat([cq[:-1], cq.new_tensor([total_q + 5])]), "cu_seqlens_q"),
+            lambda: _replace_arg(call, 4, torch.cat([ck, ck[-1:]]), "cu_seqlens"),
+            lambda: _replace_arg(call, 5, draw(st.sampled_from([-1, 2.0, "4", True, None])), "max_seqlen_q"),
+            lambda: _replace_arg(call, 6, draw(st.sampled_from([-3, 1.5, None])), "max_seqlen_k"),
+        ]
+        + ([lambda: _replace_arg(call, 5, 0, "max_seqlen_q")] if int((cq[1:] - cq[:-1]).max()) > 0 else [])
+        + (
+            # negated offsets are invalid only where some offset is not 0 (all-empty sequences: -ck == ck)
+            [lambda: _replace_arg(call, 4, -ck, "cu_seqlens_k")] if int(ck.abs().max()) > 0 else []
+        )
+    )
 
 
 def _piecewise_mutations(draw, call: Call) -> list[Callable[[], Call]]:

@@ -124,3 +124,74 @@ def test_check_reports_a_crashing_backend_as_a_failure(monkeypatch):
     row = check.check_case("reference", case, torch.float32, CPU)
     assert row.status.startswith("FAIL") and "RuntimeError" in row.status
     assert "1 failed" in check.format_rows([row])
+
+
+# ---- fp8 cases (attnkit.fuzz_fp8) -------------------------------------------------------------------------------
+
+
+def _fp8_seeds(ops=fuzz.OPS, count=12):
+    return [s for s in range(400) if fuzz.draw_case(s, LIMITS, ops, fp8=True).fp8][:count]
+
+
+def test_fp8_cases_are_drawn_only_for_backends_that_take_them():
+    """fp8 cases come from a generator of their own: with fp8 allowed a seed's case is the same but for the fp8
+    fields (and the options fp8 refuses), and fp8 cases exist for every operator."""
+    assert fuzz.draws_fp8(["reference"]) and not fuzz.draws_fp8(["torch_sdpa", "cupy_cuda"])
+    cases = [(fuzz.draw_case(s, LIMITS), fuzz.draw_case(s, LIMITS, fp8=True)) for s in range(300)]
+    assert not any(plain.fp8 for plain, _ in cases)
+    drawn = [c for _, c in cases if c.fp8]
+    assert {c.op for c in drawn} == set(fuzz.OPS) and 20 <= len(drawn) <= 80
+    assert any(c.fp8_flip_q for c in drawn) and not any(c.sink or c.dropout_p for c in drawn)
+    for plain, with_fp8 in cases:
+        if not with_fp8.fp8:
+            assert with_fp8 == plain
+        else:
+            undone = dataclasses.replace(with_fp8, fp8=False, fp8_flip_q=False, sink=plain.sink,
+                                         dropout_p=plain.dropout_p, deterministic=plain.deterministic)  # fmt: skip
+            assert undone == plain
+
+
+def test_reference_passes_fp8_cases():
+    seeds = _fp8_seeds()
+    for seed in seeds:
+        case = fuzz.draw_case(seed, LIMITS, fp8=True)
+        (outcome,) = fuzz.run_case(case, ["reference"], CPU)
+        assert outcome.status == "pass" and outcome.op == f"{case.op}/fp8", (case.describe(), outcome.details)
+    # A backend without fp8 is not eligible for them.
+    assert [o.status for o in fuzz.run_case(fuzz.draw_case(seeds[0], LIMITS, fp8=True), ["torch_sdpa"], CPU)] == ["n/a"]
+
+
+@pytest.mark.parametrize("how", ["scale", "descale_row", "cache_write"])
+def test_planted_fp8_bugs_are_caught(monkeypatch, how):
+    """An fp8 output off by 3% (the bound of docs/fp8.md is tight enough for it), a descale applied to the wrong
+    batch row, and a stray write into an fp8 cache are all caught on fp8 cases, and replayed from their seed."""
+    backend = REGISTRY.get("reference")
+    forward, forward_kvcache = backend.forward_fp8, backend.forward_kvcache_fp8
+
+    def planted_forward(q, k, v, alibi, params, varlen, scales):
+        if how == "descale_row" and scales.v_descale.shape[0] > 1:
+            scales = dataclasses.replace(scales, v_descale=scales.v_descale.flip(0))
+        out, lse = forward(q, k, v, alibi, params, varlen, scales)
+        return (out * 1.03 if how == "scale" else out), lse
+
+    def planted_kvcache(q, k_cache, v_cache, cache, alibi, params, scales):
+        result = forward_kvcache(q, k_cache, v_cache, cache, alibi, params, scales)
+        if how == "cache_write":
+            k_cache.view(-1)[0] = 0.0
+        return result
+
+    monkeypatch.setattr(backend, "forward_fp8", planted_forward)
+    monkeypatch.setattr(backend, "forward_kvcache_fp8", planted_kvcache)
+    ops = ["kvcache"] if how == "cache_write" else ["attention", "varlen"]
+    failing = []
+    for seed in _fp8_seeds(ops, count=10):
+        case = fuzz.draw_case(seed, LIMITS, ops, fp8=True)
+        if how == "descale_row" and case.batch < 2:
+            continue
+        (outcome,) = fuzz.run_case(case, ["reference"], CPU)
+        if outcome.status == "FAIL":
+            failing.append((seed, outcome))
+    assert failing, f"planted fp8 bug {how!r} not caught"
+    seed, outcome = failing[0]
+    assert outcome.details
+    assert fuzz.run_case(fuzz.draw_case(seed, LIMITS, ops, fp8=True), ["reference"], CPU)[0].status == "FAIL"

@@ -69,10 +69,12 @@ def choose(
     requires_grad: bool,
     sink: bool = False,
     merged_backward: bool = False,
+    fp8: bool = False,
 ) -> str:
     """What the custom op is told about the backend: in eager mode the registry name of the backend that will run
     this call (raising now when none can); while ``torch.compile`` traces the call, a request token, and the op
-    decides when it runs (see :mod:`attnkit.dispatch`). ``merged_backward``: see AttentionSpec."""
+    decides when it runs (see :mod:`attnkit.dispatch`). ``merged_backward``: see AttentionSpec; ``fp8``: float8_e4m3fn
+    inputs with descales (attnkit.fp8), a feature the options do not show."""
     merged_backward = merged_backward and requires_grad
     if torch.compiler.is_compiling():
         token = dispatch.traced_token(backend, requires_grad, merged_backward)
@@ -81,7 +83,7 @@ def choose(
     num_heads_q, head_dim = q.shape[-2], q.shape[-1]
     bits = spec_feature_bits(
         params.causal, params.has_window, alibi, params.softcap > 0, params.dropout_p > 0, num_heads_q != num_heads_k,
-        head_dim_v != head_dim, params.deterministic and requires_grad, sink,
+        head_dim_v != head_dim, params.deterministic and requires_grad, sink, fp8,
     )  # fmt: skip
     return dispatch.decide(
         dispatch.request_token(backend), op, q.device, q.dtype, head_dim, head_dim_v, num_heads_q, num_heads_k, batch,

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from .. import dispatch
 from .. import sink as sink_rule
+from ..fp8 import Fp8Scales
 from ..params import AttentionParams, KVCacheInfo, VarlenInfo, lse_dtype
 from ..registry import REGISTRY, Backend
 from ..spec import feature_bits
@@ -104,7 +105,7 @@ def kvcache_forward(*args):
 _PARAMS: dict[tuple, AttentionParams] = {}
 
 
-def _params(softmax_scale, causal, window_left, window_right, softcap, dropout_p, dropout_seed, deterministic,
+def params_of(softmax_scale, causal, window_left, window_right, softcap, dropout_p, dropout_seed, deterministic,
             dropout_seed_tensor=None):  # fmt: skip
     if dropout_seed_tensor is not None:  # drawn in a compiled graph
         dropout_seed = int(dropout_seed_tensor)
@@ -131,14 +132,15 @@ def _positive_scale(softmax_scale: float, *queries: Tensor) -> tuple[float, list
     return softmax_scale, list(queries), False
 
 
-def _varlen(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
+def varlen_of(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
     if cu_seqlens_q is None:
         return None
     return VarlenInfo(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
 
 
 def _backend(backend: str, op: str, q: Tensor, k: Tensor, v: Tensor, batch: int, seqlen_q: int, seqlen_k: int,
-             params: AttentionParams, alibi: bool, requires_grad: bool, sink: bool = False) -> Backend:  # fmt: skip
+             params: AttentionParams, alibi: bool, requires_grad: bool, sink: bool = False,
+             fp8: bool = False) -> Backend:  # fmt: skip
     """The backend to run: named by the frontend, or decided now from a request token (a traced call)."""
     if not backend.startswith(dispatch.TOKEN_PREFIX):
         return REGISTRY.get(backend)
@@ -149,7 +151,7 @@ def _backend(backend: str, op: str, q: Tensor, k: Tensor, v: Tensor, batch: int,
     hq, d, hk, dv = q.shape[-2], q.shape[-1], k.shape[-2], v.shape[-1]
     bits = feature_bits(
         params.causal, params.has_window, alibi, params.softcap > 0, params.dropout_p > 0, hq != hk, dv != d,
-        params.deterministic and requires_grad, sink,
+        params.deterministic and requires_grad, sink, fp8,
     )  # fmt: skip
     name = dispatch.decide(
         backend, op, q.device, q.dtype, d, dv, hq, hk, batch, seqlen_q, seqlen_k, bits, requires_grad, merged
@@ -157,13 +159,13 @@ def _backend(backend: str, op: str, q: Tensor, k: Tensor, v: Tensor, batch: int,
     return REGISTRY.get(name)
 
 
-def _attention_backend(backend, q, k, v, cu_seqlens_q, max_seqlen_q, max_seqlen_k, alibi, params, requires_grad,
-                       sink=False):  # fmt: skip
+def attention_backend(backend, q, k, v, cu_seqlens_q, max_seqlen_q, max_seqlen_k, alibi, params, requires_grad,
+                      sink=False, fp8=False):  # fmt: skip
     if cu_seqlens_q is None:
         return _backend(backend, "attention", q, k, v, q.shape[0], q.shape[1], k.shape[1], params, alibi is not None,
-                        requires_grad, sink)  # fmt: skip
+                        requires_grad, sink, fp8)  # fmt: skip
     return _backend(backend, "varlen", q, k, v, cu_seqlens_q.shape[0] - 1, max_seqlen_q, max_seqlen_k, params,
-                    alibi is not None, requires_grad, sink)  # fmt: skip
+                    alibi is not None, requires_grad, sink, fp8)  # fmt: skip
 
 
 # ---- attention / attention_varlen ----------------------------------------------------------------------------
@@ -173,11 +175,11 @@ def _attention_forward_impl(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, m
                             softmax_scale, causal, window_left, window_right, softcap, dropout_p, dropout_seed,
                             deterministic, backend, learnable_sink=None, dropout_seed_tensor=None):  # fmt: skip
     softmax_scale, (q,), _ = _positive_scale(softmax_scale, q)
-    params = _params(softmax_scale, causal, window_left, window_right, softcap, dropout_p, dropout_seed, deterministic,
-                     dropout_seed_tensor)  # fmt: skip
-    chosen = _attention_backend(backend, q, k, v, cu_seqlens_q, max_seqlen_q, max_seqlen_k, alibi_slopes, params,
+    params = params_of(softmax_scale, causal, window_left, window_right, softcap, dropout_p, dropout_seed,
+                       deterministic, dropout_seed_tensor)  # fmt: skip
+    chosen = attention_backend(backend, q, k, v, cu_seqlens_q, max_seqlen_q, max_seqlen_k, alibi_slopes, params,
                                 False, learnable_sink is not None)  # fmt: skip
-    varlen = _varlen(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    varlen = varlen_of(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     if learnable_sink is None:  # backends without the "sink" feature never see the keyword
         out, lse = chosen.forward(q, k, v, alibi_slopes, params, varlen)
     else:
@@ -198,11 +200,11 @@ def _attention_backward_impl(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k
                              alibi_slopes, softmax_scale, causal, window_left, window_right, softcap, dropout_p,
                              dropout_seed, deterministic, backend, dropout_seed_tensor=None):  # fmt: skip
     softmax_scale, (q,), flipped = _positive_scale(softmax_scale, q)
-    params = _params(softmax_scale, causal, window_left, window_right, softcap, dropout_p, dropout_seed, deterministic,
-                     dropout_seed_tensor)  # fmt: skip
-    chosen = _attention_backend(backend, q, k, v, cu_seqlens_q, max_seqlen_q, max_seqlen_k, alibi_slopes, params,
+    params = params_of(softmax_scale, causal, window_left, window_right, softcap, dropout_p, dropout_seed,
+                       deterministic, dropout_seed_tensor)  # fmt: skip
+    chosen = attention_backend(backend, q, k, v, cu_seqlens_q, max_seqlen_q, max_seqlen_k, alibi_slopes, params,
                                 True)  # fmt: skip
-    varlen = _varlen(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    varlen = varlen_of(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     dq, dk, dv = chosen.backward(dout, q, k, v, out, lse, alibi_slopes, params, varlen)
     return (-dq if flipped else dq).contiguous(), dk.contiguous(), dv.contiguous()
 
@@ -317,16 +319,22 @@ def _piecewise_forward_autograd(q1, k1, q2, k2, v, *rest):
 def _kvcache_forward_impl(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table, cache_leftpad,
                           alibi_slopes, softmax_scale, causal, window_left, window_right, softcap, num_splits,
                           backend):  # fmt: skip
+    params = params_of(softmax_scale, causal, window_left, window_right, softcap, 0.0, 0, False)
+    return run_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table, cache_leftpad,
+                       alibi_slopes, params, num_splits, backend)  # fmt: skip
+
+
+def run_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table, cache_leftpad, alibi_slopes,
+                params: AttentionParams, num_splits, backend, scales: Fp8Scales | None = None):  # fmt: skip
     """Appends ``k``/``v`` (when given) at ``cache_seqlens`` and attends over each row's keys up to
-    ``cache_seqlens + S_new`` (from ``cache_leftpad``). The frontend has checked the lengths and pages; the backend
-    is resolved before the write."""
-    params = _params(softmax_scale, causal, window_left, window_right, softcap, 0.0, 0, False)
+    ``cache_seqlens + S_new`` (from ``cache_leftpad``); ``scales``: a float8_e4m3fn call (``fp8_kvcache_forward``).
+    The frontend has checked the lengths and pages; the backend is resolved before the write."""
     paged = block_table is not None
     capacity = block_table.shape[1] * k_cache.shape[1] if paged else k_cache.shape[1]
     op = "paged_kvcache" if paged else "kvcache"
     batch = q.shape[0]
     chosen = _backend(backend, op, q, k_cache, v_cache, batch, q.shape[1], capacity if batch else 0, params,
-                      alibi_slopes is not None, False)  # fmt: skip
+                      alibi_slopes is not None, False, fp8=scales is not None)  # fmt: skip
     total = cache_seqlens
     if k is not None and k.shape[1]:
         if backend.startswith(dispatch.TOKEN_PREFIX):
@@ -335,7 +343,10 @@ def _kvcache_forward_impl(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_
         append_kv(k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table)
         total = (cache_seqlens + k.shape[1]).to(torch.int32)
     info = KVCacheInfo(total, cache_batch_idx, block_table, cache_leftpad, num_splits)
-    out, lse = chosen.forward_kvcache(q, k_cache, v_cache, info, alibi_slopes, params)
+    if scales is None:
+        out, lse = chosen.forward_kvcache(q, k_cache, v_cache, info, alibi_slopes, params)
+    else:
+        out, lse = chosen.forward_kvcache_fp8(q, k_cache, v_cache, info, alibi_slopes, params, scales)
     return out.contiguous(), lse.contiguous()
 
 

@@ -6,9 +6,9 @@ from collections.abc import Sequence
 
 import torch
 
+from .. import fp8, validation
 from .. import sink as sink_rule
-from .. import validation
-from . import _common, _library
+from . import _common, _fp8_library, _library
 
 
 def attention(
@@ -26,6 +26,10 @@ def attention(
     return_lse: bool = False,
     backend: str | Sequence[str] = "auto",
     learnable_sink: torch.Tensor | None = None,
+    q_descale: torch.Tensor | None = None,
+    k_descale: torch.Tensor | None = None,
+    v_descale: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Exact softmax attention, flash-attn 2.x semantics.
 
@@ -61,14 +65,19 @@ def attention(
             ``cupy_cuda``) or an ordered list of names.
         learnable_sink: float32 ``(nheads,)``: one logit per query head that joins the softmax denominator only
             (attention sinks, flash-attn 4's name; transformers' ``s_aux``). Differentiable.
+        q_descale, k_descale, v_descale: for float8_e4m3fn q, k, v (FlashAttention-3's convention, see
+            :mod:`attnkit.fp8`): float32 ``(batch, nheads_k)``, real value = fp8 value * descale; None means 1.
+            fp8 calls are forward only.
+        out_dtype: output dtype of fp8 calls (bfloat16, the default, float16 or float32).
 
     Returns:
-        ``out`` of shape ``(batch, seqlen_q, nheads, headdim_v)`` in q's dtype, or ``(out, lse)``.
+        ``out`` of shape ``(batch, seqlen_q, nheads, headdim_v)`` in q's dtype (``out_dtype`` for fp8 inputs), or
+        ``(out, lse)``.
     """
     q = validation.tensor("q", q, 4)
     k = validation.tensor("k", k, 4)
     v = validation.tensor("v", v, 4)
-    validation.same_dtype_device({"q": q, "k": k, "v": v})
+    is_fp8 = fp8.same_dtype_device({"q": q, "k": k, "v": v})
     validation.heads_and_dims(q.shape, k.shape, v.shape, seq_axis=1)
     validation.last_dim_contiguous({"q": q, "k": k, "v": v})
     batch, seqlen_q, num_heads_q, head_dim = q.shape
@@ -88,6 +97,11 @@ def attention(
     validation.flag("return_lse", return_lse)
     sink = sink_rule.validate(learnable_sink, num_heads_q, q.device)
     requires_grad = _common.needs_grad(q, k, v) or (sink is not None and _common.needs_grad(sink))
+    fp8.no_sink(is_fp8, sink is not None)
+    scales = fp8.scales(
+        is_fp8, {"q": q, "k": k, "v": v}, q_descale=q_descale, k_descale=k_descale, v_descale=v_descale,
+        out_dtype=out_dtype, batch=batch, num_heads_k=num_heads_k, requires_grad=requires_grad,
+    )  # fmt: skip
     chosen = _common.choose(
         "attention",
         backend,
@@ -101,8 +115,15 @@ def attention(
         alibi=slopes is not None,
         requires_grad=requires_grad,
         sink=sink is not None,
+        fp8=scales is not None,
     )
-    if q.numel() == 0 or seqlen_k == 0:
+    if scales is not None:
+        out, lse = _fp8_library.forward(
+            q, k, v, None, None, seqlen_q, seqlen_k, slopes, params, scales, chosen,
+            (batch, seqlen_q, num_heads_q, v.shape[-1]), (batch, num_heads_q, seqlen_q),
+            _common.dropout_seed_tensor(params),
+        )  # fmt: skip
+    elif q.numel() == 0 or seqlen_k == 0:
         out, lse = _common.EmptyAttention.apply(
             (batch, seqlen_q, num_heads_q, v.shape[-1]), (batch, num_heads_q, seqlen_q), q, k, v
         )

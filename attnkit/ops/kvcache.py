@@ -6,10 +6,10 @@ from collections.abc import Sequence
 
 import torch
 
-from .. import validation
+from .. import fp8, validation
 from ..errors import InvalidArgumentError, InvalidArgumentTypeError
 from ..params import lse_dtype
-from . import _common, _kvcache_checks, _library
+from . import _common, _fp8_library, _kvcache_checks, _library
 from ._kvcache_checks import int32_vector
 from .rotary import apply_rotary, check_tables
 
@@ -36,6 +36,10 @@ def attention_with_kvcache(
     return_lse: bool = False,
     num_splits: int = 0,
     backend: str | Sequence[str] = "auto",
+    q_descale: torch.Tensor | None = None,
+    k_descale: torch.Tensor | None = None,
+    v_descale: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention of new queries over a KV cache, appending new keys/values in place (flash-attn semantics).
 
@@ -61,6 +65,8 @@ def attention_with_kvcache(
             ``return_softmax_lse`` (e.g. for :func:`attnkit.merge_attention_states`).
         num_splits: programs sharing one row's keys in a split-KV kernel; 0 (default) lets the backend choose
             (FA3's heuristic on the Triton backends), 1 disables splitting. A performance knob only.
+        q_descale, k_descale, v_descale, out_dtype: for a float8_e4m3fn q and cache (and new k/v), as in
+            :func:`attnkit.attention`: ``(batch, nheads_k)`` float32, indexed by q's batch row; no rotary.
         Other keywords as in :func:`attnkit.attention` (no dropout). Forward only, like flash-attn: with grad
             mode on, an input that requires grad raises InvalidArgumentError (use torch.no_grad()).
 
@@ -70,7 +76,7 @@ def attention_with_kvcache(
     q = validation.tensor("q", q, 4)
     k_cache = validation.tensor("k_cache", k_cache, 4)
     v_cache = validation.tensor("v_cache", v_cache, 4)
-    validation.same_dtype_device({"q": q, "k_cache": k_cache, "v_cache": v_cache})
+    is_fp8 = fp8.same_dtype_device({"q": q, "k_cache": k_cache, "v_cache": v_cache})
     validation.heads_and_dims(q.shape, k_cache.shape, v_cache.shape, seq_axis=None)
     # The cache is written in place, so it cannot be copied to make it contiguous: ask for it instead.
     validation.last_dim_contiguous({"q": q, "k_cache": k_cache, "v_cache": v_cache})
@@ -92,7 +98,7 @@ def attention_with_kvcache(
     if k is not None:
         k = validation.tensor("k", k, 4)
         v = validation.tensor("v", v, 4)
-        validation.same_dtype_device({"q": q, "k": k, "v": v})
+        fp8.same_dtype_device({"q": q, "k": k, "v": v})
         if tuple(k.shape) != (batch, k.shape[1], k_cache.shape[2], head_dim) or tuple(v.shape) != (
             batch, k.shape[1], v_cache.shape[2], v_cache.shape[3],
         ):  # fmt: skip
@@ -128,6 +134,11 @@ def attention_with_kvcache(
         deterministic=False,
     )
     slopes = validation.alibi_slopes(alibi_slopes, batch, num_heads_q, device)
+    scales = fp8.scales(
+        is_fp8, {"q": q, "k_cache": k_cache, "v_cache": v_cache}, q_descale=q_descale, k_descale=k_descale,
+        v_descale=v_descale, out_dtype=out_dtype, batch=batch, num_heads_k=k_cache.shape[2], requires_grad=False,
+    )  # fmt: skip
+    fp8.no_rotary(is_fp8, rotary_cos is not None or rotary_sin is not None)
     per_query = params.is_masked
     if rotary_cos is not None or rotary_sin is not None:
         if rotary_cos is None or rotary_sin is None or k is None:
@@ -159,6 +170,7 @@ def attention_with_kvcache(
         params=params,
         alibi=slopes is not None,
         requires_grad=False,
+        fp8=scales is not None,
     )
 
     # Every check has passed: from here on the call writes (the rotated new keys, then the cache).
@@ -172,12 +184,18 @@ def attention_with_kvcache(
     if q.numel() == 0:  # no batch rows, queries or heads: nothing to attend, but the append still happens
         if k is not None and seqlen_new:
             _library.append_kv(k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table)
-        out = q.new_zeros((batch, seqlen_q, num_heads_q, v_cache.shape[-1]))
+        out = q.new_zeros((batch, seqlen_q, num_heads_q, v_cache.shape[-1]), dtype=_out_dtype(q, scales))
         lse = torch.full((batch, num_heads_q, seqlen_q), float("-inf"), dtype=lse_dtype(q.dtype), device=device)
         return (out, lse) if return_lse else out
     if q.stride(-1) != 1:
         q = q.contiguous()
     # The op appends k/v to the cache (a declared in-place write), then attends.
+    if scales is not None:
+        out, lse = _fp8_library.kvcache_forward(
+            q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table, cache_leftpad, slopes, params,
+            num_splits, scales, chosen,
+        )  # fmt: skip
+        return (out, lse) if return_lse else out
     out, lse = _library.kvcache_forward(
         q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table, cache_leftpad, slopes,
         params.softmax_scale, params.causal, params.window_left, params.window_right, params.softcap, num_splits,
@@ -244,6 +262,10 @@ def _forward_only(named: dict[str, object]) -> None:
                 f"flash_attn_with_kvcache); call it under torch.no_grad() or torch.inference_mode(), or pass "
                 f"{name}.detach()"
             )
+
+
+def _out_dtype(q: torch.Tensor, scales: fp8.Fp8Scales | None) -> torch.dtype:
+    return q.dtype if scales is None else scales.out_dtype
 
 
 def _capturing(device: torch.device) -> bool:

@@ -7,10 +7,10 @@ from collections.abc import Sequence
 
 import torch
 
+from .. import fp8, validation
 from .. import sink as sink_rule
-from .. import validation
 from ..errors import InvalidArgumentError
-from . import _common, _library
+from . import _common, _fp8_library, _library
 
 
 def attention_varlen(
@@ -32,6 +32,10 @@ def attention_varlen(
     return_lse: bool = False,
     backend: str | Sequence[str] = "auto",
     learnable_sink: torch.Tensor | None = None,
+    q_descale: torch.Tensor | None = None,
+    k_descale: torch.Tensor | None = None,
+    v_descale: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention over packed sequences (flash-attn's ``flash_attn_varlen_func``).
 
@@ -42,7 +46,8 @@ def attention_varlen(
             ``cu_seqlens[b]:cu_seqlens[b + 1]``. Both must describe the same number of sequences.
         max_seqlen_q, max_seqlen_k: the longest sequence lengths (checked against the offsets).
         Other keywords as in :func:`attnkit.attention`; masks are aligned per sequence (bottom-right), and
-        ``alibi_slopes`` may be ``(nheads,)`` or ``(batch, nheads)``; ``learnable_sink`` float32 ``(nheads,)``.
+        ``alibi_slopes`` may be ``(nheads,)`` or ``(batch, nheads)``; ``learnable_sink`` float32 ``(nheads,)``; with
+        float8_e4m3fn inputs the descales are ``(batch, nheads_k)``, one row per sequence (see :mod:`attnkit.fp8`).
 
     Returns:
         ``out`` ``(total_q, nheads, headdim_v)``, or ``(out, lse)`` with lse ``(nheads, total_q)`` float32.
@@ -50,7 +55,7 @@ def attention_varlen(
     q = validation.tensor("q", q, 3)
     k = validation.tensor("k", k, 3)
     v = validation.tensor("v", v, 3)
-    validation.same_dtype_device({"q": q, "k": k, "v": v})
+    is_fp8 = fp8.same_dtype_device({"q": q, "k": k, "v": v})
     validation.heads_and_dims(q.shape, k.shape, v.shape, seq_axis=None)
     validation.last_dim_contiguous({"q": q, "k": k, "v": v})
     # The offsets as lists (None while torch.compile traces the call: then checked on the device).
@@ -87,6 +92,11 @@ def attention_varlen(
     validation.flag("return_lse", return_lse)
     sink = sink_rule.validate(learnable_sink, num_heads_q, q.device)
     requires_grad = _common.needs_grad(q, k, v) or (sink is not None and _common.needs_grad(sink))
+    fp8.no_sink(is_fp8, sink is not None)
+    scales = fp8.scales(
+        is_fp8, {"q": q, "k": k, "v": v}, q_descale=q_descale, k_descale=k_descale, v_descale=v_descale,
+        out_dtype=out_dtype, batch=batch, num_heads_k=k.shape[1], requires_grad=requires_grad,
+    )  # fmt: skip
     chosen = _common.choose(
         "varlen",
         backend,
@@ -100,8 +110,14 @@ def attention_varlen(
         alibi=slopes is not None,
         requires_grad=requires_grad,
         sink=sink is not None,
+        fp8=scales is not None,
     )
-    if q.shape[0] == 0 or max_seqlen_q == 0 or max_seqlen_k == 0:
+    if scales is not None:
+        out, lse = _fp8_library.forward(
+            q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, slopes, params, scales, chosen,
+            (q.shape[0], num_heads_q, v.shape[-1]), (num_heads_q, q.shape[0]), _common.dropout_seed_tensor(params),
+        )  # fmt: skip
+    elif q.shape[0] == 0 or max_seqlen_q == 0 or max_seqlen_k == 0:
         out, lse = _common.EmptyAttention.apply(
             (q.shape[0], num_heads_q, v.shape[-1]), (num_heads_q, q.shape[0]), q, k, v
         )

@@ -7,7 +7,7 @@ import torch
 from attnkit.registry import Backend, BackendCapabilities
 from attnkit.spec import FEATURES, OPS
 
-from . import core, merge, ops
+from . import core, fp8, merge, ops
 
 
 class ReferenceBackend(Backend):
@@ -18,7 +18,7 @@ class ReferenceBackend(Backend):
     )
     capabilities = BackendCapabilities(
         device_types=frozenset({"cpu", "cuda", "mps", "xpu"}),
-        dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64}),
+        dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.float8_e4m3fn}),
         ops=frozenset(OPS),
         features=frozenset(FEATURES),
         min_head_dim=1,
@@ -36,6 +36,12 @@ class ReferenceBackend(Backend):
 
     def merge_states(self, out_parts, lse_parts, out_dtype):
         return merge.merge_states(out_parts, lse_parts, out_dtype)
+
+    def forward_fp8(self, q, k, v, alibi_slopes, params, varlen, scales):
+        return fp8.forward_fp8(q, k, v, alibi_slopes, params, varlen, scales)
+
+    def forward_kvcache_fp8(self, q, k_cache, v_cache, cache, alibi_slopes, params, scales):
+        return fp8.forward_kvcache_fp8(q, k_cache, v_cache, cache, alibi_slopes, params, scales)
 
     def piecewise_forward(self, q1, k1, q2, k2, v, dist_threshold, params):
         return ops.piecewise_forward(q1, k1, q2, k2, v, dist_threshold, params, ops.compute_dtype_for(q1.dtype))

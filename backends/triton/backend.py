@@ -11,6 +11,8 @@ from typing import ClassVar
 
 import torch
 
+from attnkit.fp8 import FEATURE as FP8_FEATURE
+from attnkit.fp8 import FP8_DTYPE, Fp8Scales
 from attnkit.params import AttentionParams, KVCacheInfo, VarlenInfo
 from attnkit.registry import Backend, BackendCapabilities
 from attnkit.spec import AttentionSpec
@@ -20,6 +22,8 @@ from . import probes
 _FEATURES = frozenset({"causal", "window", "alibi", "softcap", "dropout", "gqa", "dv_ne_d", "deterministic", "sink"})
 _OPS = frozenset({"attention", "varlen", "piecewise", "kvcache", "paged_kvcache", "merge"})
 _DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32})
+# fp8 (attnkit.fp8): triton_cuda only, on Hopper's fp8 tensor cores and later (FP8_MIN_CAPABILITY).
+FP8_MIN_CAPABILITY = (9, 0)
 
 
 def _launch() -> ModuleType:
@@ -53,6 +57,12 @@ class _TritonBackend(Backend):
             return [
                 "CPU tensors run only under the Triton interpreter (set TRITON_INTERPRET=1 before importing "
                 "triton; for tests)"
+            ]
+        cc = spec.compute_capability
+        if FP8_FEATURE in spec.features and spec.device_type == "cuda" and cc is not None and cc < FP8_MIN_CAPABILITY:
+            need = FP8_MIN_CAPABILITY
+            return [
+                f"fp8 needs compute capability >= {need[0]}.{need[1]} (fp8 tensor cores), this GPU is {cc[0]}.{cc[1]}"
             ]
         return []
 
@@ -112,6 +122,34 @@ class _TritonBackend(Backend):
 
         return merge_launch.merge_states(out_parts, lse_parts, out_dtype)
 
+    def forward_fp8(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        alibi_slopes: torch.Tensor | None,
+        params: AttentionParams,
+        varlen: VarlenInfo | None,
+        scales: Fp8Scales,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        from . import fp8_launch
+
+        return fp8_launch.forward_fp8(q, k, v, alibi_slopes, params, varlen, scales, self.vendor)
+
+    def forward_kvcache_fp8(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        cache: KVCacheInfo,
+        alibi_slopes: torch.Tensor | None,
+        params: AttentionParams,
+        scales: Fp8Scales,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        from . import kvcache_launch
+
+        return kvcache_launch.forward_kvcache(q, k_cache, v_cache, cache, alibi_slopes, params, scales)
+
     def piecewise_forward(
         self,
         q1: torch.Tensor,
@@ -149,14 +187,16 @@ class TritonCudaBackend(_TritonBackend):
     priority = 30
     vendor = "nvidia"
     gpu_label = "NVIDIA"
-    description = "FlashAttention-2 in Triton for NVIDIA GPUs (sm_80+); deterministic backward, no atomics"
+    description = (
+        "FlashAttention-2 in Triton for NVIDIA GPUs (sm_80+); deterministic backward, no atomics; fp8 forward on sm_90+"
+    )
     capabilities = BackendCapabilities(
         device_types=frozenset({"cuda", "cpu"}),
         vendors=frozenset({"nvidia", "cpu"}),
         min_compute_capability=(8, 0),
-        dtypes=_DTYPES,
+        dtypes=_DTYPES | {FP8_DTYPE},
         ops=_OPS,
-        features=_FEATURES,
+        features=_FEATURES | {FP8_FEATURE},
         min_head_dim=1,
         max_head_dim=256,
     )

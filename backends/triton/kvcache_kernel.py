@@ -16,8 +16,18 @@ from .kernel_utils import LN2, LOG2E, dot_operand, tanh
 
 
 @triton.jit
+def _fp8_as_bf16(x, FP8: tl.constexpr, UPCAST: tl.constexpr):
+    # fp8 (e4m3) tiles multiply in bf16, which holds every e4m3 value exactly: decoding is bound by the cache
+    # reads, which fp8 halves, not by the products. (The interpreter's products are float32 anyway.)
+    if FP8:
+        if not UPCAST:
+            x = x.to(tl.bfloat16)
+    return x
+
+
+@triton.jit
 def kvcache_split_fwd(
-    Q, K, V, SLOPES, SEQLENS, BATCH_IDX, BLOCK_TABLE, LEFTPAD, OUT_PART, LSE_PART,
+    Q, K, V, SLOPES, SEQLENS, BATCH_IDX, BLOCK_TABLE, LEFTPAD, OUT_PART, LSE_PART, Q_DESCALE, K_DESCALE, V_DESCALE,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -32,7 +42,7 @@ def kvcache_split_fwd(
     HAS_ALIBI: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     HAS_WINDOW_LEFT: tl.constexpr, HAS_WINDOW_RIGHT: tl.constexpr, UPCAST: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, FP8: tl.constexpr = False,
 ):  # fmt: skip
     split = tl.program_id(0)
     bh = tl.program_id(1)
@@ -40,6 +50,8 @@ def kvcache_split_fwd(
     b = bh // num_kv_heads
     hk = bh % num_kv_heads
     seqlen_k = tl.load(SEQLENS + b)
+    if FP8:  # descales (attnkit.fp8), (batch, nheads_k): q's and k's scale the scores, v's the output
+        scale_log2 = scale_log2 * tl.load(Q_DESCALE + bh) * tl.load(K_DESCALE + bh)
 
     rows = m_block * BLOCK_M + tl.arange(0, BLOCK_M)  # rows of the (group x seqlen_q) block of this kv head
     g = rows // seqlen_q
@@ -51,7 +63,7 @@ def kvcache_split_fwd(
 
     q_ptrs = Q + b.to(tl.int64) * stride_qb + qi[:, None] * stride_qs + hq[:, None] * stride_qh + d[None, :]
     q = tl.load(q_ptrs, mask=row_ok[:, None] & (d[None, :] < HEAD_DIM), other=0.0)
-    q = dot_operand(q, UPCAST)
+    q = _fp8_as_bf16(dot_operand(q, UPCAST), FP8, UPCAST)
 
     if HAS_ALIBI:
         slope = tl.load(SLOPES + b * stride_slope_b + hq, mask=row_ok, other=0.0) * LOG2E
@@ -99,6 +111,7 @@ def kvcache_split_fwd(
             v_rows = cache_row * stride_vb + cols * stride_vs
         k_mask = col_ok[None, :] & (d[:, None] < HEAD_DIM)
         k = tl.load(k_head + k_rows[None, :] + d[:, None], mask=k_mask, other=0.0)
+        k = _fp8_as_bf16(k, FP8, UPCAST)
         s = tl.dot(q, dot_operand(k, UPCAST), input_precision=DOT_PRECISION)
         if HAS_SOFTCAP:
             s = tanh(s * (scale_log2 * LN2 / softcap)) * (softcap * LOG2E)
@@ -120,6 +133,7 @@ def kvcache_split_fwd(
         l_i = l_i * alpha + tl.sum(p, 1)
         v_mask = col_ok[:, None] & (dv[None, :] < HEAD_DIM_V)
         vt = tl.load(v_head + v_rows[:, None] + dv[None, :], mask=v_mask, other=0.0)
+        vt = _fp8_as_bf16(vt, FP8, UPCAST)
         if UPCAST:
             acc = acc * alpha[:, None] + tl.dot(p, vt.to(tl.float32), input_precision=DOT_PRECISION)
         else:
@@ -128,6 +142,8 @@ def kvcache_split_fwd(
 
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    if FP8:
+        out = out * tl.load(V_DESCALE + bh)
     lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * LN2)
     o_ptrs = (OUT_PART + split * stride_os + b * stride_ob + hq[:, None] * stride_oh + qi[:, None] * stride_om
               + dv[None, :])  # fmt: skip

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
+from attnkit.fp8 import Fp8Scales
 from attnkit.params import AttentionParams, KVCacheInfo
 
 from . import launch, probes
@@ -21,7 +22,7 @@ _MAX_SPLITS = MAX_SPLITS
 _BLOCK_N = 64
 _NUM_WARPS = 4
 _NUM_STAGES = 2
-_SPLIT_TENSORS = 10  # leading tensor arguments of kvcache_split_fwd (the rest is the remembered tail)
+_SPLIT_TENSORS = 13  # leading tensor arguments of kvcache_split_fwd (the rest is the remembered tail)
 
 
 # Decode steps are short (a 1k-64k cache is read in ~0.1 ms on an H200), so triton's JIT dispatch of the two
@@ -42,7 +43,7 @@ class _DecodePlan:
     part_shape: tuple[int, ...]
 
 
-def _plan_key(q, k_cache, v_cache, info: KVCacheInfo, alibi, params: AttentionParams) -> tuple:
+def _plan_key(q, k_cache, v_cache, info: KVCacheInfo, alibi, params: AttentionParams, scales) -> tuple:
     """Shapes, strides, dtypes, devices and 16-byte alignment of every tensor argument, and the parameters
     (triton specialises pointers on alignment and integers on divisibility by 16 and on being 1)."""
 
@@ -53,6 +54,7 @@ def _plan_key(q, k_cache, v_cache, info: KVCacheInfo, alibi, params: AttentionPa
         meta(q), meta(k_cache), meta(v_cache), meta(info.cache_seqlens), meta(info.cache_batch_idx),
         meta(info.block_table), meta(info.cache_leftpad), info.num_splits, meta(alibi), params, _WAVES, _BLOCK_N,
         _NUM_WARPS, _NUM_STAGES,
+        None if scales is None else (scales.out_dtype, *(meta(t) for t in _descales(info, scales))),
     )  # fmt: skip
 
 
@@ -73,6 +75,13 @@ def _pointer_args(info: KVCacheInfo, alibi: torch.Tensor | None) -> tuple[torch.
     )
 
 
+def _descales(info: KVCacheInfo, scales: Fp8Scales | None) -> tuple[torch.Tensor, ...]:
+    """Q/K/V_DESCALE of the split kernel (after its outputs); the lengths stand in when FP8 is off."""
+    if scales is None:
+        return (info.cache_seqlens,) * 3
+    return scales.q_descale, scales.k_descale, scales.v_descale
+
+
 def _multiprocessors(device: torch.device) -> int:
     if device.type != "cuda":
         return 4
@@ -86,10 +95,10 @@ def splits_for(info: KVCacheInfo, work: int, key_blocks: int, block_n: int, devi
     return split_count(work, key_blocks, block_n, _WAVES * _multiprocessors(device), _MAX_SPLITS)
 
 
-def _buffers(q, head_dim_v: int, splits: int, part_shape: tuple[int, ...]):
+def _buffers(q, head_dim_v: int, splits: int, part_shape: tuple[int, ...], out_dtype: torch.dtype):
     """out, lse and the split kernel's destinations: float32 partials to combine, or, with one split, the outputs
     themselves viewed with the partials' (split, batch, head, query) index order."""
-    out = torch.empty(q.shape[0], q.shape[1], q.shape[2], head_dim_v, dtype=q.dtype, device=q.device)
+    out = torch.empty(q.shape[0], q.shape[1], q.shape[2], head_dim_v, dtype=out_dtype, device=q.device)
     lse = torch.empty(q.shape[0], q.shape[2], q.shape[1], dtype=torch.float32, device=q.device)
     if splits == 1:
         return out, lse, out.permute(0, 2, 1, 3).unsqueeze(0), lse.unsqueeze(0)
@@ -105,19 +114,23 @@ def forward_kvcache(
     info: KVCacheInfo,
     alibi: torch.Tensor | None,
     params: AttentionParams,
+    scales: Fp8Scales | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``scales`` (float8_e4m3fn q and cache): descales and the output dtype."""
     interpreted = probes.interpreter_enabled()
+    out_dtype = q.dtype if scales is None else scales.out_dtype
     plan_key = None
     if launch.FAST_LAUNCH and launch._FAST_LAUNCH_SUPPORTED and not interpreted:
-        plan_key = _plan_key(q, k_cache, v_cache, info, alibi, params)
+        plan_key = _plan_key(q, k_cache, v_cache, info, alibi, params, scales)
         plan = _plans.get(plan_key)
         if plan is not None:
-            out, lse, out_part, lse_part = _buffers(q, v_cache.shape[3], plan.split_grid[0], plan.part_shape)
+            out, lse, out_part, lse_part = _buffers(q, v_cache.shape[3], plan.split_grid[0], plan.part_shape, out_dtype)
             if all(launch._aligned(t) for t in (out_part, lse_part, out, lse)):
                 with launch._on_device(q):
                     plan.split_kernel[plan.split_grid](
-                        q, k_cache, v_cache, *_pointer_args(info, alibi), out_part, lse_part, *plan.split_tail
-                    )
+                        q, k_cache, v_cache, *_pointer_args(info, alibi), out_part, lse_part,
+                        *_descales(info, scales), *plan.split_tail,
+                    )  # fmt: skip
                     if plan.combine_kernel is not None:
                         plan.combine_kernel[plan.combine_grid](out_part, lse_part, out, lse, *plan.combine_tail)
                 return out, lse
@@ -125,7 +138,7 @@ def forward_kvcache(
     batch, seqlen_q, heads_q, head_dim = q.shape
     heads_k, head_dim_v = k_cache.shape[2], v_cache.shape[3]
     if q.numel() == 0:  # no programs to launch (and the split count below divides by the batch)
-        out = torch.zeros(batch, seqlen_q, heads_q, head_dim_v, dtype=q.dtype, device=q.device)
+        out = torch.zeros(batch, seqlen_q, heads_q, head_dim_v, dtype=out_dtype, device=q.device)
         return out, torch.full((batch, heads_q, seqlen_q), float("-inf"), dtype=torch.float32, device=q.device)
     group = heads_q // heads_k
     paged = info.block_table is not None
@@ -143,10 +156,10 @@ def forward_kvcache(
     splits = triton.cdiv(key_blocks * block_n, keys_per_split)
 
     part_shape = (splits, batch, heads_q, seqlen_q, head_dim_v)
-    out, lse, out_part, lse_part = _buffers(q, head_dim_v, splits, part_shape)
+    out, lse, out_part, lse_part = _buffers(q, head_dim_v, splits, part_shape, out_dtype)
     slope_stride_b = alibi.stride(0) if alibi is not None and alibi.dim() == 2 else 0
     split_args = (
-        q, k_cache, v_cache, *_pointer_args(info, alibi), out_part, lse_part,
+        q, k_cache, v_cache, *_pointer_args(info, alibi), out_part, lse_part, *_descales(info, scales),
         q.stride(0), q.stride(1), q.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -165,6 +178,7 @@ def forward_kvcache(
         HAS_ALIBI=alibi is not None, HAS_SOFTCAP=params.softcap > 0, HAS_WINDOW_LEFT=params.window_left >= 0,
         HAS_WINDOW_RIGHT=params.window_right >= 0,
         UPCAST=interpreted, DOT_PRECISION="ieee" if q.dtype == torch.float32 and not interpreted else "tf32",
+        FP8=scales is not None,
     )  # fmt: skip
     split_grid = (splits, batch * heads_k, m_blocks)
     with launch._on_device(q):

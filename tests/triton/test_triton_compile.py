@@ -120,3 +120,54 @@ def test_kernels_allocate_the_documented_layout():
     grads = backend.backward(_strided(1, 5, 2, 16, seed=3), q, k, v, out, lse, None, params, None)
     for t in (out, lse, *grads):
         assert t.is_contiguous()
+
+
+# ---- fp8 (forward only) ---------------------------------------------------------------------------------------
+
+# torch's test_schema cannot compare float8 arguments on the CPU (tests/test_fp8_compile.py pins it and checks
+# the schema's claims by hand); the other checks run.
+FP8_CHECKS = tuple(c for c in ALL_CHECKS if c != "test_schema")
+
+
+def _fp8(b, s, h, d, hk, *, seed):
+    from attnkit import fp8
+
+    return fp8.quantize(_rand(b, s, h, d, seed=seed), hk)
+
+
+def test_inductor_fp8_attention_and_kvcache():
+    """The fp8 kernels (dense forward, split-KV decoding over an fp8 cache) through inductor, fullgraph."""
+
+    def fn(q, k, v, qd, kd, vd):
+        return attnkit.attention(q, k, v, causal=True, q_descale=qd, k_descale=kd, v_descale=vd, backend=BACKEND)
+
+    (q, qd), (k, kd), (v, vd) = _fp8(1, 7, 2, 16, 1, seed=0), _fp8(1, 9, 1, 16, 1, seed=1), _fp8(1, 9, 1, 16, 1, seed=2)
+    out_c = torch.compile(fn, fullgraph=True)(q, k, v, qd, kd, vd)
+    torch.testing.assert_close(out_c, fn(q, k, v, qd, kd, vd), atol=0, rtol=0)
+
+    def step(q, k_cache, v_cache, k_new, v_new, lens):
+        return attnkit.attention_with_kvcache(q, k_cache, v_cache, k_new, v_new, cache_seqlens=lens, backend=BACKEND)
+
+    k_cache, v_cache = _fp8(2, 32, 1, 16, 1, seed=3)[0], _fp8(2, 32, 1, 16, 1, seed=4)[0]
+    k_eager, v_eager = k_cache.clone(), v_cache.clone()
+    q, k_new, v_new = _fp8(2, 1, 2, 16, 1, seed=5)[0], _fp8(2, 1, 1, 16, 1, seed=6)[0], _fp8(2, 1, 1, 16, 1, seed=7)[0]
+    lens = torch.tensor([3, 9], dtype=I32)
+    out_c = torch.compile(step, fullgraph=True)(q, k_cache, v_cache, k_new, v_new, lens)
+    out_e = step(q, k_eager, v_eager, k_new, v_new, lens)
+    assert out_c.dtype == torch.bfloat16
+    torch.testing.assert_close(out_c, out_e, atol=0, rtol=0)
+    assert torch.equal(k_cache.view(torch.uint8), k_eager.view(torch.uint8))
+
+
+def test_opcheck_fp8_ops():
+    """The fp8 fakes give exactly what the Triton fp8 kernels allocate (strided inputs, out_dtype, lse float32)."""
+    (q, qd), (k, kd), (v, vd) = _fp8(1, 5, 2, 16, 1, seed=0), _fp8(1, 6, 1, 16, 1, seed=1), _fp8(1, 6, 1, 16, 1, seed=2)
+    q = q.transpose(1, 2).contiguous().transpose(1, 2)
+    args = (q, k, v, qd, kd, vd, None, None, 5, 6, None, torch.float32, 0.25, True, -1, 0, 0.0, 0.0, 0, False, BACKEND)
+    torch.library.opcheck(torch.ops.attnkit.fp8_attention_forward.default, args, test_utils=FP8_CHECKS)
+    kc, vc = _fp8(2, 16, 1, 16, 1, seed=4)[0], _fp8(2, 16, 1, 16, 1, seed=5)[0]
+    q8, k_new, v_new = (_fp8(2, 1, h, 16, 1, seed=s)[0] for h, s in ((2, 6), (1, 7), (1, 8)))
+    kv_args = (q8, kc, vc, k_new, v_new,
+               torch.ones(2, 1), torch.ones(2, 1), torch.ones(2, 1), torch.tensor([3, 9], dtype=I32), None, None,
+               None, None, torch.bfloat16, 0.25, False, -1, -1, 0.0, 0, BACKEND)  # fmt: skip
+    torch.library.opcheck(torch.ops.attnkit.fp8_kvcache_forward.default, kv_args, test_utils=FP8_CHECKS)
