@@ -1,7 +1,8 @@
 """No import cycles among attnkit's modules (the backends included), read from the source with ``ast``.
 
-Every ``import`` statement counts, at module level or inside a function: a deferred import does not remove a
-cycle, it only moves the failure to the first call that takes that path.
+Every ``import`` statement that can run counts, at module level or inside a function: a deferred import does not
+remove a cycle, it only moves the failure to the first call that takes that path. Imports under
+``if TYPE_CHECKING:`` never run and are left out (annotations only).
 """
 
 from __future__ import annotations
@@ -34,11 +35,27 @@ def _modules() -> dict[str, tuple[Path, bool]]:
     return modules
 
 
+def _is_type_checking(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
+
+
 def _imported(name: str, path: Path, is_package: bool, modules: dict[str, tuple[Path, bool]]) -> set[str]:
     """The attnkit modules that ``name``'s import statements name."""
     package = name if is_package else name.rpartition(".")[0]
     found: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+    tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+    type_only = {
+        id(inner)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.If) and _is_type_checking(node.test)
+        for stmt in node.body
+        for inner in ast.walk(stmt)
+    }
+    for node in ast.walk(tree):
+        if id(node) in type_only:
+            continue
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names if alias.name in modules)
         elif isinstance(node, ast.ImportFrom):
@@ -123,3 +140,13 @@ def test_cycle_finder_finds_cycles():
     graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a", "e"}, "e": {"e2"}, "e2": {"e"}, "f": set()}
     assert sorted(_cycles(graph)) == [["a", "b", "c"], ["e", "e2"]]
     assert _cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_type_checking_imports_are_left_out(tmp_path):
+    src = tmp_path / "m.py"
+    src.write_text(
+        "from typing import TYPE_CHECKING\nimport typing\nfrom . import a\n"
+        "if TYPE_CHECKING:\n    from . import b\nif typing.TYPE_CHECKING:\n    from . import c\n"
+    )
+    modules = {name: (src, False) for name in ("pkg.m", "pkg.a", "pkg.b", "pkg.c")}
+    assert _imported("pkg.m", src, False, modules) == {"pkg.a"}
