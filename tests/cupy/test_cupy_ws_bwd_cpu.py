@@ -51,14 +51,15 @@ def test_config_head_dims(head_dim, expected):
 @pytest.mark.parametrize(
     ("arch", "varlen", "wgmma", "tma", "smem", "selected"),
     [
-        ("sm_90", False, None, None, H200_SMEM, True),
+        ("sm_90", False, None, None, H200_SMEM, False),  # opt-in: ATTNKIT_CUPY_TMA_BWD defaults to 0
+        ("sm_90", False, None, "1", H200_SMEM, True),
         ("sm_90", False, "1", "1", H200_SMEM, True),
-        ("sm_90", False, None, "0", H200_SMEM, False),  # ATTNKIT_CUPY_TMA_BWD=0
-        ("sm_90", False, "0", None, H200_SMEM, False),  # ATTNKIT_CUPY_WGMMA=0 turns off every wgmma kernel
-        ("sm_90", True, None, None, H200_SMEM, False),  # varlen stays on bwd_sm90.cu
-        ("sm_80", False, None, None, 163 * 1024, False),
-        ("compute_90", False, None, None, H200_SMEM, False),
-        ("sm_90", False, None, None, 150 * 1024, False),  # 198 KB do not fit
+        ("sm_90", False, None, "0", H200_SMEM, False),
+        ("sm_90", False, "0", "1", H200_SMEM, False),  # ATTNKIT_CUPY_WGMMA=0 turns off every wgmma kernel
+        ("sm_90", True, None, "1", H200_SMEM, False),  # varlen stays on bwd_sm90.cu
+        ("sm_80", False, None, "1", 163 * 1024, False),
+        ("compute_90", False, None, "1", H200_SMEM, False),
+        ("sm_90", False, None, "1", 150 * 1024, False),  # 198 KB do not fit
     ],
 )
 def test_selection(monkeypatch, arch, varlen, wgmma, tma, smem, selected):
@@ -151,7 +152,7 @@ def recorder(monkeypatch):
     # The driver encoding needs a GPU; the recorded maps are their checked descriptions instead.
     monkeypatch.setattr(ws_bwd, "encode_maps", lambda maps: list(maps.all()))
     monkeypatch.delenv("ATTNKIT_CUPY_WGMMA", raising=False)
-    monkeypatch.delenv("ATTNKIT_CUPY_TMA_BWD", raising=False)
+    monkeypatch.setenv("ATTNKIT_CUPY_TMA_BWD", "1")  # opt-in
     return _Recorder.calls
 
 

@@ -45,7 +45,7 @@ def launched(monkeypatch):
 
     monkeypatch.setattr(cb._Launcher, "__call__", spy)
     monkeypatch.delenv("ATTNKIT_CUPY_WGMMA", raising=False)
-    monkeypatch.delenv("ATTNKIT_CUPY_TMA_BWD", raising=False)
+    monkeypatch.setenv("ATTNKIT_CUPY_TMA_BWD", "1")  # opt-in (default 0)
     return names
 
 
@@ -151,7 +151,7 @@ def test_gqa(launched, hq, hk, causal):
     _run(launched, q, k, v, causal=causal)
 
 
-@pytest.mark.parametrize("d", [40, 72, 96, 120])
+@pytest.mark.parametrize("d", [40, 120])  # padded 65..96 map to kernel dim 96, which this kernel does not build
 def test_padded_head_dims(launched, d):
     """Head dims below the kernel's 64/128: TMA zero-fills the columns past d and drops them on the dQ add."""
     q, k, v = _inputs(1, 203, 113, 4, 2, d, torch.float16, (d,))
@@ -177,12 +177,21 @@ def test_long_many_blocks(launched):
 def test_agrees_with_bwd_sm90(launched, monkeypatch, d):
     """The old and new Hopper backward compute the same gradients up to float rounding of the dQ sums."""
     q, k, v = _inputs(2, 777, 900, 4, 2, d, torch.bfloat16, ("agree", d))
+    torch.manual_seed(11)  # the same dout for both runs (the only random draw in _run)
     new = _run(launched, q, k, v, causal=True)
     monkeypatch.setenv("ATTNKIT_CUPY_TMA_BWD", "0")
+    torch.manual_seed(11)
     old = _run(launched, q, k, v, expect_ws=False, causal=True)
     assert "attnkit_bwd_sm90" in launched
-    for a, b in zip(new, old):
-        assert max_abs_error(a, b) < 2e-2
+    # Two bf16 implementations differ by rounding: by no more than the rule allows plain bf16 against float64.
+    ql, kl, vl = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    torch.manual_seed(11)
+    dout = torch.randn(q.shape, device=DEV, dtype=q.dtype)
+    attention_ref(ql, kl, vl, causal=True, upcast=False).backward(dout)
+    attention_ref(q64, k64, v64, causal=True).backward(dout.double())
+    for a, b, plain, exact in zip(new, old, (ql.grad, kl.grad, vl.grad), (q64.grad, k64.grad, v64.grad)):
+        assert max_abs_error(a, b) <= 3.0 * max_abs_error(plain, exact) + ATOL
 
 
 def test_selection_on_this_gpu(launched, monkeypatch):
@@ -194,7 +203,7 @@ def test_selection_on_this_gpu(launched, monkeypatch):
     monkeypatch.setenv("ATTNKIT_CUPY_TMA_BWD", "0")
     attnkit.attention(q, k, v, backend=BACKEND).sum().backward()
     assert ws_bwd.KERNEL not in launched and "attnkit_bwd_sm90" in launched
-    monkeypatch.delenv("ATTNKIT_CUPY_TMA_BWD")
+    monkeypatch.setenv("ATTNKIT_CUPY_TMA_BWD", "1")
     launched.clear()
     cu = torch.tensor([0, 30, 64], dtype=torch.int32, device=DEV)
     qv, kv, vv = (t.detach()[0].clone().requires_grad_() for t in (q, k, v))
