@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import torch
 
@@ -30,11 +30,34 @@ from .ops.varlen import attention_varlen
 from .registry import REGISTRY
 from .testing import attention_fp8_ref
 
-if TYPE_CHECKING:
-    from .fuzz import Case
-
 ATOL = 1e-2  # docs/fp8.md's absolute term
 E4M3 = fp8.FP8_DTYPE
+
+
+class Case(Protocol):
+    """The fields of :class:`attnkit.fuzz.Case` these checks read (a protocol: attnkit.fuzz imports this module)."""
+
+    seed: int
+    dtype: torch.dtype  # the output dtype of an fp8 case
+    batch: int
+    seqlen_q: int
+    seqlen_k: int
+    heads_q: int
+    heads_k: int
+    head_dim: int
+    head_dim_v: int
+    causal: bool
+    window: tuple[int, int]
+    softcap: float
+    softmax_scale: float | None
+    lengths_q: tuple[int, ...]
+    lengths_k: tuple[int, ...]
+    cache_lens: tuple[int, ...]
+    new_len: int
+    capacity: int
+    page_size: int
+    batch_idx: tuple[int, ...]
+    fp8_flip_q: bool
 
 
 class Judge(Protocol):
