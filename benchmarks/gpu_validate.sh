@@ -3,7 +3,7 @@
 # side by side on the same GPU (correctness only, nothing timed): every GPU test but CuPy's (Triton kernels, every
 # autotune tile, the full grid, KV cache, frontend) in TEST_PROCS parallel shards (their run time is mostly
 # compilation), the CuPy GPU tests (tests/cupy), and the differential fuzzer for FUZZ_SECONDS (default 300) in FUZZ_PROCS
-# processes (default 6).
+# processes (default 6). PRECOMPILE_PROCS (default 16) first builds the CuPy kernels in parallel.
 #   benchmarks/gpu_validate.sh OUT_DIR
 # Writes OUT_DIR/validate.txt (environment, exit codes, pass/fail lines) and one log per job: check.txt,
 # triton_gpu.txt, cupy_gpu.txt, fuzz.txt. Exits non-zero when any job failed.
@@ -22,6 +22,13 @@ log="$out/validate.txt"
     echo "## attnkit info"
     python3 -m attnkit info
 } >"$log" 2>&1
+
+# On a cold machine the CuPy kernels compile one at a time inside the test process (tens of seconds each for the
+# warp-specialised ones); PRECOMPILE_PROCS=N (default 16, 0 to skip) builds them first in N processes.
+if [ "${PRECOMPILE_PROCS:-16}" -gt 0 ]; then
+    python3 benchmarks/cupy_precompile.py --procs "${PRECOMPILE_PROCS:-16}" >"$out/precompile.txt" 2>&1
+    echo "cupy precompile: exit $?; $(tail -1 "$out/precompile.txt")" >>"$log"
+fi
 
 shards="$out/triton_shards"
 mkdir -p "$shards"
