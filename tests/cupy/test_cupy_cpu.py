@@ -10,8 +10,8 @@ from typing import ClassVar
 import numpy as np
 import pytest
 import torch
+from attnkit.backends.cupy import args, compiler, config
 from attnkit.backends.cupy import backend as cb
-from attnkit.backends.cupy import compiler, config
 from helpers import make_spec
 
 import attnkit
@@ -93,11 +93,11 @@ def test_capabilities_reject_with_reason(available, change, needle):
 def test_shared_memory_limit_is_a_reason(monkeypatch, available):
     monkeypatch.setattr(cb.torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(cb.torch.cuda, "current_device", lambda: 0)
-    monkeypatch.setattr(cb, "_max_smem_optin", lambda dev: 48 * 1024)
+    monkeypatch.setattr(cb, "max_smem_optin", lambda dev: 48 * 1024)
     reasons = available.why_not(_spec(head_dim=256, head_dim_v=256, requires_grad=True))
     assert any("shared memory" in r and "49152" in r for r in reasons), reasons
     assert available.why_not(_spec(head_dim=32, head_dim_v=32, requires_grad=True)) == []
-    monkeypatch.setattr(cb, "_max_smem_optin", lambda dev: 99 * 1024)  # consumer Ampere/Ada
+    monkeypatch.setattr(cb, "max_smem_optin", lambda dev: 99 * 1024)  # consumer Ampere/Ada
     assert available.why_not(_spec(head_dim=256, head_dim_v=256, requires_grad=True)) == []
     assert config.bwd_config(128, torch.float16, 99 * 1024).block_m == 32  # smaller tiles on 99 KB devices
 
@@ -255,7 +255,7 @@ class _Recorder:
 @pytest.fixture
 def recorder(monkeypatch):
     _Recorder.calls = []
-    monkeypatch.setattr(cb, "_Launcher", _Recorder)
+    monkeypatch.setattr(cb, "Launcher", _Recorder)
     monkeypatch.setattr(cb, "_arch", lambda dev: "sm_90")
     return _Recorder.calls
 
@@ -366,12 +366,12 @@ def test_rejects_what_it_does_not_implement():
 def test_kernel_ready_keeps_aligned_views_and_copies_others():
     x = torch.randn(2, 8, 16, 64, dtype=torch.float16)
     view = x.transpose(1, 2)  # strides are multiples of 8 elements: passed as is
-    assert cb.kernel_ready(view, 64).data_ptr() == view.data_ptr()
+    assert args.kernel_ready(view, 64).data_ptr() == view.data_ptr()
     odd = torch.randn(2, 5, 3, 70, dtype=torch.float16)[..., 1:65]  # misaligned start and strides
-    fixed = cb.kernel_ready(odd, 64)
+    fixed = args.kernel_ready(odd, 64)
     assert fixed.data_ptr() % 16 == 0 and all(s % 8 == 0 for s in fixed.stride()[:-1])
     assert torch.equal(fixed, odd)
-    padded = cb.kernel_ready(torch.ones(1, 2, 3, 36, dtype=torch.float16), 40)
+    padded = args.kernel_ready(torch.ones(1, 2, 3, 36, dtype=torch.float16), 40)
     assert padded.shape[-1] == 40 and bool((padded[..., 36:] == 0).all())
 
 
