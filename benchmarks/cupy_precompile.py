@@ -22,7 +22,7 @@ import torch
 
 def module_specs(arch: str, smem: int) -> list:
     from attnkit.backends.cupy import backend as cb
-    from attnkit.backends.cupy import compiler, config
+    from attnkit.backends.cupy import compiler, config, ws_fwd
 
     specs = set()
     for dtype in (torch.float16, torch.bfloat16):
@@ -41,7 +41,7 @@ def module_specs(arch: str, smem: int) -> list:
                         {"block_n": 64}, {"producer_regs": 32}]  # fmt: skip
             for change in variants:
                 cfg = dataclasses.replace(base, **change)
-                specs.add(compiler.ModuleSpec.make(cb.WS_SOURCE, cfg.defines(), "sm_90a"))
+                specs.add(compiler.ModuleSpec.make(ws_fwd.SOURCE, cfg.defines(), "sm_90a"))
             bwd = config.sm90_ws_bwd_config(d, dtype, smem)
             if bwd is not None:
                 from attnkit.backends.cupy import ws_bwd

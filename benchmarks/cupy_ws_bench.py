@@ -74,8 +74,7 @@ def _inputs(b: int, sq: int, sk: int, h: int, d: int, seed: int) -> tuple[torch.
 
 # ---- providers ----------------------------------------------------------------------------------------------------
 def _ws(cfg_kwargs: dict[str, object]) -> Callable:
-    from attnkit.backends.cupy import backend as cb
-    from attnkit.backends.cupy import config
+    from attnkit.backends.cupy import config, ws_fwd
 
     from attnkit.params import AttentionParams
 
@@ -83,7 +82,7 @@ def _ws(cfg_kwargs: dict[str, object]) -> Callable:
         d = q.shape[-1]
         cfg = dataclasses.replace(config.sm90_ws_fwd_config(d, q.dtype), **cfg_kwargs)
         params = AttentionParams(softmax_scale=d**-0.5, causal=causal, window_right=0 if causal else -1)
-        return cb.ws_forward(q, k, v, params, cfg)[0]
+        return ws_fwd.ws_forward(q, k, v, params, cfg)[0]
 
     return run
 

@@ -63,11 +63,11 @@ class _Spy:
     """Records the kernel names the cupy backend launches (to prove which backward ran)."""
 
     def __init__(self) -> None:
-        from attnkit.backends.cupy import backend as cb
+        from attnkit.backends.cupy import launcher
 
         self.names: list[str] = []
-        self._cls = cb._Launcher
-        self._real = cb._Launcher.__call__
+        self._cls = launcher.Launcher
+        self._real = launcher.Launcher.__call__
         spy = self
 
         def call(launcher, spec, name, grid, threads, smem, args):

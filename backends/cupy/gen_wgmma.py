@@ -3,7 +3,7 @@ forward kernel uses.
 
 A wgmma instruction names every accumulator register in its operand list (N/2 floats per thread for m64nN), and
 inline asm cannot loop, so the wrappers are spelled out per (N, dtype) by this script rather than by hand.
-``tests/cupy/test_cupy_cpu.py`` checks that the committed header equals this script's output.
+``tests/cupy/test_cupy_compiler.py`` checks that the committed header equals this script's output.
 
     python -m attnkit.backends.cupy.gen_wgmma     # rewrites the header in place
 """

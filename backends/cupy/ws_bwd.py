@@ -1,5 +1,5 @@
 """Host side of the warp-specialized Hopper backward (kernels/bwd_sm90_ws.cu): when it runs, its tensor maps, its
-padded lse/delta buffers and its argument list.
+padded lse/delta buffers, its argument list and :func:`ws_backward`, the launch of the pre-pass and the kernel.
 
 Everything here but :func:`encode_maps` is plain Python over tensor metadata, so the selection rules and the
 exact launch arguments are unit-tested without a GPU (tests/cupy/test_cupy_ws_bwd_cpu.py).
@@ -14,9 +14,11 @@ import torch
 
 from attnkit import env
 from attnkit.errors import InvalidArgumentError
+from attnkit.params import AttentionParams
 
-from . import tma
-from .config import Sm90WsBwdConfig, sm90_ws_bwd_config
+from . import compiler, tma
+from .args import alibi_ready, backward_pre_args, f32, i32, i64, kernel_ready, ptr, score_args
+from .config import PRE_THREADS, Sm90WsBwdConfig, bwd_config, padded_head_dim, pre_grid, sm90_ws_bwd_config
 
 SOURCE = "bwd_sm90_ws.cu"
 KERNEL = "attnkit_bwd_sm90_ws"
@@ -109,19 +111,8 @@ def kernel_arguments(
 ) -> list[Any]:
     """The launch's argument list in attnkit_bwd_sm90_ws's parameter order (the one place it is built).
 
-    ``score`` is backend.score_args' (scale_log2, cap_pre, cap_post, use_softcap, use_alibi); ``head_dim`` the
-    padded head dim of the tensors; dk and dv share one layout."""
-    import numpy as np
-
-    def i32(*values: int) -> list[Any]:
-        for x in values:
-            if not -(2**31) <= x < 2**31:
-                raise InvalidArgumentError(f"value {x} does not fit the CuPy kernels' 32-bit argument")
-        return [np.int32(x) for x in values]
-
-    def ptr(t: torch.Tensor | None) -> Any:
-        return np.uint64(0 if t is None else t.data_ptr())
-
+    ``score`` is :func:`args.score_args`' (scale_log2, cap_pre, cap_post, use_softcap, use_alibi); ``head_dim``
+    the padded head dim of the tensors; dk and dv share one layout."""
     if dk.shape != dv.shape or dk.stride() != dv.stride():
         raise InvalidArgumentError(f"dk {tuple(dk.shape)}/{dk.stride()} and dv {tuple(dv.shape)}/{dv.stride()} differ")
     if len(encoded_maps) != 5:
@@ -134,8 +125,70 @@ def kernel_arguments(
         ptr(dk),
         ptr(dv),
         ptr(alibi),
-        *(np.int64(x) for x in (lse_p.shape[-1], dk.stride(0), dk.stride(1), dk.stride(2))),
+        *i64(lse_p.shape[-1], dk.stride(0), dk.stride(1), dk.stride(2)),
         *i32(seqlen_q, seqlen_k, heads_q, heads_q // heads_k, head_dim, alibi_sb),
-        *(np.float32(x) for x in (softmax_scale, scale_log2, cap_pre, cap_post)),
+        *f32(softmax_scale, scale_log2, cap_pre, cap_post),
         *i32(use_cap, use_alibi, window[0], window[1]),
     ]
+
+
+def ws_backward(
+    launch: Any,
+    arch: str,
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    alibi_slopes: torch.Tensor | None,
+    params: AttentionParams,
+    varlen: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """Gradients from the TMA warp-specialized kernel, or None when it does not apply to this call (the
+    caller then runs bwd_sm90.cu / bwd.cu); nothing is written before that decision. ``launch`` is a
+    :class:`launcher.Launcher` (or a test's recorder)."""
+    d = q.shape[-1]
+    cfg = ws_backward_config(d, q.dtype, arch, launch.smem_limit(), varlen)
+    if cfg is None or q.numel() == 0 or k.numel() == 0:
+        return None
+    dp = padded_head_dim(d)
+    batch, sq, hq = q.shape[0], q.shape[1], q.shape[2]
+    sk, hk = k.shape[1], k.shape[2]
+    qp, kp, vp, op, dop = (kernel_ready(t, dp) for t in (q, k, v, out, dout))
+    dq_acc = torch.zeros(*q.shape[:-1], dp, dtype=torch.float32, device=q.device)
+    try:
+        maps = tensor_maps(cfg, qp, kp, vp, dop, dq_acc)
+    except InvalidArgumentError:
+        return None  # a stride or address TMA cannot describe: the cp.async kernels take any layout
+    dk = torch.empty(*k.shape[:-1], dp, dtype=q.dtype, device=q.device)
+    dv = torch.empty_like(dk)
+    lse_p, delta_p = padded_rows(cfg, lse.to(torch.float32))
+    n = lse_p.shape[-1]
+    pre_spec = compiler.ModuleSpec.make("bwd.cu", bwd_config(d, q.dtype, launch.smem_limit()).defines(), arch)
+    pre_args = backward_pre_args(op, dop, delta_p, False, (hq * n, n), sq, hq, dp)
+    launch(pre_spec, "attnkit_bwd_pre", pre_grid(sq, hq, batch), PRE_THREADS, 0, pre_args)
+    alibi, alibi_sb = alibi_ready(alibi_slopes)
+    args = kernel_arguments(
+        encode_maps(maps),
+        lse_p,
+        delta_p,
+        dk,
+        dv,
+        alibi,
+        alibi_sb,
+        sq,
+        sk,
+        hq,
+        hk,
+        dp,
+        params.softmax_scale,
+        score_args(params, alibi),
+        (params.window_left, params.window_right),
+    )
+    spec = compiler.ModuleSpec.make(SOURCE, cfg.defines(), "sm_90a")
+    launch(spec, KERNEL, cfg.grid(sk, hk, batch), cfg.threads, cfg.smem_bytes, args)
+    dq = dq_acc[..., :d].to(q.dtype)
+    if dp != d:
+        dk, dv = dk[..., :d].contiguous(), dv[..., :d].contiguous()
+    return dq, dk, dv

@@ -152,10 +152,11 @@ def test_hopper_forward_uses_wgmma():
     if not _is_hopper():
         pytest.skip(f"the wgmma forward exists for sm_90 only; this GPU is {torch.cuda.get_device_capability()}")
     from attnkit.backends.cupy import backend as cb
+    from attnkit.backends.cupy import launcher
 
     dev = torch.cuda.current_device()
     for d in (40, 64, 128):
-        source, _, _ = cb.forward_kernel(d, torch.bfloat16, cb._arch(dev), cb._max_smem_optin(dev))
+        source, _, _ = cb.forward_kernel(d, torch.bfloat16, cb._arch(dev), launcher.max_smem_optin(dev))
         assert source == "fwd_sm90.cu", d
 
 

@@ -147,7 +147,7 @@ class _Recorder:
 @pytest.fixture
 def recorder(monkeypatch):
     _Recorder.calls = []
-    monkeypatch.setattr(cb, "_Launcher", _Recorder)
+    monkeypatch.setattr(cb, "Launcher", _Recorder)
     monkeypatch.setattr(cb, "_arch", lambda dev: "sm_90")
     # The driver encoding needs a GPU; the recorded maps are their checked descriptions instead.
     monkeypatch.setattr(ws_bwd, "encode_maps", lambda maps: list(maps.all()))

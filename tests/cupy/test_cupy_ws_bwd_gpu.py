@@ -20,8 +20,7 @@ if not torch.cuda.is_available():  # collected on CPU CI only to be deselected; 
 if torch.cuda.get_device_capability() != (9, 0):
     pytest.skip("bwd_sm90_ws.cu runs on sm_90 (H100/H200) only", allow_module_level=True)
 
-from attnkit.backends.cupy import backend as cb  # noqa: E402
-from attnkit.backends.cupy import ws_bwd  # noqa: E402
+from attnkit.backends.cupy import launcher, ws_bwd  # noqa: E402
 
 import attnkit  # noqa: E402
 from attnkit.testing import attention_ref, max_abs_error  # noqa: E402
@@ -37,13 +36,13 @@ LENGTHS = [1, 37, 113, 128, 203, 1000, 4096]
 def launched(monkeypatch):
     """Names of the kernels the backend launches during the test."""
     names: list[str] = []
-    real = cb._Launcher.__call__
+    real = launcher.Launcher.__call__
 
     def spy(self, spec, name, grid, threads, smem, args):
         names.append(name)
         return real(self, spec, name, grid, threads, smem, args)
 
-    monkeypatch.setattr(cb._Launcher, "__call__", spy)
+    monkeypatch.setattr(launcher.Launcher, "__call__", spy)
     monkeypatch.delenv("ATTNKIT_CUPY_WGMMA", raising=False)
     monkeypatch.setenv("ATTNKIT_CUPY_TMA_BWD", "1")  # opt-in (default 0)
     return names

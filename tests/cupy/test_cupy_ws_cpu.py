@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from attnkit.backends.cupy import backend as cb
-from attnkit.backends.cupy import compiler, config, tma
+from attnkit.backends.cupy import compiler, config, tma, ws_fwd
 
 from attnkit.errors import EnvironmentVariableError, InvalidArgumentError
 from attnkit.params import AttentionParams, VarlenInfo
@@ -96,25 +96,25 @@ def test_ws_selection_switches(monkeypatch, arch, wgmma, tma_env, expected):
             monkeypatch.delenv(name, raising=False)
         else:
             monkeypatch.setenv(name, value)
-    cfg = cb.ws_forward_config(128, torch.bfloat16, arch, SMEM)
+    cfg = ws_fwd.ws_forward_config(128, torch.bfloat16, arch, SMEM)
     assert (cfg is not None) == expected
 
 
 def test_bad_tma_switch_is_rejected(monkeypatch):
     monkeypatch.setenv("ATTNKIT_CUPY_TMA", "sometimes")
     with pytest.raises(EnvironmentVariableError, match="ATTNKIT_CUPY_TMA='sometimes'"):
-        cb.ws_forward_config(128, torch.bfloat16, "sm_90", SMEM)
+        ws_fwd.ws_forward_config(128, torch.bfloat16, "sm_90", SMEM)
 
 
 def test_tma_ready():
     x = torch.randn(2, 16, 4, 64, dtype=torch.bfloat16)
-    assert cb.tma_ready(x)
-    assert cb.tma_ready(x.transpose(1, 2).contiguous().transpose(1, 2))  # (b, h, s, d) storage viewed as bshd
-    assert not cb.tma_ready(x[..., 1:57])  # misaligned base
-    assert not cb.tma_ready(torch.randn(2, 16, 4, 68, dtype=torch.bfloat16)[..., :64])  # 136-byte row stride
-    assert not cb.tma_ready(x[:, :, :1].expand(2, 16, 4, 64))  # stride 0 over heads
-    assert cb.tma_ready(x[:1, :, :1])  # size-1 dims: their stride is never used
-    assert not cb.tma_ready(x[0])  # not 4-D
+    assert ws_fwd.tma_ready(x)
+    assert ws_fwd.tma_ready(x.transpose(1, 2).contiguous().transpose(1, 2))  # (b, h, s, d) storage viewed as bshd
+    assert not ws_fwd.tma_ready(x[..., 1:57])  # misaligned base
+    assert not ws_fwd.tma_ready(torch.randn(2, 16, 4, 68, dtype=torch.bfloat16)[..., :64])  # 136-byte row stride
+    assert not ws_fwd.tma_ready(x[:, :, :1].expand(2, 16, 4, 64))  # stride 0 over heads
+    assert ws_fwd.tma_ready(x[:1, :, :1])  # size-1 dims: their stride is never used
+    assert not ws_fwd.tma_ready(x[0])  # not 4-D
 
 
 # ---- arguments ----------------------------------------------------------------------------------------------------
@@ -135,7 +135,7 @@ class _Recorder:
 def recorder(monkeypatch):
     """Launches recorded, the driver's encoder replaced by the checked description it would get."""
     _Recorder.calls = []
-    monkeypatch.setattr(cb, "_Launcher", _Recorder)
+    monkeypatch.setattr(cb, "Launcher", _Recorder)
     monkeypatch.setattr(cb, "_arch", lambda dev: "sm_90")
     monkeypatch.setattr(tma, "encode", lambda args: args)
     monkeypatch.delenv("ATTNKIT_CUPY_TMA", raising=False)
@@ -183,7 +183,7 @@ def test_dense_forward_takes_the_ws_kernel_with_its_arguments(recorder):
     assert out.shape == q.shape and lse.shape == (2, 4, 37)
     (call,) = recorder
     cfg = config.Sm90WsFwdConfig(128, True)
-    assert call["name"] == cb.WS_KERNEL == "attnkit_fwd_sm90_ws"
+    assert call["name"] == ws_fwd.KERNEL == "attnkit_fwd_sm90_ws"
     assert call["spec"] == compiler.ModuleSpec.make("fwd_sm90_ws.cu", cfg.defines(), "sm_90a")
     assert call["grid"] == (1, 4, 2) and call["threads"] == 384 and call["smem"] == cfg.smem_bytes
     a = call["args"]

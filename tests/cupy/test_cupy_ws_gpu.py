@@ -20,8 +20,7 @@ if not torch.cuda.is_available():  # collected on CPU CI only to be deselected; 
 if torch.cuda.get_device_capability() != (9, 0):
     pytest.skip("the warp-specialised forward exists for sm_90 only", allow_module_level=True)
 
-from attnkit.backends.cupy import backend as cb  # noqa: E402
-from attnkit.backends.cupy import config  # noqa: E402
+from attnkit.backends.cupy import config, launcher, ws_fwd  # noqa: E402
 
 import attnkit  # noqa: E402
 from attnkit.params import AttentionParams  # noqa: E402
@@ -76,10 +75,10 @@ def _run(b, sq, sk, hq, hk, d, dtype, *, causal=False, window=(-1, -1), softcap=
     # detach() keeps each tensor's strides, so the strided layouts reach the kernel as they are.
     qs, ks, vs = (t.detach().requires_grad_(grad) for t in (q, k, v))
     _poison()
-    before = cb.LAUNCH_COUNTS[cb.WS_KERNEL]
+    before = launcher.LAUNCH_COUNTS[ws_fwd.KERNEL]
     out, lse = attnkit.attention(qs, ks, vs, backend=BACKEND, **kw)
     torch.cuda.synchronize()
-    assert cb.LAUNCH_COUNTS[cb.WS_KERNEL] == before + 1, "the call did not run fwd_sm90_ws.cu"
+    assert launcher.LAUNCH_COUNTS[ws_fwd.KERNEL] == before + 1, "the call did not run fwd_sm90_ws.cu"
     q64, k64, v64 = (t.detach().double().requires_grad_(grad) for t in (q, k, v))
     out_ref, lse_ref = attention_ref(q64, k64, v64, **kw)
     ql, kl, vl = (t.detach().clone().requires_grad_(grad) for t in (q, k, v))
@@ -186,10 +185,10 @@ def test_matches_fwd_sm90(monkeypatch):
     """Same inputs through both Hopper forwards: outputs agree to rounding (the schedule differs, not the math)."""
     q, k, v = _inputs(2, 4096, 4096, 8, 2, 128, torch.bfloat16, "both")
     out_ws, lse_ws = attnkit.attention(q, k, v, causal=True, backend=BACKEND, return_lse=True)
-    before = cb.LAUNCH_COUNTS["attnkit_fwd_sm90"]
+    before = launcher.LAUNCH_COUNTS["attnkit_fwd_sm90"]
     monkeypatch.setenv("ATTNKIT_CUPY_TMA", "0")
     out_old, lse_old = attnkit.attention(q, k, v, causal=True, backend=BACKEND, return_lse=True)
-    assert cb.LAUNCH_COUNTS["attnkit_fwd_sm90"] == before + 1
+    assert launcher.LAUNCH_COUNTS["attnkit_fwd_sm90"] == before + 1
     assert max_abs_error(out_ws, out_old) < 2e-2
     assert max_abs_error(lse_ws, lse_old) < 1e-3
 
@@ -212,7 +211,7 @@ def test_ablation_variants(variant, d):
         cfg = config.Sm90WsFwdConfig(d, True, **VARIANTS[variant])
         params = AttentionParams(softmax_scale=d**-0.5, causal=causal, window_right=0 if causal else -1)
         _poison()
-        out, lse = cb.ws_forward(q, k, v, params, cfg)
+        out, lse = ws_fwd.ws_forward(q, k, v, params, cfg)
         ref, lse_ref = attention_ref(q.double(), k.double(), v.double(), causal=causal, return_lse=True)
         plain = attention_ref(q, k, v, causal=causal, upcast=False)
         _check(f"out {VARIANTS[variant]}", out, ref, plain, 2.0)

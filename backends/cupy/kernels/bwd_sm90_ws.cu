@@ -22,6 +22,7 @@
 #include "common.cuh"
 #include "softmax.cuh"
 #include "sw128.cuh"
+#include "tma.cuh"
 #include "wgmma.cuh"
 
 #ifndef ATTNKIT_HEAD_DIM
@@ -32,86 +33,6 @@
 #endif
 
 namespace ak {
-
-// A CUtensorMap (cuda.h is not included, see common.cuh): 128 opaque bytes, 64-byte aligned.
-struct alignas(64) TmaDesc {
-    u64 opaque[16];
-};
-
-// ---- mbarrier, TMA and bulk-copy wrappers ---------------------------------------------------------------------
-__device__ __forceinline__ void mbar_init(u32 bar, u32 count) {
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count));
-}
-
-// Makes the mbarrier initializations visible to the async proxy (TMA completes transactions on them).
-__device__ __forceinline__ void mbar_init_fence() { asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory"); }
-
-__device__ __forceinline__ void mbar_expect_tx(u32 bar, u32 bytes) {
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
-}
-
-__device__ __forceinline__ void mbar_arrive(u32 bar) {
-    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
-}
-
-// Blocks until the barrier's phase with this parity has completed.
-__device__ __forceinline__ void mbar_wait(u32 bar, u32 parity) {
-    asm volatile(
-        "{\n.reg .pred done;\n"
-        "WAIT_%=:\n"
-        "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
-        "@!done bra WAIT_%=;\n}\n" ::"r"(bar),
-        "r"(parity)
-        : "memory");
-}
-
-// Box of a 4-D tensor map (coordinates innermost first) -> shared memory, completing on `bar`.
-__device__ __forceinline__ void tma_load_4d(u32 dst, const TmaDesc* map, int c0, int c1, int c2, int c3, u32 bar) {
-    asm volatile(
-        "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, "
-        "%5}], [%6];\n" ::"r"(dst),
-        "l"(map), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(bar)
-        : "memory");
-}
-
-// Shared memory -> global, element-wise float add into the box; elements outside the tensor are skipped.
-__device__ __forceinline__ void tma_reduce_add_4d(const TmaDesc* map, u32 src, int c0, int c1, int c2, int c3) {
-    asm volatile(
-        "cp.reduce.async.bulk.tensor.4d.global.shared::cta.add.tile.bulk_group [%0, {%2, %3, %4, %5}], [%1];\n" ::"l"(
-            map),
-        "r"(src), "r"(c0), "r"(c1), "r"(c2), "r"(c3)
-        : "memory");
-}
-
-// Contiguous global -> shared copy (bytes and addresses multiples of 16), completing on `bar`.
-__device__ __forceinline__ void bulk_load(u32 dst, const void* src, u32 bytes, u32 bar) {
-    asm volatile(
-        "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(dst),
-        "l"(src), "r"(bytes), "r"(bar)
-        : "memory");
-}
-
-__device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
-
-// This thread's bulk groups have finished reading shared memory (the source may be overwritten).
-__device__ __forceinline__ void bulk_wait_read0() { asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory"); }
-
-// This thread's bulk groups are complete (their global writes performed).
-__device__ __forceinline__ void bulk_wait0() { asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory"); }
-
-__device__ __forceinline__ void named_bar_sync(int id, int threads) {
-    asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
-}
-
-template <int REGS>
-__device__ __forceinline__ void setmaxnreg_inc() {
-    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(REGS));
-}
-
-template <int REGS>
-__device__ __forceinline__ void setmaxnreg_dec() {
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(REGS));
-}
 
 // P^T and dS^T of one warp's 16 keys x (8 * MTILE) queries (the math of backward_scores in softmax.cuh), packed
 // into wgmma A fragments 16 queries at a time, so each pair of accumulator columns dies as soon as it is packed:
@@ -201,8 +122,8 @@ struct BwdSm90WsKernel {
     // Barrier ids: 0 is __syncthreads; 1 spans both consumer warpgroups; 2 + w one warpgroup.
     static constexpr int BAR_CONSUMERS = 1;
 
-    static __device__ __forceinline__ void run(const TmaDesc* tq, const TmaDesc* tk, const TmaDesc* tv,
-                                               const TmaDesc* tdo, const TmaDesc* tdq, const WsBwdArgs& a,
+    static __device__ __forceinline__ void run(const TmaMap* tq, const TmaMap* tk, const TmaMap* tv,
+                                               const TmaMap* tdo, const TmaMap* tdq, const WsBwdArgs& a,
                                                ScoreParams sp) {
         extern __shared__ uint4_aligned smem_raw[];
         // Layout (1024-byte aligned): K, V, Q[2], dO[2], dS^T[2], dQ staging[2 warpgroups], lse[2], delta[2],
@@ -253,23 +174,23 @@ struct BwdSm90WsKernel {
             // ---- producer warpgroup ----
             setmaxnreg_dec<24>();
             if (tid == 0 && total > 0) {
-                mbar_expect_tx(bar_kv, 2 * KV_BYTES);
+                mbar_arrive_expect_tx(bar_kv, 2 * KV_BYTES);
 #pragma unroll
                 for (int s = 0; s < D / 64; ++s) {
-                    tma_load_4d(sKa + (u32)s * (BN * SLAB), tk, s * 64, n0, hk, b, bar_kv);
-                    tma_load_4d(sVa + (u32)s * (BN * SLAB), tv, s * 64, n0, hk, b, bar_kv);
+                    tma_load_4d(sKa + (u32)s * (BN * SLAB), tk, bar_kv, s * 64, n0, hk, b);
+                    tma_load_4d(sVa + (u32)s * (BN * SLAB), tv, bar_kv, s * 64, n0, hk, b);
                 }
                 for (int it = 0; it < total; ++it) {
                     const int buf = it & 1;
-                    if (it >= 2) mbar_wait(bar_empty + 8 * buf, ((it >> 1) & 1) ^ 1);
+                    if (it >= 2) mbar_wait_spin(bar_empty + 8 * buf, ((it >> 1) & 1) ^ 1);
                     const int h = hk * a.group + it / nmb;
                     const int m0 = (mb_lo + it % nmb) * BM;
                     const u32 full = bar_full + 8 * buf;
-                    mbar_expect_tx(full, STAGE_TX);
+                    mbar_arrive_expect_tx(full, STAGE_TX);
 #pragma unroll
                     for (int s = 0; s < D / 64; ++s) {
-                        tma_load_4d(sQa + buf * QO_BYTES + (u32)s * (BM * SLAB), tq, s * 64, m0, h, b, full);
-                        tma_load_4d(sdOa + buf * QO_BYTES + (u32)s * (BM * SLAB), tdo, s * 64, m0, h, b, full);
+                        tma_load_4d(sQa + buf * QO_BYTES + (u32)s * (BM * SLAB), tq, full, s * 64, m0, h, b);
+                        tma_load_4d(sdOa + buf * QO_BYTES + (u32)s * (BM * SLAB), tdo, full, s * 64, m0, h, b);
                     }
                     const i64 loff = ((i64)b * a.heads_q + h) * a.lse_len + m0;
                     bulk_load(sLa + buf * LD_BYTES, a.lse + loff, LD_BYTES, full);
@@ -300,7 +221,7 @@ struct BwdSm90WsKernel {
             }
 
         if (total > 0) {
-            mbar_wait(bar_kv, 0);
+            mbar_wait_spin(bar_kv, 0);
             const u32 sKw = sKa + (u32)(w * WBN) * SLAB;
             const u32 sVw = sVa + (u32)(w * WBN) * SLAB;
             const u32 my_dq = sdQa + (u32)w * DQ_BYTES;
@@ -311,7 +232,7 @@ struct BwdSm90WsKernel {
                 if (sp.use_alibi) sp.slope_log2 = a.alibi[(i64)b * a.alibi_sb + h] * AK_LOG2E;
                 const u32 bQ = sQa + buf * QO_BYTES, bdO = sdOa + buf * QO_BYTES;
                 const u32 bdS = sdSa + buf * DS_BYTES;
-                mbar_wait(bar_full + 8 * buf, (it >> 1) & 1);
+                mbar_wait_spin(bar_full + 8 * buf, (it >> 1) & 1);
 
                 float sst[MTILE][4], dpt[MTILE][4];
                 wgmma_fence();
@@ -361,7 +282,7 @@ struct BwdSm90WsKernel {
                 if (lane == 0) mbar_arrive(bar_empty + 8 * buf);
 
                 fence_proxy_async();  // dS^T stores -> visible to wgmma's async proxy
-                named_bar_sync(BAR_CONSUMERS, 256);
+                named_sync(BAR_CONSUMERS, 256);
 
                 // dQ tile [BM x 64] of this warpgroup: A = dS^T read M-major, B = K read N-major, 16 keys per k-step.
                 constexpr int KK0 = 0, KK_N = SPLIT_COLS ? BN / 16 : WBN / 16;
@@ -382,7 +303,7 @@ struct BwdSm90WsKernel {
                 // Stage the fp32 tile in the 128-byte swizzle of the dQ tensor map's 32-column box, then add it
                 // to global memory with one bulk reduction per half.
                 if (wtid == 0) bulk_wait_read0();  // the previous step's reduction has read the staging tile
-                named_bar_sync(2 + w, 128);
+                named_sync(2 + w, 128);
 #pragma unroll
                 for (int j = 0; j < 8; ++j)
 #pragma unroll
@@ -395,7 +316,7 @@ struct BwdSm90WsKernel {
                                      "f"(acc[j][2 * hh + 1]));
                     }
                 fence_proxy_async();  // staging stores -> visible to the bulk reduction
-                named_bar_sync(2 + w, 128);
+                named_sync(2 + w, 128);
                 if (wtid == 0) {
                     tma_reduce_add_4d(tdq, my_dq, col_slab * 64, m0, h, b);
                     tma_reduce_add_4d(tdq, my_dq + DQ_HALF, col_slab * 64 + 32, m0, h, b);
@@ -420,9 +341,9 @@ struct BwdSm90WsKernel {
 // batch), box (64, 64); k, v: (d, seqlen_k, heads_k, batch), box (64, 128); dq_acc: fp32 (d, seqlen_q, heads_q,
 // batch), box (32, 64); all with the 128-byte swizzle. lse and delta: fp32 [batch][heads_q][lse_len].
 extern "C" __global__ void __launch_bounds__(384, 1)
-    attnkit_bwd_sm90_ws(const __grid_constant__ ak::TmaDesc tq, const __grid_constant__ ak::TmaDesc tk,
-                        const __grid_constant__ ak::TmaDesc tv, const __grid_constant__ ak::TmaDesc tdo,
-                        const __grid_constant__ ak::TmaDesc tdq, const float* lse, const float* delta, ak::u16* dk,
+    attnkit_bwd_sm90_ws(const __grid_constant__ ak::TmaMap tq, const __grid_constant__ ak::TmaMap tk,
+                        const __grid_constant__ ak::TmaMap tv, const __grid_constant__ ak::TmaMap tdo,
+                        const __grid_constant__ ak::TmaMap tdq, const float* lse, const float* delta, ak::u16* dk,
                         ak::u16* dv, const float* alibi, ak::i64 lse_len, ak::i64 dkv_b, ak::i64 dkv_s,
                         ak::i64 dkv_h, int seqlen_q, int seqlen_k, int heads_q, int group, int d, int alibi_sb,
                         float scale, float scale_log2, float cap_pre, float cap_post, int use_softcap, int use_alibi,

@@ -348,6 +348,7 @@ struct FwdWsKernel {
                 mbar_init(sm.v_empty(i), CONSUMER_ARRIVALS);
             }
             mbar_init_fence();
+            fence_proxy_async();  // the generic-proxy shared-memory writes so far, visible to the TMA unit
         }
         __syncthreads();
 

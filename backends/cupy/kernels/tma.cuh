@@ -1,5 +1,5 @@
 // Hopper (sm_90) bulk tensor copies (TMA) and the shared-memory barriers (mbarrier) that track them, as PTX
-// wrappers. Used by the warp-specialised forward (fwd_sm90_ws.cu).
+// wrappers. Used by the warp-specialised forward (fwd_sm90_ws.cu) and backward (bwd_sm90_ws.cu).
 //
 // A barrier completes a phase when its expected arrivals have arrived and the bytes announced with expect_tx have
 // landed; waiters name the phase by its parity (the k-th completion, counted from 0, has parity k & 1).
@@ -19,10 +19,7 @@ __device__ __forceinline__ void mbar_init(u32 bar, u32 count) {
 }
 
 // Makes barrier initialisation visible to the async proxy (the TMA unit) before the first copy signals it.
-__device__ __forceinline__ void mbar_init_fence() {
-    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-}
+__device__ __forceinline__ void mbar_init_fence() { asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory"); }
 
 // One arrival that also announces `bytes` of copies that will complete on this barrier.
 __device__ __forceinline__ void mbar_arrive_expect_tx(u32 bar, u32 bytes) {
@@ -45,6 +42,19 @@ __device__ __forceinline__ void mbar_wait(u32 bar, u32 parity) {
     } while (!done);
 }
 
+// The same wait with the spin loop inside the asm statement, so the compiler sees one opaque block rather than a
+// loop it may reshape. The two forms compile to different SASS; each kernel keeps the one it was measured with
+// (this one: bwd_sm90_ws.cu).
+__device__ __forceinline__ void mbar_wait_spin(u32 bar, u32 parity) {
+    asm volatile(
+        "{\n.reg .pred done;\n"
+        "WAIT_%=:\n"
+        "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+        "@!done bra WAIT_%=;\n}\n" ::"r"(bar),
+        "r"(parity)
+        : "memory");
+}
+
 // Pulls the tensor map into the constant cache ahead of the first copy.
 __device__ __forceinline__ void tma_prefetch_map(const TmaMap* map) {
     asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<unsigned long long>(map)) : "memory");
@@ -59,6 +69,31 @@ __device__ __forceinline__ void tma_load_4d(u32 dst, const TmaMap* map, u32 bar,
         "l"(reinterpret_cast<unsigned long long>(map)), "r"(bar), "r"(c0), "r"(c1), "r"(c2), "r"(c3)
         : "memory");
 }
+
+// Shared memory -> global, element-wise float add into the box; elements outside the tensor are skipped.
+__device__ __forceinline__ void tma_reduce_add_4d(const TmaMap* map, u32 src, int c0, int c1, int c2, int c3) {
+    asm volatile(
+        "cp.reduce.async.bulk.tensor.4d.global.shared::cta.add.tile.bulk_group [%0, {%2, %3, %4, %5}], [%1];\n" ::"l"(
+            map),
+        "r"(src), "r"(c0), "r"(c1), "r"(c2), "r"(c3)
+        : "memory");
+}
+
+// Contiguous global -> shared copy (bytes and addresses multiples of 16), completing on `bar`.
+__device__ __forceinline__ void bulk_load(u32 dst, const void* src, u32 bytes, u32 bar) {
+    asm volatile(
+        "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(dst),
+        "l"(src), "r"(bytes), "r"(bar)
+        : "memory");
+}
+
+__device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
+
+// This thread's bulk groups have finished reading shared memory (the source may be overwritten).
+__device__ __forceinline__ void bulk_wait_read0() { asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory"); }
+
+// This thread's bulk groups are complete (their global writes performed).
+__device__ __forceinline__ void bulk_wait0() { asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory"); }
 
 // Register budget hand-over between warpgroups (every thread of the warpgroup executes it).
 template <int N>

@@ -1,0 +1,133 @@
+"""Host side of the warp-specialised Hopper forward (kernels/fwd_sm90_ws.cu): when it may run, the tensors the
+TMA unit can read, their tensor maps, the kernel's argument list, and :func:`ws_forward` (an explicit-config entry
+point for ablations and benchmarks).
+
+All but the driver's map encoding is plain Python over tensor metadata, unit-tested without a GPU
+(tests/cupy/test_cupy_ws_cpu.py).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from attnkit import env
+from attnkit.errors import InvalidArgumentError
+from attnkit.params import AttentionParams
+
+from . import compiler, tma
+from .args import alibi_ready, f32, i32, i64, kernel_ready, ptr, score_args
+from .config import Sm90WsFwdConfig, padded_head_dim, sm90_ws_fwd_config
+from .launcher import Launcher
+
+SOURCE = "fwd_sm90_ws.cu"
+KERNEL = "attnkit_fwd_sm90_ws"
+
+
+def ws_forward_config(head_dim: int, dtype: torch.dtype, arch: str, smem_limit: int) -> Sm90WsFwdConfig | None:
+    """The warp-specialised TMA forward's configuration when it may serve this call: sm_90 machine code, wgmma
+    and TMA allowed (``ATTNKIT_CUPY_WGMMA``, ``ATTNKIT_CUPY_TMA``), a head dim it covers, and the tiles fit.
+    The tensors' own eligibility (dense, TMA strides) is decided by :func:`tma_ready`."""
+    if arch != "sm_90" or not env.cupy_wgmma() or not env.cupy_tma():
+        return None
+    return sm90_ws_fwd_config(head_dim, dtype, smem_limit)
+
+
+def tma_ready(t: torch.Tensor) -> bool:
+    """A dense (batch, seqlen, heads, dim) tensor the TMA unit can read as it is: contiguous last dim, 16-byte
+    aligned base, and every other dim of size > 1 with a positive stride of a multiple of 16 bytes."""
+    if t.dim() != 4 or t.stride(-1) != 1 or t.data_ptr() % 16:
+        return False
+    elem = t.element_size()
+    return all(n == 1 or (s > 0 and (s * elem) % 16 == 0) for n, s in zip(t.shape[:-1], t.stride()[:-1]))
+
+
+def tma_map(t: torch.Tensor, rows: int) -> Any:
+    """Tensor map of a (batch, seqlen, heads, dim) tensor with a box of 64 columns x ``rows`` positions (one
+    128-byte-swizzled slab of the kernel's layout). Dims of size 1 get the contiguous stride, which TMA accepts
+    whatever their real stride is (a size-1 dim is only ever indexed at 0)."""
+    b, n, h, d = t.shape
+    strides = list(t.stride()[:-1])  # batch, seqlen, heads
+    natural = (n * h * d, h * d, d)
+    strides = [st if size > 1 else nat for st, size, nat in zip(strides, (b, n, h), natural)]
+    return tma.encode_tiled(t, (d, n, h, b), (strides[1], strides[2], strides[0]), (64, rows, 1, 1))
+
+
+def ws_forward_args(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    alibi: torch.Tensor | None,
+    alibi_sb: int,
+    params: AttentionParams,
+    cfg: Sm90WsFwdConfig,
+) -> list[Any]:
+    """The argument list of ``attnkit_fwd_sm90_ws``, in the kernel's parameter order (the one place it is built)."""
+    scale_log2, cap_pre, cap_post, use_cap, use_alibi = score_args(params, alibi)
+    hq, hk = q.shape[2], k.shape[2]
+    return [
+        tma_map(q, cfg.block_m),
+        tma_map(k, cfg.block_n),
+        tma_map(v, cfg.block_n),
+        ptr(out),
+        ptr(lse),
+        ptr(alibi),
+        *i64(out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1)),
+        *i32(q.shape[1], k.shape[1], hq // hk, q.shape[3], alibi_sb),
+        *f32(scale_log2, cap_pre, cap_post),
+        *i32(use_cap, use_alibi, params.window_left, params.window_right),
+    ]
+
+
+def launch_ws(
+    launch: Any,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    alibi: torch.Tensor | None,
+    alibi_sb: int,
+    params: AttentionParams,
+    cfg: Sm90WsFwdConfig,
+) -> None:
+    """Launch the kernel through ``launch`` (a :class:`Launcher` or a test's recorder) on kernel-ready tensors."""
+    args = ws_forward_args(q, k, v, out, lse, alibi, alibi_sb, params, cfg)
+    spec = compiler.ModuleSpec.make(SOURCE, cfg.defines(), "sm_90a")
+    launch(spec, KERNEL, cfg.grid(q.shape[1], q.shape[2], q.shape[0]), cfg.threads, cfg.smem_bytes, args)
+
+
+def ws_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    params: AttentionParams,
+    cfg: Sm90WsFwdConfig,
+    alibi_slopes: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The warp-specialised forward with an explicit configuration (ablations, benchmarks), dense inputs only.
+
+    Unlike ``CupyCudaBackend.forward`` it does not choose: it raises when ``cfg`` cannot serve the call."""
+    d = q.shape[-1]
+    dp = padded_head_dim(d)
+    if q.dim() != 4 or k.shape[-1] != d or v.shape[-1] != d or dp > cfg.head_dim:
+        raise InvalidArgumentError(
+            f"ws_forward takes dense (batch, seqlen, heads, dim) tensors of one head dim <= {cfg.head_dim}; "
+            f"got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
+    if q.shape[-2] % k.shape[-2]:
+        raise InvalidArgumentError(f"query heads {q.shape[-2]} are not a multiple of key heads {k.shape[-2]}")
+    batch, sq, hq = q.shape[:3]
+    out = torch.empty(batch, sq, hq, dp, dtype=q.dtype, device=q.device)
+    lse = torch.empty(batch, hq, sq, dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out[..., :d], lse
+    qp, kp, vp = (kernel_ready(t, dp) for t in (q, k, v))
+    if not all(tma_ready(t) for t in (qp, kp, vp)):
+        raise InvalidArgumentError("ws_forward: the TMA unit cannot read these tensors (stride 0 or unaligned)")
+    alibi, alibi_sb = alibi_ready(alibi_slopes)
+    launch_ws(Launcher(q.device), qp, kp, vp, out, lse, alibi, alibi_sb, params, cfg)
+    return (out if dp == d else out[..., :d].contiguous()), lse
