@@ -11,6 +11,11 @@ or dispatch mode, no functorch transform, plain ``torch.Tensor`` inputs), goes s
 dispatcher would only route it to the same implementation, at ~9 us of Python-C++ round trips per call. Every
 other call still goes through the ``torch.ops.attnkit`` operator.
 
+``attention_with_kvcache`` has the same cache for decode steps without rotary, ALiBi, left padding, row indices
+or fp8: the key adds the caches' layouts and addresses (so their aliasing check is reused), whether the lengths
+are an int or a tensor, and the block table's layout; the lengths and pages are checked on every call, since
+their values change every step.
+
 ``ENABLED = False`` (or ``ATTNKIT_HOST_FASTPATH=0``) turns the cache and the direct call off, for A/B timing.
 """
 
@@ -39,11 +44,23 @@ class Resolved:
     requires_grad: bool
 
 
+@dataclass(frozen=True)
+class ResolvedKVCache:
+    """A checked decode call: its parameters, the backend's registry name, the cache capacity per row."""
+
+    params: AttentionParams
+    backend_name: str
+    capacity: int
+    num_splits: int
+
+
 _ATTENTION: dict[tuple, Resolved] = {}
+_KVCACHE: dict[tuple, ResolvedKVCache] = {}
 
 
 def enabled() -> bool:
-    return ENABLED and env.host_fastpath() and not torch.compiler.is_compiling()
+    # is_compiling first: a traced call must read no environment variable (Dynamo would guard on it).
+    return not torch.compiler.is_compiling() and ENABLED and env.host_fastpath()
 
 
 def attention_key(q, k, v, causal, softmax_scale, window_size, softcap, dropout_p, deterministic, return_lse,
@@ -92,6 +109,65 @@ def remember(key: tuple | None, params: AttentionParams, backend_name: str, requ
 
 def clear() -> None:
     _ATTENTION.clear()
+    _KVCACHE.clear()
+
+
+def _layout(t: object) -> tuple | None:
+    if t is None:
+        return None
+    if type(t) is not torch.Tensor:
+        raise TypeError  # not a plain tensor: the full path checks (and explains) it
+    return (t.shape, t.stride(), t.dtype, t.device)
+
+
+def kvcache_key(q, k_cache, v_cache, k, v, cache_seqlens, block_table, causal, softmax_scale, window_size,
+                softcap, return_lse, num_splits, backend, others_absent: bool) -> tuple | None:  # fmt: skip
+    """The static key of an ``attention_with_kvcache`` call, or None when it must take the full path."""
+    if not (others_absent and enabled()):
+        return None
+    if type(causal) is not bool or type(return_lse) is not bool or type(backend) is not str:
+        return None
+    if type(softcap) is not float or type(num_splits) is not int:
+        return None
+    if softmax_scale is not None and (type(softmax_scale) is not float or not softmax_scale >= 0.0):
+        return None
+    if type(window_size) is not tuple or len(window_size) != 2:
+        return None
+    left, right = window_size
+    if type(left) is not int or type(right) is not int:
+        return None
+    lengths = type(cache_seqlens)
+    if lengths is not int and lengths is not torch.Tensor:
+        return None
+    try:
+        tensors = tuple(_layout(t) for t in (q, k_cache, v_cache, k, v, block_table))
+    except TypeError:
+        return None
+    if q.dim() != 4 or q.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        return None
+    if env.debug():
+        return None
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k_cache, v_cache, k, v))
+    if grad:
+        return None  # refused by the full path (forward only), with its message
+    return (
+        *tensors, k_cache.data_ptr(), v_cache.data_ptr(), lengths, causal, softmax_scale, left, right, softcap,
+        return_lse, num_splits, backend, current_context(), *env.dispatch_variables(), env.speed_table_setting(),
+        REGISTRY.generation,
+    )  # fmt: skip
+
+
+def lookup_kvcache(key: tuple | None) -> ResolvedKVCache | None:
+    return None if key is None else _KVCACHE.get(key)
+
+
+def remember_kvcache(key: tuple | None, params: AttentionParams, backend_name: str, capacity: int,
+                     num_splits: int) -> None:  # fmt: skip
+    if key is None or params.softmax_scale < 0:
+        return
+    if len(_KVCACHE) >= LIMIT:
+        _KVCACHE.clear()
+    _KVCACHE[key] = ResolvedKVCache(params, backend_name, capacity, num_splits)
 
 
 def plain_eager(*tensors: torch.Tensor) -> bool:
