@@ -2,9 +2,9 @@
 
 One program per (batch row, new token) writes that token's keys and values of every kv head, cast to the cache
 dtype, into its cache row (``BATCH_IDX``) or page (``BLOCK_TABLE``); the programs of token 0 also write
-``TOTAL[b] = SEQLENS[b] + seqlen_new``, the lengths the decode kernel attends over. The frontend has checked every position
-before the launch; positions outside ``[0, capacity)`` are still masked, so a bad length cannot write outside
-the cache.
+``TOTAL[b] = SEQLENS[b] + seqlen_new``, the lengths the decode kernel attends over. The frontend has checked
+every position before the launch; positions outside ``[0, capacity)`` are still masked, so a bad length cannot
+write outside the cache.
 """
 
 from __future__ import annotations

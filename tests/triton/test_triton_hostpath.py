@@ -44,7 +44,7 @@ def test_arguments_follow_the_signature():
 
 def test_plan_leading_parameters_are_the_kernels():
     """The per-call tensors of each plan are the kernels' leading parameters (else no plan is made)."""
-    from attnkit.backends.triton import append_launch, append_kernel, fastpath, kvcache_launch, launch
+    from attnkit.backends.triton import append_kernel, append_launch, fastpath, kvcache_launch, launch
 
     assert fastpath.leading(launch.attn_fwd, len(launch._FWD_LEAD)) == launch._FWD_LEAD
     assert fastpath.leading(kvcache_launch.kvcache_split_fwd, 13) == kvcache_launch._SPLIT_LEAD
@@ -187,7 +187,7 @@ def test_kvcache_with_fused_append_matches_reference(kind):
         outs = [
             attnkit.attention_with_kvcache(
                 q, kc, vc, k, v, cache_seqlens=seqlens + 5 * step, causal=True, backend=name, **extra
-            )  # fmt: skip
+            )
             for step in range(2)
         ]
         results[name] = (outs, kc, vc)
@@ -202,7 +202,7 @@ def test_kvcache_errors_leave_every_buffer_untouched(kind):
     """A call that fails a check (an overflowing length, a page outside the pool) raises and writes nothing:
     caches, new keys and lengths as they were."""
     gen = torch.Generator().manual_seed(9)
-    k_cache, v_cache, k, v, seqlens, rows, table = _caches(kind, torch.float32, gen)
+    k_cache, v_cache, k, v, seqlens, _, table = _caches(kind, torch.float32, gen)
     q = torch.randn(3, 5, 4, 16, generator=gen)
     extra = {"block_table": table} if table is not None else {}
     if kind == "paged":
