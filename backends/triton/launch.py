@@ -158,8 +158,8 @@ def slopes_of(alibi: torch.Tensor | None, q: torch.Tensor) -> tuple[torch.Tensor
     return alibi, (alibi.stride(0) if alibi.dim() == 2 else 0)
 
 
-# Forward launch plans (see :mod:`.fastpath`): dense calls without dropout (whose seed, an integer argument,
-# changes every call), piecewise or sink (rare; a tensor past the plan's per-call ones). A plan keeps the tile
+# Forward launch plans (see :mod:`.fastpath`): dense and varlen calls without dropout (whose seed, an integer
+# argument, changes every call), piecewise or sink (rare; a tensor past the plan's per-call ones). A plan keeps the tile
 # chosen on its first call: forced_tiles() bypasses the plans, and clearing tuning.tuned does not clear them.
 _FWD_LEAD = ("Q", "K", "V", "Q2", "K2", "Out", "Lse", "Slopes", "CuQ", "CuK")  # per-call tensors of a plan
 
@@ -169,17 +169,35 @@ class FwdPlan:
     launch: fastpath.Launcher
     out_shape: tuple[int, ...]
     lse_shape: tuple[int, ...]
+    varlen: bool  # outputs start defined (0, -inf): rows past cu_seqlens_q[-1] are never written
 
 
 fwd_plans: fastpath.Plans[FwdPlan] = fastpath.Plans()
 
 
 def fwd_plan_key(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alibi: torch.Tensor | None, params: AttentionParams, vendor: str
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    alibi: torch.Tensor | None,
+    params: AttentionParams,
+    vendor: str,
+    varlen: VarlenInfo | None = None,
 ) -> tuple:
     """Everything a forward launch depends on besides the tensor addresses (see fastpath)."""
     meta = fastpath.meta
-    return (meta(q), meta(k), meta(v), meta(alibi), params, vendor, env.triton_autotune())
+    lengths = None
+    if varlen is not None:
+        lengths = (meta(varlen.cu_seqlens_q), meta(varlen.cu_seqlens_k), varlen.max_seqlen_q, varlen.max_seqlen_k)
+    return (meta(q), meta(k), meta(v), meta(alibi), lengths, params, vendor, env.triton_autotune())
+
+
+def _fwd_outputs(q: torch.Tensor, out_shape: tuple[int, ...], lse_shape: tuple[int, ...], varlen: bool):
+    if not varlen:
+        return empty(out_shape, q.dtype, q.device), empty(lse_shape, torch.float32, q.device)
+    # Rows past cu_seqlens_q[-1] belong to no sequence and are never written: define them (no key: 0, -inf).
+    out = torch.zeros(out_shape, dtype=q.dtype, device=q.device)
+    return out, torch.full(lse_shape, float("-inf"), dtype=torch.float32, device=q.device)
 
 
 def fwd_arguments(
@@ -234,26 +252,25 @@ def forward(
     sink: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     plan_key = None
-    if varlen is None and q2 is None and sink is None and params.dropout_p == 0.0 and fastpath.enabled():
-        plan_key = fwd_plan_key(q, k, v, alibi, params, vendor)
+    if q2 is None and sink is None and params.dropout_p == 0.0 and fastpath.enabled():
+        plan_key = fwd_plan_key(q, k, v, alibi, params, vendor, varlen)
         plan = fwd_plans.get(plan_key)
         if plan is not None:
-            out = empty(plan.out_shape, q.dtype, q.device)
-            lse = empty(plan.lse_shape, torch.float32, q.device)
+            out, lse = _fwd_outputs(q, plan.out_shape, plan.lse_shape, plan.varlen)
             if out.data_ptr() % 16 == 0 and lse.data_ptr() % 16 == 0:
-                plan.launch(q, k, v, q, k, out, lse, q if alibi is None else alibi, q, q)
+                cu_q, cu_k = (q, q) if varlen is None else (varlen.cu_seqlens_q, varlen.cu_seqlens_k)
+                plan.launch(q, k, v, q, k, out, lse, q if alibi is None else alibi, cu_q, cu_k)
                 return out, lse
             plan_key = None
     prob = problem_of(q, k, v, varlen)
     piecewise = q2 is not None
     q2_, k2_ = (q2, k2) if piecewise else (q, k)
     if varlen is None:
-        out = empty((prob.batch, prob.seqlen_q, prob.heads_q, prob.head_dim_v), q.dtype, q.device)
-        lse = empty((prob.batch, prob.heads_q, prob.seqlen_q), torch.float32, q.device)
+        out_shape, lse_shape = (prob.batch, prob.seqlen_q, prob.heads_q, prob.head_dim_v), (prob.batch, prob.heads_q,
+                                                                                             prob.seqlen_q)  # fmt: skip
     else:
-        # Rows past cu_seqlens_q[-1] belong to no sequence and are never written: define them (no key: 0, -inf).
-        out = torch.zeros((q.shape[0], prob.heads_q, prob.head_dim_v), dtype=q.dtype, device=q.device)
-        lse = torch.full((prob.heads_q, q.shape[0]), float("-inf"), dtype=torch.float32, device=q.device)
+        out_shape, lse_shape = (q.shape[0], prob.heads_q, prob.head_dim_v), (prob.heads_q, q.shape[0])
+    out, lse = _fwd_outputs(q, out_shape, lse_shape, varlen is not None)
     if out.numel() == 0:
         return out, lse
     idx64 = needs_idx64(prob, [q, k, v, q2_, k2_, out])
@@ -276,17 +293,17 @@ def forward(
         compiled = launch_with(tile)
     if plan_key is not None and fastpath.aligned(out) and fastpath.aligned(lse):
         _remember_fwd(plan_key, compiled, grid_of(tile), launch_args(attn_fwd, values, tile)[0], q, use_tma, out,
-                      lse)  # fmt: skip
+                      lse, varlen is not None)  # fmt: skip
     return out, lse
 
 
 def _remember_fwd(key: tuple, compiled: object, grid: tuple[int, ...], args: tuple, q: torch.Tensor, use_tma: bool,
-                  out: torch.Tensor, lse: torch.Tensor) -> None:  # fmt: skip
+                  out: torch.Tensor, lse: torch.Tensor, varlen: bool) -> None:  # fmt: skip
     if fastpath.leading(attn_fwd, len(_FWD_LEAD)) != _FWD_LEAD:
         return  # a kernel whose leading parameters changed: no plan rather than a wrong one
     launcher = fastpath.bind(attn_fwd, compiled, grid, args[len(_FWD_LEAD) :], q.device, use_tma)
     if launcher is not None:
-        fwd_plans.put(key, FwdPlan(launcher, tuple(out.shape), tuple(lse.shape)))
+        fwd_plans.put(key, FwdPlan(launcher, tuple(out.shape), tuple(lse.shape), varlen))
 
 
 def backward(

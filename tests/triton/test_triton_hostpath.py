@@ -217,3 +217,38 @@ def test_kvcache_errors_leave_every_buffer_untouched(kind):
         attnkit.attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=lengths, backend="triton_cuda",
                                        **extra)  # fmt: skip
     assert all(torch.equal(a, b) for a, b in zip(before, (k_cache, v_cache, k, v, lengths)))
+
+
+def test_varlen_forward_plan_runs_under_the_interpreter(monkeypatch):
+    """Varlen calls have plans too (cu_seqlens are per-call tensors, the longest lengths part of the key): the
+    repeated call skips the JIT, gives the same bits and defines the padding rows past cu_seqlens_q[-1]."""
+    from attnkit.backends.triton import fastpath, launch
+    from attnkit.params import VarlenInfo
+
+    monkeypatch.setattr(launch, "fwd_plans", fastpath.Plans())
+    gen = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(45, 2, 16, generator=gen) for _ in range(3))
+    cu = torch.tensor([0, 7, 40], dtype=torch.int32)  # rows 40..44 belong to no sequence
+    varlen = VarlenInfo(cu, cu, 33, 33)
+    params = AttentionParams(softmax_scale=0.25, causal=True, window_right=0)
+    first = launch.forward(q, k, v, None, params, varlen, "nvidia")
+
+    class NoJit:
+        fn = staticmethod(launch.attn_fwd.fn)
+
+        def __getitem__(self, grid):
+            raise AssertionError("went through the JIT")
+
+    monkeypatch.setattr(launch, "attn_fwd", NoJit())
+    second = launch.forward(q, k, v, None, params, varlen, "nvidia")
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    assert torch.equal(second[0][40:], torch.zeros_like(second[0][40:]))
+    assert bool(torch.isneginf(second[1][:, 40:]).all())
+    other = VarlenInfo(torch.tensor([0, 20, 40], dtype=torch.int32), cu, 33, 33)  # same key, other lengths
+    with pytest.raises(AssertionError, match="JIT"):  # a different max_seqlen_q is another key
+        launch.forward(q, k, v, None, params, VarlenInfo(cu, cu, 34, 33), "nvidia")
+    monkeypatch.undo()
+    monkeypatch.setattr(launch, "fwd_plans", fastpath.Plans())
+    want = launch.forward(q, k, v, None, params, other, "nvidia")
+    got = launch.forward(q, k, v, None, params, other, "nvidia")
+    assert all(torch.equal(a, b) for a, b in zip(want, got))

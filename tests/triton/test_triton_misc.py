@@ -165,7 +165,7 @@ def test_forward_fast_launch_reuses_the_compiled_kernel(monkeypatch):
     launch.forward(flat, k, v, slopes, params, None, "nvidia")
     launch.forward(q[:, :20], k, v, slopes, params, None, "nvidia")
     assert len(jit_calls) == 4 and len(fast_calls) == 1
-    # Dropout and varlen never use it.
+    # Dropout (a new seed per call) never uses it.
     drop = Case(dropout_p=0.1).params()
     launch.forward(q, k, v, slopes, drop, None, "nvidia")
     launch.forward(q, k, v, slopes, drop, None, "nvidia")
