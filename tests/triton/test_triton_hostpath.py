@@ -72,9 +72,8 @@ class _Stub:
 def test_bound_launcher_passes_what_tritons_runner_passes(monkeypatch):
     """fastpath.bind's launcher hands the C launcher exactly what ``CompiledKernel[grid](*args)`` of the
     installed triton does (grid, stream, handles, metadata, hooks, arguments), with the grid padded to 3-D."""
-    from triton.compiler.compiler import CompiledKernel
-
     from attnkit.backends.triton import fastpath
+    from triton.compiler.compiler import CompiledKernel
 
     reference, bound = _Stub(), _Stub()
     args = (torch.empty(4), 3, 0.5, None, True)
@@ -223,6 +222,7 @@ def test_varlen_forward_plan_runs_under_the_interpreter(monkeypatch):
     """Varlen calls have plans too (cu_seqlens are per-call tensors, the longest lengths part of the key): the
     repeated call skips the JIT, gives the same bits and defines the padding rows past cu_seqlens_q[-1]."""
     from attnkit.backends.triton import fastpath, launch
+
     from attnkit.params import VarlenInfo
 
     monkeypatch.setattr(launch, "fwd_plans", fastpath.Plans())

@@ -235,10 +235,9 @@ def test_kvcache_fast_launch_passes_the_jit_arguments(monkeypatch, num_splits):
     arguments triton's JIT dispatch bound (faked here: the fast path is GPU only); new buffers each call. With one
     split there is no combine kernel: the split kernel writes the outputs."""
     from attnkit.backends.triton import fastpath, kvcache_launch, probes
+    from fake_triton import fake_jit, no_driver
 
     from attnkit.params import AttentionParams, KVCacheInfo
-
-    from fake_triton import fake_jit, no_driver
 
     jit, fast = [], []
     monkeypatch.setattr(kvcache_launch, "kvcache_split_fwd", fake_jit(kvcache_launch.kvcache_split_fwd, jit, fast))
