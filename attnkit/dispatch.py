@@ -86,6 +86,11 @@ def use_backend(name_or_names: str | Sequence[str]) -> Iterator[None]:
         _CONTEXT.reset(token)
 
 
+def current_context() -> tuple[str, ...] | None:
+    """The innermost ``use_backend`` names (None outside any): part of every cache key of a request."""
+    return _CONTEXT.get()
+
+
 # ---- step 1: the request ---------------------------------------------------------------------------------------
 
 

@@ -20,6 +20,7 @@ CUPY_WGMMA = "ATTNKIT_CUPY_WGMMA"
 SPEED_TABLE = "ATTNKIT_SPEED_TABLE"
 CUPY_TMA_BWD = "ATTNKIT_CUPY_TMA_BWD"
 CUPY_TMA = "ATTNKIT_CUPY_TMA"
+HOST_FASTPATH = "ATTNKIT_HOST_FASTPATH"
 
 ALL_VARIABLES = {
     BACKEND: "force one backend, or an ordered allow-list: name[,name...]",
@@ -31,6 +32,8 @@ ALL_VARIABLES = {
     SPEED_TABLE: "measured speed table auto ranks backends by: a JSON path (attnkit bench --speed-table), 0 for none",
     CUPY_TMA_BWD: "1 runs the CuPy backend's dense Hopper backward on the TMA warp-specialized bwd_sm90_ws.cu "
     "instead of bwd_sm90.cu (0/1, default 0: measured no faster, benchmarks/NOTES-cupy.md)",
+    HOST_FASTPATH: "0 turns off the per-call host fast paths (cached frontend decisions, direct backend calls, "
+    "bound Triton launchers), for A/B timing (0/1)",
     CUPY_TMA: "0 keeps the CuPy backend's dense Hopper forward on fwd_sm90.cu instead of the TMA warp-specialised "
     "fwd_sm90_ws.cu (0/1)",
 }
@@ -110,6 +113,11 @@ def disabled_backends(valid: Iterable[str], aliases: Iterable[str] = ()) -> froz
 def debug() -> bool:
     # Read on every call (dispatch logs every decision when set): the unset case stays a dictionary look-up.
     return _get(DEBUG) is not None and _flag(DEBUG, False)
+
+
+def host_fastpath() -> bool:
+    """Whether repeated eager calls may take the host fast paths (read per call; the unset case is one look-up)."""
+    return _get(HOST_FASTPATH) is None or _flag(HOST_FASTPATH, True)
 
 
 def triton_autotune() -> bool:

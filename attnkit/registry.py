@@ -189,6 +189,21 @@ class Backend:
         """Attention of q (B, Sq, Hq, D) over the (already appended) cache; returns ``(out, lse)``."""
         raise AttnkitError(f"backend {self.name!r} declares no kvcache kernel")
 
+    def append_kv(
+        self,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cache_seqlens: torch.Tensor,
+        cache_batch_idx: torch.Tensor | None,
+        block_table: torch.Tensor | None,
+    ) -> torch.Tensor | None:
+        """A kernel of the backend's own for the kv-cache append before ``forward_kvcache`` (positions already
+        checked): writes ``k``/``v`` at ``cache_seqlens[b] ...`` of each row and returns the lengths after it,
+        int32 (B,). None (the default): the op appends with torch indexing instead."""
+        return None
+
     def merge_states(
         self, out_parts: torch.Tensor, lse_parts: torch.Tensor, out_dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:

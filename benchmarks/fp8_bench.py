@@ -258,12 +258,12 @@ def xcompile(args: argparse.Namespace) -> int:
             compiled.append((None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"))
 
     jitmod.JITFunction.run = compile_only
-    from attnkit.backends.triton import fp8_launch, launch
+    from attnkit.backends.triton import fp8_launch, tma
 
     from attnkit.fp8 import Fp8Scales
     from attnkit.params import AttentionParams
 
-    launch._tma_scratch = lambda enabled: contextlib.nullcontext()
+    tma.scratch = lambda enabled: contextlib.nullcontext()
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
     def resources(kernel) -> str:

@@ -67,10 +67,10 @@ def gpu_cases(dtype: str = "bf16", part: str = "all") -> list[Case]:
 def _write_triton_tiles(path: Path) -> None:
     """The tiles triton_cuda's autotuner chose, one line per tuning key (kind, vendor, dtype, TMA, seqlen bucket,
     masking flags), so a table cell can be traced to the kernel that produced it."""
-    launch = sys.modules.get("attnkit.backends.triton.launch")
-    if launch is None or not launch._tuned:
+    tuning = sys.modules.get("attnkit.backends.triton.tuning")
+    if tuning is None or not tuning.tuned:
         return
-    path.write_text("".join(f"{key}: {tile}\n" for key, tile in sorted(launch._tuned.items(), key=str)))
+    path.write_text("".join(f"{key}: {tile}\n" for key, tile in sorted(tuning.tuned.items(), key=str)))
 
 
 def main(argv: list[str] | None = None) -> int:

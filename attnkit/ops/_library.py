@@ -67,6 +67,11 @@ _piecewise_forward = torch.ops.attnkit.piecewise_forward.default
 _piecewise_backward = torch.ops.attnkit.piecewise_backward.default
 _kvcache_forward = torch.ops.attnkit.kvcache_forward.default
 _below_autograd = torch._C._AutoDispatchBelowAutograd
+# attention_forward's arguments as the schema declares them: the autograd kernel returns one gradient per argument
+# (q, k, v and the learnable sink are the differentiable ones).
+_FORWARD_ARGS = tuple(a.name for a in _attention_forward._schema.arguments)
+_FORWARD_ARITY = len(_FORWARD_ARGS)
+_SINK_ARG = _FORWARD_ARGS.index("learnable_sink")
 # The backward op as is (attnkit.distributed calls it for its blocks; it has no derivative of its own).
 attention_backward = _attention_backward
 
@@ -78,8 +83,8 @@ def _records_grad(q, k, v, sink) -> bool:
 
 
 def attention_forward(*args):
-    # args[17], when given: the learnable sink, a differentiable input like q, k and v
-    sink = args[17] if len(args) > 17 else None
+    # the learnable sink, when given: a differentiable input like q, k and v
+    sink = args[_SINK_ARG] if len(args) > _SINK_ARG else None
     if torch.compiler.is_compiling() or (torch.is_grad_enabled() and _records_grad(args[0], args[1], args[2], sink)):
         return _attention_forward(*args)
     with _below_autograd():
@@ -235,9 +240,11 @@ class _Attention(torch.autograd.Function):
         dq, dk, dv = _attention_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, alibi, *scalars,
                                          seed_tensor)  # fmt: skip
         dsink = None
-        if sink is not None and ctx.needs_input_grad[17]:
+        if sink is not None and ctx.needs_input_grad[_SINK_ARG]:
             dsink = sink_rule.grad(sink, dout, out, lse, varlen=cu_q is not None).to(sink.dtype)
-        return (dq, dk, dv) + (None,) * 14 + (dsink, None)
+        grads: list[Tensor | None] = [None] * _FORWARD_ARITY
+        grads[0], grads[1], grads[2], grads[_SINK_ARG] = dq, dk, dv, dsink
+        return tuple(grads)
 
 
 def _attention_forward_autograd(q, k, v, cu_q, cu_k, max_q, max_k, alibi, softmax_scale, causal, window_left,
@@ -340,8 +347,12 @@ def run_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block
         if backend.startswith(dispatch.TOKEN_PREFIX):
             # A traced call: the frontend could not look at the caches' memory (Dynamo traces no data_ptr).
             _kvcache_checks.caches_writable(k_cache, v_cache)
-        append_kv(k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table)
-        total = (cache_seqlens + k.shape[1]).to(torch.int32)
+        # The backend's fused append (one kernel, lengths included) where it has one, else torch indexing.
+        appended = chosen.append_kv(k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table)
+        if appended is None:
+            append_kv(k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table)
+            appended = (cache_seqlens + k.shape[1]).to(torch.int32)
+        total = appended
     info = KVCacheInfo(total, cache_batch_idx, block_table, cache_leftpad, num_splits)
     if scales is None:
         out, lse = chosen.forward_kvcache(q, k_cache, v_cache, info, alibi_slopes, params)

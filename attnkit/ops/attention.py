@@ -8,7 +8,7 @@ import torch
 
 from .. import fp8, validation
 from .. import sink as sink_rule
-from . import _common, _fp8_library, _library
+from . import _common, _fastcall, _fp8_library, _library
 
 
 def attention(
@@ -74,6 +74,15 @@ def attention(
         ``out`` of shape ``(batch, seqlen_q, nheads, headdim_v)`` in q's dtype (``out_dtype`` for fp8 inputs), or
         ``(out, lse)``.
     """
+    key = _fastcall.attention_key(
+        q, k, v, causal, softmax_scale, window_size, softcap, dropout_p, deterministic, return_lse, backend,
+        alibi_slopes is None and learnable_sink is None and q_descale is None and k_descale is None
+        and v_descale is None and out_dtype is None,
+    )  # fmt: skip
+    hit = _fastcall.lookup(key)
+    if hit is not None:
+        out, lse = _run_resolved(hit, q, k, v)
+        return (out, lse) if return_lse else out
     q = validation.tensor("q", q, 4)
     k = validation.tensor("k", k, 4)
     v = validation.tensor("v", v, 4)
@@ -135,4 +144,18 @@ def attention(
             params.dropout_p, params.dropout_seed, params.deterministic, chosen, sink,
             _common.dropout_seed_tensor(params),
         )  # fmt: skip
+        if not is_fp8 and slopes is None and sink is None:  # the key's preconditions hold: reuse the decision
+            _fastcall.remember(key, params, chosen, requires_grad)
     return (out, lse) if return_lse else out
+
+
+def _run_resolved(hit: _fastcall.Resolved, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """A repeated call: straight to the backend when nothing else would see the op (see _fastcall), else the op."""
+    if not hit.requires_grad and _fastcall.plain_eager(q, k, v):
+        out, lse = hit.backend.forward(q, k, v, None, hit.params, None)
+        return out.contiguous(), lse.contiguous()
+    p = hit.params
+    return _library.attention_forward(
+        q, k, v, None, None, q.shape[1], k.shape[1], None, p.softmax_scale, p.causal, p.window_left,
+        p.window_right, p.softcap, 0.0, 0, p.deterministic, hit.backend_name, None, None,
+    )  # fmt: skip

@@ -9,7 +9,7 @@ import torch
 from .. import fp8, validation
 from ..errors import InvalidArgumentError, InvalidArgumentTypeError
 from ..params import lse_dtype
-from . import _common, _fp8_library, _kvcache_checks, _library
+from . import _common, _fastcall, _fp8_library, _kvcache_checks, _library
 from ._kvcache_checks import int32_vector
 from .rotary import apply_rotary, check_tables
 
@@ -48,8 +48,9 @@ def attention_with_kvcache(
         k_cache, v_cache: ``(batch_cache, seqlen_cache, nheads_k, headdim[_v])``, or, with ``block_table``, a paged
             cache ``(num_blocks, page_size, nheads_k, headdim[_v])`` with ``page_size`` a multiple of 16.
         k, v: optional new keys/values ``(batch, seqlen_new, nheads_k, headdim[_v])``, written into the cache at
-            positions ``cache_seqlens[b] ...`` before attending. attnkit checks first that they fit (on the host,
-            or, while a CUDA graph is captured, on the device, where a failure is a device-side assert).
+            positions ``cache_seqlens[b] ...`` before attending. attnkit checks first that they fit: on the host
+            for int lengths and CPU tensors (an InvalidArgumentError); for CUDA tensors (lengths, pages, rows) on
+            the device, without a device sync, where a failure is a device-side assert.
         cache_seqlens: int32 ``(batch,)`` (or an int): tokens already in each cache row *before* the append (with
             ``cache_leftpad``: the position after the last one). Default: the whole cache (only without ``k``/``v``).
         cache_batch_idx: int32 ``(batch,)``: which cache row each batch row uses (default ``arange(batch)``).
@@ -73,6 +74,17 @@ def attention_with_kvcache(
     Returns:
         ``out`` ``(batch, seqlen_q, nheads, headdim_v)``, or ``(out, lse)``.
     """
+    key = _fastcall.kvcache_key(
+        q, k_cache, v_cache, k, v, cache_seqlens, block_table, causal, softmax_scale, window_size, softcap,
+        return_lse, num_splits, backend,
+        cache_batch_idx is None and cache_leftpad is None and rotary_cos is None and rotary_sin is None
+        and alibi_slopes is None and q_descale is None and k_descale is None and v_descale is None
+        and out_dtype is None and (k is None) == (v is None) and (cache_seqlens is not None or k is None),
+    )  # fmt: skip
+    hit = _fastcall.lookup_kvcache(key)
+    if hit is not None:
+        out, lse = _run_resolved(hit, q, k_cache, v_cache, k, v, cache_seqlens, block_table)
+        return (out, lse) if return_lse else out
     q = validation.tensor("q", q, 4)
     k_cache = validation.tensor("k_cache", k_cache, 4)
     v_cache = validation.tensor("v_cache", v_cache, 4)
@@ -89,9 +101,10 @@ def attention_with_kvcache(
         raise InvalidArgumentError(
             f"num_splits is {num_splits!r}; allowed: 0 (the backend chooses) or 1..{_MAX_SPLITS}"
         )
-    # Nothing can be read back to the host while a CUDA graph is captured: the checks that need tensor values then
-    # run on the device instead (_kvcache_checks.device_check), in stream order before any write.
-    capturing = _capturing(device)
+    # Checks that need tensor values run on the device (_kvcache_checks.device_check, in stream order before any
+    # write) wherever a read-back would stall: on a GPU (a read-back is a device sync per decode step), and while a
+    # CUDA graph is captured or torch.compile traces (nothing can be read back then).
+    capturing = _capturing(device) or device.type == "cuda"
     if (k is None) != (v is None):
         raise InvalidArgumentError("pass both k and v to append, or neither")
     seqlen_new = 0
@@ -201,7 +214,29 @@ def attention_with_kvcache(
         params.softmax_scale, params.causal, params.window_left, params.window_right, params.softcap, num_splits,
         chosen,
     )  # fmt: skip
+    _fastcall.remember_kvcache(key, params, chosen, capacity, num_splits)
     return (out, lse) if return_lse else out
+
+
+def _run_resolved(hit: _fastcall.ResolvedKVCache, q, k_cache, v_cache, k, v, cache_seqlens, block_table):
+    """A repeated decode step: the checks whose inputs change per call (lengths, pages), then the op (or, in
+    plain eager mode, its implementation directly; see _fastcall)."""
+    batch, device = q.shape[0], q.device
+    seqlen_new = 0 if k is None else k.shape[1]
+    capturing = _capturing(device) or device.type == "cuda"
+    lengths = _kvcache_checks.lengths(cache_seqlens, None, batch, hit.capacity, seqlen_new, device, capturing)
+    if block_table is not None:
+        block_table = block_table.contiguous()
+        _kvcache_checks.pages(block_table, lengths.seqlens, None, seqlen_new, k_cache.shape[0], k_cache.shape[1],
+                              capturing)  # fmt: skip
+    p = hit.params
+    if _fastcall.plain_eager(q, k_cache, v_cache):
+        return _library.run_kvcache(q, k_cache, v_cache, k, v, lengths.seqlens, None, block_table, None, None, p,
+                                    hit.num_splits, hit.backend_name)  # fmt: skip
+    return _library.kvcache_forward(
+        q, k_cache, v_cache, k, v, lengths.seqlens, None, block_table, None, None, p.softmax_scale, p.causal,
+        p.window_left, p.window_right, p.softcap, hit.num_splits, hit.backend_name,
+    )  # fmt: skip
 
 
 # flash-attn's limit on num_splits (and the Triton backends' most splits per row).

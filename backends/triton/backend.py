@@ -115,6 +115,22 @@ class _TritonBackend(Backend):
 
         return kvcache_launch.forward_kvcache(q, k_cache, v_cache, cache, alibi_slopes, params)
 
+    def append_kv(
+        self,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cache_seqlens: torch.Tensor,
+        cache_batch_idx: torch.Tensor | None,
+        block_table: torch.Tensor | None,
+    ) -> torch.Tensor | None:
+        from . import append_launch
+
+        if not append_launch.fusable(k_cache, v_cache, k, v):
+            return None
+        return append_launch.append_kv(k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table)
+
     def merge_states(
         self, out_parts: torch.Tensor, lse_parts: torch.Tensor, out_dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -29,7 +29,7 @@ from attnkit.errors import InvalidArgumentError
 from attnkit.fp8 import Fp8Scales
 from attnkit.params import AttentionParams, VarlenInfo
 
-from . import configs, launch, probes
+from . import configs, device, launch, probes, tma, tuning
 from .fp8_fwd_kernel import attn_fwd_fp8
 
 V_LAYOUTS = ("auto", "transposed", "as_stored")
@@ -145,22 +145,22 @@ def forward_fp8(
     """Dense or varlen fp8 forward; ``out`` in ``scales.out_dtype``, ``lse`` float32 (layouts of params.py)."""
     prob = launch.problem_of(q, k, v, varlen)
     if varlen is None:
-        out = launch._empty((prob.batch, prob.seqlen_q, prob.heads_q, prob.head_dim_v), scales.out_dtype, q.device)
-        lse = launch._empty((prob.batch, prob.heads_q, prob.seqlen_q), torch.float32, q.device)
+        out = launch.empty((prob.batch, prob.seqlen_q, prob.heads_q, prob.head_dim_v), scales.out_dtype, q.device)
+        lse = launch.empty((prob.batch, prob.heads_q, prob.seqlen_q), torch.float32, q.device)
     else:
         # Rows past cu_seqlens_q[-1] belong to no sequence and are never written: define them (no key: 0, -inf).
         out = torch.zeros((q.shape[0], prob.heads_q, prob.head_dim_v), dtype=scales.out_dtype, device=q.device)
         lse = torch.full((prob.heads_q, q.shape[0]), float("-inf"), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
-    interpreted = launch._interpreted()
+    interpreted = device.interpreted()
     hardware_tma = vendor == "nvidia" and not interpreted
-    v_t = _use_v_t(prob, k, launch._needs_idx64(prob, [q, k, v, out]), hardware_tma)
+    v_t = _use_v_t(prob, k, launch.needs_idx64(prob, [q, k, v, out]), hardware_tma)
     v_src = _transposed_v(v, varlen) if v_t else v
-    idx64 = launch._needs_idx64(prob, [q, k, v_src, out])
+    idx64 = launch.needs_idx64(prob, [q, k, v_src, out])
     tma_allowed = hardware_tma and _tma_ok(prob, k, v_src, v_t, idx64)
-    slopes, ssb = launch._slopes(alibi, q)
-    cu_q, cu_k = launch._cu(varlen, q)
+    slopes, ssb = launch.slopes_of(alibi, q)
+    cu_q, cu_k = launch.cu_seqlens(varlen, q)
     args = (
         q, k, v_src, out, lse, slopes, cu_q, cu_k, scales.q_descale, scales.k_descale, scales.v_descale,
         *launch.strides(q, varlen), *launch.strides(k, varlen), *launch.strides(v_src, varlen),
@@ -190,14 +190,14 @@ def forward_fp8(
         grid = (triton.cdiv(prob.seqlen_q, tile.block_m) * prob.batch * prob.heads_q,)
         return attn_fwd_fp8[grid](*args, **flags, **tile.launch_kwargs())
 
-    with launch._on_device(q), launch._tma_scratch(tma_allowed):
+    with device.on_device(q), tma.scratch(tma_allowed):
         launch_with(_tile(prob, tma_allowed, flags, launch_with, interpreted))
     return out, lse
 
 
 def _tile(prob: launch.Problem, tma: bool, flags: dict[str, object], launch_with, interpreted: bool) -> configs.Tile:
     """Fixed under the interpreter or with ATTNKIT_TRITON_AUTOTUNE=0, else the fastest candidate, timed once per
-    key (launch._autotune) and remembered."""
+    key (tuning.autotune_tiles) and remembered."""
     if _forced:
         if _forced[-1].use_tma and not tma:
             raise InvalidArgumentError(f"forced fp8 tile {_forced[-1]} uses TMA, which this call cannot")
@@ -211,5 +211,5 @@ def _tile(prob: launch.Problem, tma: bool, flags: dict[str, object], launch_with
     key = (tma, configs.seq_bucket(max(prob.seqlen_q, prob.seqlen_k)), *flags.values())
     tile = _tuned.get(key)
     if tile is None:
-        tile = _tuned[key] = launch._autotune(tiles, launch_with)
+        tile = _tuned[key] = tuning.autotune_tiles(tiles, launch_with)
     return tile

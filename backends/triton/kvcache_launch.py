@@ -10,7 +10,7 @@ import triton
 from attnkit.fp8 import Fp8Scales
 from attnkit.params import AttentionParams, KVCacheInfo
 
-from . import launch, probes
+from . import device, fastpath, probes
 from .kvcache_kernel import combine_splits, kvcache_split_fwd
 from .kvcache_splits import MAX_SPLITS, split_count
 
@@ -22,34 +22,31 @@ _MAX_SPLITS = MAX_SPLITS
 _BLOCK_N = 64
 _NUM_WARPS = 4
 _NUM_STAGES = 2
-_SPLIT_TENSORS = 13  # leading tensor arguments of kvcache_split_fwd (the rest is the remembered tail)
+INTERPRETER_SM_COUNT = 4  # the split heuristic's multiprocessors for CPU tensors (the interpreter)
+# Per-call tensors of a plan: the leading parameters of each kernel.
+_SPLIT_LEAD = ("Q", "K", "V", "SLOPES", "SEQLENS", "BATCH_IDX", "BLOCK_TABLE", "LEFTPAD", "OUT_PART", "LSE_PART",
+               "Q_DESCALE", "K_DESCALE", "V_DESCALE")  # fmt: skip
+_COMBINE_LEAD = ("OUT_PART", "LSE_PART", "OUT", "LSE")
 
 
 # Decode steps are short (a 1k-64k cache is read in ~0.1 ms on an H200), so triton's JIT dispatch of the two
-# kernels (~100 us each) is most of a call. As in launch.forward, a plan per key of everything the launches
-# depend on besides tensor addresses keeps the compiled kernels, their grids and argument tails; a repeated
-# call allocates its buffers and launches them directly (launch.FAST_LAUNCH switches both paths).
-_plans: dict[tuple, _DecodePlan] = {}
-
-
+# kernels (~100 us each) is most of a call: a plan per key of everything the launches depend on besides tensor
+# addresses keeps both kernels bound (see fastpath); a repeated call allocates its buffers and launches them.
 @dataclass(frozen=True)
-class _DecodePlan:
-    split_kernel: object  # triton CompiledKernel
-    split_grid: tuple[int, int, int]
-    split_tail: tuple  # arguments after the leading tensors, constexprs included
-    combine_kernel: object | None  # None with one split: the split kernel writes the outputs
-    combine_grid: tuple[int, int, int]
-    combine_tail: tuple  # arguments after the four tensors
+class DecodePlan:
+    split: fastpath.Launcher
+    splits: int
+    combine: fastpath.Launcher | None  # None with one split: the split kernel writes the outputs
     part_shape: tuple[int, ...]
 
 
-def _plan_key(q, k_cache, v_cache, info: KVCacheInfo, alibi, params: AttentionParams, scales) -> tuple:
+plans: fastpath.Plans[DecodePlan] = fastpath.Plans()
+
+
+def plan_key(q, k_cache, v_cache, info: KVCacheInfo, alibi, params: AttentionParams, scales) -> tuple:
     """Shapes, strides, dtypes, devices and 16-byte alignment of every tensor argument, and the parameters
     (triton specialises pointers on alignment and integers on divisibility by 16 and on being 1)."""
-
-    def meta(t: torch.Tensor | None) -> tuple | None:
-        return None if t is None else (t.shape, t.stride(), t.dtype, t.device, launch._aligned(t))
-
+    meta = fastpath.meta
     return (
         meta(q), meta(k_cache), meta(v_cache), meta(info.cache_seqlens), meta(info.cache_batch_idx),
         meta(info.block_table), meta(info.cache_leftpad), info.num_splits, meta(alibi), params, _WAVES, _BLOCK_N,
@@ -82,17 +79,12 @@ def _descales(info: KVCacheInfo, scales: Fp8Scales | None) -> tuple[torch.Tensor
     return scales.q_descale, scales.k_descale, scales.v_descale
 
 
-def _multiprocessors(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def splits_for(info: KVCacheInfo, work: int, key_blocks: int, block_n: int, device: torch.device) -> int:
+def splits_for(info: KVCacheInfo, work: int, key_blocks: int, block_n: int, where: torch.device) -> int:
     """The split count: ``info.num_splits`` when given (at most one split per key block), else the heuristic."""
     if info.num_splits > 0:
         return max(1, min(info.num_splits, key_blocks, _MAX_SPLITS))
-    return split_count(work, key_blocks, block_n, _WAVES * _multiprocessors(device), _MAX_SPLITS)
+    slots = _WAVES * device.sm_count(where, interpreter=INTERPRETER_SM_COUNT)
+    return split_count(work, key_blocks, block_n, slots, _MAX_SPLITS)
 
 
 def _buffers(q, head_dim_v: int, splits: int, part_shape: tuple[int, ...], out_dtype: torch.dtype):
@@ -117,24 +109,21 @@ def forward_kvcache(
     scales: Fp8Scales | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``scales`` (float8_e4m3fn q and cache): descales and the output dtype."""
-    interpreted = probes.interpreter_enabled()
     out_dtype = q.dtype if scales is None else scales.out_dtype
-    plan_key = None
-    if launch.FAST_LAUNCH and launch._FAST_LAUNCH_SUPPORTED and not interpreted:
-        plan_key = _plan_key(q, k_cache, v_cache, info, alibi, params, scales)
-        plan = _plans.get(plan_key)
+    key = None
+    if fastpath.enabled():
+        key = plan_key(q, k_cache, v_cache, info, alibi, params, scales)
+        plan = plans.get(key)
         if plan is not None:
-            out, lse, out_part, lse_part = _buffers(q, v_cache.shape[3], plan.split_grid[0], plan.part_shape, out_dtype)
-            if all(launch._aligned(t) for t in (out_part, lse_part, out, lse)):
-                with launch._on_device(q):
-                    plan.split_kernel[plan.split_grid](
-                        q, k_cache, v_cache, *_pointer_args(info, alibi), out_part, lse_part,
-                        *_descales(info, scales), *plan.split_tail,
-                    )  # fmt: skip
-                    if plan.combine_kernel is not None:
-                        plan.combine_kernel[plan.combine_grid](out_part, lse_part, out, lse, *plan.combine_tail)
+            out, lse, out_part, lse_part = _buffers(q, v_cache.shape[3], plan.splits, plan.part_shape, out_dtype)
+            if all(t.data_ptr() % 16 == 0 for t in (out_part, lse_part, out, lse)):
+                plan.split(q, k_cache, v_cache, *_pointer_args(info, alibi), out_part, lse_part,
+                           *_descales(info, scales))  # fmt: skip
+                if plan.combine is not None:
+                    plan.combine(out_part, lse_part, out, lse)
                 return out, lse
-            plan_key = None
+            key = None
+    interpreted = probes.interpreter_enabled()
     batch, seqlen_q, heads_q, head_dim = q.shape
     heads_k, head_dim_v = k_cache.shape[2], v_cache.shape[3]
     if q.numel() == 0:  # no programs to launch (and the split count below divides by the batch)
@@ -157,73 +146,68 @@ def forward_kvcache(
 
     part_shape = (splits, batch, heads_q, seqlen_q, head_dim_v)
     out, lse, out_part, lse_part = _buffers(q, head_dim_v, splits, part_shape, out_dtype)
-    slope_stride_b = alibi.stride(0) if alibi is not None and alibi.dim() == 2 else 0
-    split_args = (
-        q, k_cache, v_cache, *_pointer_args(info, alibi), out_part, lse_part, *_descales(info, scales),
-        q.stride(0), q.stride(1), q.stride(2),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        slope_stride_b, info.block_table.stride(0) if paged else 0,
-        *out_part.stride()[:4],
-        *lse_part.stride()[:3],
-        seqlen_q, group, heads_k, keys_per_split,
-        params.softmax_scale * 1.4426950408889634, params.softcap, params.window_left, params.window_right,
-    )  # fmt: skip
-    split_kwargs = dict(
-        HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v,
-        BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK_DV=max(16, triton.next_power_of_2(head_dim_v)),
-        BLOCK_M=block_m, BLOCK_N=block_n, PAGE_SIZE=max(page_size, 1),
-        PAGED=paged, ONE_PAGE_PER_BLOCK=paged and page_size % block_n == 0,
-        HAS_BATCH_IDX=info.cache_batch_idx is not None, HAS_LEFTPAD=info.cache_leftpad is not None,
-        HAS_ALIBI=alibi is not None, HAS_SOFTCAP=params.softcap > 0, HAS_WINDOW_LEFT=params.window_left >= 0,
-        HAS_WINDOW_RIGHT=params.window_right >= 0,
-        UPCAST=interpreted, DOT_PRECISION="ieee" if q.dtype == torch.float32 and not interpreted else "tf32",
-        FP8=scales is not None,
-    )  # fmt: skip
+    split_values = {
+        **dict(zip(_SPLIT_LEAD, (q, k_cache, v_cache, *_pointer_args(info, alibi), out_part, lse_part,
+                                 *_descales(info, scales)))),
+        "stride_qb": q.stride(0), "stride_qs": q.stride(1), "stride_qh": q.stride(2),
+        "stride_kb": k_cache.stride(0), "stride_ks": k_cache.stride(1), "stride_kh": k_cache.stride(2),
+        "stride_vb": v_cache.stride(0), "stride_vs": v_cache.stride(1), "stride_vh": v_cache.stride(2),
+        "stride_slope_b": alibi.stride(0) if alibi is not None and alibi.dim() == 2 else 0,
+        "stride_bt_b": info.block_table.stride(0) if paged else 0,
+        **dict(zip(("stride_os", "stride_ob", "stride_oh", "stride_om"), out_part.stride()[:4])),
+        **dict(zip(("stride_ls", "stride_lb", "stride_lh"), lse_part.stride()[:3])),
+        "seqlen_q": seqlen_q, "group": group, "num_kv_heads": heads_k, "keys_per_split": keys_per_split,
+        "scale_log2": params.softmax_scale * 1.4426950408889634, "softcap": params.softcap,
+        "window_left": params.window_left, "window_right": params.window_right,
+        "HEAD_DIM": head_dim, "HEAD_DIM_V": head_dim_v,
+        "BLOCK_D": max(16, triton.next_power_of_2(head_dim)), "BLOCK_DV": max(16, triton.next_power_of_2(head_dim_v)),
+        "BLOCK_M": block_m, "BLOCK_N": block_n, "PAGE_SIZE": max(page_size, 1),
+        "PAGED": paged, "ONE_PAGE_PER_BLOCK": paged and page_size % block_n == 0,
+        "HAS_BATCH_IDX": info.cache_batch_idx is not None, "HAS_LEFTPAD": info.cache_leftpad is not None,
+        "HAS_ALIBI": alibi is not None, "HAS_SOFTCAP": params.softcap > 0, "HAS_WINDOW_LEFT": params.window_left >= 0,
+        "HAS_WINDOW_RIGHT": params.window_right >= 0,
+        "UPCAST": interpreted, "DOT_PRECISION": "ieee" if q.dtype == torch.float32 and not interpreted else "tf32",
+        "FP8": scales is not None,
+    }  # fmt: skip
+    split_args = fastpath.arguments(kvcache_split_fwd, split_values)
     split_grid = (splits, batch * heads_k, m_blocks)
-    with launch._on_device(q):
-        split_kernel = kvcache_split_fwd[split_grid](
-            *split_args, **split_kwargs, num_warps=_NUM_WARPS, num_stages=_NUM_STAGES
-        )
-        combine = None
+    combine_args: tuple = ()
+    combine_grid = (batch * heads_q * seqlen_q, 1, 1)
+    with device.on_device(q):
+        split_kernel = kvcache_split_fwd[split_grid](*split_args, num_warps=_NUM_WARPS, num_stages=_NUM_STAGES)
+        combine_kernel = None
         if splits > 1:
-            combine_args = (
-                out_part, lse_part, out, lse, splits, heads_q, seqlen_q,
-                *out_part.stride()[:4],
-                *lse_part.stride()[:3],
-                out.stride(0), out.stride(1), out.stride(2),
-            )  # fmt: skip
-            combine_kwargs = dict(
-                HEAD_DIM_V=head_dim_v, BLOCK_DV=max(16, triton.next_power_of_2(head_dim_v)),
-                BLOCK_SPLITS=max(2, triton.next_power_of_2(splits)),
-            )  # fmt: skip
-            combine_grid = (batch * heads_q * seqlen_q, 1, 1)
-            combine_kernel = combine_splits[combine_grid[:1]](
-                *combine_args, **combine_kwargs, num_warps=1 if head_dim_v <= 64 else 2
-            )
-            combine = (combine_kernel, combine_grid, combine_args, combine_kwargs)
-    if plan_key is not None and all(launch._aligned(t) for t in (out_part, lse_part, out, lse)):
-        _remember(plan_key, split_kernel, split_grid, split_args, split_kwargs, combine, part_shape)
+            combine_values = {
+                **dict(zip(_COMBINE_LEAD, (out_part, lse_part, out, lse))),
+                "num_splits": splits, "num_heads_q": heads_q, "seqlen_q": seqlen_q,
+                **dict(zip(("stride_os", "stride_ob", "stride_oh", "stride_om"), out_part.stride()[:4])),
+                **dict(zip(("stride_ls", "stride_lb", "stride_lh"), lse_part.stride()[:3])),
+                "stride_out_b": out.stride(0), "stride_out_s": out.stride(1), "stride_out_h": out.stride(2),
+                "HEAD_DIM_V": head_dim_v, "BLOCK_DV": max(16, triton.next_power_of_2(head_dim_v)),
+                "BLOCK_SPLITS": max(2, triton.next_power_of_2(splits)),
+            }  # fmt: skip
+            combine_args = fastpath.arguments(combine_splits, combine_values)
+            combine_kernel = combine_splits[combine_grid[:1]](*combine_args, num_warps=1 if head_dim_v <= 64 else 2)
+    if key is not None and all(fastpath.aligned(t) for t in (out_part, lse_part, out, lse)):
+        _remember(key, q, split_kernel, split_grid, split_args, splits, combine_kernel, combine_grid, combine_args,
+                  part_shape)  # fmt: skip
     return out, lse
 
 
-def _remember(key: tuple, split_kernel, split_grid, split_args, split_kwargs, combine, part_shape) -> None:
-    kernels = [split_kernel] + ([combine[0]] if combine is not None else [])
-    if not all(callable(getattr(k, "__getitem__", None)) for k in kernels):
+def _remember(key, q, split_kernel, split_grid, split_args, splits, combine_kernel, combine_grid, combine_args,
+              part_shape) -> None:  # fmt: skip
+    if fastpath.leading(kvcache_split_fwd, len(_SPLIT_LEAD)) != _SPLIT_LEAD:
         return
-    split_tail = launch._signature_tail(kvcache_split_fwd, len(split_args), split_kwargs)
-    if split_tail is None:
+    if fastpath.leading(combine_splits, len(_COMBINE_LEAD)) != _COMBINE_LEAD:
         return
-    combine_kernel, combine_grid, combine_tail = None, (1, 1, 1), ()
-    if combine is not None:
-        combine_kernel, combine_grid, combine_args, combine_kwargs = combine
-        tail = launch._signature_tail(combine_splits, len(combine_args), combine_kwargs)
-        if tail is None:
+    split = fastpath.bind(kvcache_split_fwd, split_kernel, split_grid, split_args[len(_SPLIT_LEAD) :], q.device,
+                          False)  # fmt: skip
+    if split is None:
+        return
+    combine = None
+    if splits > 1:
+        combine = fastpath.bind(combine_splits, combine_kernel, combine_grid, combine_args[len(_COMBINE_LEAD) :],
+                                q.device, False)  # fmt: skip
+        if combine is None:
             return
-        combine_tail = (*combine_args[4:], *tail)
-    if len(_plans) >= launch._PLAN_LIMIT:
-        _plans.clear()
-    _plans[key] = _DecodePlan(
-        split_kernel, split_grid, (*split_args[_SPLIT_TENSORS:], *split_tail),
-        combine_kernel, combine_grid, combine_tail, part_shape,
-    )  # fmt: skip
+    plans.put(key, DecodePlan(split, splits, combine, part_shape))

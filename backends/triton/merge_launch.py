@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from . import launch
+from . import device
 from .merge_kernel import block_rows, merge_states_fwd
 
 
@@ -21,7 +21,7 @@ def merge_states(
         return out, lse
     block_d = max(16, triton.next_power_of_2(head_dim))
     block_r = block_rows(block_d)
-    with launch._on_device(out_parts):
+    with device.on_device(out_parts):
         merge_states_fwd[(triton.cdiv(rows, block_r),)](
             out_parts, lse_parts, out, lse, parts, rows, seqlen, heads,
             *out_parts.stride(), *lse_parts.stride(), *out.stride()[:3], *lse.stride(),

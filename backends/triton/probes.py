@@ -69,7 +69,7 @@ def has_tensor_descriptors() -> bool:
         return False
     import triton.language as tl
 
-    try:  # launch._tma_scratch scopes the descriptor scratch allocator through this ContextVar
+    try:  # tma.scratch scopes the descriptor scratch allocator through this ContextVar
         from triton.runtime._allocation import _allocator
     except ImportError:
         return False

@@ -43,12 +43,12 @@ def xcompile(args: argparse.Namespace) -> None:
             compiled.append((self.fn.__name__, kw, None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"))
 
     jitmod.JITFunction.run = compile_only
-    from attnkit.backends.triton import configs, launch
+    from attnkit.backends.triton import configs, fastpath, launch, tma
 
     from attnkit.params import AttentionParams
 
-    launch._tma_eligible = lambda prob, tensors: True
-    launch._tma_scratch = lambda enabled: contextlib.nullcontext()
+    launch.tma_eligible = lambda prob, tensors: True
+    tma.scratch = lambda enabled: contextlib.nullcontext()
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
     def resources(kernel) -> str:
@@ -70,7 +70,7 @@ def xcompile(args: argparse.Namespace) -> None:
         original_default = configs.default
         for i in range(max(len(c) for c in cands.values())):
             configs.default = lambda kind, vendor, bd, eb, tma=False, i=i, c=cands: c[kind][min(i, len(c[kind]) - 1)]
-            launch.FAST_LAUNCH = False  # every candidate must go through the JIT (and compile)
+            fastpath.ENABLED = False  # every candidate must go through the JIT (and compile)
             compiled.clear()
             q, k, v = (torch.randn(1, 256, 2, d, dtype=dtype) for _ in range(3))
             params = AttentionParams(softmax_scale=0.1, causal=True, window_right=0)
@@ -114,12 +114,12 @@ def fastcheck(args: argparse.Namespace) -> int:
     compiler.CompiledKernel.run = property(lambda self: lambda *a: launches.append(a))  # the launcher, stubbed
     compiler.CompiledKernel._init_handles = lambda self: None  # no module load: nothing runs
     compiler.CompiledKernel.function = None
-    from attnkit.backends.triton import launch
+    from attnkit.backends.triton import fastpath, launch
 
     from attnkit.params import AttentionParams
 
-    launch._tma_eligible = lambda prob, tensors: False  # CPU tensors
-    print(f"triton {triton.__version__}, fast path supported: {launch._FAST_LAUNCH_SUPPORTED}")
+    launch.tma_eligible = lambda prob, tensors: False  # CPU tensors
+    print(f"triton {triton.__version__}, fast path supported: {fastpath.SUPPORTED}")
     cases = [
         ((8, 2048, 32, 64), None, AttentionParams(softmax_scale=0.125)),
         ((1, 128, 2, 64), None, AttentionParams(softmax_scale=0.125, causal=True, window_right=0)),
@@ -132,8 +132,8 @@ def fastcheck(args: argparse.Namespace) -> int:
     rc = 0
     for shape, alibi, params in cases:
         q, k, v = (torch.randn(*shape, dtype=torch.bfloat16) for _ in range(3))
-        launch.FAST_LAUNCH = True
-        launch._fwd_plans.clear()
+        fastpath.ENABLED = True
+        launch.fwd_plans.clear()
         launches.clear()
         o1, l1 = launch.forward(q, k, v, alibi, params, None, "nvidia")  # triton's JIT dispatch
         o2, l2 = launch.forward(q, k, v, alibi, params, None, "nvidia")  # the plan
@@ -146,7 +146,7 @@ def fastcheck(args: argparse.Namespace) -> int:
         rc |= not same
         times = {}
         for fast in (False, True):
-            launch.FAST_LAUNCH = fast
+            fastpath.ENABLED = fast
             reps = []
             for _ in range(5):
                 t = time.perf_counter()

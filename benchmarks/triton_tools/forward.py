@@ -90,7 +90,7 @@ def _host_overhead() -> str:
     launch path off and on; the tiny shape is CPU-bound, so its do_bench time is the host time."""
     import torch
     import torch.nn.functional as F
-    from attnkit.backends.triton import launch
+    from attnkit.backends.triton import fastpath, launch
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     import attnkit
@@ -106,7 +106,7 @@ def _host_overhead() -> str:
             "sdpa_flash": functools.partial(F.scaled_dot_product_attention, qt, kt, vt),
         }
         for fast in (False, True):
-            launch.FAST_LAUNCH = fast
+            fastpath.ENABLED = fast
             for name, fn in calls.items():
                 if name == "sdpa_flash" and not fast:
                     continue
@@ -127,7 +127,7 @@ def _host_overhead() -> str:
                     f"B={b} S={s} H={h} d={d} {label:26s} host {host:6.1f} us/call, wall {wall:7.1f}, "
                     f"do_bench {dev:7.1f} us"
                 )
-    launch.FAST_LAUNCH = True
+    fastpath.ENABLED = True
     return "\n".join(lines)
 
 
@@ -230,7 +230,7 @@ def spread(args: argparse.Namespace) -> None:
     import torch
     import torch.nn.functional as F
     import triton
-    from attnkit.backends.triton import configs, launch
+    from attnkit.backends.triton import configs, tuning
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     import attnkit
@@ -245,7 +245,7 @@ def spread(args: argparse.Namespace) -> None:
     fns: dict[str, Callable[[], object]] = {}
     fns["triton auto"] = functools.partial(attnkit.attention, q, k, v, causal=causal, backend="triton_cuda")
     fns["triton auto"]()  # autotunes
-    tuned = {str(key): tile_name(t) for key, t in launch._tuned.items() if key[0] == "fwd"}
+    tuned = {str(key): tile_name(t) for key, t in tuning.tuned.items() if key[0] == "fwd"}
     forced = [
         T(64, 64, 4, 3, use_tma=True),
         T(64, 64, 4, 3, use_tma=True, persistent=2),

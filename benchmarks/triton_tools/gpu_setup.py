@@ -75,7 +75,7 @@ def _precompile_worker(task: tuple[int, bool, int]) -> str:
     d, causal, i = task
     os.environ["ATTNKIT_TRITON_AUTOTUNE"] = "0"
     import torch
-    from attnkit.backends.triton import configs, launch
+    from attnkit.backends.triton import configs, fastpath, launch
 
     from attnkit.params import AttentionParams
 
@@ -84,7 +84,7 @@ def _precompile_worker(task: tuple[int, bool, int]) -> str:
         return cands[min(i, len(cands) - 1)]
 
     configs.default = pick
-    launch.FAST_LAUNCH = False  # a pool process runs several candidates of one shape: no remembered tile
+    fastpath.ENABLED = False  # a pool process runs several candidates of one shape: no remembered tile
     b, s, h = 1, 1024, HIDDEN // d
     q, k, v = (torch.randn(b, s, h, d, dtype=torch.bfloat16, device="cuda") for _ in range(3))
     params = AttentionParams(softmax_scale=d**-0.5, causal=causal, window_right=0 if causal else -1)

@@ -76,7 +76,7 @@ def test_autotune_switch(monkeypatch):
 def test_autotune_retimes_close_candidates(monkeypatch):
     """A candidate that looked best in one noisy sample loses to a close one that is faster when timed again."""
     import triton
-    from attnkit.backends.triton import launch
+    from attnkit.backends.triton import tuning
 
     tiles = [configs.Tile(64, 64, 4, 3), configs.Tile(128, 64, 8, 3), configs.Tile(128, 128, 8, 3)]
     first = {0: 1.00, 1: 1.05, 2: 2.0}  # tile 2 is far off: not timed again
@@ -90,16 +90,16 @@ def test_autotune_retimes_close_candidates(monkeypatch):
         return first[i] if n == 1 else again[i][n - 2]
 
     monkeypatch.setattr(triton.testing, "do_bench", fake_bench)
-    chosen = launch._autotune(tiles, lambda tile: calls.append(tiles.index(tile)))
+    chosen = tuning.autotune_tiles(tiles, lambda tile: calls.append(tiles.index(tile)))
     assert chosen == tiles[1]
     assert calls.count(2) == 1 and calls.count(0) == 3 and calls.count(1) == 3
 
 
 def test_autotune_single_clear_winner_is_not_retimed(monkeypatch):
     import triton
-    from attnkit.backends.triton import launch
+    from attnkit.backends.triton import tuning
 
     tiles = [configs.Tile(64, 64, 4, 3), configs.Tile(128, 64, 8, 3)]
     times = iter([1.0, 1.5])
     monkeypatch.setattr(triton.testing, "do_bench", lambda fn, warmup, rep, return_mode: (fn(), next(times))[1])
-    assert launch._autotune(tiles, lambda tile: None) == tiles[0]
+    assert tuning.autotune_tiles(tiles, lambda tile: None) == tiles[0]

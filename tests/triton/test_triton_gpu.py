@@ -235,15 +235,15 @@ def test_fp32_ieee_dots(monkeypatch):
 def test_fast_launch_and_persistent_grid_bitwise(case, monkeypatch):
     """The host fast path (second call with the same key) and the persistent forward grid give the full
     path's bits; outputs are poisoned first, so unwritten elements show."""
-    from attnkit.backends.triton import configs, launch
+    from attnkit.backends.triton import configs, fastpath, launch
 
-    monkeypatch.setattr(launch, "_fwd_plans", {})
+    monkeypatch.setattr(launch, "fwd_plans", fastpath.Plans())
     poisoned = lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device)
-    monkeypatch.setattr(launch, "_empty", poisoned)
+    monkeypatch.setattr(launch, "empty", poisoned)
     q, k, v, _, slopes = case.tensors()
     params = case.params()
     full = launch.forward(q, k, v, slopes, params, None, "nvidia")
-    assert len(launch._fwd_plans) == 1
+    assert len(launch.fwd_plans) == 1
     fast = launch.forward(q, k, v, slopes, params, None, "nvidia")
     assert all(torch.equal(a, b) for a, b in zip(full, fast))
     assert not torch.isnan(full[0]).any()
@@ -251,7 +251,9 @@ def test_fast_launch_and_persistent_grid_bitwise(case, monkeypatch):
     tile = configs.Tile(
         default.block_m, default.block_n, default.num_warps, default.num_stages, default.use_tma, None, 1
     )
-    monkeypatch.setattr(launch, "_tile", lambda kind, *a, **kw: tile)
-    monkeypatch.setattr(launch, "FAST_LAUNCH", False)
+    from attnkit.backends.triton import tuning
+
+    monkeypatch.setattr(tuning, "tile_for", lambda kind, *a, **kw: tile)
+    monkeypatch.setattr(fastpath, "ENABLED", False)
     persistent = launch.forward(q, k, v, slopes, params, None, "nvidia")
     assert all(torch.equal(a, b) for a, b in zip(full, persistent))

@@ -229,46 +229,22 @@ def test_kvcache_gpu_page_sizes(page):
              lengths=[1, 4000, 33000], new=3, dims=(128, 128), page=page)  # fmt: skip
 
 
-def _fake_jit(real, jit_calls: list, fast_calls: list):
-    """Stands in for a @triton.jit kernel: records the arguments the JIT would bind (signature order, defaults
-    applied) and returns a fake compiled kernel that records direct launches."""
-    import inspect
-
-    class FakeCompiled:
-        def __getitem__(self, grid):
-            return lambda *args: fast_calls.append((grid, args))
-
-    class FakeJit:
-        fn = staticmethod(real.fn)
-
-        def __getitem__(self, grid):
-            def run(*args, **kwargs):
-                sig = inspect.signature(real.fn)
-                bound = sig.bind(*args, **{n: v for n, v in kwargs.items() if n in sig.parameters})
-                bound.apply_defaults()
-                jit_calls.append(((*grid, 1, 1)[:3], tuple(bound.arguments.values())))
-                return FakeCompiled()
-
-            return run
-
-    return FakeJit()
-
-
 @pytest.mark.parametrize("num_splits", [2, 1], ids=["split+combine", "one-split"])
 def test_kvcache_fast_launch_passes_the_jit_arguments(monkeypatch, num_splits):
     """A repeated decode call with the same key launches the kernels of the first call directly, with exactly the
     arguments triton's JIT dispatch bound (faked here: the fast path is GPU only); new buffers each call. With one
     split there is no combine kernel: the split kernel writes the outputs."""
-    from attnkit.backends.triton import kvcache_launch, launch, probes
+    from attnkit.backends.triton import fastpath, kvcache_launch, probes
+    from fake_triton import fake_jit, no_driver
 
     from attnkit.params import AttentionParams, KVCacheInfo
 
     jit, fast = [], []
-    monkeypatch.setattr(kvcache_launch, "kvcache_split_fwd", _fake_jit(kvcache_launch.kvcache_split_fwd, jit, fast))
-    monkeypatch.setattr(kvcache_launch, "combine_splits", _fake_jit(kvcache_launch.combine_splits, jit, fast))
+    monkeypatch.setattr(kvcache_launch, "kvcache_split_fwd", fake_jit(kvcache_launch.kvcache_split_fwd, jit, fast))
+    monkeypatch.setattr(kvcache_launch, "combine_splits", fake_jit(kvcache_launch.combine_splits, jit, fast))
     monkeypatch.setattr(probes, "interpreter_enabled", lambda: False)
-    monkeypatch.setattr(launch, "FAST_LAUNCH", True)
-    monkeypatch.setattr(kvcache_launch, "_plans", {})
+    monkeypatch.setattr(kvcache_launch, "plans", fastpath.Plans())
+    no_driver(monkeypatch)
     gen = torch.Generator().manual_seed(5)
     q = torch.randn(2, 1, 8, 64, generator=gen, dtype=torch.bfloat16)
     k_cache = torch.randn(3, 96, 2, 64, generator=gen, dtype=torch.bfloat16)
@@ -304,16 +280,16 @@ def test_kvcache_gpu_fast_launch_bitwise(paged, monkeypatch):
     JIT (ALiBi, softcap and a window in play)."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    from attnkit.backends.triton import kvcache_launch, launch
+    from attnkit.backends.triton import fastpath, kvcache_launch
 
     gen = torch.Generator().manual_seed(11)
     q, k_cache, v_cache, _, _, kw = _cache_case(torch.bfloat16, paged, 3, 1, 2, 4, 128, 128, [5, 3000, 9000], 0,
                                                 torch.device("cuda"), gen)  # fmt: skip
     slopes = (torch.rand(8, generator=gen) * 0.3).cuda()
     opts = dict(causal=True, window_size=(2000, 0), softcap=20.0, alibi_slopes=slopes, return_lse=True, **kw)
-    monkeypatch.setattr(launch, "FAST_LAUNCH", False)
+    monkeypatch.setattr(fastpath, "ENABLED", False)
     slow = attnkit.attention_with_kvcache(q, k_cache, v_cache, backend="triton_cuda", **opts)
-    monkeypatch.setattr(launch, "FAST_LAUNCH", True)
+    monkeypatch.setattr(fastpath, "ENABLED", True)
     first = attnkit.attention_with_kvcache(q, k_cache, v_cache, backend="triton_cuda", **opts)
 
     class NoJit:

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 import triton
-from attnkit.backends.triton import configs, launch
+from attnkit.backends.triton import configs, device, fastpath, launch, tuning
 from triton_checks import Case, assert_ok, backend, check_dense, check_varlen
 
 
@@ -49,7 +49,7 @@ def test_outputs_are_fully_written(monkeypatch):
     def poisoned(shape, dtype, device):
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
-    monkeypatch.setattr(launch, "_empty", poisoned)
+    monkeypatch.setattr(launch, "empty", poisoned)
     case = Case(b=2, sq=61, sk=29, hq=4, hk=2, d=40, dv=24, dtype=torch.float32, causal=True, seed=2)
     q, k, v, dout, _ = case.tensors()
     for t in _run(q, k, v, dout, case.params()):
@@ -62,7 +62,7 @@ def test_int64_index_path_matches(monkeypatch):
     case = Case(sq=40, sk=70, hq=2, hk=1, dtype=torch.float16, window=(20, 3), seed=3)
     q, k, v, dout, _ = case.tensors()
     base = _run(q, k, v, dout, case.params())
-    monkeypatch.setattr(launch, "_needs_idx64", lambda prob, tensors: True)
+    monkeypatch.setattr(launch, "needs_idx64", lambda prob, tensors: True)
     wide = _run(q, k, v, dout, case.params())
     for a, b in zip(base, wide):
         assert torch.equal(a, b)
@@ -72,9 +72,9 @@ def test_needs_idx64_threshold():
     q = torch.empty(0)
     prob = launch.Problem(1, 1, 1, 2**21, 2**21, 128, 128, None)
     big_row = torch.empty_strided((1, 2, 1, 128), (0, 2**11, 128, 1))
-    assert launch._needs_idx64(prob, [big_row])  # 2**21 rows x 2**11 elements > 2**31
+    assert launch.needs_idx64(prob, [big_row])  # 2**21 rows x 2**11 elements > 2**31
     small = launch.Problem(1, 1, 1, 1024, 1024, 128, 128, None)
-    assert not launch._needs_idx64(small, [big_row, q.new_empty(1, 1024, 1, 128)])
+    assert not launch.needs_idx64(small, [big_row, q.new_empty(1, 1024, 1, 128)])
 
 
 def test_tma_descriptor_path_under_interpreter(monkeypatch):
@@ -109,7 +109,7 @@ def test_interpreter_switch_after_import_is_reported(monkeypatch):
     from attnkit.errors import AttnkitError
 
     with pytest.raises(AttnkitError, match="TRITON_INTERPRET"):
-        launch._interpreted()
+        device.interpreted()
 
 
 @pytest.mark.parametrize("variant", ["persistent", "warp_specialize"])
@@ -136,34 +136,16 @@ def test_forward_loop_variants_match(monkeypatch, variant):
 
 
 def test_forward_fast_launch_reuses_the_compiled_kernel(monkeypatch):
-    """The compiled-kernel fast path (GPU only, so faked here): a repeated call with the same key launches the
-    kernel of the first call with exactly the arguments triton's JIT dispatch would bind; anything in the key
-    (parameters, alignment, shapes) going differently takes the full path again."""
-    import inspect
+    """The compiled-kernel plan (GPU only, so faked here): a repeated call with the same key launches the kernel
+    of the first call through its bound launcher with exactly the arguments triton's JIT dispatch bound; anything
+    in the key (parameters, alignment, shapes) going differently takes the full path again."""
+    from fake_triton import fake_jit, no_driver
 
-    real_fn = launch.attn_fwd.fn
     jit_calls, fast_calls = [], []
-
-    class FakeCompiled:
-        def __getitem__(self, grid):
-            return lambda *args: fast_calls.append((grid, args))
-
-    class FakeJit:
-        fn = staticmethod(real_fn)
-
-        def __getitem__(self, grid):
-            def run(*args, **kwargs):
-                sig = inspect.signature(real_fn)
-                bound = sig.bind(*args, **{n: v for n, v in kwargs.items() if n in sig.parameters})
-                bound.apply_defaults()
-                jit_calls.append(((grid[0], 1, 1), tuple(bound.arguments.values())))
-                return FakeCompiled()
-
-            return run
-
-    monkeypatch.setattr(launch, "attn_fwd", FakeJit())
-    monkeypatch.setattr(launch, "_interpreted", lambda: False)
-    monkeypatch.setattr(launch, "_fwd_plans", {})
+    monkeypatch.setattr(launch, "attn_fwd", fake_jit(launch.attn_fwd, jit_calls, fast_calls))
+    monkeypatch.setattr(device, "interpreted", lambda: False)
+    monkeypatch.setattr(launch, "fwd_plans", fastpath.Plans())
+    no_driver(monkeypatch)
     monkeypatch.setenv("ATTNKIT_TRITON_AUTOTUNE", "0")
     case = Case(b=2, sq=40, sk=24, hq=4, hk=2, d=32, dtype=torch.bfloat16, alibi="h", softcap=5.0)
     q, k, v, _, slopes = case.tensors()
@@ -183,11 +165,15 @@ def test_forward_fast_launch_reuses_the_compiled_kernel(monkeypatch):
     launch.forward(flat, k, v, slopes, params, None, "nvidia")
     launch.forward(q[:, :20], k, v, slopes, params, None, "nvidia")
     assert len(jit_calls) == 4 and len(fast_calls) == 1
-    # Dropout and varlen never use it.
+    # Dropout (a new seed per call) never uses it.
     drop = Case(dropout_p=0.1).params()
     launch.forward(q, k, v, slopes, drop, None, "nvidia")
     launch.forward(q, k, v, slopes, drop, None, "nvidia")
     assert len(jit_calls) == 6 and len(fast_calls) == 1
+    # The switch: plans off, every call through the JIT.
+    monkeypatch.setenv("ATTNKIT_HOST_FASTPATH", "0")
+    launch.forward(q, k, v, slopes, params, None, "nvidia")
+    assert len(jit_calls) == 7 and len(fast_calls) == 1
 
 
 @pytest.mark.parametrize(
@@ -196,21 +182,21 @@ def test_forward_fast_launch_reuses_the_compiled_kernel(monkeypatch):
 )  # fmt: skip
 def test_fast_launch_version_gate(version, ok):
     """Triton <= 3.2 hands the launcher only non-constexpr arguments: the fast path must stay off there."""
-    assert launch._triton_at_least(version, launch._FAST_LAUNCH_MIN_TRITON) is ok
+    assert fastpath.triton_at_least(version, fastpath.MIN_TRITON) is ok
 
 
 def test_forced_tiles_reach_every_kernel(monkeypatch):
     """launch.forced_tiles() decides the tile of each kernel it names (the GPU tile tests and the fuzzer force
     every autotune candidate through it), and the choice ends with the block."""
     seen: list[tuple[str, configs.Tile]] = []
-    original = launch._tile
+    original = tuning.tile_for
 
     def spy(kind, *args, **kwargs):
         tile = original(kind, *args, **kwargs)
         seen.append((kind, tile))
         return tile
 
-    monkeypatch.setattr(launch, "_tile", spy)
+    monkeypatch.setattr(tuning, "tile_for", spy)
     forced = {"fwd": configs.Tile(16, 32, 4, 1), "dkdv": configs.Tile(32, 16, 4, 1), "dq": configs.Tile(16, 16, 4, 1)}
     case = Case(sq=45, sk=29, hq=4, hk=2, d=40, dtype=torch.float16, causal=True, seed=21)
     with launch.forced_tiles(**forced):

@@ -1,0 +1,84 @@
+"""Host side of the fused kv-cache append (:mod:`.append_kernel`): arguments, grid, launch plans."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from . import device, fastpath
+from .append_kernel import append_kv_fwd
+
+_LEAD = ("K_CACHE", "V_CACHE", "K", "V", "SEQLENS", "BATCH_IDX", "BLOCK_TABLE", "TOTAL")
+
+
+@dataclass(frozen=True)
+class AppendPlan:
+    launch: fastpath.Launcher
+
+
+plans: fastpath.Plans[AppendPlan] = fastpath.Plans()
+
+
+def fusable(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether the kernel writes what the torch append would, bit for bit: a plain copy (no dtype conversion,
+    whose rounding triton and torch need not share), contiguous head dims."""
+    return (
+        k.dtype == k_cache.dtype
+        and v.dtype == v_cache.dtype
+        and all(t.stride(-1) == 1 for t in (k_cache, v_cache, k, v))
+    )
+
+
+def append_kv(
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    cache_batch_idx: torch.Tensor | None,
+    block_table: torch.Tensor | None,
+) -> torch.Tensor:
+    """Writes ``k``/``v`` (B, S_new, Hk, D) at positions ``cache_seqlens[b] ...`` of each row (its cache row,
+    ``cache_batch_idx[b]``, or its pages) and returns the lengths after the append, int32 (B,)."""
+    batch, seqlen_new = k.shape[:2]
+    total = torch.empty(batch, dtype=torch.int32, device=k.device)
+    if batch == 0:
+        return total
+    # Absent optional tensors: the lengths stand in (never read, their flag is off).
+    rows = cache_seqlens if cache_batch_idx is None else cache_batch_idx
+    table = cache_seqlens if block_table is None else block_table
+    key = None
+    if fastpath.enabled():
+        meta = fastpath.meta
+        key = (meta(k_cache), meta(v_cache), meta(k), meta(v), meta(cache_seqlens), meta(cache_batch_idx),
+               meta(block_table))  # fmt: skip
+        plan = plans.get(key)
+        if plan is not None and fastpath.aligned(total):
+            plan.launch(k_cache, v_cache, k, v, cache_seqlens, rows, table, total)
+            return total
+    paged = block_table is not None
+    page_size = k_cache.shape[1] if paged else 1
+    capacity = block_table.shape[1] * k_cache.shape[1] if paged else k_cache.shape[1]
+    values = {
+        **dict(zip(_LEAD, (k_cache, v_cache, k, v, cache_seqlens, rows, table, total))),
+        "seqlen_new": seqlen_new, "num_kv_heads": k.shape[2], "capacity": capacity,
+        "stride_kcb": k_cache.stride(0), "stride_kcs": k_cache.stride(1), "stride_kch": k_cache.stride(2),
+        "stride_vcb": v_cache.stride(0), "stride_vcs": v_cache.stride(1), "stride_vch": v_cache.stride(2),
+        "stride_kb": k.stride(0), "stride_ks": k.stride(1), "stride_kh": k.stride(2),
+        "stride_vb": v.stride(0), "stride_vs": v.stride(1), "stride_vh": v.stride(2),
+        "stride_bt_b": block_table.stride(0) if paged else 0,
+        "HEAD_DIM": k.shape[3], "HEAD_DIM_V": v.shape[3], "BLOCK_H": triton.next_power_of_2(k.shape[2]),
+        "BLOCK_D": triton.next_power_of_2(k.shape[3]), "BLOCK_DV": triton.next_power_of_2(v.shape[3]),
+        "PAGE_SIZE": page_size, "PAGED": paged, "HAS_BATCH_IDX": cache_batch_idx is not None,
+    }  # fmt: skip
+    args = fastpath.arguments(append_kv_fwd, values)
+    grid = (batch * seqlen_new,)
+    with device.on_device(k):
+        compiled = append_kv_fwd[grid](*args, num_warps=4)
+    if key is not None and fastpath.aligned(total) and fastpath.leading(append_kv_fwd, len(_LEAD)) == _LEAD:
+        launcher = fastpath.bind(append_kv_fwd, compiled, grid, args[len(_LEAD) :], k.device, False)
+        if launcher is not None:
+            plans.put(key, AppendPlan(launcher))
+    return total

@@ -1,0 +1,254 @@
+"""The Triton host path: arguments built against each kernel's signature, launchers bound to compiled kernels,
+launch plans (under the interpreter too), and the fused kv-cache append (rows, cache_batch_idx, pages)."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+
+import attnkit
+from attnkit.errors import InvalidArgumentError, KVCacheOverflowError
+from attnkit.ops import _library
+from attnkit.params import AttentionParams
+
+
+def _kernels():
+    from attnkit.backends.triton import append_kernel, bwd_kernel, fwd_kernel, kvcache_kernel
+
+    return [fwd_kernel.attn_fwd, bwd_kernel.attn_bwd_dkdv, bwd_kernel.attn_bwd_dq, bwd_kernel.attn_bwd_preprocess,
+            kvcache_kernel.kvcache_split_fwd, kvcache_kernel.combine_splits, append_kernel.append_kv_fwd]  # fmt: skip
+
+
+def test_arguments_follow_the_signature():
+    """fastpath.arguments: every parameter in signature order (values by name, defaults filled in); a missing or
+    unknown name is a TypeError naming it."""
+    from attnkit.backends.triton import fastpath
+
+    for kernel in _kernels():
+        params = list(inspect.signature(kernel.fn).parameters.values())
+        required = {p.name: i for i, p in enumerate(params) if p.default is inspect.Parameter.empty}
+        args = fastpath.arguments(kernel, required)
+        assert len(args) == len(params)
+        for i, p in enumerate(params):
+            assert args[i] == (i if p.default is inspect.Parameter.empty else p.default), (kernel.fn.__name__, p.name)
+        missing = dict(required)
+        name = next(iter(missing))
+        del missing[name]
+        with pytest.raises(TypeError, match=name):
+            fastpath.arguments(kernel, missing)
+        with pytest.raises(TypeError, match="no_such_parameter"):
+            fastpath.arguments(kernel, {**required, "no_such_parameter": 1})
+
+
+def test_plan_leading_parameters_are_the_kernels():
+    """The per-call tensors of each plan are the kernels' leading parameters (else no plan is made)."""
+    from attnkit.backends.triton import append_kernel, append_launch, fastpath, kvcache_launch, launch
+
+    assert fastpath.leading(launch.attn_fwd, len(launch._FWD_LEAD)) == launch._FWD_LEAD
+    assert fastpath.leading(kvcache_launch.kvcache_split_fwd, 13) == kvcache_launch._SPLIT_LEAD
+    assert fastpath.leading(kvcache_launch.combine_splits, 4) == kvcache_launch._COMBINE_LEAD
+    assert fastpath.leading(append_kernel.append_kv_fwd, 8) == append_launch._LEAD
+
+
+class _Stub:
+    """The CompiledKernel attributes triton's own runner reads, recording what it hands the C launcher."""
+
+    function = "fn-handle"
+    packed_metadata = "packed"
+
+    def __init__(self):
+        self.calls = []
+        self.run = lambda *a: self.calls.append(a)
+
+    def _init_handles(self):
+        pass
+
+    def launch_metadata(self, grid, stream, *args):
+        return None
+
+
+def test_bound_launcher_passes_what_tritons_runner_passes(monkeypatch):
+    """fastpath.bind's launcher hands the C launcher exactly what ``CompiledKernel[grid](*args)`` of the
+    installed triton does (grid, stream, handles, metadata, hooks, arguments), with the grid padded to 3-D."""
+    from attnkit.backends.triton import fastpath
+    from triton.compiler.compiler import CompiledKernel
+
+    reference, bound = _Stub(), _Stub()
+    args = (torch.empty(4), 3, 0.5, None, True)
+    CompiledKernel.__getitem__(reference, (5, 1, 1))(*args, stream=7)
+    launcher = fastpath.bind(None, bound, (5,), args[2:], torch.device("cuda", 0), False,
+                             stream_of=lambda index: 7, current_device=lambda: 0)  # fmt: skip
+    launcher(*args[:2])
+    assert len(bound.calls) == 1 and bound.calls == reference.calls
+
+
+def test_bind_refuses_unknown_kernels():
+    from attnkit.backends.triton import fastpath
+
+    assert fastpath.bind(None, object(), (1,), (), torch.device("cuda", 0), False, lambda i: 0, lambda: 0) is None
+
+
+def test_forward_plan_runs_under_the_interpreter(monkeypatch):
+    """A repeated forward goes through its plan (no JIT dispatch at all) and gives the first call's bits;
+    ATTNKIT_HOST_FASTPATH=0 takes the JIT again."""
+    from attnkit.backends.triton import fastpath, launch
+
+    monkeypatch.setattr(launch, "fwd_plans", fastpath.Plans())
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 37, 2, 16, generator=gen) for _ in range(3))
+    params = AttentionParams(softmax_scale=0.25, causal=True, window_right=0)
+    first = launch.forward(q, k, v, None, params, None, "nvidia")
+    assert len(launch.fwd_plans) == 1
+
+    class NoJit:
+        fn = staticmethod(launch.attn_fwd.fn)
+
+        def __getitem__(self, grid):
+            raise AssertionError("went through the JIT")
+
+    real = launch.attn_fwd
+    monkeypatch.setattr(launch, "attn_fwd", NoJit())
+    second = launch.forward(q, k, v, None, params, None, "nvidia")
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    monkeypatch.setenv("ATTNKIT_HOST_FASTPATH", "0")
+    with pytest.raises(AssertionError, match="JIT"):
+        launch.forward(q, k, v, None, params, None, "nvidia")
+    monkeypatch.setattr(launch, "attn_fwd", real)
+
+
+def _caches(kind, dtype, gen):
+    """(k_cache, v_cache, k, v, seqlens, batch_idx, block_table) of a small decode/prefill append."""
+    batch, heads, d, dv, new = 3, 2, 16, 8, 5
+    k = torch.randn(batch, new, heads, d, generator=gen).to(dtype)
+    v = torch.randn(batch, new, heads, dv, generator=gen).to(dtype)
+    seqlens = torch.tensor([0, 14, 27], dtype=torch.int32)
+    rows, table = None, None
+    if kind == "paged":
+        page, per_row = 16, 3
+        k_cache = torch.randn(batch * per_row + 2, page, heads, d, generator=gen).to(dtype)
+        v_cache = torch.randn(batch * per_row + 2, page, heads, dv, generator=gen).to(dtype)
+        table = torch.randperm(batch * per_row + 2, generator=gen)[: batch * per_row].view(batch, per_row)
+        table = table.to(torch.int32)
+    else:
+        k_cache = torch.randn(batch + 2, 40, heads, d, generator=gen).to(dtype)
+        v_cache = torch.randn(batch + 2, 40, heads, dv, generator=gen).to(dtype)
+        if kind == "batch_idx":
+            rows = torch.tensor([4, 0, 2], dtype=torch.int32)
+        else:
+            k_cache, v_cache = k_cache[:batch], v_cache[:batch]
+    return k_cache, v_cache, k, v, seqlens, rows, table
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("kind", ["rows", "batch_idx", "paged"])
+def test_fused_append_matches_torch_indexing(kind, dtype, monkeypatch):
+    """The append kernel writes what the op layer's torch indexing writes, every other slot untouched (the whole
+    caches are compared), and returns the lengths after the append; the repeated call (its plan) too."""
+    from attnkit.backends.triton import append_launch, fastpath
+
+    monkeypatch.setattr(append_launch, "plans", fastpath.Plans())
+    gen = torch.Generator().manual_seed(3)
+    k_cache, v_cache, k, v, seqlens, rows, table = _caches(kind, dtype, gen)
+    want_k, want_v = k_cache.clone(), v_cache.clone()
+    _library.append_kv(want_k, want_v, k, v, seqlens, rows, table)
+    for attempt in range(2):
+        got_k, got_v = k_cache.clone(), v_cache.clone()
+        total = append_launch.append_kv(got_k, got_v, k, v, seqlens, rows, table)
+        assert torch.equal(got_k, want_k) and torch.equal(got_v, want_v), attempt
+        assert total.dtype == torch.int32 and torch.equal(total, seqlens + k.shape[1])
+    assert len(append_launch.plans) == 1
+
+
+def test_fused_append_only_for_plain_copies():
+    from attnkit.backends.triton import append_launch
+
+    cache = torch.zeros(1, 16, 1, 8)
+    new = torch.zeros(1, 1, 1, 8, dtype=torch.bfloat16)
+    assert append_launch.fusable(cache, cache, new.float(), new.float())
+    assert not append_launch.fusable(cache, cache, new, new)  # a conversion: torch's rounding, torch's append
+
+
+@pytest.mark.parametrize("kind", ["rows", "batch_idx", "paged"])
+def test_kvcache_with_fused_append_matches_reference(kind):
+    """attention_with_kvcache on triton_cuda (fused append, plans on the second call) against the reference
+    backend's append and attention, twice."""
+    gen = torch.Generator().manual_seed(7)
+    k_cache, v_cache, k, v, seqlens, rows, table = _caches(kind, torch.float32, gen)
+    q = torch.randn(3, 5, 4, 16, generator=gen)
+    extra = {"cache_batch_idx": rows} if rows is not None else {}
+    if table is not None:
+        extra["block_table"] = table
+    results = {}
+    for name in ("reference", "triton_cuda"):
+        kc, vc = k_cache.clone(), v_cache.clone()
+        outs = [
+            attnkit.attention_with_kvcache(
+                q, kc, vc, k, v, cache_seqlens=seqlens + 5 * step, causal=True, backend=name, **extra
+            )
+            for step in range(2)
+        ]
+        results[name] = (outs, kc, vc)
+    (ref_out, ref_k, ref_v), (tri_out, tri_k, tri_v) = results["reference"], results["triton_cuda"]
+    assert torch.equal(ref_k, tri_k) and torch.equal(ref_v, tri_v)
+    for a, b in zip(ref_out, tri_out):
+        assert (a - b).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("kind", ["rows", "paged"])
+def test_kvcache_errors_leave_every_buffer_untouched(kind):
+    """A call that fails a check (an overflowing length, a page outside the pool) raises and writes nothing:
+    caches, new keys and lengths as they were."""
+    gen = torch.Generator().manual_seed(9)
+    k_cache, v_cache, k, v, seqlens, _, table = _caches(kind, torch.float32, gen)
+    q = torch.randn(3, 5, 4, 16, generator=gen)
+    extra = {"block_table": table} if table is not None else {}
+    if kind == "paged":
+        bad = table.clone()
+        bad[2, 1] = k_cache.shape[0] + 5  # a page the append writes
+        extra["block_table"] = bad
+        lengths, error = seqlens, InvalidArgumentError
+    else:
+        lengths, error = torch.tensor([0, 14, 36], dtype=torch.int32), KVCacheOverflowError
+    before = [t.clone() for t in (k_cache, v_cache, k, v, lengths)]
+    with pytest.raises(error):
+        attnkit.attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=lengths, backend="triton_cuda",
+                                       **extra)  # fmt: skip
+    assert all(torch.equal(a, b) for a, b in zip(before, (k_cache, v_cache, k, v, lengths)))
+
+
+def test_varlen_forward_plan_runs_under_the_interpreter(monkeypatch):
+    """Varlen calls have plans too (cu_seqlens are per-call tensors, the longest lengths part of the key): the
+    repeated call skips the JIT, gives the same bits and defines the padding rows past cu_seqlens_q[-1]."""
+    from attnkit.backends.triton import fastpath, launch
+
+    from attnkit.params import VarlenInfo
+
+    monkeypatch.setattr(launch, "fwd_plans", fastpath.Plans())
+    gen = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(45, 2, 16, generator=gen) for _ in range(3))
+    cu = torch.tensor([0, 7, 40], dtype=torch.int32)  # rows 40..44 belong to no sequence
+    varlen = VarlenInfo(cu, cu, 33, 33)
+    params = AttentionParams(softmax_scale=0.25, causal=True, window_right=0)
+    first = launch.forward(q, k, v, None, params, varlen, "nvidia")
+
+    class NoJit:
+        fn = staticmethod(launch.attn_fwd.fn)
+
+        def __getitem__(self, grid):
+            raise AssertionError("went through the JIT")
+
+    monkeypatch.setattr(launch, "attn_fwd", NoJit())
+    second = launch.forward(q, k, v, None, params, varlen, "nvidia")
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    assert torch.equal(second[0][40:], torch.zeros_like(second[0][40:]))
+    assert bool(torch.isneginf(second[1][:, 40:]).all())
+    other = VarlenInfo(torch.tensor([0, 20, 40], dtype=torch.int32), cu, 33, 33)  # same key, other lengths
+    with pytest.raises(AssertionError, match="JIT"):  # a different max_seqlen_q is another key
+        launch.forward(q, k, v, None, params, VarlenInfo(cu, cu, 34, 33), "nvidia")
+    monkeypatch.undo()
+    monkeypatch.setattr(launch, "fwd_plans", fastpath.Plans())
+    want = launch.forward(q, k, v, None, params, other, "nvidia")
+    got = launch.forward(q, k, v, None, params, other, "nvidia")
+    assert all(torch.equal(a, b) for a, b in zip(want, got))
