@@ -38,7 +38,7 @@ def module_specs(arch: str, smem: int) -> list:
         for d in (64, 128):
             base = config.sm90_ws_fwd_config(d, dtype, smem)
             variants = [{}, {"pipeline": False}, {"pingpong": True}, {"pipeline": False, "pingpong": True},
-                        {"block_n": 64}, {"producer_regs": 32}]  # fmt: skip
+                        {"block_n": 64}]  # fmt: skip
             for change in variants:
                 cfg = dataclasses.replace(base, **change)
                 specs.add(compiler.ModuleSpec.make(ws_fwd.SOURCE, cfg.defines(), "sm_90a"))

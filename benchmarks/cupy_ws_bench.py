@@ -10,7 +10,7 @@ Usage (on an H100/H200): ``python benchmarks/cupy_ws_bench.py --out DIR [--quick
    causal and not. FLOPs 4*B*H*Sq*Sk*D (halved when causal). CUDA-event timing: warmup, then the median over
    rounds of the mean of a few back-to-back calls;
 3. ablations at 8k (d 64/128, causal and not): intra-warpgroup pipelining off, ping-pong on, both, 64-key tiles,
-   producer at 32 registers; each variant is a -D macro set of the same source (config.Sm90WsFwdConfig);
+   each variant is a -D macro set of the same source (config.Sm90WsFwdConfig);
 4. writes DIR/cupy_ws_bench.md and DIR/cupy_ws_bench.json; prints GPU, versions and the date.
 """
 
@@ -42,7 +42,6 @@ ABLATIONS: dict[str, dict[str, object]] = {
     "pingpong": {"pingpong": True},
     "no-pipe+pingpong": {"pipeline": False, "pingpong": True},
     "bn64": {"block_n": 64},
-    "producer32": {"producer_regs": 32},
 }
 
 

@@ -164,14 +164,17 @@ class Sm90WsFwdConfig:
                 f"fwd_sm90_ws is built for head dims {SM90_WS_HEAD_DIMS} and 64 or 128 keys per tile, "
                 f"got head_dim={self.head_dim}, block_n={self.block_n}"
             )
-        # setmaxnreg takes multiples of 8 in [24, 256], and the three warpgroups must fit the 64K register file.
+        # setmaxnreg takes multiples of 8 in [24, 256]. It only moves registers between the warpgroups of one CTA:
+        # setmaxnreg.inc waits until .dec has released enough of the CTA's own allocation, which is 384 threads x
+        # the per-thread cap ptxas derives from __launch_bounds__(384, 1). A budget above that allocation never
+        # completes the .inc (the 32/240 split hung on the H200, 2026-12-02).
         for name, regs in (("producer_regs", self.producer_regs), ("consumer_regs", self.consumer_regs)):
             if regs % 8 or not 24 <= regs <= 256:
                 raise InvalidArgumentError(f"{name}={regs}; allowed: multiples of 8 in 24..256")
-        if 128 * (self.producer_regs + 2 * self.consumer_regs) > 65536:
+        if 128 * (self.producer_regs + 2 * self.consumer_regs) > SM90_WS_CTA_REGISTERS:
             raise InvalidArgumentError(
                 f"producer_regs={self.producer_regs} + 2 x consumer_regs={self.consumer_regs} per thread of 128 "
-                "exceed the 65536 registers of an SM"
+                f"exceed the {SM90_WS_CTA_REGISTERS} registers a 384-thread CTA is launched with (384 x 168)"
             )
 
     @property
@@ -198,6 +201,9 @@ class Sm90WsFwdConfig:
 # so e.g. 80 and 96 run on the 128 kernel); 32 and below keep the mma.sync kernel built for them.
 SM90_WS_HEAD_DIMS = (64, 128)
 SM90_WS_MIN_HEAD_DIM = 33
+# Registers a CTA of the warp-specialised forward holds: 384 threads x 168, the per-thread cap (a multiple of 8)
+# that __launch_bounds__(384, 1) gives on a 65536-register SM.
+SM90_WS_CTA_REGISTERS = 384 * 168
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,6 @@ WS_VARIANTS = (
     {"pipeline": False},
     {"pingpong": True},
     {"block_n": 64},
-    {"producer_regs": 32},
 )
 
 

@@ -198,7 +198,6 @@ VARIANTS = [
     {"pingpong": True},
     {"pipeline": False, "pingpong": True},
     {"block_n": 64},
-    {"producer_regs": 32},
 ]
 
 
