@@ -64,7 +64,8 @@ def _d_class(block_d: int) -> str:
 # (ATTNKIT_TRITON_AUTOTUNE=0). The forward lists keep the tiles that won or came within 2% somewhere in the H200
 # sweep of benchmarks/results/triton_h200_run3.md (d<=64: 128x64 w8 leads non-causal, 64x64 causal; d=128: the
 # persistent TMA tile leads non-causal 8k; 128x128 w8 s3 leads at 16k, causal and not, and non-causal 4k in
-# benchmarks/results/triton_h200_sweep4.md); the others follow run 2's winners. TMA entries are Hopper-only.
+# benchmarks/results/triton_h200_sweep4.md); shapes neither sweep measured are ordered by the H200 autotuner's
+# winners in benchmarks/results/triton_h200_run2.md. TMA entries are Hopper-only.
 _T = True
 _F = False
 _CUDA: dict[tuple[str, str, int], list[tuple]] = {
