@@ -384,7 +384,7 @@ def test_fuzz_strategies_draw_both_kinds():
     them would pass for nothing)."""
     seen: set[tuple[str, bool]] = set()
 
-    @settings(max_examples=60, database=None)
+    @settings(max_examples=200, database=None, derandomize=True)  # the same draws every run: no flaky miss
     @given(data=st.data())
     def collect(data):
         for op in ("attention", "varlen", "piecewise"):
