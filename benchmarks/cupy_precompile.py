@@ -37,9 +37,7 @@ def module_specs(arch: str, smem: int) -> list:
             continue
         for d in (64, 128):
             base = config.sm90_ws_fwd_config(d, dtype, smem)
-            variants = [{}, {"pipeline": False}, {"pingpong": True}, {"pipeline": False, "pingpong": True},
-                        {"block_n": 64}]  # fmt: skip
-            for change in variants:
+            for change in ({}, *config.WS_FWD_ABLATIONS.values()):
                 cfg = dataclasses.replace(base, **change)
                 specs.add(compiler.ModuleSpec.make(ws_fwd.SOURCE, cfg.defines(), "sm_90a"))
             bwd = config.sm90_ws_bwd_config(d, dtype, smem)

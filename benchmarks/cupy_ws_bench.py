@@ -30,19 +30,14 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from attnkit.backends.cupy import config
 
 DEV = "cuda"
 TOKENS = 16 * 1024
 HIDDEN = 2048
 ATOL = 2e-3
 
-ABLATIONS: dict[str, dict[str, object]] = {
-    "default": {},
-    "no-pipe": {"pipeline": False},
-    "pingpong": {"pingpong": True},
-    "no-pipe+pingpong": {"pipeline": False, "pingpong": True},
-    "bn64": {"block_n": 64},
-}
+ABLATIONS: dict[str, dict[str, object]] = {"default": {}, **config.WS_FWD_ABLATIONS}
 
 
 def _flops(b: int, h: int, sq: int, sk: int, d: int, causal: bool) -> float:
@@ -73,7 +68,7 @@ def _inputs(b: int, sq: int, sk: int, h: int, d: int, seed: int) -> tuple[torch.
 
 # ---- providers ----------------------------------------------------------------------------------------------------
 def _ws(cfg_kwargs: dict[str, object]) -> Callable:
-    from attnkit.backends.cupy import config, ws_fwd
+    from attnkit.backends.cupy import ws_fwd
 
     from attnkit.params import AttentionParams
 

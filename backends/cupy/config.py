@@ -201,6 +201,14 @@ class Sm90WsFwdConfig:
 # so e.g. 80 and 96 run on the 128 kernel); 32 and below keep the mma.sync kernel built for them.
 SM90_WS_HEAD_DIMS = (64, 128)
 SM90_WS_MIN_HEAD_DIM = 33
+# The warp-specialised forward's schedule variants that the benchmark times against the default (each is a
+# change of Sm90WsFwdConfig fields); the GPU tests, the nvcc build test and the precompile list use the same table.
+WS_FWD_ABLATIONS: dict[str, dict[str, object]] = {
+    "no-pipe": {"pipeline": False},
+    "pingpong": {"pingpong": True},
+    "no-pipe+pingpong": {"pipeline": False, "pingpong": True},
+    "bn64": {"block_n": 64},
+}
 # Registers a CTA of the warp-specialised forward holds: 384 threads x 168, the per-thread cap (a multiple of 8)
 # that __launch_bounds__(384, 1) gives on a 65536-register SM.
 SM90_WS_CTA_REGISTERS = 384 * 168

@@ -21,11 +21,7 @@ from attnkit.backends.cupy import compiler, config
 
 ARCHS = ("sm_80", "sm_90")
 # The warp-specialised forward's ablation switches (benchmarks/cupy_ws_bench.py times each of them).
-WS_VARIANTS = (
-    {"pipeline": False},
-    {"pingpong": True},
-    {"block_n": 64},
-)
+WS_VARIANTS = tuple(config.WS_FWD_ABLATIONS.values())
 
 
 def _nvcc() -> str:

@@ -193,12 +193,7 @@ def test_matches_fwd_sm90(monkeypatch):
     assert max_abs_error(lse_ws, lse_old) < 1e-3
 
 
-VARIANTS = [
-    {"pipeline": False},
-    {"pingpong": True},
-    {"pipeline": False, "pingpong": True},
-    {"block_n": 64},
-]
+VARIANTS = list(config.WS_FWD_ABLATIONS.values())
 
 
 @pytest.mark.parametrize("variant", range(len(VARIANTS)))
