@@ -22,7 +22,6 @@ import datetime
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -31,6 +30,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from attnkit.backends.cupy import config
+
+from attnkit.bench.timing import median_batch_ms
 
 DEV = "cuda"
 TOKENS = 16 * 1024
@@ -43,22 +44,6 @@ ABLATIONS: dict[str, dict[str, object]] = {"default": {}, **config.WS_FWD_ABLATI
 def _flops(b: int, h: int, sq: int, sk: int, d: int, causal: bool) -> float:
     f = 4.0 * b * h * sq * sk * d
     return f / 2 if causal else f
-
-
-def _time_ms(fn: Callable[[], object], warmup: int, rounds: int, iters: int) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(rounds):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(iters):
-            fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / iters)
-    return statistics.median(times)
 
 
 def _inputs(b: int, sq: int, sk: int, h: int, d: int, seed: int) -> tuple[torch.Tensor, ...]:
@@ -208,7 +193,7 @@ def main() -> int:
                 row = {"d": d, "causal": causal, "seqlen": s, "batch": b, "heads": h}
                 for name, fn in providers.items():
                     try:
-                        ms = _time_ms(
+                        ms = median_batch_ms(
                             lambda fn=fn, q=q, k=k, v=v, c=causal: fn(q, k, v, c), warmup=3, rounds=rounds, iters=5
                         )
                         row[name] = {"ms": ms, "tflops": flops / ms / 1e9}
@@ -229,7 +214,7 @@ def main() -> int:
                 row = {"d": d, "causal": causal, "seqlen": s}
                 for name, kw in ABLATIONS.items():
                     fn = _ws(kw)
-                    ms = _time_ms(
+                    ms = median_batch_ms(
                         lambda fn=fn, q=q, k=k, v=v, c=causal: fn(q, k, v, c), warmup=3, rounds=rounds, iters=5
                     )
                     row[name] = {"ms": ms, "tflops": flops / ms / 1e9}

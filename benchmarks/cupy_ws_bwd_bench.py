@@ -23,16 +23,15 @@ import datetime
 import json
 import os
 import platform
-import statistics
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 import attnkit
+from attnkit.bench.timing import median_batch_ms
 from attnkit.testing import attention_ref, max_abs_error
 
 DEV = "cuda"
@@ -120,23 +119,6 @@ def _flops_bwd(b: int, h: int, s: int, d: int, causal: bool) -> float:
     return 2.5 * (fwd / 2 if causal else fwd)
 
 
-def _time(fn: Callable[[], object], warmup: int, rounds: int, iters: int) -> float:
-    """Median over ``rounds`` of the mean milliseconds of ``iters`` back-to-back calls (CUDA events)."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(rounds):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(iters):
-            fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / iters)
-    return statistics.median(times)
-
-
 def _sdpa_backend(impl: str):
     from torch.nn.attention import SDPBackend
 
@@ -165,10 +147,10 @@ def time_impl(impl: str, s: int, d: int, causal: bool, warmup: int, rounds: int)
 
     if impl == "sm90":
         with _env("ATTNKIT_CUPY_TMA_BWD", "0"):
-            return _time(bwd, warmup, rounds, 3)
+            return median_batch_ms(bwd, warmup, rounds, 3)
     spy = _Spy() if impl == "ws" else None
     try:
-        ms = _time(bwd, warmup, rounds, 3)
+        ms = median_batch_ms(bwd, warmup, rounds, 3)
     finally:
         if spy is not None:
             spy.close()

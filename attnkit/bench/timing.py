@@ -61,6 +61,25 @@ def clock_for(device: torch.device) -> Clock:
     return CudaClock(device) if device.type == "cuda" else HostClock()
 
 
+def median_batch_ms(fn: Callable[[], object], warmup: int, rounds: int, iters: int) -> float:
+    """Median over ``rounds`` of the mean milliseconds of ``iters`` back-to-back CUDA calls of ``fn``, after
+    ``warmup`` untimed calls: the fixed-count timer of the one-kernel benchmark scripts (no input rotation; use
+    :func:`measure_interleaved` to compare providers)."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(rounds):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / iters)
+    return statistics.median(times)
+
+
 @dataclass(frozen=True)
 class Timing:
     median_ms: float
