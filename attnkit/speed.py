@@ -197,13 +197,12 @@ def build(
             backends = [b for b in backends if all((b, dim, causal, m) in speeds for m in modes)]
             if not backends:
                 continue
+            # The sequence lengths every ranked backend ran, per mode.
+            common = {m: sorted(set.intersection(*(set(speeds[(b, dim, causal, m)]) for b in backends))) for m in modes}
             cost: dict[str, float] = {}
             measured: dict[str, dict[str, float]] = {}
             for b in backends:
-                parts = {}
-                for m in modes:
-                    common = set.intersection(*(set(speeds[(x, dim, causal, m)]) for x in backends))
-                    parts[m] = _geomean(speeds[(b, dim, causal, m)][s] for s in sorted(common))
+                parts = {m: _geomean(speeds[(b, dim, causal, m)][s] for s in common[m]) for m in modes}
                 if any(v <= 0 for v in parts.values()):
                     continue
                 cost[b] = 1.0 / parts["fwd"] + (BWD_FLOP_RATIO / parts["bwd"] if "bwd" in parts else 0.0)

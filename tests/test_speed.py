@@ -210,3 +210,27 @@ def test_cli_builds_a_table_from_saved_runs(tmp_path):
     t = speed.load(out)
     assert t.order[speed.SpeedKey("sm_90", 128, False, "fwd")] == ("cupy_cuda", "triton_cuda")
     assert "Fake GPU" in t.source
+
+
+def test_cli_takes_the_gpu_kind_from_the_runs(tmp_path):
+    # A ROCm run ranked on a CUDA (or CPU) machine keys its entries hip_XY; runs of two kinds are refused.
+    rocm = {
+        "meta": {"compute_capability": "9.4", "torch_hip": "6.2"},
+        "results": rows("triton_rocm", "fwd", {4096: 1.0}),
+    }
+    cuda = {
+        "meta": {"compute_capability": "9.4", "torch_hip": None},
+        "results": rows("triton_cuda", "fwd", {4096: 1.0}),
+    }
+    paths = []
+    for name, doc in (("rocm", rocm), ("cuda", cuda)):
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(json.dumps(doc))
+    out = tmp_path / "table.json"
+    base = [sys.executable, "-m", "attnkit", "bench", "--speed-table", str(out)]
+    proc = subprocess.run([*base, "--speed-table-from", str(paths[0])], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert speed.SpeedKey("hip_94", 128, False, "fwd") in speed.load(out).order
+    both = [*base, "--speed-table-from", str(paths[0]), "--speed-table-from", str(paths[1])]
+    proc = subprocess.run(both, capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 2 and "several GPU kinds" in proc.stderr

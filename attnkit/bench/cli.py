@@ -171,16 +171,16 @@ def _write_speed_table(path: Path, documents: list[tuple[str, dict]]) -> int:
         if not cap:
             print("attnkit bench: --speed-table needs GPU results (no compute capability in the run)", file=sys.stderr)
             return 2
-        caps.add(cap)
+        # The GPU kind is the run's, not this machine's: a table may be built from saved runs anywhere.
+        caps.add((cap, doc["meta"].get("torch_hip") is not None))
         rows += doc["results"]
         sources.append(f"{label} ({_speed_source(doc['meta'])})")
     if len(caps) != 1:
-        print(f"attnkit bench: --speed-table-from runs of several GPU kinds ({sorted(caps)})", file=sys.stderr)
+        kinds = sorted(f"{'hip' if h else 'sm'} {c}" for c, h in caps)
+        print(f"attnkit bench: --speed-table-from runs of several GPU kinds ({kinds})", file=sys.stderr)
         return 2
-    major, _, minor = caps.pop().partition(".")
-    import torch
-
-    hip = getattr(torch.version, "hip", None) is not None
+    cap, hip = caps.pop()
+    major, _, minor = cap.partition(".")
     table = speed.build(rows, (int(major), int(minor)), hip, source="; ".join(dict.fromkeys(sources)))
     if not table["entries"]:
         print("attnkit bench: no attnkit fwd/bwd records at seqlen >= 2k to rank", file=sys.stderr)
