@@ -221,7 +221,7 @@ class CupyCudaBackend(Backend):
         alibi, alibi_sb = alibi_ready(alibi_slopes)
         # Dense batches on Hopper take the warp-specialised TMA kernel; varlen keeps fwd_sm90.cu (its sequences
         # start at arbitrary rows, which a 4-D tensor map per batch entry cannot address).
-        ws_cfg = None if is_var else ws_fwd.ws_forward_config(d, q.dtype, arch, launch.smem_limit())
+        ws_cfg = None if is_var else ws_fwd.ws_forward_config(d, q.dtype, arch, launch.smem_limit(), max_sk)
         if ws_cfg is not None and all(ws_fwd.tma_ready(t) for t in (qp, kp, vp)):
             ws_fwd.launch_ws(launch, qp, kp, vp, out, lse, alibi, alibi_sb, params, ws_cfg)
             return (out if dp == d else out[..., :d].contiguous()), lse

@@ -150,7 +150,9 @@ class Sm90WsFwdConfig:
     bf16: bool
     block_n: int = 128
     pipeline: bool = True
-    pingpong: bool = False
+    # On by default: +1-11% over the pipelined schedule alone in 14 of 16 cells (d 64/128, 2k-16k, causal and
+    # not), -2% in the other two (H200, benchmarks/results/h200_2026-12-02_s3/cupy_ws_ablations.md).
+    pingpong: bool = True
     producer_regs: int = 24
     consumer_regs: int = 240
 
@@ -201,12 +203,15 @@ class Sm90WsFwdConfig:
 # so e.g. 80 and 96 run on the 128 kernel); 32 and below keep the mma.sync kernel built for them.
 SM90_WS_HEAD_DIMS = (64, 128)
 SM90_WS_MIN_HEAD_DIM = 33
+# At kernel head dim 64 the warp-specialised forward overtakes fwd_sm90 only from 8k keys on (ping-pong on:
+# 403-419 vs 386-398 TFLOP/s non-causal at 8k/16k, 259-363 vs 306-380 at 2k-8k causal; same H200 run as above).
+SM90_WS_D64_MIN_SEQLEN_K = 8192
 # The warp-specialised forward's schedule variants that the benchmark times against the default (each is a
 # change of Sm90WsFwdConfig fields); the GPU tests, the nvcc build test and the precompile list use the same table.
 WS_FWD_ABLATIONS: dict[str, dict[str, object]] = {
+    "no-pingpong": {"pingpong": False},
     "no-pipe": {"pipeline": False},
-    "pingpong": {"pingpong": True},
-    "no-pipe+pingpong": {"pipeline": False, "pingpong": True},
+    "no-pipe+no-pingpong": {"pipeline": False, "pingpong": False},
     "bn64": {"block_n": 64},
 }
 # Registers a CTA of the warp-specialised forward holds: 384 threads x 168, the per-thread cap (a multiple of 8)

@@ -16,7 +16,7 @@ from attnkit import env
 from attnkit.errors import InvalidArgumentError
 from attnkit.params import AttentionParams
 
-from . import compiler, tma
+from . import compiler, config, tma
 from .args import alibi_ready, f32, i32, i64, kernel_ready, ptr, score_args
 from .config import Sm90WsFwdConfig, padded_head_dim, sm90_ws_fwd_config
 from .launcher import Launcher
@@ -25,13 +25,18 @@ SOURCE = "fwd_sm90_ws.cu"
 KERNEL = "attnkit_fwd_sm90_ws"
 
 
-def ws_forward_config(head_dim: int, dtype: torch.dtype, arch: str, smem_limit: int) -> Sm90WsFwdConfig | None:
+def ws_forward_config(head_dim: int, dtype: torch.dtype, arch: str, smem_limit: int,
+                      seqlen_k: int) -> Sm90WsFwdConfig | None:  # fmt: skip
     """The warp-specialised TMA forward's configuration when it may serve this call: sm_90 machine code, wgmma
-    and TMA allowed (``ATTNKIT_CUPY_WGMMA``, ``ATTNKIT_CUPY_TMA``), a head dim it covers, and the tiles fit.
+    and TMA allowed (``ATTNKIT_CUPY_WGMMA``, ``ATTNKIT_CUPY_TMA``), a head dim it covers, the tiles fit, and it is
+    the faster kernel for the call (at kernel head dim 64, only from ``SM90_WS_D64_MIN_SEQLEN_K`` keys on).
     The tensors' own eligibility (dense, TMA strides) is decided by :func:`tma_ready`."""
     if arch != "sm_90" or not env.cupy_wgmma() or not env.cupy_tma():
         return None
-    return sm90_ws_fwd_config(head_dim, dtype, smem_limit)
+    cfg = sm90_ws_fwd_config(head_dim, dtype, smem_limit)
+    if cfg is not None and cfg.head_dim == 64 and seqlen_k < config.SM90_WS_D64_MIN_SEQLEN_K:
+        return None
+    return cfg
 
 
 def tma_ready(t: torch.Tensor) -> bool:

@@ -34,7 +34,7 @@ def test_default_config_numbers():
         "ATTNKIT_BF16": 1,
         "ATTNKIT_WS_BN": 128,
         "ATTNKIT_WS_PIPE": 1,
-        "ATTNKIT_WS_PINGPONG": 0,
+        "ATTNKIT_WS_PINGPONG": 1,
         "ATTNKIT_WS_PRODUCER_REGS": 24,
         "ATTNKIT_WS_CONSUMER_REGS": 240,
     }
@@ -97,14 +97,29 @@ def test_ws_selection_switches(monkeypatch, arch, wgmma, tma_env, expected):
             monkeypatch.delenv(name, raising=False)
         else:
             monkeypatch.setenv(name, value)
-    cfg = ws_fwd.ws_forward_config(128, torch.bfloat16, arch, SMEM)
+    cfg = ws_fwd.ws_forward_config(128, torch.bfloat16, arch, SMEM, 4096)
     assert (cfg is not None) == expected
 
 
 def test_bad_tma_switch_is_rejected(monkeypatch):
     monkeypatch.setenv("ATTNKIT_CUPY_TMA", "sometimes")
     with pytest.raises(EnvironmentVariableError, match="ATTNKIT_CUPY_TMA='sometimes'"):
-        ws_fwd.ws_forward_config(128, torch.bfloat16, "sm_90", SMEM)
+        ws_fwd.ws_forward_config(128, torch.bfloat16, "sm_90", SMEM, 4096)
+
+
+@pytest.mark.parametrize(
+    ("head_dim", "seqlen_k", "kernel_dim"),
+    [(128, 1, 128), (96, 300, 128), (64, 8191, None), (64, 8192, 64), (48, 20000, 64), (40, 100, None)],
+)
+def test_ws_serves_head_dim_64_only_from_long_keys(monkeypatch, head_dim, seqlen_k, kernel_dim):
+    """Kernel head dim 64 runs the warp-specialised forward from SM90_WS_D64_MIN_SEQLEN_K keys on (fwd_sm90 is
+    faster below); 128 always."""
+    monkeypatch.delenv("ATTNKIT_CUPY_WGMMA", raising=False)
+    monkeypatch.delenv("ATTNKIT_CUPY_TMA", raising=False)
+    cfg = ws_fwd.ws_forward_config(head_dim, torch.bfloat16, "sm_90", SMEM, seqlen_k)
+    assert (cfg.head_dim if cfg is not None else None) == kernel_dim
+    if cfg is not None:
+        assert cfg.pingpong and cfg.pipeline
 
 
 def test_tma_ready():
@@ -204,15 +219,17 @@ def test_dense_forward_takes_the_ws_kernel_with_its_arguments(recorder):
 
 def test_strided_inputs_map_their_own_strides(recorder):
     # q in (b, h, s, d) storage viewed as (b, s, h, d): TMA walks the real strides, nothing is copied.
+    # Head dim 64 takes this kernel from SM90_WS_D64_MIN_SEQLEN_K keys on.
+    n = config.SM90_WS_D64_MIN_SEQLEN_K
     q = torch.randn(3, 6, 50, 64, dtype=torch.float16).transpose(1, 2)
-    kv = torch.randn(3, 50, 2, 2, 64, dtype=torch.float16)  # packed K and V
+    kv = torch.randn(3, n, 2, 2, 64, dtype=torch.float16)  # packed K and V
     k, v = kv[:, :, 0], kv[:, :, 1]
     cb.CupyCudaBackend().forward(q, k, v, None, AttentionParams(softmax_scale=0.1), None)
     (call,) = recorder
     a = call["args"]
     assert a[0].address == q.data_ptr() and a[0].strides_bytes == (64 * 2, 50 * 64 * 2, 6 * 50 * 64 * 2)
     assert a[1].address == k.data_ptr() and a[2].address == v.data_ptr()
-    assert a[1].strides_bytes == (2 * 2 * 64 * 2, 64 * 2, 50 * 2 * 2 * 64 * 2)
+    assert a[1].strides_bytes == (2 * 2 * 64 * 2, 64 * 2, n * 2 * 2 * 64 * 2)
     assert a[0].box == (64, 128, 1, 1) and a[1].box == (64, 128, 1, 1)
     assert dict(call["spec"].defines)["ATTNKIT_HEAD_DIM"] == 64 and dict(call["spec"].defines)["ATTNKIT_BF16"] == 0
 

@@ -37,6 +37,18 @@ LENGTHS = (1, 37, 113, 128, 203, 1000, 4096)
 def _ws_on(monkeypatch):
     monkeypatch.delenv("ATTNKIT_CUPY_TMA", raising=False)
     monkeypatch.delenv("ATTNKIT_CUPY_WGMMA", raising=False)
+    # Head dim 64 normally takes this kernel only from 8k keys on: here it serves every length.
+    monkeypatch.setattr(config, "SM90_WS_D64_MIN_SEQLEN_K", 0)
+
+
+@pytest.mark.parametrize(("d", "sk", "ws"), [(64, 4096, False), (64, 8192, True), (128, 203, True)])
+def test_auto_picks_the_kernel_by_head_dim_and_keys(monkeypatch, d, sk, ws):
+    monkeypatch.setattr(config, "SM90_WS_D64_MIN_SEQLEN_K", 8192)
+    q, k, v = _inputs(1, 64, sk, 2, 2, d, torch.bfloat16, ("route", d, sk))
+    before = launcher.LAUNCH_COUNTS[ws_fwd.KERNEL]
+    attnkit.attention(q, k, v, backend=BACKEND)
+    torch.cuda.synchronize()
+    assert launcher.LAUNCH_COUNTS[ws_fwd.KERNEL] == before + int(ws)
 
 
 def _poison() -> None:

@@ -11,8 +11,8 @@
 //   in shared memory, online softmax in registers, O += P V as wgmma with P from registers.
 // With ATTNKIT_WS_PIPE = 1 a consumer issues S of tile i+1 before it runs the softmax of tile i... in the order
 // that keeps the tensor core busy: issue S_i, issue P_{i-1} V_{i-1}, wait for S_i only (wait_group 1), run the
-// softmax of S_i while P V still runs, then wait for P V and rescale O. With ATTNKIT_WS_PINGPONG = 1 the two
-// consumers also take turns issuing their GEMMs (named barriers), so one's softmax overlaps the other's GEMMs.
+// softmax of S_i while P V still runs, then wait for P V and rescale O. With ATTNKIT_WS_PINGPONG = 1 (the default) the
+// two consumers also take turns issuing their GEMMs (named barriers), so one's softmax overlaps the other's GEMMs.
 //
 // Tiles land in the 128-byte-swizzle layout the descriptors read (sw128.cuh): each TMA box is 64 columns x rows
 // with SWIZZLE_128B, which is exactly one slab of that layout. Rows past the sequence end and columns past the
@@ -44,7 +44,7 @@
 #define ATTNKIT_WS_PIPE 1
 #endif
 #ifndef ATTNKIT_WS_PINGPONG
-#define ATTNKIT_WS_PINGPONG 0
+#define ATTNKIT_WS_PINGPONG 1
 #endif
 #ifndef ATTNKIT_WS_PRODUCER_REGS
 #define ATTNKIT_WS_PRODUCER_REGS 24
