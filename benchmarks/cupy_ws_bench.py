@@ -9,8 +9,9 @@ Usage (on an H100/H200): ``python benchmarks/cupy_ws_bench.py --out DIR [--quick
    run: bf16, 16k tokens (batch = 16k / seqlen), hidden 2048 (heads = 2048 / d), seqlen 2k/4k/8k/16k, d 64/128,
    causal and not. FLOPs 4*B*H*Sq*Sk*D (halved when causal). CUDA-event timing: warmup, then the median over
    rounds of the mean of a few back-to-back calls;
-3. ablations at 8k (d 64/128, causal and not): intra-warpgroup pipelining off, ping-pong on, both, 64-key tiles,
-   each variant is a -D macro set of the same source (config.Sm90WsFwdConfig);
+3. ablations at ``--ablation-seqlens`` (default 8k; d 64/128, causal and not), beside fwd_sm90: the variants of
+   config.WS_FWD_ABLATIONS (pipelining off, ping-pong on, both, other key-tile widths), each a -D macro set of
+   the same source;
 4. writes DIR/cupy_ws_bench.md and DIR/cupy_ws_bench.json; prints GPU, versions and the date.
 """
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import itertools
 import json
 import os
 import platform
@@ -136,7 +138,10 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="seqlens 4k/8k only, fewer rounds")
     ap.add_argument("--no-ablations", action="store_true", help="skip the ablation variants")
     ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--ablation-seqlens", default="8192",
+                    help="comma list of sequence lengths the ablation variants run at (default 8192)")
     args = ap.parse_args()
+    ablation_seqlens = [int(x) for x in args.ablation_seqlens.split(",")]
     if not torch.cuda.is_available():
         print("needs a CUDA GPU", file=sys.stderr)
         return 2
@@ -205,21 +210,20 @@ def main() -> int:
     # 3. ablations.
     ablations = []
     if not args.no_ablations:
-        for d in (64, 128):
-            for causal in (False, True):
-                s = 8192
-                b, h = TOKENS // s, HIDDEN // d
-                q, k, v = _inputs(b, s, s, h, d, seed=7 + d)
-                flops = _flops(b, h, s, s, d, causal)
-                row = {"d": d, "causal": causal, "seqlen": s}
-                for name, kw in ABLATIONS.items():
-                    fn = _ws(kw)
-                    ms = median_batch_ms(
-                        lambda fn=fn, q=q, k=k, v=v, c=causal: fn(q, k, v, c), warmup=3, rounds=rounds, iters=5
-                    )
-                    row[name] = {"ms": ms, "tflops": flops / ms / 1e9}
-                ablations.append(row)
-                print(_row_text(row, list(ABLATIONS)), flush=True)
+        # fwd_sm90 (the wgmma kernel without warp specialisation) as the reference column.
+        variant_fns = {name: _ws(kw) for name, kw in ABLATIONS.items()} | {"fwd_sm90": _attnkit(tma=False)}
+        for d, causal, s in itertools.product((64, 128), (False, True), ablation_seqlens):
+            b, h = TOKENS // s, HIDDEN // d
+            q, k, v = _inputs(b, s, s, h, d, seed=7 + d)
+            flops = _flops(b, h, s, s, d, causal)
+            row = {"d": d, "causal": causal, "seqlen": s}
+            for name, fn in variant_fns.items():
+                ms = median_batch_ms(
+                    lambda fn=fn, q=q, k=k, v=v, c=causal: fn(q, k, v, c), warmup=3, rounds=rounds, iters=5
+                )
+                row[name] = {"ms": ms, "tflops": flops / ms / 1e9}
+            ablations.append(row)
+            print(_row_text(row, list(variant_fns)), flush=True)
 
     elapsed = time.time() - t0
     meta["elapsed_s"] = round(elapsed, 1)
@@ -265,14 +269,14 @@ def _markdown(result: dict, providers: list[str]) -> str:
         cells = " | ".join(_cell(r[p]) for p in providers)
         lines.append(f"| {r['d']} | {'causal' if r['causal'] else 'full'} | {r['seqlen']} | {cells} | {ratio} |")
     if result["ablations"]:
-        names = list(ABLATIONS)
-        lines += ["", "## Ablations at 8k (fwd_sm90_ws variants, TFLOP/s; ratio to default)", ""]
-        lines.append("| d | mask | " + " | ".join(names) + " |")
-        lines.append("|---" * (len(names) + 2) + "|")
+        names = [*ABLATIONS, "fwd_sm90"]
+        lines += ["", "## Ablations (fwd_sm90_ws variants and fwd_sm90, TFLOP/s; ratio to default)", ""]
+        lines.append("| d | mask | seqlen | " + " | ".join(names) + " |")
+        lines.append("|---" * (len(names) + 3) + "|")
         for r in result["ablations"]:
             base = r["default"]["tflops"]
             cells = " | ".join(f"{r[n]['tflops']:.0f} ({r[n]['tflops'] / base:.2f})" for n in names)
-            lines.append(f"| {r['d']} | {'causal' if r['causal'] else 'full'} | {cells} |")
+            lines.append(f"| {r['d']} | {'causal' if r['causal'] else 'full'} | {r['seqlen']} | {cells} |")
     return "\n".join(lines) + "\n"
 
 
