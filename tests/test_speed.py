@@ -60,10 +60,26 @@ def test_rank_reorders_only_listed_backends():
     assert speed.rank(spec(), ["a", "b"], None) == ["a", "b"]
 
 
+def test_rank_keeps_the_priority_below_the_measured_lengths():
+    doc = {"format": speed.TABLE_FORMAT, "min_seqlen": 2048, "entries": [entry(["b", "a"])]}
+    t = speed.parse(doc)
+    assert t.min_seqlen == 2048
+    assert speed.rank(spec(seqlen_q=2048, seqlen_k=2048, batch=8), ["a", "b"], t) == ["b", "a"]
+    # Shorter queries or keys than the table measured: the host cost decides there, so the priority order holds.
+    assert speed.rank(spec(seqlen_q=2047, seqlen_k=8192), ["a", "b"], t) == ["a", "b"]
+    assert speed.rank(spec(seqlen_q=8192, seqlen_k=100), ["a", "b"], t) == ["a", "b"]
+    # Long but little work (one head of one sequence): host cost decides, the priority order holds.
+    assert speed.rank(spec(seqlen_q=4096, seqlen_k=4096, batch=1, num_heads_q=1, num_heads_k=1), ["a", "b"], t) == [
+        "a", "b"]  # fmt: skip
+    # A table without the field ranks from the default length on.
+    assert table(entry(["b"])).min_seqlen == speed.MIN_SEQLEN
+
+
 @pytest.mark.parametrize(
     "doc",
     [
         {"format": 99, "entries": []},
+        {"format": 1, "min_seqlen": "long", "entries": []},
         {"format": 1, "entries": [{"arch": "sm_90"}]},
         {"format": 1, "entries": [entry(["a"], pass_="bwd")]},
         {"format": 1, "entries": [entry(["a"], head_dim=100)]},
