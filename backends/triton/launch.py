@@ -306,6 +306,68 @@ def _remember_fwd(key: tuple, compiled: object, grid: tuple[int, ...], args: tup
         fwd_plans.put(key, FwdPlan(launcher, tuple(out.shape), tuple(lse.shape), varlen))
 
 
+# Backward launch plans: the three kernels of a dense or varlen backward without dropout or piecewise inputs, bound
+# once (the preprocess, dK/dV and dQ launchers). Their leading parameters are the per-call tensors.
+_PRE_LEAD = ("Out", "DO", "Delta", "CuQ")
+_DKDV_LEAD = ("Q", "K", "V", "Q2", "K2", "DO", "Lse", "Delta", "DK", "DV", "DK2", "Slopes", "CuQ", "CuK")
+_DQ_LEAD = ("Q", "K", "V", "Q2", "K2", "DO", "Lse", "Delta", "DQ", "DQ2", "Slopes", "CuQ", "CuK")
+
+
+@dataclass(frozen=True)
+class BwdPlan:
+    preprocess: fastpath.Launcher
+    dkdv: fastpath.Launcher
+    dq: fastpath.Launcher
+
+
+bwd_plans: fastpath.Plans[BwdPlan] = fastpath.Plans()
+
+
+def bwd_plan_key(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    alibi: torch.Tensor | None,
+    params: AttentionParams,
+    vendor: str,
+    varlen: VarlenInfo | None,
+) -> tuple:
+    """Everything a backward launch depends on besides the tensor addresses (see fastpath)."""
+    meta = fastpath.meta
+    lengths = None
+    if varlen is not None:
+        lengths = (meta(varlen.cu_seqlens_q), meta(varlen.cu_seqlens_k), varlen.max_seqlen_q, varlen.max_seqlen_k)
+    return (meta(dout), meta(q), meta(k), meta(v), meta(out), meta(lse), meta(alibi), lengths, params, vendor,
+            env.triton_autotune())  # fmt: skip
+
+
+def _grad_buffers(*like: torch.Tensor, varlen: bool) -> tuple[torch.Tensor, ...]:
+    """One gradient buffer per tensor. Varlen padding rows (past cu_seqlens[-1]) get no program, so their
+    gradients start at zero."""
+    if varlen:
+        return tuple(torch.zeros(t.shape, dtype=t.dtype, device=t.device) for t in like)
+    return tuple(empty(t.shape, t.dtype, t.device) for t in like)
+
+
+def _planned_backward(plan: BwdPlan, dout, q, k, v, out, lse, alibi, varlen) -> tuple[torch.Tensor, ...] | None:
+    """A repeated backward through its plan, or None when a fresh buffer is not 16-byte aligned (the plan's
+    kernels were specialised on aligned pointers)."""
+    dq, dk, dv = _grad_buffers(q, k, v, varlen=varlen is not None)
+    lse = lse.contiguous()
+    delta = torch.empty_like(lse)
+    if not all(fastpath.aligned(t) for t in (dq, dk, dv, lse, delta)):
+        return None
+    slopes = q if alibi is None else alibi
+    cu_q, cu_k = cu_seqlens(varlen, q)
+    plan.preprocess(out, dout, delta, cu_q)
+    plan.dkdv(q, k, v, q, k, dout, lse, delta, dk, dv, dk, slopes, cu_q, cu_k)
+    plan.dq(q, k, v, q, k, dout, lse, delta, dq, dq, slopes, cu_q, cu_k)
+    return dq, dk, dv
+
+
 def backward(
     dout: torch.Tensor,
     q: torch.Tensor,
@@ -322,16 +384,20 @@ def backward(
     dist_threshold: int = 0,
 ) -> tuple[torch.Tensor, ...]:
     """(dq, dk, dv), or (dq1, dk1, dq2, dk2, dv) for piecewise attention."""
+    plan_key = None
+    if q2 is None and params.dropout_p == 0.0 and q.numel() and k.numel() and fastpath.enabled():
+        plan_key = bwd_plan_key(dout, q, k, v, out, lse, alibi, params, vendor, varlen)
+        plan = bwd_plans.get(plan_key)
+        if plan is not None:
+            grads = _planned_backward(plan, dout, q, k, v, out, lse, alibi, varlen)
+            if grads is not None:
+                return grads
+            plan_key = None
     prob = problem_of(q, k, v, varlen)
     piecewise = q2 is not None
     q2_, k2_ = (q2, k2) if piecewise else (q, k)
-    # Varlen padding rows (past cu_seqlens[-1]) get no program, so their gradients start at zero.
-    alloc = empty if varlen is None else (lambda shape, dtype, device: torch.zeros(shape, dtype=dtype, device=device))
-    dq = alloc(q.shape, q.dtype, q.device)
-    dk = alloc(k.shape, k.dtype, k.device)
-    dv = alloc(v.shape, v.dtype, v.device)
-    dq2 = alloc(q.shape, q.dtype, q.device) if piecewise else dq
-    dk2 = alloc(k.shape, k.dtype, k.device) if piecewise else dk
+    dq, dk, dv = _grad_buffers(q, k, v, varlen=varlen is not None)
+    dq2, dk2 = _grad_buffers(q, k, varlen=varlen is not None) if piecewise else (dq, dk)
     grads = (dq, dk, dq2, dk2, dv) if piecewise else (dq, dk, dv)
     if q.numel() == 0 or k.numel() == 0:
         for g in grads:
@@ -366,23 +432,51 @@ def backward(
         "seqlen_q": prob.seqlen_q, "BLOCK_M": pre_m, "HEAD_DIM_V": prob.head_dim_v, "BLOCK_DV": prob.block_dv,
         "VARLEN": varlen is not None,
     }  # fmt: skip
+    pre_grid = (triton.cdiv(prob.seqlen_q, pre_m) * prob.batch * prob.heads_q,)
+    pre_args = fastpath.arguments(attn_bwd_preprocess, pre_values)
+
+    def dkdv_grid(tile: configs.Tile) -> tuple[int]:
+        return (triton.cdiv(prob.seqlen_k, tile.block_n) * prob.batch * prob.heads_k,)
+
+    def dq_grid(tile: configs.Tile) -> tuple[int]:
+        return (triton.cdiv(prob.seqlen_q, tile.block_m) * prob.batch * prob.heads_q,)
+
+    def dkdv_with(tile: configs.Tile) -> object:
+        args, options = launch_args(attn_bwd_dkdv, dkdv_values, tile)
+        return attn_bwd_dkdv[dkdv_grid(tile)](*args, **options)
+
+    def dq_with(tile: configs.Tile) -> object:
+        args, options = launch_args(attn_bwd_dq, dq_values, tile)
+        return attn_bwd_dq[dq_grid(tile)](*args, **options)
+
     with device.on_device(q), tma.scratch(use_tma):
-        pre_grid = (triton.cdiv(prob.seqlen_q, pre_m) * prob.batch * prob.heads_q,)
-        attn_bwd_preprocess[pre_grid](*fastpath.arguments(attn_bwd_preprocess, pre_values))
-
-        def dkdv_with(tile: configs.Tile) -> None:
-            grid = (triton.cdiv(prob.seqlen_k, tile.block_n) * prob.batch * prob.heads_k,)
-            args, options = launch_args(attn_bwd_dkdv, dkdv_values, tile)
-            attn_bwd_dkdv[grid](*args, **options)
-
-        def dq_with(tile: configs.Tile) -> None:
-            grid = (triton.cdiv(prob.seqlen_q, tile.block_m) * prob.batch * prob.heads_q,)
-            args, options = launch_args(attn_bwd_dq, dq_values, tile)
-            attn_bwd_dq[grid](*args, **options)
-
-        dkdv_with(tuning.tile_for("dkdv", vendor, prob, q.dtype, use_tma, flags, dkdv_with))
-        dq_with(tuning.tile_for("dq", vendor, prob, q.dtype, use_tma, flags, dq_with))
+        pre_compiled = attn_bwd_preprocess[pre_grid](*pre_args)
+        dkdv_tile = tuning.tile_for("dkdv", vendor, prob, q.dtype, use_tma, flags, dkdv_with)
+        dkdv_compiled = dkdv_with(dkdv_tile)
+        dq_tile = tuning.tile_for("dq", vendor, prob, q.dtype, use_tma, flags, dq_with)
+        dq_compiled = dq_with(dq_tile)
+    if plan_key is not None and all(fastpath.aligned(t) for t in (dq, dk, dv, lse, delta)):
+        launches = (
+            (attn_bwd_preprocess, pre_compiled, pre_grid, pre_args, _PRE_LEAD, False),
+            (attn_bwd_dkdv, dkdv_compiled, dkdv_grid(dkdv_tile), launch_args(attn_bwd_dkdv, dkdv_values, dkdv_tile)[0],
+             _DKDV_LEAD, use_tma),
+            (attn_bwd_dq, dq_compiled, dq_grid(dq_tile), launch_args(attn_bwd_dq, dq_values, dq_tile)[0], _DQ_LEAD,
+             use_tma),
+        )  # fmt: skip
+        _remember_bwd(plan_key, launches, q.device)
     return grads
+
+
+def _remember_bwd(key: tuple, launches: tuple[tuple, ...], dev: torch.device) -> None:
+    launchers = []
+    for kernel, compiled, grid, args, lead, uses_tma in launches:
+        if fastpath.leading(kernel, len(lead)) != lead:
+            return  # a kernel whose leading parameters changed: no plan rather than a wrong one
+        launcher = fastpath.bind(kernel, compiled, grid, args[len(lead) :], dev, uses_tma)
+        if launcher is None:
+            return
+        launchers.append(launcher)
+    bwd_plans.put(key, BwdPlan(*launchers))
 
 
 # The public way to force tiles (tests, sweeps, fuzzing): see tuning.forced_tiles.

@@ -118,6 +118,53 @@ def test_forward_plan_runs_under_the_interpreter(monkeypatch):
     monkeypatch.setattr(launch, "attn_fwd", real)
 
 
+@pytest.mark.parametrize("varlen", [False, True], ids=["dense", "varlen"])
+def test_backward_plan_runs_under_the_interpreter(monkeypatch, varlen):
+    """A repeated backward goes through its plan (none of the three kernels through the JIT) and gives the first
+    call's bits, GQA and ALiBi included; forced tiles or ATTNKIT_HOST_FASTPATH=0 take the JIT again."""
+    from attnkit.backends.triton import fastpath, launch, tuning
+
+    from attnkit.params import VarlenInfo
+
+    monkeypatch.setattr(launch, "bwd_plans", fastpath.Plans())
+    gen = torch.Generator().manual_seed(3)
+    if varlen:
+        q = torch.randn(45, 4, 16, generator=gen)
+        k, v = (torch.randn(45, 2, 16, generator=gen) for _ in range(2))
+        cu = torch.tensor([0, 7, 40], dtype=torch.int32)  # rows 40..44 belong to no sequence
+        info = VarlenInfo(cu, cu, 33, 33)
+    else:
+        q = torch.randn(2, 37, 4, 16, generator=gen)
+        k, v = (torch.randn(2, 29, 2, 16, generator=gen) for _ in range(2))
+        info = None
+    slopes = torch.rand(4, generator=gen)
+    params = AttentionParams(softmax_scale=0.25, causal=True, window_right=0)
+    out, lse = launch.forward(q, k, v, slopes, params, info, "nvidia")
+    dout = torch.randn(out.shape, generator=gen)
+    first = launch.backward(dout, q, k, v, out, lse, slopes, params, info, "nvidia")
+    assert len(launch.bwd_plans) == 1
+
+    class NoJit:
+        def __init__(self, kernel):
+            self.fn = kernel.fn
+
+        def __getitem__(self, grid):
+            raise AssertionError("went through the JIT")
+
+    for name in ("attn_bwd_preprocess", "attn_bwd_dkdv", "attn_bwd_dq"):
+        monkeypatch.setattr(launch, name, NoJit(getattr(launch, name)))
+    second = launch.backward(dout, q, k, v, out, lse, slopes, params, info, "nvidia")
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    if varlen:
+        assert all(not g[40:].any() for g in second)  # padding rows: zero gradients
+    tile = launch.configs.INTERPRETER_TILES["dq"]
+    with tuning.forced_tiles(dq=tile), pytest.raises(AssertionError, match="JIT"):
+        launch.backward(dout, q, k, v, out, lse, slopes, params, info, "nvidia")
+    monkeypatch.setenv("ATTNKIT_HOST_FASTPATH", "0")
+    with pytest.raises(AssertionError, match="JIT"):
+        launch.backward(dout, q, k, v, out, lse, slopes, params, info, "nvidia")
+
+
 def _caches(kind, dtype, gen):
     """(k_cache, v_cache, k, v, seqlens, batch_idx, block_table) of a small decode/prefill append."""
     batch, heads, d, dv, new = 3, 2, 16, 8, 5
