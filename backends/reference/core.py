@@ -73,20 +73,35 @@ def _slopes(alibi: torch.Tensor | None, batch: int, num_kv: int, group: int, dty
 
 def _raw_scores(pb, qs, ks, dist):
     """Scaled scores before softcap; piecewise picks q1.k1 or q2.k2 by distance. Returns (scores, near-mask)."""
-    s = torch.matmul(qs[0], ks[0].transpose(-1, -2))
+    scale = pb.params.softmax_scale
+    s = _scaled_products(qs[0], ks[0], scale)
     near = None
     if pb.dist_threshold is not None:
-        s_far = torch.matmul(qs[1], ks[1].transpose(-1, -2))
+        s_far = _scaled_products(qs[1], ks[1], scale)
         near = dist < pb.dist_threshold
         s = torch.where(near, s, s_far)
-    return _saturate(s * pb.params.softmax_scale), near
+    return s, near
 
 
-def _saturate(s: torch.Tensor) -> torch.Tensor:
+def _scaled_products(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """``scale * q @ k^T``, saturated to the compute dtype's range.
+
+    Products of finite inputs can pass the dtype's range inside the dot product itself: a partial sum of +inf and
+    one of -inf give NaN, and whether both occur depends on the BLAS kernel's summation order (one CPU gives inf,
+    another NaN). A block with non-finite scores is recomputed in float64, where such products fit, before it is
+    clamped; NaN inputs still give NaN."""
+    s = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if s.dtype != torch.float64 and not bool(torch.isfinite(s).all()):
+        s = _saturate(torch.matmul(q.double(), k.double().transpose(-1, -2)) * scale, s.dtype)
+    return _saturate(s, s.dtype)
+
+
+def _saturate(s: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Finite inputs whose scores overflow the compute dtype (softmax_scale=1e38, bf16 values of 1e20, huge ALiBi
-    slopes) would give inf - inf = NaN in the softmax: clamp them to the largest finite value (NaN stays NaN)."""
-    big = torch.finfo(s.dtype).max
-    return s.clamp(-big, big)
+    slopes) would give inf - inf = NaN in the softmax: clamp them to the largest finite value of ``dtype`` (default:
+    their own) and convert (NaN stays NaN)."""
+    big = torch.finfo(dtype or s.dtype).max
+    return s.clamp(-big, big).to(dtype or s.dtype)
 
 
 def _final_scores(pb, raw, dist, slopes, visible):
