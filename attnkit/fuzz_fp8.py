@@ -11,6 +11,9 @@ scale). Judged with the bound of docs/fp8.md against :func:`attnkit.testing.atte
 P rounded to e4m3 the way the fp8 attention kernels round it (``attention``, ``attention_varlen``), or with P kept
 in bfloat16 for ``attention_with_kvcache`` (the split-KV kernel does not round P). Also checked: lse, the output
 dtype, a repeated call's bits, NaN padding rows and unused cache slots, and the bytes a cache append writes.
+lse is judged by the same bound with 1e-4 for the floor: fp8 scores come from reduced-precision products (e4m3
+inputs, and on Hopper wgmma's fast fp8 accumulation), so the 1e-4-relative lse rule of 16-bit calls does not hold
+at large head dims (observed on an H200: 6e-4 to 3.4e-3 at head dims 112-160).
 Not drawn with fp8: gradients (forward only), learnable_sink and rotary (refused with fp8 inputs), dropout
 (the fp8 Triton tests cover it).
 """
@@ -64,7 +67,7 @@ class Judge(Protocol):
     failures: list[str]
 
     def rule(self, name: str, fast, exact, plain, factor: float, atol: float | None = None) -> None: ...
-    def lse(self, fast, exact) -> None: ...
+    def lse(self, fast, exact, plain=None) -> None: ...
     def same_bits(self, name: str, a, b) -> None: ...
     def finite(self, name: str, t) -> None: ...
 
@@ -103,9 +106,9 @@ def check_attention(case: Case, name: str, device: torch.device, randn: Callable
     judge.same_bits("out (second call)", again, out)
     judge.same_bits("lse (second call)", again_lse, lse)
     exact, exact_lse = attention_fp8_ref(q8, k8, v8, **scales, **kw, return_lse=True)
-    plain = attention_fp8_ref(q8, k8, v8, **scales, **kw, upcast=False)
+    plain, plain_lse = attention_fp8_ref(q8, k8, v8, **scales, **kw, upcast=False, return_lse=True)
     judge.rule("out", out, exact, plain, 2.0, atol=ATOL)
-    judge.lse(lse, exact_lse)
+    judge.lse(lse, exact_lse, plain_lse)
 
 
 def check_varlen(case: Case, name: str, device: torch.device, randn: Callable, slopes, judge: Judge) -> None:
@@ -129,6 +132,7 @@ def check_varlen(case: Case, name: str, device: torch.device, randn: Callable, s
     shape = (tq, case.heads_q, case.head_dim_v)
     exact, plain = torch.zeros(shape, dtype=torch.float64, device=device), torch.zeros(shape, device=device)
     exact_lse = torch.full((case.heads_q, tq), float("-inf"), dtype=torch.float64, device=device)
+    plain_lse = exact_lse.clone()
     for b in range(case.batch):
         qs, ks = slice(cq[b], cq[b + 1]), slice(ck[b], ck[b + 1])
         if qs.start == qs.stop or ks.start == ks.stop:  # no queries, or no keys: 0 and -inf, as set above
@@ -138,9 +142,10 @@ def check_varlen(case: Case, name: str, device: torch.device, randn: Callable, s
         row_kw = dict(kw, alibi_slopes=_row_slopes(slopes, b))
         e, e_lse = attention_fp8_ref(*one, **row, **row_kw, return_lse=True)
         exact[qs], exact_lse[:, qs] = e[0], e_lse[0]
-        plain[qs] = attention_fp8_ref(*one, **row, **row_kw, upcast=False)[0].float()
+        p, p_lse = attention_fp8_ref(*one, **row, **row_kw, upcast=False, return_lse=True)
+        plain[qs], plain_lse[:, qs] = p[0].float(), p_lse[0].double()
     judge.rule("out", out[:tq], exact, plain, 2.0, atol=ATOL)
-    judge.lse(lse[:, :tq], exact_lse)
+    judge.lse(lse[:, :tq], exact_lse, plain_lse)
 
 
 def _packed(randn, cu: list[int], heads: int, dim: int, heads_k: int, pad: int, flip: bool, device):
@@ -225,6 +230,7 @@ def check_kvcache(case: Case, name: str, device: torch.device, randn: Callable, 
     exact, plain = torch.zeros(shape, dtype=torch.float64, device=device), torch.zeros(shape, device=device)
     exact_lse = torch.full((case.batch, case.heads_q, case.seqlen_q), float("-inf"), dtype=torch.float64,
                            device=device)  # fmt: skip
+    plain_lse = exact_lse.clone()
     for b, r in enumerate(row_of):
         n = case.cache_lens[b]
         keys = _row_slots(want_k, extra, r, n + case.new_len, case)
@@ -236,9 +242,10 @@ def check_kvcache(case: Case, name: str, device: torch.device, randn: Callable, 
         row_kw = dict(kw, alibi_slopes=_row_slopes(slopes, b))
         e, e_lse = attention_fp8_ref(*one, **row, **row_kw, return_lse=True)
         exact[b], exact_lse[b] = e[0], e_lse[0]
-        plain[b] = attention_fp8_ref(*one, **row, **row_kw, upcast=False, p_fp8=False)[0].float()
+        p, p_lse = attention_fp8_ref(*one, **row, **row_kw, upcast=False, p_fp8=False, return_lse=True)
+        plain[b], plain_lse[b] = p[0].float(), p_lse[0].double()
     judge.rule("out", out, exact, plain, 2.0, atol=ATOL)
-    judge.lse(lse, exact_lse)
+    judge.lse(lse, exact_lse, plain_lse)
 
 
 def _row_slots(cache: torch.Tensor, extra: dict, r: int, n: int, case: Case) -> torch.Tensor:
