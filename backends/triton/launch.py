@@ -323,25 +323,15 @@ class BwdPlan:
 bwd_plans: fastpath.Plans[BwdPlan] = fastpath.Plans()
 
 
-def bwd_plan_key(
-    dout: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    alibi: torch.Tensor | None,
-    params: AttentionParams,
-    vendor: str,
-    varlen: VarlenInfo | None,
-) -> tuple:
-    """Everything a backward launch depends on besides the tensor addresses (see fastpath)."""
+def bwd_plan_key(tensors: tuple[torch.Tensor | None, ...], params: AttentionParams, vendor: str,
+                 varlen: VarlenInfo | None) -> tuple:  # fmt: skip
+    """Everything a backward launch depends on besides the addresses of ``tensors`` (dout, q, k, v, out, lse,
+    alibi; see fastpath)."""
     meta = fastpath.meta
     lengths = None
     if varlen is not None:
         lengths = (meta(varlen.cu_seqlens_q), meta(varlen.cu_seqlens_k), varlen.max_seqlen_q, varlen.max_seqlen_k)
-    return (meta(dout), meta(q), meta(k), meta(v), meta(out), meta(lse), meta(alibi), lengths, params, vendor,
-            env.triton_autotune())  # fmt: skip
+    return (*map(meta, tensors), lengths, params, vendor, env.triton_autotune())
 
 
 def _grad_buffers(*like: torch.Tensor, varlen: bool) -> tuple[torch.Tensor, ...]:
@@ -386,7 +376,7 @@ def backward(
     """(dq, dk, dv), or (dq1, dk1, dq2, dk2, dv) for piecewise attention."""
     plan_key = None
     if q2 is None and params.dropout_p == 0.0 and q.numel() and k.numel() and fastpath.enabled():
-        plan_key = bwd_plan_key(dout, q, k, v, out, lse, alibi, params, vendor, varlen)
+        plan_key = bwd_plan_key((dout, q, k, v, out, lse, alibi), params, vendor, varlen)
         plan = bwd_plans.get(plan_key)
         if plan is not None:
             grads = _planned_backward(plan, dout, q, k, v, out, lse, alibi, varlen)
