@@ -69,6 +69,8 @@ def _ws(cfg_kwargs: dict[str, object]) -> Callable:
 
 
 def _attnkit(tma: bool) -> Callable:
+    """cupy_cuda through ``attnkit.attention`` with the warp-specialised forward on (at every length: the head-dim
+    64 rule that keeps short calls on fwd_sm90 is lifted, so the column times the kernel it names) or off."""
     import attnkit
 
     def run(q, k, v, causal):
@@ -76,10 +78,13 @@ def _attnkit(tma: bool) -> Callable:
 
     def wrapped(q, k, v, causal):
         old = os.environ.get("ATTNKIT_CUPY_TMA")
+        old_min = config.SM90_WS_D64_MIN_SEQLEN_K
         os.environ["ATTNKIT_CUPY_TMA"] = "1" if tma else "0"
+        config.SM90_WS_D64_MIN_SEQLEN_K = 0
         try:
             return run(q, k, v, causal)
         finally:
+            config.SM90_WS_D64_MIN_SEQLEN_K = old_min
             if old is None:
                 del os.environ["ATTNKIT_CUPY_TMA"]
             else:
