@@ -150,8 +150,8 @@ class Sm90WsFwdConfig:
     bf16: bool
     block_n: int = 128
     pipeline: bool = True
-    # On by default: +1-11% over the pipelined schedule alone in 14 of 16 cells (d 64/128, 2k-16k, causal and
-    # not), -2% in the other two (H200, benchmarks/results/h200_2026-12-02_s3/cupy_ws_ablations.md).
+    # On by default: +1-13% over the pipelined schedule alone in 15 of 16 cells (d 64/128, 2k-16k, causal and
+    # not), -2% in the other (d128 non-causal 4k; H200, benchmarks/results/h200_2026-12-02_s3/cupy_ws_ablations.md).
     pingpong: bool = True
     producer_regs: int = 24
     consumer_regs: int = 240
