@@ -238,7 +238,11 @@ def describe(table: SpeedTable | None, arch: str | None = None) -> list[str]:
     """Lines for ``attnkit info``: the table's source and its entries (for ``arch`` only, when given)."""
     if table is None:
         return ["(off: auto uses the priority order)"]
-    lines = [f"{table.path}", f"source: {table.source or '(not stated)'}"]
+    lines = [
+        f"{table.path}",
+        f"source: {table.source or '(not stated)'}",
+        f"applies to calls with seqlen_q and seqlen_k >= {table.min_seqlen} and >= {MIN_WORK_FLOPS:.0e} FLOPs",
+    ]
     keys = sorted(table.order, key=lambda k: (k.arch, k.head_dim, k.causal, k.pass_))
     shown = [k for k in keys if arch is None or k.arch == arch]
     if not shown:

@@ -250,3 +250,11 @@ def test_cli_takes_the_gpu_kind_from_the_runs(tmp_path):
     both = [*base, "--speed-table-from", str(paths[0]), "--speed-table-from", str(paths[1])]
     proc = subprocess.run(both, capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 2 and "several GPU kinds" in proc.stderr
+
+
+def test_describe_states_where_the_table_applies():
+    doc = {"format": speed.TABLE_FORMAT, "min_seqlen": 4096, "source": "a run", "entries": [entry(["b", "a"])]}
+    lines = speed.describe(speed.parse(doc, "t.json"))
+    assert lines[:2] == ["t.json", "source: a run"]
+    assert lines[2] == "applies to calls with seqlen_q and seqlen_k >= 4096 and >= 1e+11 FLOPs"
+    assert lines[3].startswith("sm_90 d128 non-causal fwd") and lines[3].endswith("b > a")
