@@ -142,3 +142,33 @@ def record_read_backs(monkeypatch, *modules: str) -> list[str]:
 
         monkeypatch.setattr(torch.Tensor, attr, spy)
     return seen
+
+
+H200_SMEM = 227 * 1024  # opt-in shared memory per block on an H100/H200
+
+
+def record_cupy_launches(monkeypatch, smem_limit: int = H200_SMEM) -> list[dict]:
+    """Replace the CuPy backend's GPU launcher by a recorder on an sm_90 device: every launch the backend makes is
+    appended to the returned list as ``dict(spec, name, grid, threads, smem, args)`` instead of running."""
+    from attnkit.backends.cupy import backend as cb
+
+    calls: list[dict] = []
+
+    class Recorder:
+        def __init__(self, device):
+            self.index = 0
+
+        def smem_limit(self):
+            return smem_limit
+
+        def __call__(self, spec, name, grid, threads, smem, args):
+            calls.append(dict(spec=spec, name=name, grid=grid, threads=threads, smem=smem, args=args))
+
+    monkeypatch.setattr(cb, "Launcher", Recorder)
+    monkeypatch.setattr(cb, "_arch", lambda dev: "sm_90")
+    return calls
+
+
+def ints(args, start: int, n: int) -> list[int]:
+    """``n`` recorded kernel arguments from ``start``, as Python ints."""
+    return [int(a) for a in args[start : start + n]]

@@ -5,40 +5,21 @@ from __future__ import annotations
 
 import math
 import re
-from typing import ClassVar
 
 import numpy as np
 import pytest
 import torch
 from attnkit.backends.cupy import args, compiler, config, tma, ws_bwd, ws_fwd
 from attnkit.backends.cupy import backend as cb
+from helpers import ints, record_cupy_launches
 
 from attnkit.params import AttentionParams, VarlenInfo
 
 
-class _Recorder:
-    calls: ClassVar[list[dict]] = []
-
-    def __init__(self, device):
-        self.index = 0
-
-    def smem_limit(self):
-        return 227 * 1024
-
-    def __call__(self, spec, name, grid, threads, smem, args):
-        _Recorder.calls.append(dict(spec=spec, name=name, grid=grid, threads=threads, smem=smem, args=args))
-
-
 @pytest.fixture
 def recorder(monkeypatch):
-    _Recorder.calls = []
-    monkeypatch.setattr(cb, "Launcher", _Recorder)
-    monkeypatch.setattr(cb, "_arch", lambda dev: "sm_90")
-    return _Recorder.calls
-
-
-def _ints(args, start, n):
-    return [int(a) for a in args[start : start + n]]
+    calls = record_cupy_launches(monkeypatch)
+    return calls
 
 
 @pytest.mark.parametrize("wgmma", [True, False])
@@ -69,11 +50,11 @@ def test_forward_dense_arguments(recorder, monkeypatch, wgmma):
     assert int(a[3]) == out.data_ptr() and int(a[4]) == lse.data_ptr()
     assert int(a[5]) == 0 and int(a[6]) == 0  # no cu_seqlens
     assert all(isinstance(x, np.int64) for x in a[8:22])
-    assert _ints(a, 8, 14) == [*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], 4 * 37, 37]
-    assert _ints(a, 22, 5) == [37, 53, 2, 64, 0]
+    assert ints(a, 8, 14) == [*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], 4 * 37, 37]
+    assert ints(a, 22, 5) == [37, 53, 2, 64, 0]
     floats = [float(x) for x in a[27:30]]
     assert floats == pytest.approx([0.125 * math.log2(math.e), 0.125 / 5.0, 5.0 * math.log2(math.e)])
-    assert _ints(a, 30, 4) == [1, 1, -1, 0]
+    assert ints(a, 30, 4) == [1, 1, -1, 0]
     assert len(a) == 34  # the kernel's parameter count
 
 
@@ -92,9 +73,9 @@ def test_forward_varlen_and_padding(recorder):
     (call,) = recorder
     a = call["args"]
     assert int(a[5]) == cu_q.data_ptr() and int(a[6]) == cu_k.data_ptr()
-    assert _ints(a, 8, 3) == [0, 6 * 40, 40]  # q copied with its head dim padded to 40
-    assert _ints(a, 20, 2) == [0, 8]  # lse (Hq, total_q)
-    assert _ints(a, 22, 5) == [5, 6, 2, 40, 6]  # max lens, GQA group, padded dim, alibi batch stride
+    assert ints(a, 8, 3) == [0, 6 * 40, 40]  # q copied with its head dim padded to 40
+    assert ints(a, 20, 2) == [0, 8]  # lse (Hq, total_q)
+    assert ints(a, 22, 5) == [5, 6, 2, 40, 6]  # max lens, GQA group, padded dim, alibi batch stride
     assert call["grid"][1:] == (6, 3)
 
 
@@ -126,10 +107,10 @@ def test_backward_arguments(recorder, monkeypatch, wgmma):
     assert main["grid"] == (math.ceil(50 / cfg.block_n), 1, 2) and main["smem"] == cfg.smem_bytes
     a = main["args"]
     assert len(a) == 12 + 20 + 5 + 4 + 4
-    assert _ints(a, 12, 3) == list(q.stride()[:3]) and _ints(a, 24, 2) == [4 * 37, 37]
-    assert _ints(a, 32, 5) == [37, 50, 4, 128, 0]
+    assert ints(a, 12, 3) == list(q.stride()[:3]) and ints(a, 24, 2) == [4 * 37, 37]
+    assert ints(a, 32, 5) == [37, 50, 4, 128, 0]
     assert float(a[37]) == pytest.approx(0.1)
-    assert _ints(a, 41, 4) == [0, 0, 8, 3]
+    assert ints(a, 41, 4) == [0, 0, 8, 3]
 
 
 def test_kernel_ready_keeps_aligned_views_and_copies_others():

@@ -4,18 +4,16 @@ when it is selected, its tensor maps and the exact argument list of its launch. 
 from __future__ import annotations
 
 import math
-from typing import ClassVar
 
 import numpy as np
 import pytest
 import torch
 from attnkit.backends.cupy import backend as cb
 from attnkit.backends.cupy import compiler, config, ws_bwd
+from helpers import H200_SMEM, ints, record_cupy_launches
 
 from attnkit.errors import EnvironmentVariableError, InvalidArgumentError
 from attnkit.params import AttentionParams
-
-H200_SMEM = 227 * 1024
 
 
 # ---- configuration -------------------------------------------------------------------------------------------
@@ -131,33 +129,14 @@ def test_padded_rows():
 
 
 # ---- the launch ----------------------------------------------------------------------------------------------
-class _Recorder:
-    calls: ClassVar[list[dict]] = []
-
-    def __init__(self, device):
-        self.index = 0
-
-    def smem_limit(self):
-        return H200_SMEM
-
-    def __call__(self, spec, name, grid, threads, smem, args):
-        _Recorder.calls.append(dict(spec=spec, name=name, grid=grid, threads=threads, smem=smem, args=args))
-
-
 @pytest.fixture
 def recorder(monkeypatch):
-    _Recorder.calls = []
-    monkeypatch.setattr(cb, "Launcher", _Recorder)
-    monkeypatch.setattr(cb, "_arch", lambda dev: "sm_90")
+    calls = record_cupy_launches(monkeypatch)
     # The driver encoding needs a GPU; the recorded maps are their checked descriptions instead.
     monkeypatch.setattr(ws_bwd, "encode_maps", lambda maps: list(maps.all()))
     monkeypatch.delenv("ATTNKIT_CUPY_WGMMA", raising=False)
     monkeypatch.setenv("ATTNKIT_CUPY_TMA_BWD", "1")  # opt-in
-    return _Recorder.calls
-
-
-def _ints(args, start, n):
-    return [int(a) for a in args[start : start + n]]
+    return calls
 
 
 def test_backward_launch_arguments(recorder):
@@ -177,7 +156,7 @@ def test_backward_launch_arguments(recorder):
     assert pre["name"] == "attnkit_bwd_pre" and pre["spec"].source == "bwd.cu" and pre["spec"].arch == "sm_90"
     assert pre["grid"] == config.pre_grid(37, 4, 2) and pre["threads"] == config.PRE_THREADS
     pa = pre["args"]
-    assert _ints(pa, 3, 8) == [*q.stride()[:3], *q.stride()[:3], 4 * 64, 64] and _ints(pa, 11, 3) == [37, 4, 120]
+    assert ints(pa, 3, 8) == [*q.stride()[:3], *q.stride()[:3], 4 * 64, 64] and ints(pa, 11, 3) == [37, 4, 120]
     assert main["name"] == ws_bwd.KERNEL and main["spec"].source == ws_bwd.SOURCE
     assert main["spec"].arch == "sm_90a" and dict(main["spec"].defines) == cfg.defines()
     assert main["grid"] == (2, 2, 2) and main["threads"] == 384 and main["smem"] == cfg.smem_bytes
@@ -191,11 +170,11 @@ def test_backward_launch_arguments(recorder):
     assert int(a[5]) != lse.data_ptr() and int(a[5]) != 0 and int(a[6]) == pa[2]  # padded lse; delta as pre-pass
     assert int(a[7]) == dk.data_ptr() and int(a[8]) == dv.data_ptr() and int(a[9]) == slopes.data_ptr()
     assert all(isinstance(x, np.int64) for x in a[10:14])
-    assert _ints(a, 10, 4) == [64, *dk.stride()[:3]]
-    assert all(isinstance(x, np.int32) for x in a[14:20]) and _ints(a, 14, 6) == [37, 200, 4, 2, 120, 4]
+    assert ints(a, 10, 4) == [64, *dk.stride()[:3]]
+    assert all(isinstance(x, np.int32) for x in a[14:20]) and ints(a, 14, 6) == [37, 200, 4, 2, 120, 4]
     floats = [float(x) for x in a[20:24]]
     assert floats == pytest.approx([0.1, 0.1 * math.log2(math.e), 0.1 / 30.0, 30.0 * math.log2(math.e)])
-    assert _ints(a, 24, 4) == [1, 1, 8, 3]
+    assert ints(a, 24, 4) == [1, 1, 8, 3]
 
 
 def test_backward_launch_pads_odd_head_dims(recorder):
@@ -209,7 +188,7 @@ def test_backward_launch_pads_odd_head_dims(recorder):
     assert main["name"] == ws_bwd.KERNEL and dict(main["spec"].defines)["ATTNKIT_HEAD_DIM"] == 64
     mq = main["args"][0]
     assert mq.dims == (40, 5, 2, 1) and mq.address != q.data_ptr()  # the padded copy
-    assert _ints(main["args"], 14, 6) == [5, 7, 2, 1, 40, 0]
+    assert ints(main["args"], 14, 6) == [5, 7, 2, 1, 40, 0]
     assert int(main["args"][9]) == 0  # no ALiBi
 
 

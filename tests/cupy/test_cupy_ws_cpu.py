@@ -7,18 +7,16 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import ClassVar
 
 import numpy as np
 import pytest
 import torch
 from attnkit.backends.cupy import backend as cb
 from attnkit.backends.cupy import compiler, config, tma, ws_fwd
+from helpers import H200_SMEM, ints, record_cupy_launches
 
 from attnkit.errors import EnvironmentVariableError, InvalidArgumentError
 from attnkit.params import AttentionParams, VarlenInfo
-
-SMEM = 227 * 1024
 
 
 # ---- configuration ------------------------------------------------------------------------------------------------
@@ -27,7 +25,7 @@ def test_default_config_numbers():
     assert (cfg.block_m, cfg.block_n, cfg.threads) == (128, 128, 384)
     # Q 32 KB + 2 stages of K and V at 32 KB each + 9 barriers + 1 KB alignment slack.
     assert cfg.smem_bytes == (128 + 4 * 128) * 128 * 2 + 72 + 1024
-    assert cfg.smem_bytes <= SMEM
+    assert cfg.smem_bytes <= H200_SMEM
     assert cfg.grid(1000, 16, 3) == (8, 16, 3)
     assert cfg.defines() == {
         "ATTNKIT_HEAD_DIM": 128,
@@ -68,7 +66,7 @@ def test_bad_configs_are_refused_with_the_value(kwargs, needle):
 )
 def test_head_dim_mapping(head_dim, kernel_dim):
     assert config.ws_kernel_head_dim(head_dim) == kernel_dim
-    cfg = config.sm90_ws_fwd_config(head_dim, torch.bfloat16, SMEM)
+    cfg = config.sm90_ws_fwd_config(head_dim, torch.bfloat16, H200_SMEM)
     assert (cfg.head_dim if cfg else None) == kernel_dim
 
 
@@ -97,14 +95,14 @@ def test_ws_selection_switches(monkeypatch, arch, wgmma, tma_env, expected):
             monkeypatch.delenv(name, raising=False)
         else:
             monkeypatch.setenv(name, value)
-    cfg = ws_fwd.ws_forward_config(128, torch.bfloat16, arch, SMEM, 4096)
+    cfg = ws_fwd.ws_forward_config(128, torch.bfloat16, arch, H200_SMEM, 4096)
     assert (cfg is not None) == expected
 
 
 def test_bad_tma_switch_is_rejected(monkeypatch):
     monkeypatch.setenv("ATTNKIT_CUPY_TMA", "sometimes")
     with pytest.raises(EnvironmentVariableError, match="ATTNKIT_CUPY_TMA='sometimes'"):
-        ws_fwd.ws_forward_config(128, torch.bfloat16, "sm_90", SMEM, 4096)
+        ws_fwd.ws_forward_config(128, torch.bfloat16, "sm_90", H200_SMEM, 4096)
 
 
 @pytest.mark.parametrize(
@@ -116,7 +114,7 @@ def test_ws_serves_head_dim_64_only_from_long_keys(monkeypatch, head_dim, seqlen
     faster below); 128 always."""
     monkeypatch.delenv("ATTNKIT_CUPY_WGMMA", raising=False)
     monkeypatch.delenv("ATTNKIT_CUPY_TMA", raising=False)
-    cfg = ws_fwd.ws_forward_config(head_dim, torch.bfloat16, "sm_90", SMEM, seqlen_k)
+    cfg = ws_fwd.ws_forward_config(head_dim, torch.bfloat16, "sm_90", H200_SMEM, seqlen_k)
     assert (cfg.head_dim if cfg is not None else None) == kernel_dim
     if cfg is not None:
         assert cfg.pingpong and cfg.pipeline
@@ -134,29 +132,14 @@ def test_tma_ready():
 
 
 # ---- arguments ----------------------------------------------------------------------------------------------------
-class _Recorder:
-    calls: ClassVar[list[dict]] = []
-
-    def __init__(self, device):
-        self.index = 0
-
-    def smem_limit(self):
-        return SMEM
-
-    def __call__(self, spec, name, grid, threads, smem, args):
-        _Recorder.calls.append(dict(spec=spec, name=name, grid=grid, threads=threads, smem=smem, args=args))
-
-
 @pytest.fixture
 def recorder(monkeypatch):
     """Launches recorded, the driver's encoder replaced by the checked description it would get."""
-    _Recorder.calls = []
-    monkeypatch.setattr(cb, "Launcher", _Recorder)
-    monkeypatch.setattr(cb, "_arch", lambda dev: "sm_90")
+    calls = record_cupy_launches(monkeypatch)
     monkeypatch.setattr(tma, "encode", lambda args: args)
     monkeypatch.delenv("ATTNKIT_CUPY_TMA", raising=False)
     monkeypatch.delenv("ATTNKIT_CUPY_WGMMA", raising=False)
-    return _Recorder.calls
+    return calls
 
 
 def _kernel_params() -> list[str]:
@@ -176,10 +159,6 @@ def test_kernel_parameter_kinds_match_the_arguments():
     for p, kind in zip(params, kinds):
         ctype = {"map": "TmaMap", "ptr": "*", "i64": "ak::i64", "i32": "int", "f32": "float"}[kind]
         assert ctype in p, (p, kind)
-
-
-def _ints(args, start, n):
-    return [int(a) for a in args[start : start + n]]
 
 
 def _map(t: torch.Tensor, rows: int) -> tma.TiledArguments:
@@ -210,11 +189,11 @@ def test_dense_forward_takes_the_ws_kernel_with_its_arguments(recorder):
     assert all(isinstance(x, np.uint64) for x in a[3:6])
     assert int(a[3]) == out.data_ptr() and int(a[4]) == lse.data_ptr() and int(a[5]) != 0
     assert all(isinstance(x, np.int64) for x in a[6:11])
-    assert _ints(a, 6, 5) == [*out.stride()[:3], 4 * 37, 37]
-    assert _ints(a, 11, 5) == [37, 203, 2, 128, 0]
+    assert ints(a, 6, 5) == [*out.stride()[:3], 4 * 37, 37]
+    assert ints(a, 11, 5) == [37, 203, 2, 128, 0]
     floats = [float(x) for x in a[16:19]]
     assert floats == pytest.approx([0.125 * math.log2(math.e), 0.125 / 5.0, 5.0 * math.log2(math.e)])
-    assert _ints(a, 19, 4) == [1, 1, -1, 0]
+    assert ints(a, 19, 4) == [1, 1, -1, 0]
 
 
 def test_strided_inputs_map_their_own_strides(recorder):
@@ -248,7 +227,7 @@ def test_head_dim_80_runs_on_the_128_kernel_unpadded(recorder):
     (call,) = recorder
     assert dict(call["spec"].defines)["ATTNKIT_HEAD_DIM"] == 128
     # The map covers the 80 real columns; TMA zero-fills 80..127 of the second slab.
-    assert call["args"][0].dims == (80, 64, 4, 2) and _ints(call["args"], 14, 1) == [80]
+    assert call["args"][0].dims == (80, 64, 4, 2) and ints(call["args"], 14, 1) == [80]
     assert out.shape == q.shape
 
 
