@@ -348,11 +348,10 @@ def run_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block
             # A traced call: the frontend could not look at the caches' memory (Dynamo traces no data_ptr).
             _kvcache_checks.caches_writable(k_cache, v_cache)
         # The backend's fused append (one kernel, lengths included) where it has one, else torch indexing.
-        appended = chosen.append_kv(k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table)
-        if appended is None:
+        total = chosen.append_kv(k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table)
+        if total is None:
             append_kv(k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table)
-            appended = (cache_seqlens + k.shape[1]).to(torch.int32)
-        total = appended
+            total = (cache_seqlens + k.shape[1]).to(torch.int32)
     info = KVCacheInfo(total, cache_batch_idx, block_table, cache_leftpad, num_splits)
     if scales is None:
         out, lse = chosen.forward_kvcache(q, k_cache, v_cache, info, alibi_slopes, params)
