@@ -19,6 +19,20 @@ from dataclasses import dataclass
 
 KINDS = ("fwd", "dkdv", "dq")
 
+# Head-dim blocks: a power of two, and at least 64 wide when a mask cuts them (the dim is not a power of two).
+# When a mask cuts a 16- or 32-wide value block (head dim_v 8 of 16, 20-28 of 32) and q/k have another head dim,
+# triton 3.6's sm_90 dense forward gets the P V product wrong: an illegal address or a wrong output, while the
+# interpreter is right. With 64-wide blocks every pair measured is right (benchmarks/NOTES-triton.md, "Narrow
+# value head dims"). The kv-cache split and fp8 kernels have the same kind of product and take the same rule.
+MIN_BLOCK = 16
+MIN_MASKED_BLOCK = 64
+
+
+def head_block(dim: int, minimum: int = MIN_BLOCK) -> int:
+    """The padded block of a head dim ``dim`` (>= ``minimum``; >= MIN_MASKED_BLOCK when the block is cut)."""
+    block = max(minimum, 1 << max(dim - 1, 0).bit_length())
+    return block if block == dim else max(block, MIN_MASKED_BLOCK)
+
 
 @dataclass(frozen=True)
 class Tile:

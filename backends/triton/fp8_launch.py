@@ -82,7 +82,7 @@ def candidates(block_d: int, tma: bool) -> list[configs.Tile]:
 
 
 def _block(dim: int) -> int:
-    return max(MIN_BLOCK_D, triton.next_power_of_2(dim))
+    return configs.head_block(dim, MIN_BLOCK_D)
 
 
 def _transposed_v(v: torch.Tensor, varlen: VarlenInfo | None) -> torch.Tensor:

@@ -10,7 +10,7 @@ import triton
 from attnkit.fp8 import Fp8Scales
 from attnkit.params import AttentionParams, KVCacheInfo
 
-from . import device, fastpath, probes
+from . import configs, device, fastpath, probes
 from .kvcache_kernel import combine_splits, kvcache_split_fwd
 from .kvcache_splits import MAX_SPLITS, split_count
 
@@ -160,7 +160,7 @@ def forward_kvcache(
         "scale_log2": params.softmax_scale * 1.4426950408889634, "softcap": params.softcap,
         "window_left": params.window_left, "window_right": params.window_right,
         "HEAD_DIM": head_dim, "HEAD_DIM_V": head_dim_v,
-        "BLOCK_D": max(16, triton.next_power_of_2(head_dim)), "BLOCK_DV": max(16, triton.next_power_of_2(head_dim_v)),
+        "BLOCK_D": configs.head_block(head_dim), "BLOCK_DV": configs.head_block(head_dim_v),
         "BLOCK_M": block_m, "BLOCK_N": block_n, "PAGE_SIZE": max(page_size, 1),
         "PAGED": paged, "ONE_PAGE_PER_BLOCK": paged and page_size % block_n == 0,
         "HAS_BATCH_IDX": info.cache_batch_idx is not None, "HAS_LEFTPAD": info.cache_leftpad is not None,
@@ -183,7 +183,7 @@ def forward_kvcache(
                 **dict(zip(("stride_os", "stride_ob", "stride_oh", "stride_om"), out_part.stride()[:4])),
                 **dict(zip(("stride_ls", "stride_lb", "stride_lh"), lse_part.stride()[:3])),
                 "stride_out_b": out.stride(0), "stride_out_s": out.stride(1), "stride_out_h": out.stride(2),
-                "HEAD_DIM_V": head_dim_v, "BLOCK_DV": max(16, triton.next_power_of_2(head_dim_v)),
+                "HEAD_DIM_V": head_dim_v, "BLOCK_DV": configs.head_block(head_dim_v),
                 "BLOCK_SPLITS": max(2, triton.next_power_of_2(splits)),
             }  # fmt: skip
             combine_args = fastpath.arguments(combine_splits, combine_values)

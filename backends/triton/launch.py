@@ -37,11 +37,11 @@ class Problem:
 
     @property
     def block_d(self) -> int:
-        return max(16, triton.next_power_of_2(self.head_dim))
+        return configs.head_block(self.head_dim)
 
     @property
     def block_dv(self) -> int:
-        return max(16, triton.next_power_of_2(self.head_dim_v))
+        return configs.head_block(self.head_dim_v)
 
 
 def problem_of(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, varlen: VarlenInfo | None) -> Problem:

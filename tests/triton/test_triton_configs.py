@@ -103,3 +103,17 @@ def test_autotune_single_clear_winner_is_not_retimed(monkeypatch):
     times = iter([1.0, 1.5])
     monkeypatch.setattr(triton.testing, "do_bench", lambda fn, warmup, rep, return_mode: (fn(), next(times))[1])
     assert tuning.autotune_tiles(tiles, lambda tile: None) == tiles[0]
+
+
+def test_head_blocks_cut_by_a_mask_are_at_least_64_wide():
+    """configs.head_block: powers of two stay exact; a block a mask cuts is >= 64 (narrower ones miscompute on
+    sm_90), for the dense, kv-cache and fp8 launchers alike."""
+    from attnkit.backends.triton import fp8_launch, launch
+
+    assert [configs.head_block(d) for d in (16, 32, 64, 128, 256)] == [16, 32, 64, 128, 256]
+    assert [configs.head_block(d) for d in (1, 8, 12, 20, 24, 36, 40, 48)] == [64] * 8
+    assert [configs.head_block(d) for d in (72, 96, 160, 200)] == [128, 128, 256, 256]
+    assert configs.head_block(16, minimum=32) == 64 and configs.head_block(32, minimum=32) == 32
+    prob = launch.Problem(1, 4, 2, 200, 17, 36, 24, None)
+    assert (prob.block_d, prob.block_dv) == (64, 64)
+    assert fp8_launch._block(24) == 64 and fp8_launch._block(128) == 128

@@ -40,6 +40,7 @@ def _judge(q, k, v, atol_scale: float = 0.0, **kw) -> None:
     exact = attention_ref(*exact_in, **kw)
     plain = attention_ref(*plain_in, upcast=False, **kw)
     g = _rand(*fast.shape, seed=99, dtype=q.dtype).to(q.device)
+
     def atol(exact_t: torch.Tensor) -> float:
         return ATOL[q.dtype] * (max(1.0, atol_scale, float(exact_t.abs().max())) if atol_scale > 0 else 1.0)
 
