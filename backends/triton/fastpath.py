@@ -12,7 +12,8 @@ Arguments are built in one place per kernel, by name, with :func:`arguments` (ch
 signature, constexprs and defaults included): the first launch and the plan's launches use the same tuple.
 
 Under the interpreter a plan's launcher runs the interpreted kernel with the plan's argument tuple (so the CPU
-tests cover plans, keys and argument order); on a GPU it calls the compiled kernel's launcher directly.
+tests cover plans, keys and argument order); on a GPU it calls the driver with the arguments packed once
+(:mod:`.direct_launch`) where the kernel qualifies, else the compiled kernel's launcher.
 ``ENABLED = False`` or ``ATTNKIT_HOST_FASTPATH=0`` turns plans off (every call goes through the JIT), for A/B.
 """
 
@@ -29,7 +30,7 @@ import triton
 
 from attnkit import env
 
-from . import tma, tuning
+from . import direct_launch, tma, tuning
 
 ENABLED = True
 PLAN_LIMIT = 1024  # plans per kernel family; the table is emptied when full
@@ -166,7 +167,13 @@ def bind(
     stream_of = stream_of or stream_source()
     g0, g1, g2 = grid3
 
+    direct = direct_launch.build(compiled, grid3, tail)
+
     def launch(*lead: object) -> None:
+        # Launch hooks (profilers) and another current device take triton's path, as does a refused launch.
+        hooked = _active(hooks.launch_enter_hook) or _active(hooks.launch_exit_hook)
+        if direct is not None and not hooked and get_device() == index and direct(lead, stream_of(index)):
+            return
         args = (*lead, *tail)
         token = tma.set_scratch() if uses_tma else None
         try:
@@ -186,6 +193,14 @@ def bind(
             hooks.launch_exit_hook, *args)  # fmt: skip
 
     return launch
+
+
+def _active(hook: object) -> bool:
+    """Whether a launch hook would do anything (triton 3.5+ keeps an empty HookChain when none is set)."""
+    if hook is None:
+        return False
+    calls = getattr(hook, "calls", None)
+    return calls is None or len(calls) > 0
 
 
 def stream_source() -> Callable[[int], int]:

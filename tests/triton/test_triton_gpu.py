@@ -257,3 +257,41 @@ def test_fast_launch_and_persistent_grid_bitwise(case, monkeypatch):
     monkeypatch.setattr(fastpath, "ENABLED", False)
     persistent = launch.forward(q, k, v, slopes, params, None, "nvidia")
     assert all(torch.equal(a, b) for a, b in zip(full, persistent))
+
+
+_BAD_LENGTH_CHILD = r"""
+import sys, torch, attnkit
+dev = "cuda"
+k_cache = torch.zeros(2, 64, 2, 64, device=dev, dtype=torch.bfloat16); v_cache = torch.zeros_like(k_cache)
+q = torch.randn(2, 1, 4, 64, device=dev, dtype=torch.bfloat16)
+k = torch.randn(2, 1, 2, 64, device=dev, dtype=torch.bfloat16)
+v = torch.randn_like(k)
+with torch.no_grad():
+    for n in (5, 6):  # the second call is a repeated one: the backend's one-launch length check
+        lens = torch.tensor([n, n], dtype=torch.int32, device=dev)
+        attnkit.attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=lens, backend="triton_cuda")
+    torch.cuda.synchronize()
+    print("GOOD CALLS DONE", flush=True)
+    lens = torch.tensor([3, int(sys.argv[1])], dtype=torch.int32, device=dev)
+    try:
+        attnkit.attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=lens, backend="triton_cuda")
+        torch.cuda.synchronize()
+        print("NO ERROR", flush=True)
+    except Exception as e:
+        print("RAISED", type(e).__name__, str(e).splitlines()[0], flush=True)
+"""
+
+
+@pytest.mark.parametrize("bad", [64, -1], ids=["no-room", "negative"])
+def test_repeated_decode_with_a_bad_tensor_length_stops_with_a_device_assert(bad):
+    """A repeated decode step checks tensor lengths with the backend's kernel (Backend.check_lengths): a length
+    without room for the new token, or a negative one, ends in a device-side assert (the process's CUDA context
+    is lost, hence the subprocess), never in a silent write or a wrong answer."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", _BAD_LENGTH_CHILD, str(bad)], capture_output=True, text=True,
+                       timeout=300)  # fmt: skip
+    assert "GOOD CALLS DONE" in r.stdout, r.stdout + r.stderr[-2000:]
+    assert "NO ERROR" not in r.stdout
+    assert "RAISED" in r.stdout and "assert" in r.stdout.lower(), r.stdout + r.stderr[-2000:]

@@ -299,3 +299,146 @@ def test_varlen_forward_plan_runs_under_the_interpreter(monkeypatch):
     want = launch.forward(q, k, v, None, params, other, "nvidia")
     got = launch.forward(q, k, v, None, params, other, "nvidia")
     assert all(torch.equal(a, b) for a, b in zip(want, got))
+
+
+# ---- direct launches (direct_launch): packing checked against a fake driver ------------------------------------
+
+
+class _FakeDriver:
+    """Records each launch with the values its packed block holds, read back by the signature's C types."""
+
+    def __init__(self, sizes, types, rc=0):
+        self.sizes, self.types, self.rc, self.launches = sizes, types, rc, []
+
+    def param_sizes(self, function):
+        return self.sizes
+
+    def launch(self, function, grid, block, shared, stream, params):
+        import ctypes
+
+        values = [ctypes.cast(params[i], ctypes.POINTER(t)).contents.value for i, t in enumerate(self.types)]
+        self.launches.append((function, grid, block, shared, stream, values))
+        return self.rc
+
+
+class _Ptr:
+    def __init__(self, address):
+        self.address = address
+
+    def data_ptr(self):
+        return self.address
+
+
+def _compiled(signature, **meta):
+    from types import SimpleNamespace
+
+    fields = dict(global_scratch_size=0, profile_scratch_size=0, num_ctas=1, launch_pdl=False,
+                  launch_cooperative_grid=False, num_warps=4, shared=1024)  # fmt: skip
+    fields.update(meta)
+    return SimpleNamespace(src=SimpleNamespace(signature=signature), metadata=SimpleNamespace(**fields), function=77)
+
+
+_SIGNATURE = {"A": "*bf16", "B": "*fp32", "HEAD": "constexpr", "n": "i32", "scale": "fp32", "flag": "i1",
+              "big": "i64", "X": "*i32", "NONE": "constexpr"}  # fmt: skip
+
+
+def _driver_for_signature(rc=0):
+    import ctypes
+
+    types = [ctypes.c_uint64, ctypes.c_uint64, ctypes.c_int32, ctypes.c_float, ctypes.c_int8, ctypes.c_int64,
+             ctypes.c_uint64, ctypes.c_uint64, ctypes.c_uint64]  # fmt: skip
+    return _FakeDriver([ctypes.sizeof(t) for t in types], types, rc)
+
+
+def test_direct_launch_packs_the_signatures_parameters_in_order():
+    """Constexprs skipped, scalars in their C types, lead addresses per call, tail pointers once, the two scratch
+    pointers last (0), grid/block/shared memory/stream from the compiled kernel and the call."""
+    from attnkit.backends.triton import direct_launch
+
+    driver = _driver_for_signature()
+    tail = (64, 7, 0.5, True, 2**40, _Ptr(0xABC0), None)  # HEAD, n, scale, flag, big, X, NONE
+    direct = direct_launch.build(_compiled(_SIGNATURE), (3, 2, 1), tail, driver)
+    assert direct is not None
+    assert direct((_Ptr(0x1000), _Ptr(0x2000)), 99) is True
+    assert direct((_Ptr(0x3000), _Ptr(0x4000)), 5) is True
+    assert driver.launches == [
+        (77, (3, 2, 1), 128, 1024, 99, [0x1000, 0x2000, 7, 0.5, 1, 2**40, 0xABC0, 0, 0]),
+        (77, (3, 2, 1), 128, 1024, 5, [0x3000, 0x4000, 7, 0.5, 1, 2**40, 0xABC0, 0, 0]),
+    ]
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        dict(meta=dict(global_scratch_size=128)),  # TMA descriptors built on the device need scratch
+        dict(meta=dict(profile_scratch_size=64)),
+        dict(meta=dict(num_ctas=2)),
+        dict(meta=dict(launch_pdl=True)),
+        dict(signature={**_SIGNATURE, "scale": "bf16"}),  # a 16-bit float scalar: left to triton
+        dict(signature={**_SIGNATURE, "X": "tensordesc<bf16[64, 64]>"}),
+        dict(sizes=[8, 8, 4, 4, 1, 8, 8, 8]),  # the driver counts one parameter fewer
+        dict(sizes=[8, 8, 8, 4, 1, 8, 8, 8, 8]),  # and here another size
+        dict(sizes=None),  # a driver that cannot say
+    ],
+    ids=[
+        "global-scratch",
+        "profile-scratch",
+        "cluster",
+        "pdl",
+        "bf16-scalar",
+        "tensordesc",
+        "count",
+        "size",
+        "unknown",
+    ],
+)
+def test_direct_launch_refuses_kernels_it_cannot_pack_exactly(change):
+    from attnkit.backends.triton import direct_launch
+
+    driver = _driver_for_signature()
+    if "sizes" in change:
+        driver.sizes = change["sizes"]
+    compiled = _compiled(change.get("signature", _SIGNATURE), **change.get("meta", {}))
+    assert direct_launch.build(compiled, (1, 1, 1), (64, 7, 0.5, True, 2**40, _Ptr(16), None), driver) is None
+
+
+def test_bound_launcher_falls_back_to_triton_when_the_driver_refuses(monkeypatch):
+    """A launch the driver refuses (rc != 0) goes through triton's launcher, which raises its error if any."""
+    from attnkit.backends.triton import direct_launch, fastpath
+
+    driver = _driver_for_signature(rc=201)  # CUDA_ERROR_INVALID_CONTEXT
+    monkeypatch.setattr(direct_launch, "cuda_driver", lambda: driver)
+    triton_calls = []
+    compiled = _compiled(_SIGNATURE)
+    compiled.run = lambda *a: triton_calls.append(a)
+    compiled.packed_metadata = "packed"
+    compiled.launch_metadata = lambda grid, stream, *args: None
+    tail = (64, 7, 0.5, True, 2**40, _Ptr(16), None)
+    launcher = fastpath.bind(None, compiled, (3,), tail, torch.device("cuda", 0), False, lambda i: 9, lambda: 0)
+    lead = (_Ptr(0x1000), _Ptr(0x2000))
+    launcher(*lead)
+    assert len(driver.launches) == 1 and len(triton_calls) == 1
+    assert triton_calls[0][:4] == (3, 1, 1, 9) and triton_calls[0][9:] == (*lead, *tail)
+    driver.rc = 0
+    launcher(*lead)
+    assert len(driver.launches) == 2 and len(triton_calls) == 1
+
+
+def test_bound_launcher_leaves_hooked_launches_to_triton(monkeypatch):
+    """With a launch hook set (a profiler), launches go through triton's launcher, which calls the hooks."""
+    from types import SimpleNamespace
+
+    from attnkit.backends.triton import direct_launch, fastpath
+
+    driver = _driver_for_signature()
+    monkeypatch.setattr(direct_launch, "cuda_driver", lambda: driver)
+    monkeypatch.setattr(fastpath, "_hooks", lambda: SimpleNamespace(
+        launch_enter_hook=SimpleNamespace(calls=[print]), launch_exit_hook=None))  # fmt: skip
+    triton_calls = []
+    compiled = _compiled(_SIGNATURE)
+    compiled.run = lambda *a: triton_calls.append(a)
+    compiled.packed_metadata = "packed"
+    compiled.launch_metadata = lambda grid, stream, *args: None
+    tail = (64, 7, 0.5, True, 2**40, _Ptr(16), None)
+    fastpath.bind(None, compiled, (3,), tail, torch.device("cuda", 0), False, lambda i: 9, lambda: 0)(_Ptr(0), _Ptr(0))
+    assert not driver.launches and len(triton_calls) == 1
