@@ -40,6 +40,7 @@ class Case:
     softcap: float = 0.0
     alibi: str | None = None  # None, "h" (Hq,) or "bh" (B, Hq)
     dropout_p: float = 0.0
+    deterministic: bool = False  # True: the two-kernel backward (dQ by its own kernel, no atomics)
     seed: int = 0
     device: str = "cpu"
     scale: float | None = None
@@ -57,6 +58,7 @@ class Case:
             softmax_scale=self.scale if self.scale is not None else 1.0 / math.sqrt(self.d),
             causal=self.causal, window_left=left, window_right=right, softcap=self.softcap,
             dropout_p=self.dropout_p, dropout_seed=0x1234_5678_9ABC + self.seed if self.dropout_p else 0,
+            deterministic=self.deterministic,
         )  # fmt: skip
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
