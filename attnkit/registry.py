@@ -204,13 +204,6 @@ class Backend:
         int32 (B,). None (the default): the op appends with torch indexing instead."""
         return None
 
-    def check_lengths(self, lengths: torch.Tensor, low: int, high: int) -> bool:
-        """Queue a device-side check that every entry of the contiguous int32 vector ``lengths`` (on this backend's
-        device) lies in ``[low, high]``: in stream order, no host wait, and a failure stops the GPU with a
-        device-side assert, like ``torch._assert_async``. False (the default): not done, the frontend checks with
-        torch ops instead."""
-        return False
-
     def merge_states(
         self, out_parts: torch.Tensor, lse_parts: torch.Tensor, out_dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:

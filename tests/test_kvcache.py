@@ -265,35 +265,6 @@ def test_checks_move_to_the_device_under_graph_capture(monkeypatch):
     assert read_backs == []
 
 
-def test_device_length_check_goes_to_the_backend_where_it_has_one(monkeypatch):
-    """_kvcache_checks.lengths: a ``range_check`` that takes the check (True) replaces the torch ops; one that
-    declines (False) leaves them; while torch.compile traces, the torch ops run and the backend is not asked."""
-    from attnkit.ops import _kvcache_checks
-
-    torch_checks, asked = [], []
-    monkeypatch.setattr(_kvcache_checks, "device_check", lambda ok, message: torch_checks.append(message))
-    lens = _lens(3, 9)
-
-    def backend(answer):
-        return lambda lengths, low, high: asked.append((lengths is lens, low, high)) or answer
-
-    _kvcache_checks.lengths(lens, None, 2, 16, 2, torch.device("cpu"), True, backend(True))
-    assert asked == [(True, 0, 14)] and torch_checks == []
-    _kvcache_checks.lengths(lens, None, 2, 16, 2, torch.device("cpu"), True, backend(False))
-    assert len(asked) == 2 and len(torch_checks) == 1
-    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    _kvcache_checks.lengths(lens, None, 2, 16, 2, torch.device("cpu"), True, backend(True))
-    assert len(asked) == 2 and len(torch_checks) == 2
-
-
-def test_backends_without_a_device_length_check_decline():
-    from attnkit.registry import REGISTRY
-
-    assert REGISTRY.get("reference").check_lengths(_lens(1), 0, 4) is False
-    # triton on CPU tensors (the interpreter) declines too: the host-side checks say the same, synchronously
-    assert REGISTRY.get("triton_cuda").check_lengths(_lens(1), 0, 4) is False
-
-
 def test_paged_overflow_and_bad_block_table_raise_before_writing():
     k_pages, v_pages = rand(4, 16, 1, 4, seed=1), rand(4, 16, 1, 4, seed=2)
     bk, bv = k_pages.clone(), v_pages.clone()

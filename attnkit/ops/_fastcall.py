@@ -46,12 +46,10 @@ class Resolved:
 
 @dataclass(frozen=True)
 class ResolvedKVCache:
-    """A checked decode call: its parameters, the backend's registry name and the backend, the cache capacity per
-    row."""
+    """A checked decode call: its parameters, the backend's registry name, the cache capacity per row."""
 
     params: AttentionParams
     backend_name: str
-    backend: Backend
     capacity: int
     num_splits: int
 
@@ -169,7 +167,7 @@ def remember_kvcache(key: tuple | None, params: AttentionParams, backend_name: s
         return
     if len(_KVCACHE) >= LIMIT:
         _KVCACHE.clear()
-    _KVCACHE[key] = ResolvedKVCache(params, backend_name, REGISTRY.get(backend_name), capacity, num_splits)
+    _KVCACHE[key] = ResolvedKVCache(params, backend_name, capacity, num_splits)
 
 
 def plain_eager(*tensors: torch.Tensor) -> bool:

@@ -224,8 +224,7 @@ def _run_resolved(hit: _fastcall.ResolvedKVCache, q, k_cache, v_cache, k, v, cac
     batch, device = q.shape[0], q.device
     seqlen_new = 0 if k is None else k.shape[1]
     capturing = _capturing(device) or device.type == "cuda"
-    lengths = _kvcache_checks.lengths(cache_seqlens, None, batch, hit.capacity, seqlen_new, device, capturing,
-                                      hit.backend.check_lengths)  # fmt: skip
+    lengths = _kvcache_checks.lengths(cache_seqlens, None, batch, hit.capacity, seqlen_new, device, capturing)
     if block_table is not None:
         block_table = block_table.contiguous()
         _kvcache_checks.pages(block_table, lengths.seqlens, None, seqlen_new, k_cache.shape[0], k_cache.shape[1],

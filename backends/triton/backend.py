@@ -131,14 +131,6 @@ class _TritonBackend(Backend):
             return None
         return append_launch.append_kv(k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table)
 
-    def check_lengths(self, lengths: torch.Tensor, low: int, high: int) -> bool:
-        if not lengths.is_cuda:  # the interpreter runs it on the host, synchronously: torch ops say the same
-            return False
-        from . import lengths_check
-
-        lengths_check.check(lengths, low, high)
-        return True
-
     def merge_states(
         self, out_parts: torch.Tensor, lse_parts: torch.Tensor, out_dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,9 +2,7 @@
 
 dK/dV programs own one key block of one KV head and loop over the query blocks of every query head of its GQA
 group; dQ programs own one query block and loop over key blocks. Nothing is accumulated across programs, so
-there are no atomics and the result is bitwise reproducible. With FUSED_DQ the dK/dV kernel also adds each key
-block's share of dQ into a float32 accumulator by atomics (two matmuls fewer than a separate dQ kernel, which
-recomputes the scores and dP, but unordered sums: not for ``deterministic=True``). Probabilities
+there are no atomics and the result is bitwise reproducible (``deterministic`` costs nothing). Probabilities
 are recomputed from the saved log-sum-exp; the dropout mask is regenerated from its Philox counter.
 
 With dropout, O = (P * Z / (1 - p)) V for keep mask Z, and rowsum(P * dP) is still rowsum(dO * O), so delta
@@ -84,15 +82,15 @@ def _scores(qk, cap_in, cap_out, qk_scale, SOFTCAP: tl.constexpr):
 @triton.jit
 def _dkdv_query_blocks(
     dk, dv, dk2, k, v, k2,
-    Q_src, Q2_base, DO_src, Lse_base, Delta_base, DQA_base,
-    sqm, sqd, sq2m, sq2d, sdom, sdod, slm, sdqam, sdqad, sm_scale,
+    Q_src, Q2_base, DO_src, Lse_base, Delta_base,
+    sqm, sqd, sq2m, sq2d, sdom, sdod, slm,
     lo, hi, cols, offs_m, offs_d, offs_dv, sq, sk,
     qk_scale, cap_in, cap_out, window_left, window_right, slope, dropout_p, seed, bh, dist_threshold,
     MASKED: tl.constexpr, BLOCK_M: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
     DROPOUT: tl.constexpr, PIECEWISE: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
-    IDX64: tl.constexpr, USE_TMA: tl.constexpr, FUSED_DQ: tl.constexpr,
+    IDX64: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     # Works on transposed tiles (keys x queries) so dK and dV accumulate without transposing the big operands.
     for start_m in range(lo, hi, BLOCK_M):
@@ -164,17 +162,12 @@ def _dkdv_query_blocks(
             dk2 = tl.dot(tl.where(near, 0.0, dsT).to(q2.dtype), q2, dk2, input_precision=DOT_PREC)
         else:
             dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PREC)
-        if FUSED_DQ:
-            # This key block's share of dQ = dS K, added into the float32 accumulator (unordered across programs).
-            dq_part = tl.dot(tl.trans(dsT).to(k.dtype), k, input_precision=DOT_PREC) * sm_scale
-            tl.atomic_add(DQA_base + rows_i[:, None] * sdqam + offs_d[None, :] * sdqad, dq_part,
-                          mask=(rows[:, None] < sq) & (offs_d[None, :] < HEAD_DIM), sem="relaxed")
     return dk, dv, dk2
 
 
 @triton.jit
 def attn_bwd_dkdv(
-    Q, K, V, Q2, K2, DO, Lse, Delta, DK, DV, DK2, DQA, Slopes, CuQ, CuK,
+    Q, K, V, Q2, K2, DO, Lse, Delta, DK, DV, DK2, Slopes, CuQ, CuK,
     sqb, sqm, sqh, sqd,
     skb, skn, skh, skd,
     svb, svn, svh, svd,
@@ -184,7 +177,6 @@ def attn_bwd_dkdv(
     sdkb, sdkn, sdkh, sdkd,
     sdvb, sdvn, sdvh, sdvd,
     sdk2b, sdk2n, sdk2h, sdk2d,
-    sdqab, sdqam, sdqah, sdqad,
     slb, slh, slm,
     ssb,
     num_heads_q, group, seqlen_q, seqlen_k,
@@ -194,10 +186,7 @@ def attn_bwd_dkdv(
     VARLEN: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, SOFTCAP: tl.constexpr,
     ALIBI: tl.constexpr, DROPOUT: tl.constexpr, PIECEWISE: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, IDX64: tl.constexpr, USE_TMA: tl.constexpr,
-    FUSED_DQ: tl.constexpr = False,
 ):
-    """dK/dV of one key block; with FUSED_DQ also each query block's share of dQ, added into the float32
-    accumulator DQA (dQ's (batch, seqlen, heads, head_dim) layout) instead of a separate dQ kernel."""
     pid = tl.program_id(0)
     num_n = tl.cdiv(seqlen_k, BLOCK_N)
     pid_n = pid % num_n
@@ -261,30 +250,29 @@ def attn_bwd_dkdv(
             DO_src = tl.make_tensor_descriptor(DO_src, shape=[sq, HEAD_DIM_V], strides=[sdom, 1],
                                                block_shape=[BLOCK_M, BLOCK_DV])
         l_off = b64 * slb + h64 * slh + q_start * slm
-        DQA_base = DQA + b64 * sdqab + h64 * sdqah + q_start * sdqam
         dk, dv, dk2 = _dkdv_query_blocks(
-            dk, dv, dk2, k, v, k2, Q_src, Q2_base, DO_src, Lse + l_off, Delta + l_off, DQA_base,
-            sqm, sqd, sq2m, sq2d, sdom, sdod, slm, sdqam, sdqad, sm_scale,
+            dk, dv, dk2, k, v, k2, Q_src, Q2_base, DO_src, Lse + l_off, Delta + l_off,
+            sqm, sqd, sq2m, sq2d, sdom, sdod, slm,
             full_lo, full_hi, cols, offs_m, offs_d, offs_dv, sq, sk,
             qk_scale, cap_in, cap_out, window_left, window_right, slope, dropout_p, seed, bh, dist_threshold,
             False, BLOCK_M, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV,
-            HAS_WL, HAS_WR, SOFTCAP, ALIBI, DROPOUT, PIECEWISE, UPCAST, DOT_PREC, IDX64, USE_TMA, FUSED_DQ,
+            HAS_WL, HAS_WR, SOFTCAP, ALIBI, DROPOUT, PIECEWISE, UPCAST, DOT_PREC, IDX64, USE_TMA,
         )
         dk, dv, dk2 = _dkdv_query_blocks(
-            dk, dv, dk2, k, v, k2, Q_src, Q2_base, DO_src, Lse + l_off, Delta + l_off, DQA_base,
-            sqm, sqd, sq2m, sq2d, sdom, sdod, slm, sdqam, sdqad, sm_scale,
+            dk, dv, dk2, k, v, k2, Q_src, Q2_base, DO_src, Lse + l_off, Delta + l_off,
+            sqm, sqd, sq2m, sq2d, sdom, sdod, slm,
             lo, full_lo, cols, offs_m, offs_d, offs_dv, sq, sk,
             qk_scale, cap_in, cap_out, window_left, window_right, slope, dropout_p, seed, bh, dist_threshold,
             True, BLOCK_M, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV,
-            HAS_WL, HAS_WR, SOFTCAP, ALIBI, DROPOUT, PIECEWISE, UPCAST, DOT_PREC, IDX64, USE_TMA, FUSED_DQ,
+            HAS_WL, HAS_WR, SOFTCAP, ALIBI, DROPOUT, PIECEWISE, UPCAST, DOT_PREC, IDX64, USE_TMA,
         )
         dk, dv, dk2 = _dkdv_query_blocks(
-            dk, dv, dk2, k, v, k2, Q_src, Q2_base, DO_src, Lse + l_off, Delta + l_off, DQA_base,
-            sqm, sqd, sq2m, sq2d, sdom, sdod, slm, sdqam, sdqad, sm_scale,
+            dk, dv, dk2, k, v, k2, Q_src, Q2_base, DO_src, Lse + l_off, Delta + l_off,
+            sqm, sqd, sq2m, sq2d, sdom, sdod, slm,
             full_hi, hi, cols, offs_m, offs_d, offs_dv, sq, sk,
             qk_scale, cap_in, cap_out, window_left, window_right, slope, dropout_p, seed, bh, dist_threshold,
             True, BLOCK_M, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV,
-            HAS_WL, HAS_WR, SOFTCAP, ALIBI, DROPOUT, PIECEWISE, UPCAST, DOT_PREC, IDX64, USE_TMA, FUSED_DQ,
+            HAS_WL, HAS_WR, SOFTCAP, ALIBI, DROPOUT, PIECEWISE, UPCAST, DOT_PREC, IDX64, USE_TMA,
         )
 
     store_tile(DK + b64 * sdkb + hk64 * sdkh + k_start * sdkn + cols_i[:, None] * sdkn + offs_d[None, :] * sdkd,

@@ -27,10 +27,6 @@ KINDS = ("fwd", "dkdv", "dq")
 MIN_BLOCK = 16
 MIN_MASKED_BLOCK = 64
 
-# Backward without deterministic=True (and without piecewise inputs): dQ accumulated by the dK/dV kernel through
-# float32 atomics (bwd_kernel.FUSED_DQ) instead of a second kernel that recomputes the scores and dP.
-FUSED_DQ = True
-
 
 def head_block(dim: int, minimum: int = MIN_BLOCK) -> int:
     """The padded block of a head dim ``dim`` (>= ``minimum``; >= MIN_MASKED_BLOCK when the block is cut)."""

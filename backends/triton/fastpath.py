@@ -171,8 +171,7 @@ def bind(
 
     def launch(*lead: object) -> None:
         # Launch hooks (profilers) and another current device take triton's path, as does a refused launch.
-        hooked = _active(hooks.launch_enter_hook) or _active(hooks.launch_exit_hook)
-        if direct is not None and not hooked and get_device() == index and direct(lead, stream_of(index)):
+        if direct is not None and not _hooked(hooks) and get_device() == index and direct(lead, stream_of(index)):
             return
         args = (*lead, *tail)
         token = tma.set_scratch() if uses_tma else None
@@ -201,6 +200,10 @@ def _active(hook: object) -> bool:
         return False
     calls = getattr(hook, "calls", None)
     return calls is None or len(calls) > 0
+
+
+def _hooked(hooks: object) -> bool:
+    return _active(hooks.launch_enter_hook) or _active(hooks.launch_exit_hook)
 
 
 def stream_source() -> Callable[[int], int]:

@@ -310,7 +310,7 @@ def _remember_fwd(key: tuple, compiled: object, grid: tuple[int, ...], args: tup
 # Backward launch plans: the three kernels of a dense or varlen backward without dropout or piecewise inputs, bound
 # once (the preprocess, dK/dV and dQ launchers). Their leading parameters are the per-call tensors.
 _PRE_LEAD = ("Out", "DO", "Delta", "CuQ")
-_DKDV_LEAD = ("Q", "K", "V", "Q2", "K2", "DO", "Lse", "Delta", "DK", "DV", "DK2", "DQA", "Slopes", "CuQ", "CuK")
+_DKDV_LEAD = ("Q", "K", "V", "Q2", "K2", "DO", "Lse", "Delta", "DK", "DV", "DK2", "Slopes", "CuQ", "CuK")
 _DQ_LEAD = ("Q", "K", "V", "Q2", "K2", "DO", "Lse", "Delta", "DQ", "DQ2", "Slopes", "CuQ", "CuK")
 
 
@@ -318,7 +318,7 @@ _DQ_LEAD = ("Q", "K", "V", "Q2", "K2", "DO", "Lse", "Delta", "DQ", "DQ2", "Slope
 class BwdPlan:
     preprocess: fastpath.Launcher
     dkdv: fastpath.Launcher
-    dq: fastpath.Launcher | None  # None: dQ comes from the dK/dV kernel (fused_dq)
+    dq: fastpath.Launcher
 
 
 bwd_plans: fastpath.Plans[BwdPlan] = fastpath.Plans()
@@ -346,8 +346,7 @@ def _grad_buffers(*like: torch.Tensor, varlen: bool) -> tuple[torch.Tensor, ...]
 def _planned_backward(plan: BwdPlan, dout, q, k, v, out, lse, alibi, varlen) -> tuple[torch.Tensor, ...] | None:
     """A repeated backward through its plan, or None when a fresh buffer is not 16-byte aligned (the plan's
     kernels were specialised on aligned pointers)."""
-    dk, dv = _grad_buffers(k, v, varlen=varlen is not None)
-    dq = _dq_accumulator(q) if plan.dq is None else _grad_buffers(q, varlen=varlen is not None)[0]
+    dq, dk, dv = _grad_buffers(q, k, v, varlen=varlen is not None)
     lse = lse.contiguous()
     delta = torch.empty_like(lse)
     if not all(fastpath.aligned(t) for t in (dq, dk, dv, lse, delta)):
@@ -355,21 +354,9 @@ def _planned_backward(plan: BwdPlan, dout, q, k, v, out, lse, alibi, varlen) -> 
     slopes = q if alibi is None else alibi
     cu_q, cu_k = cu_seqlens(varlen, q)
     plan.preprocess(out, dout, delta, cu_q)
-    plan.dkdv(q, k, v, q, k, dout, lse, delta, dk, dv, dk, dq if plan.dq is None else dk, slopes, cu_q, cu_k)
-    if plan.dq is None:
-        return dq.to(q.dtype), dk, dv
+    plan.dkdv(q, k, v, q, k, dout, lse, delta, dk, dv, dk, slopes, cu_q, cu_k)
     plan.dq(q, k, v, q, k, dout, lse, delta, dq, dq, slopes, cu_q, cu_k)
     return dq, dk, dv
-
-
-def fused_dq(params: AttentionParams, piecewise: bool) -> bool:
-    """Whether the dK/dV kernel accumulates dQ too (configs.FUSED_DQ): not for deterministic or piecewise calls."""
-    return configs.FUSED_DQ and not params.deterministic and not piecewise
-
-
-def _dq_accumulator(q: torch.Tensor) -> torch.Tensor:
-    """dQ's float32 accumulator for the fused backward: zeros (the kernel adds into it), q's shape, contiguous."""
-    return torch.zeros(q.shape, dtype=torch.float32, device=q.device)
 
 
 def backward(
@@ -399,14 +386,14 @@ def backward(
             plan_key = None
     prob = problem_of(q, k, v, varlen)
     piecewise = q2 is not None
-    fused = fused_dq(params, piecewise)
     q2_, k2_ = (q2, k2) if piecewise else (q, k)
-    if q.numel() == 0 or k.numel() == 0:
-        like = (q, k, q, k, v) if piecewise else (q, k, v)
-        return tuple(torch.zeros(t.shape, dtype=t.dtype, device=t.device) for t in like)
-    dk, dv = _grad_buffers(k, v, varlen=varlen is not None)
-    dq = _dq_accumulator(q) if fused else _grad_buffers(q, varlen=varlen is not None)[0]
+    dq, dk, dv = _grad_buffers(q, k, v, varlen=varlen is not None)
     dq2, dk2 = _grad_buffers(q, k, varlen=varlen is not None) if piecewise else (dq, dk)
+    grads = (dq, dk, dq2, dk2, dv) if piecewise else (dq, dk, dv)
+    if q.numel() == 0 or k.numel() == 0:
+        for g in grads:
+            g.zero_()
+        return grads
     # Delta shares lse's strides inside the kernels; lse is tiny, so a dense copy of an odd view costs nothing.
     lse = lse.contiguous()
     delta = torch.empty_like(lse)
@@ -424,11 +411,9 @@ def backward(
         **named_strides("sk2", "n", k2_, varlen), **named_strides("sdo", "m", dout, varlen),
         **named_lse_strides(lse, varlen), "ssb": ssb, **scalars(prob, params, dist_threshold), **flags,
     }  # fmt: skip
-    dq_acc = dq if fused else dk  # a stand-in when not fused (FUSED_DQ off: never read)
     dkdv_values = {
-        **common, "DK": dk, "DV": dv, "DK2": dk2, "DQA": dq_acc, **named_strides("sdk", "n", dk, varlen),
+        **common, "DK": dk, "DV": dv, "DK2": dk2, **named_strides("sdk", "n", dk, varlen),
         **named_strides("sdv", "n", dv, varlen), **named_strides("sdk2", "n", dk2, varlen),
-        **named_strides("sdqa", "m", dq_acc, varlen), "FUSED_DQ": fused,
     }  # fmt: skip
     dq_values = {**common, "DQ": dq, "DQ2": dq2, **named_strides("sdq", "m", dq, varlen),
                  **named_strides("sdq2", "m", dq2, varlen)}  # fmt: skip
@@ -457,26 +442,20 @@ def backward(
 
     with device.on_device(q), tma.scratch(use_tma):
         pre_compiled = attn_bwd_preprocess[pre_grid](*pre_args)
-        dkdv_tile = tuning.tile_for("dkdv", vendor, prob, q.dtype, use_tma, {**flags, "FUSED_DQ": fused}, dkdv_with)
-        if fused:
-            dq.zero_()  # autotuning may have launched the kernel already, adding into the accumulator each time
+        dkdv_tile = tuning.tile_for("dkdv", vendor, prob, q.dtype, use_tma, flags, dkdv_with)
         dkdv_compiled = dkdv_with(dkdv_tile)
-        if not fused:
-            dq_tile = tuning.tile_for("dq", vendor, prob, q.dtype, use_tma, flags, dq_with)
-            dq_compiled = dq_with(dq_tile)
+        dq_tile = tuning.tile_for("dq", vendor, prob, q.dtype, use_tma, flags, dq_with)
+        dq_compiled = dq_with(dq_tile)
     if plan_key is not None and all(fastpath.aligned(t) for t in (dq, dk, dv, lse, delta)):
         launches = (
             (attn_bwd_preprocess, pre_compiled, pre_grid, pre_args, _PRE_LEAD, False),
             (attn_bwd_dkdv, dkdv_compiled, dkdv_grid(dkdv_tile), launch_args(attn_bwd_dkdv, dkdv_values, dkdv_tile)[0],
              _DKDV_LEAD, use_tma),
+            (attn_bwd_dq, dq_compiled, dq_grid(dq_tile), launch_args(attn_bwd_dq, dq_values, dq_tile)[0], _DQ_LEAD,
+             use_tma),
         )  # fmt: skip
-        if not fused:
-            dq_args = launch_args(attn_bwd_dq, dq_values, dq_tile)[0]
-            launches += ((attn_bwd_dq, dq_compiled, dq_grid(dq_tile), dq_args, _DQ_LEAD, use_tma),)
         _remember_bwd(plan_key, launches, q.device)
-    if fused:
-        dq = dq.to(q.dtype)
-    return (dq, dk, dq2, dk2, dv) if piecewise else (dq, dk, dv)
+    return grads
 
 
 def _remember_bwd(key: tuple, launches: tuple[tuple, ...], dev: torch.device) -> None:
@@ -488,7 +467,7 @@ def _remember_bwd(key: tuple, launches: tuple[tuple, ...], dev: torch.device) ->
         if launcher is None:
             return
         launchers.append(launcher)
-    bwd_plans.put(key, BwdPlan(*launchers) if len(launchers) == 3 else BwdPlan(*launchers, dq=None))
+    bwd_plans.put(key, BwdPlan(*launchers))
 
 
 # The public way to force tiles (tests, sweeps, fuzzing): see tuning.forced_tiles.

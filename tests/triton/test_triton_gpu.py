@@ -105,8 +105,7 @@ def _misaligned(t: torch.Tensor) -> torch.Tensor:
 
 
 def test_deterministic_backward_bitwise():
-    """deterministic=True: two backwards of the same inputs give the same bits (the default backward's dQ
-    atomics may not)."""
+    """deterministic=True (with dropout): two forwards and two backwards of the same inputs give the same bits."""
     case = Case(b=2, sq=2048, sk=2048, hq=8, hk=2, d=128, dtype=BF16, causal=True, device="cuda", dropout_p=0.1,
                 deterministic=True)  # fmt: skip
     q, k, v, dout, _ = case.tensors()
@@ -270,7 +269,7 @@ q = torch.randn(2, 1, 4, 64, device=dev, dtype=torch.bfloat16)
 k = torch.randn(2, 1, 2, 64, device=dev, dtype=torch.bfloat16)
 v = torch.randn_like(k)
 with torch.no_grad():
-    for n in (5, 6):  # the second call is a repeated one: the backend's one-launch length check
+    for n in (5, 6):  # the second call is a repeated one (the frontend's cache of checked calls)
         lens = torch.tensor([n, n], dtype=torch.int32, device=dev)
         attnkit.attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=lens, backend="triton_cuda")
     torch.cuda.synchronize()
@@ -287,9 +286,9 @@ with torch.no_grad():
 
 @pytest.mark.parametrize("bad", [64, -1], ids=["no-room", "negative"])
 def test_repeated_decode_with_a_bad_tensor_length_stops_with_a_device_assert(bad):
-    """A repeated decode step checks tensor lengths with the backend's kernel (Backend.check_lengths): a length
-    without room for the new token, or a negative one, ends in a device-side assert (the process's CUDA context
-    is lost, hence the subprocess), never in a silent write or a wrong answer."""
+    """A repeated decode step checks tensor lengths on the device, without a sync: a length without room for the
+    new token, or a negative one, ends in a device-side assert (the process's CUDA context is lost, hence the
+    subprocess), never in a silent write or a wrong answer."""
     import subprocess
     import sys
 

@@ -350,10 +350,12 @@ def _driver_for_signature(rc=0):
     return _FakeDriver([ctypes.sizeof(t) for t in types], types, rc)
 
 
-def test_direct_launch_packs_the_signatures_parameters_in_order():
+def test_direct_launch_packs_the_signatures_parameters_in_order(monkeypatch):
     """Constexprs skipped, scalars in their C types, lead addresses per call, tail pointers once, the two scratch
     pointers last (0), grid/block/shared memory/stream from the compiled kernel and the call."""
     from attnkit.backends.triton import direct_launch
+
+    monkeypatch.setattr(direct_launch, "ENABLED", True)
 
     driver = _driver_for_signature()
     tail = (64, 7, 0.5, True, 2**40, _Ptr(0xABC0), None)  # HEAD, n, scale, flag, big, X, NONE
@@ -392,8 +394,10 @@ def test_direct_launch_packs_the_signatures_parameters_in_order():
         "unknown",
     ],
 )
-def test_direct_launch_refuses_kernels_it_cannot_pack_exactly(change):
+def test_direct_launch_refuses_kernels_it_cannot_pack_exactly(change, monkeypatch):
     from attnkit.backends.triton import direct_launch
+
+    monkeypatch.setattr(direct_launch, "ENABLED", True)
 
     driver = _driver_for_signature()
     if "sizes" in change:
@@ -407,6 +411,7 @@ def test_bound_launcher_falls_back_to_triton_when_the_driver_refuses(monkeypatch
     from attnkit.backends.triton import direct_launch, fastpath
 
     driver = _driver_for_signature(rc=201)  # CUDA_ERROR_INVALID_CONTEXT
+    monkeypatch.setattr(direct_launch, "ENABLED", True)
     monkeypatch.setattr(direct_launch, "cuda_driver", lambda: driver)
     triton_calls = []
     compiled = _compiled(_SIGNATURE)
@@ -431,6 +436,7 @@ def test_bound_launcher_leaves_hooked_launches_to_triton(monkeypatch):
     from attnkit.backends.triton import direct_launch, fastpath
 
     driver = _driver_for_signature()
+    monkeypatch.setattr(direct_launch, "ENABLED", True)
     monkeypatch.setattr(direct_launch, "cuda_driver", lambda: driver)
     monkeypatch.setattr(fastpath, "_hooks", lambda: SimpleNamespace(
         launch_enter_hook=SimpleNamespace(calls=[print]), launch_exit_hook=None))  # fmt: skip
@@ -442,3 +448,12 @@ def test_bound_launcher_leaves_hooked_launches_to_triton(monkeypatch):
     tail = (64, 7, 0.5, True, 2**40, _Ptr(16), None)
     fastpath.bind(None, compiled, (3,), tail, torch.device("cuda", 0), False, lambda i: 9, lambda: 0)(_Ptr(0), _Ptr(0))
     assert not driver.launches and len(triton_calls) == 1
+
+
+def test_direct_launch_is_off_by_default():
+    """Off until validated on a GPU (see direct_launch.ENABLED): plans keep triton's launcher."""
+    from attnkit.backends.triton import direct_launch
+
+    assert direct_launch.ENABLED is False
+    assert direct_launch.build(_compiled(_SIGNATURE), (1, 1, 1), (64, 7, 0.5, True, 2**40, _Ptr(16), None),
+                               _driver_for_signature()) is None  # fmt: skip

@@ -198,59 +198,10 @@ def test_forced_tiles_reach_every_kernel(monkeypatch):
 
     monkeypatch.setattr(tuning, "tile_for", spy)
     forced = {"fwd": configs.Tile(16, 32, 4, 1), "dkdv": configs.Tile(32, 16, 4, 1), "dq": configs.Tile(16, 16, 4, 1)}
-    # deterministic: the two-kernel backward, so the dQ kernel runs (else the dK/dV kernel accumulates dQ).
-    case = Case(sq=45, sk=29, hq=4, hk=2, d=40, dtype=torch.float16, causal=True, seed=21, deterministic=True)
+    case = Case(sq=45, sk=29, hq=4, hk=2, d=40, dtype=torch.float16, causal=True, seed=21)
     with launch.forced_tiles(**forced):
         assert_ok(check_dense(case))
     assert dict(seen) == forced
     seen.clear()
     assert_ok(check_dense(case))
     assert dict(seen) == configs.INTERPRETER_TILES
-    seen.clear()
-    with launch.forced_tiles(**forced):
-        assert_ok(check_dense(dataclasses.replace(case, deterministic=False)))
-    assert dict(seen) == {"fwd": forced["fwd"], "dkdv": forced["dkdv"]}
-
-
-def test_fused_dq_is_right_after_autotuning_launched_the_kernel(monkeypatch):
-    """With dQ accumulated by the dK/dV kernel's atomics, every timing launch of the autotuner adds into the
-    accumulator: the backward must start the real launch from zero (here tile_for launches each kernel 3 times,
-    as a tuning round would)."""
-    original = tuning.tile_for
-
-    def tuning_like(kind, vendor, prob, dtype, tma, flags, launch_with):
-        tile = original(kind, vendor, prob, dtype, tma, flags, launch_with)
-        for _ in range(3):
-            launch_with(tile)
-        return tile
-
-    monkeypatch.setattr(tuning, "tile_for", tuning_like)
-    monkeypatch.setattr(fastpath, "ENABLED", False)  # every call through the JIT path (no plan)
-    assert configs.FUSED_DQ
-    for det in (False, True):
-        case = Case(sq=45, sk=29, hq=4, hk=2, d=40, dtype=torch.float16, causal=True, seed=5, deterministic=det)
-        assert_ok(check_dense(case))
-
-
-def test_deterministic_backward_uses_the_dq_kernel_and_is_bitwise_reproducible(monkeypatch):
-    """deterministic=True keeps the two-kernel backward (no atomics); the default fuses dQ into dK/dV."""
-    seen = []
-    original = tuning.tile_for
-
-    def spy(kind, *args, **kwargs):
-        seen.append(kind)
-        return original(kind, *args, **kwargs)
-
-    monkeypatch.setattr(tuning, "tile_for", spy)
-    monkeypatch.setattr(fastpath, "ENABLED", False)
-    be = backend("triton_cuda")
-    case = Case(sq=33, sk=40, hq=4, hk=2, d=32, dtype=torch.float32, seed=8, deterministic=True)
-    q, k, v, dout, _ = case.tensors()
-    out, lse = be.forward(q, k, v, None, case.params(), None)
-    first = be.backward(dout, q, k, v, out, lse, None, case.params(), None)
-    again = be.backward(dout, q, k, v, out, lse, None, case.params(), None)
-    assert all(torch.equal(a, b) for a, b in zip(first, again))
-    assert seen.count("dq") == 2
-    seen.clear()
-    be.backward(dout, q, k, v, out, lse, None, dataclasses.replace(case, deterministic=False).params(), None)
-    assert "dq" not in seen and "dkdv" in seen
