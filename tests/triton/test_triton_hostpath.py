@@ -406,11 +406,14 @@ def test_direct_launch_refuses_kernels_it_cannot_pack_exactly(change, monkeypatc
     assert direct_launch.build(compiled, (1, 1, 1), (64, 7, 0.5, True, 2**40, _Ptr(16), None), driver) is None
 
 
-def test_bound_launcher_falls_back_to_triton_when_the_driver_refuses(monkeypatch):
-    """A launch the driver refuses (rc != 0) goes through triton's launcher, which raises its error if any."""
+_TAIL = (64, 7, 0.5, True, 2**40, _Ptr(16), None)
+
+
+def _bound_with_fake_driver(monkeypatch, driver):
+    """fastpath.bind over a compiled kernel of _SIGNATURE whose triton launcher records its calls, with direct
+    launches on through ``driver``: (launcher, triton's calls)."""
     from attnkit.backends.triton import direct_launch, fastpath
 
-    driver = _driver_for_signature(rc=201)  # CUDA_ERROR_INVALID_CONTEXT
     monkeypatch.setattr(direct_launch, "ENABLED", True)
     monkeypatch.setattr(direct_launch, "cuda_driver", lambda: driver)
     triton_calls = []
@@ -418,8 +421,15 @@ def test_bound_launcher_falls_back_to_triton_when_the_driver_refuses(monkeypatch
     compiled.run = lambda *a: triton_calls.append(a)
     compiled.packed_metadata = "packed"
     compiled.launch_metadata = lambda grid, stream, *args: None
-    tail = (64, 7, 0.5, True, 2**40, _Ptr(16), None)
-    launcher = fastpath.bind(None, compiled, (3,), tail, torch.device("cuda", 0), False, lambda i: 9, lambda: 0)
+    launcher = fastpath.bind(None, compiled, (3,), _TAIL, torch.device("cuda", 0), False, lambda i: 9, lambda: 0)
+    return launcher, triton_calls
+
+
+def test_bound_launcher_falls_back_to_triton_when_the_driver_refuses(monkeypatch):
+    """A launch the driver refuses (rc != 0) goes through triton's launcher, which raises its error if any."""
+    driver = _driver_for_signature(rc=201)  # CUDA_ERROR_INVALID_CONTEXT
+    launcher, triton_calls = _bound_with_fake_driver(monkeypatch, driver)
+    tail = _TAIL
     lead = (_Ptr(0x1000), _Ptr(0x2000))
     launcher(*lead)
     assert len(driver.launches) == 1 and len(triton_calls) == 1
@@ -433,20 +443,13 @@ def test_bound_launcher_leaves_hooked_launches_to_triton(monkeypatch):
     """With a launch hook set (a profiler), launches go through triton's launcher, which calls the hooks."""
     from types import SimpleNamespace
 
-    from attnkit.backends.triton import direct_launch, fastpath
+    from attnkit.backends.triton import fastpath
 
-    driver = _driver_for_signature()
-    monkeypatch.setattr(direct_launch, "ENABLED", True)
-    monkeypatch.setattr(direct_launch, "cuda_driver", lambda: driver)
     monkeypatch.setattr(fastpath, "_hooks", lambda: SimpleNamespace(
         launch_enter_hook=SimpleNamespace(calls=[print]), launch_exit_hook=None))  # fmt: skip
-    triton_calls = []
-    compiled = _compiled(_SIGNATURE)
-    compiled.run = lambda *a: triton_calls.append(a)
-    compiled.packed_metadata = "packed"
-    compiled.launch_metadata = lambda grid, stream, *args: None
-    tail = (64, 7, 0.5, True, 2**40, _Ptr(16), None)
-    fastpath.bind(None, compiled, (3,), tail, torch.device("cuda", 0), False, lambda i: 9, lambda: 0)(_Ptr(0), _Ptr(0))
+    driver = _driver_for_signature()
+    launcher, triton_calls = _bound_with_fake_driver(monkeypatch, driver)
+    launcher(_Ptr(0), _Ptr(0))
     assert not driver.launches and len(triton_calls) == 1
 
 
@@ -455,5 +458,4 @@ def test_direct_launch_is_off_by_default():
     from attnkit.backends.triton import direct_launch
 
     assert direct_launch.ENABLED is False
-    assert direct_launch.build(_compiled(_SIGNATURE), (1, 1, 1), (64, 7, 0.5, True, 2**40, _Ptr(16), None),
-                               _driver_for_signature()) is None  # fmt: skip
+    assert direct_launch.build(_compiled(_SIGNATURE), (1, 1, 1), _TAIL, _driver_for_signature()) is None
