@@ -1,0 +1,76 @@
+"""Child process of test_triton_sm90_compile: compiles the Triton kernels for sm_90 through a fake driver.
+
+Run as a script in a fresh interpreter without TRITON_INTERPRET (triton reads it when the kernels are decorated).
+Every ``JITFunction.run`` is turned into a compile-only warm-up, so the launchers build their real argument lists
+and each kernel goes through triton's front end, its optimiser and ptxas for sm_90a, with nothing launched. Prints
+``RESULTS <json>``: [kernel name, "ok" or the error, cubin bytes] per compile.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+os.environ.pop("TRITON_INTERPRET", None)
+os.environ["ATTNKIT_TRITON_AUTOTUNE"] = "0"
+
+import torch
+from triton.backends.compiler import GPUTarget
+from triton.runtime import jit as jitmod
+from triton.runtime.driver import driver
+
+
+class FakeDriver:
+    """Just enough of a driver for ``JITFunction.run(warmup=True)`` to compile for an H100/H200."""
+
+    def get_current_target(self):
+        return GPUTarget("cuda", 90, 32)
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+
+def main() -> None:
+    driver.set_active(FakeDriver())
+    results: list[list[object]] = []
+    original = jitmod.JITFunction.run
+
+    def compile_only(self, *args, grid, warmup, **kwargs):
+        try:
+            kernel = original(self, *args, grid=grid, warmup=True, **kwargs)
+            results.append([self.fn.__name__, "ok", len(kernel.asm["cubin"])])
+        except Exception as exc:  # reported, not raised: one failing kernel must not hide the others
+            results.append([self.fn.__name__, f"{type(exc).__name__}: {str(exc)[:400]}", 0])
+
+    jitmod.JITFunction.run = compile_only
+    from attnkit.backends.triton import append_launch, fastpath, kvcache_launch, launch, merge_launch
+
+    from attnkit.params import AttentionParams, KVCacheInfo, VarlenInfo
+
+    fastpath.ENABLED = False  # plans would bind compiled kernels to a driver
+    bf = torch.bfloat16
+    causal = AttentionParams(softmax_scale=0.125, causal=True, window_right=0)
+    for d, dv in ((64, 64), (128, 128), (36, 24), (256, 256)):
+        q, k = torch.randn(1, 200, 4, d, dtype=bf), torch.randn(1, 177, 2, d, dtype=bf)
+        v = torch.randn(1, 177, 2, dv, dtype=bf)
+        out, lse = launch.forward(q, k, v, None, causal, None, "nvidia")
+        launch.backward(torch.randn_like(out), q, k, v, out, lse, None, causal, None, "nvidia")
+    cu = torch.tensor([0, 50, 177], dtype=torch.int32)
+    qv, kv = torch.randn(177, 4, 64, dtype=bf), torch.randn(177, 2, 64, dtype=bf)
+    launch.forward(qv, kv, kv, None, causal, VarlenInfo(cu, cu, 127, 127), "nvidia")
+    k_cache, v_cache = torch.randn(2, 256, 2, 64, dtype=bf), torch.randn(2, 256, 2, 64, dtype=bf)
+    lens = torch.tensor([100, 7], dtype=torch.int32)
+    new = torch.randn(2, 1, 2, 64, dtype=bf)
+    append_launch.append_kv(k_cache, v_cache, new, new, lens, None, None)
+    q1 = torch.randn(2, 1, 4, 64, dtype=bf)
+    kvcache_launch.forward_kvcache(q1, k_cache, v_cache, KVCacheInfo(lens, None, None, None, 4), None, causal)
+    parts = torch.randn(3, 2, 5, 4, 64, dtype=torch.float32)
+    merge_launch.merge_states(parts, torch.randn(3, 2, 4, 5), bf)
+    print("RESULTS", json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
