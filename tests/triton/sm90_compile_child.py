@@ -3,13 +3,17 @@
 Run as a script in a fresh interpreter without TRITON_INTERPRET (triton reads it when the kernels are decorated).
 Every ``JITFunction.run`` is turned into a compile-only warm-up, so the launchers build their real argument lists
 and each kernel goes through triton's front end, its optimiser and ptxas for sm_90a, with nothing launched. Prints
-``RESULTS <json>``: [kernel name, "ok" or the error, cubin bytes] per compile.
+``RESULTS <json>``: [kernel name, "ok" or the error, cubin bytes, whether direct_launch's packing of the kernel
+(its non-constexpr signature entries, then the two scratch pointers) matches the compiled PTX's parameters in
+count and size] per compile.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
+import re
 
 os.environ.pop("TRITON_INTERPRET", None)
 os.environ["ATTNKIT_TRITON_AUTOTUNE"] = "0"
@@ -38,12 +42,24 @@ def main() -> None:
     results: list[list[object]] = []
     original = jitmod.JITFunction.run
 
+    from attnkit.backends.triton import direct_launch
+
+    def packing_matches_ptx(kernel) -> bool:
+        slots = [direct_launch._slot_type(ty) for ty in kernel.src.signature.values() if ty != "constexpr"]
+        if any(slot is None for slot in slots):
+            return False
+        packed = [ctypes.sizeof(slot) for slot in slots] + [8, 8]
+        ptx = kernel.asm["ptx"]
+        entry = ptx[ptx.index(".entry") :]
+        declared = [int(bits) // 8 for bits in re.findall(r"\.param\s+\.[bufs](\d+)", entry[: entry.index(")")])]
+        return packed == declared
+
     def compile_only(self, *args, grid, warmup, **kwargs):
         try:
             kernel = original(self, *args, grid=grid, warmup=True, **kwargs)
-            results.append([self.fn.__name__, "ok", len(kernel.asm["cubin"])])
+            results.append([self.fn.__name__, "ok", len(kernel.asm["cubin"]), packing_matches_ptx(kernel)])
         except Exception as exc:  # reported, not raised: one failing kernel must not hide the others
-            results.append([self.fn.__name__, f"{type(exc).__name__}: {str(exc)[:400]}", 0])
+            results.append([self.fn.__name__, f"{type(exc).__name__}: {str(exc)[:400]}", 0, False])
 
     jitmod.JITFunction.run = compile_only
     from attnkit.backends.triton import append_launch, fastpath, kvcache_launch, launch, merge_launch

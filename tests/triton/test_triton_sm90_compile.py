@@ -5,7 +5,9 @@ front end or ptxas rejects for the GPU (a global that is not a ``tl.constexpr``,
 layout) passes every interpreter test and fails on the first GPU call, as a kv-cache length-check kernel did on
 the H200 (benchmarks/NOTES-triton.md, "Launches through the driver"). sm90_compile_child.py drives the real
 launchers through a fake driver with every launch turned into a compile: forward and backward at head dims 64,
-128, 36/24 and 256, a varlen forward, the kv-cache append, split and combine kernels and the state merge.
+128, 36/24 and 256, a varlen forward, the kv-cache append, split and combine kernels and the state merge. For
+each it also checks that direct_launch would pack the kernel's parameters as the compiled PTX declares them
+(count and sizes), the layout cuLaunchKernel reads.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ def test_every_kernel_compiles_for_sm90():
     lines = [line for line in run.stdout.splitlines() if line.startswith("RESULTS ")]
     assert run.returncode == 0 and lines, run.stdout[-2000:] + run.stderr[-4000:]
     results = json.loads(lines[-1][len("RESULTS ") :])
-    failed = [f"{name}: {status}" for name, status, _ in results if status != "ok"]
+    failed = [f"{name}: {status}" for name, status, _, _ in results if status != "ok"]
     assert not failed, "\n".join(failed)
-    assert {name for name, _, _ in results} == EXPECTED
-    assert all(size > 0 for _, _, size in results)
+    assert {name for name, _, _, _ in results} == EXPECTED
+    assert all(size > 0 for _, _, size, _ in results)
+    assert [name for name, _, _, packed in results if not packed] == []
