@@ -233,31 +233,20 @@ def xcompile(args: argparse.Namespace) -> int:
     os.environ["ATTNKIT_TRITON_AUTOTUNE"] = "0"
     import torch
     import triton
-    from triton.backends.compiler import GPUTarget
+    from attnkit.backends.triton import compile_only
     from triton.runtime import jit as jitmod
-    from triton.runtime.driver import driver
 
-    class FakeDriver:  # just enough of a driver for JITFunction.run(warmup=True) to compile
-        def get_current_target(self):
-            return GPUTarget("cuda", 90, 32)
-
-        def get_current_device(self):
-            return 0
-
-        def get_current_stream(self, device=None):
-            return 0
-
-    driver.set_active(FakeDriver())
+    compile_only.activate()
     compiled: list[tuple[object, str | None]] = []
     original_run = jitmod.JITFunction.run
 
-    def compile_only(self, *a, grid, warmup, **kw):
+    def warm_up_only(self, *a, grid, warmup, **kw):
         try:
             compiled.append((original_run(self, *a, grid=grid, warmup=True, **kw), None))
         except Exception as exc:
             compiled.append((None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"))
 
-    jitmod.JITFunction.run = compile_only
+    jitmod.JITFunction.run = warm_up_only
     from attnkit.backends.triton import fp8_launch, tma
 
     from attnkit.fp8 import Fp8Scales

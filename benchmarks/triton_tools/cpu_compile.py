@@ -18,31 +18,21 @@ def xcompile(args: argparse.Namespace) -> None:
     os.environ["ATTNKIT_TRITON_AUTOTUNE"] = "0"
     import torch
     import triton
-    from triton.backends.compiler import GPUTarget
+    from attnkit.backends.triton import compile_only
     from triton.runtime import jit as jitmod
-    from triton.runtime.driver import driver
 
-    class FakeDriver:  # just enough of a driver for JITFunction.run(warmup=True) to compile
-        def get_current_target(self):
-            return GPUTarget("cuda", 90, 32)
-
-        def get_current_device(self):
-            return 0
-
-        def get_current_stream(self, device=None):
-            return 0
-
-    driver.set_active(FakeDriver())
+    compile_only.activate()
     compiled: list[tuple[str, dict, object, str | None]] = []
     original_run = jitmod.JITFunction.run
 
-    def compile_only(self, *a, grid, warmup, **kw):
+    def warm_up_only(self, *a, grid, warmup, **kw):
+        named = {**dict(zip(self.arg_names, a)), **kw}  # the launchers pass every parameter by position
         try:
-            compiled.append((self.fn.__name__, kw, original_run(self, *a, grid=grid, warmup=True, **kw), None))
+            compiled.append((self.fn.__name__, named, original_run(self, *a, grid=grid, warmup=True, **kw), None))
         except Exception as exc:
-            compiled.append((self.fn.__name__, kw, None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"))
+            compiled.append((self.fn.__name__, named, None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"))
 
-    jitmod.JITFunction.run = compile_only
+    jitmod.JITFunction.run = warm_up_only
     from attnkit.backends.triton import configs, fastpath, launch, tma
 
     from attnkit.params import AttentionParams
@@ -95,21 +85,10 @@ def fastcheck(args: argparse.Namespace) -> int:
     os.environ["ATTNKIT_TRITON_AUTOTUNE"] = "0"
     import torch
     import triton
-    from triton.backends.compiler import GPUTarget
+    from attnkit.backends.triton import compile_only
     from triton.compiler import compiler
-    from triton.runtime.driver import driver
 
-    class FakeDriver:
-        def get_current_target(self):
-            return GPUTarget("cuda", 90, 32)
-
-        def get_current_device(self):
-            return 0
-
-        def get_current_stream(self, device=None):
-            return 0
-
-    driver.set_active(FakeDriver())
+    compile_only.activate()
     launches: list[tuple] = []
     compiler.CompiledKernel.run = property(lambda self: lambda *a: launches.append(a))  # the launcher, stubbed
     compiler.CompiledKernel._init_handles = lambda self: None  # no module load: nothing runs

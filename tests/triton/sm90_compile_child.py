@@ -19,26 +19,12 @@ os.environ.pop("TRITON_INTERPRET", None)
 os.environ["ATTNKIT_TRITON_AUTOTUNE"] = "0"
 
 import torch
-from triton.backends.compiler import GPUTarget
+from attnkit.backends.triton import compile_only
 from triton.runtime import jit as jitmod
-from triton.runtime.driver import driver
-
-
-class FakeDriver:
-    """Just enough of a driver for ``JITFunction.run(warmup=True)`` to compile for an H100/H200."""
-
-    def get_current_target(self):
-        return GPUTarget("cuda", 90, 32)
-
-    def get_current_device(self):
-        return 0
-
-    def get_current_stream(self, device=None):
-        return 0
 
 
 def main() -> None:
-    driver.set_active(FakeDriver())
+    compile_only.activate()  # sm_90
     results: list[list[object]] = []
     original = jitmod.JITFunction.run
 
@@ -54,14 +40,14 @@ def main() -> None:
         declared = [int(bits) // 8 for bits in re.findall(r"\.param\s+\.[bufs](\d+)", entry[: entry.index(")")])]
         return packed == declared
 
-    def compile_only(self, *args, grid, warmup, **kwargs):
+    def warm_up_only(self, *args, grid, warmup, **kwargs):
         try:
             kernel = original(self, *args, grid=grid, warmup=True, **kwargs)
             results.append([self.fn.__name__, "ok", len(kernel.asm["cubin"]), packing_matches_ptx(kernel)])
         except Exception as exc:  # reported, not raised: one failing kernel must not hide the others
             results.append([self.fn.__name__, f"{type(exc).__name__}: {str(exc)[:400]}", 0, False])
 
-    jitmod.JITFunction.run = compile_only
+    jitmod.JITFunction.run = warm_up_only
     from attnkit.backends.triton import append_launch, fastpath, kvcache_launch, launch, merge_launch
 
     from attnkit.params import AttentionParams, KVCacheInfo, VarlenInfo
