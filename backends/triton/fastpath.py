@@ -12,8 +12,9 @@ Arguments are built in one place per kernel, by name, with :func:`arguments` (ch
 signature, constexprs and defaults included): the first launch and the plan's launches use the same tuple.
 
 Under the interpreter a plan's launcher runs the interpreted kernel with the plan's argument tuple (so the CPU
-tests cover plans, keys and argument order); on a GPU it calls the driver with the arguments packed once
-(:mod:`.direct_launch`) where the kernel qualifies, else the compiled kernel's launcher.
+tests cover plans, keys and argument order); on a GPU it calls the compiled kernel's launcher, or, with
+``direct_launch.ENABLED`` (off until validated on a GPU) and a kernel that qualifies, the driver with the
+arguments packed once (:mod:`.direct_launch`).
 ``ENABLED = False`` or ``ATTNKIT_HOST_FASTPATH=0`` turns plans off (every call goes through the JIT), for A/B.
 """
 
