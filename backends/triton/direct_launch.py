@@ -101,6 +101,15 @@ def _address(value: object) -> int:
     return value.data_ptr()
 
 
+def packed_sizes(signature: dict) -> list[int] | None:
+    """Bytes of each parameter a launch of a kernel with this triton signature packs (its non-constexpr entries,
+    then the scratch pointers), or None when an entry has no known C type."""
+    slot_types = [_slot_type(ty) for ty in signature.values() if ty != "constexpr"]
+    if any(t is None for t in slot_types):
+        return None
+    return [ctypes.sizeof(t) for t in slot_types] + [ctypes.sizeof(ctypes.c_uint64)] * _SCRATCH_POINTERS
+
+
 DirectLaunch = Callable[[Sequence[object], int], bool]
 
 
@@ -125,7 +134,8 @@ def build(
     except AttributeError:
         return None
     n_lead = len(signature) - len(tail)
-    if n_lead < 0:
+    sizes = packed_sizes(signature)
+    if n_lead < 0 or sizes is None or driver.param_sizes(function) != sizes:
         return None
     slots: list[ctypes._SimpleCData] = []
     lead_slots: list[tuple[ctypes._SimpleCData, int]] = []
@@ -133,8 +143,6 @@ def build(
         if ty == "constexpr":
             continue
         slot_type = _slot_type(ty)
-        if slot_type is None:
-            return None
         if position < n_lead:
             slot = slot_type(0)
             lead_slots.append((slot, position))
@@ -143,8 +151,6 @@ def build(
             slot = slot_type(_address(value)) if slot_type is ctypes.c_uint64 else slot_type(value)
         slots.append(slot)
     slots += [ctypes.c_uint64(0) for _ in range(_SCRATCH_POINTERS)]
-    if driver.param_sizes(function) != [ctypes.sizeof(s) for s in slots]:
-        return None
     params = (ctypes.c_void_p * len(slots))(*[ctypes.addressof(s) for s in slots])
 
     lock = threading.Lock()

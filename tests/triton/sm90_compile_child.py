@@ -10,7 +10,6 @@ count and size] per compile.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import re
@@ -31,10 +30,7 @@ def main() -> None:
     from attnkit.backends.triton import direct_launch
 
     def packing_matches_ptx(kernel) -> bool:
-        slots = [direct_launch._slot_type(ty) for ty in kernel.src.signature.values() if ty != "constexpr"]
-        if any(slot is None for slot in slots):
-            return False
-        packed = [ctypes.sizeof(slot) for slot in slots] + [8, 8]
+        packed = direct_launch.packed_sizes(kernel.src.signature)
         ptx = kernel.asm["ptx"]
         entry = ptx[ptx.index(".entry") :]
         declared = [int(bits) // 8 for bits in re.findall(r"\.param\s+\.[bufs](\d+)", entry[: entry.index(")")])]

@@ -249,7 +249,7 @@ def test_fast_launch_and_persistent_grid_bitwise(case, monkeypatch):
     fast = launch.forward(q, k, v, slopes, params, None, "nvidia")
     assert all(torch.equal(a, b) for a, b in zip(full, fast))
     assert not torch.isnan(full[0]).any()
-    default = configs.default("fwd", "nvidia", max(16, 1 << (case.d - 1).bit_length()), 2, tma=True)
+    default = configs.default("fwd", "nvidia", configs.head_block(case.d), 2, tma=True)
     tile = configs.Tile(
         default.block_m, default.block_n, default.num_warps, default.num_stages, default.use_tma, None, 1
     )

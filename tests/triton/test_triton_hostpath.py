@@ -340,6 +340,7 @@ def _compiled(signature, **meta):
 
 _SIGNATURE = {"A": "*bf16", "B": "*fp32", "HEAD": "constexpr", "n": "i32", "scale": "fp32", "flag": "i1",
               "big": "i64", "X": "*i32", "NONE": "constexpr"}  # fmt: skip
+_TAIL = (64, 7, 0.5, True, 2**40, _Ptr(16), None)  # HEAD, n, scale, flag, big, X, NONE
 
 
 def _driver_for_signature(rc=0):
@@ -403,10 +404,7 @@ def test_direct_launch_refuses_kernels_it_cannot_pack_exactly(change, monkeypatc
     if "sizes" in change:
         driver.sizes = change["sizes"]
     compiled = _compiled(change.get("signature", _SIGNATURE), **change.get("meta", {}))
-    assert direct_launch.build(compiled, (1, 1, 1), (64, 7, 0.5, True, 2**40, _Ptr(16), None), driver) is None
-
-
-_TAIL = (64, 7, 0.5, True, 2**40, _Ptr(16), None)
+    assert direct_launch.build(compiled, (1, 1, 1), _TAIL, driver) is None
 
 
 def _bound_with_fake_driver(monkeypatch, driver):
@@ -429,11 +427,10 @@ def test_bound_launcher_falls_back_to_triton_when_the_driver_refuses(monkeypatch
     """A launch the driver refuses (rc != 0) goes through triton's launcher, which raises its error if any."""
     driver = _driver_for_signature(rc=201)  # CUDA_ERROR_INVALID_CONTEXT
     launcher, triton_calls = _bound_with_fake_driver(monkeypatch, driver)
-    tail = _TAIL
     lead = (_Ptr(0x1000), _Ptr(0x2000))
     launcher(*lead)
     assert len(driver.launches) == 1 and len(triton_calls) == 1
-    assert triton_calls[0][:4] == (3, 1, 1, 9) and triton_calls[0][9:] == (*lead, *tail)
+    assert triton_calls[0][:4] == (3, 1, 1, 9) and triton_calls[0][9:] == (*lead, *_TAIL)
     driver.rc = 0
     launcher(*lead)
     assert len(driver.launches) == 2 and len(triton_calls) == 1

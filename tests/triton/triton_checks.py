@@ -40,7 +40,7 @@ class Case:
     softcap: float = 0.0
     alibi: str | None = None  # None, "h" (Hq,) or "bh" (B, Hq)
     dropout_p: float = 0.0
-    deterministic: bool = False  # True: the two-kernel backward (dQ by its own kernel, no atomics)
+    deterministic: bool = False  # AttentionParams.deterministic (a bitwise reproducible backward)
     seed: int = 0
     device: str = "cpu"
     scale: float | None = None
