@@ -155,6 +155,30 @@ def snapshot() -> dict[str, str | None]:
     return {name: os.environ.get(name) for name in ALL_VARIABLES}
 
 
+def raw_values() -> tuple:
+    """The raw value of every attnkit variable, in ``ALL_VARIABLES`` order (None where unset), as one cheap tuple:
+    the per-call caches of :mod:`attnkit.ops._fastcall` key on it, so a change to any variable is seen on the next
+    call, and values are parsed (and rejected) only by the readers above, when the tuple is new."""
+    environ = os.environ
+    data = getattr(environ, "_data", None)
+    if data is None or type(environ) is not _ENVIRON_TYPE:
+        return tuple(map(environ.get, _NAMES))
+    keys = _ENCODED_NAMES
+    if keys is None:
+        keys = _encoded_names()
+    return tuple(map(data.get, keys))  # encoded values: equal exactly when the decoded ones are
+
+
+_NAMES = tuple(ALL_VARIABLES)
+_ENCODED_NAMES: tuple | None = None
+
+
+def _encoded_names() -> tuple:
+    global _ENCODED_NAMES
+    _ENCODED_NAMES = tuple(os.environ.encodekey(name) for name in _NAMES)
+    return _ENCODED_NAMES
+
+
 def dispatch_variables() -> tuple[str | None, str | None]:
     """The raw ``ATTNKIT_BACKEND`` and ``ATTNKIT_DISABLE`` values (a cache key for dispatch; parsed only when new)."""
     return _get(BACKEND), _get(DISABLE)

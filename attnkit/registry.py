@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import importlib
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from importlib import metadata
 from typing import ClassVar
@@ -162,6 +162,15 @@ class Backend:
         """Return ``(out, lse)``; layouts in :mod:`attnkit.params`."""
         raise AttnkitError(f"backend {self.name!r} declares no forward kernel")
 
+    def forward_runner(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: AttentionParams, keep_lse: bool
+    ) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None:
+        """For repeated eager calls (attnkit.ops._fastcall): ``run(q, k, v) -> (out, lse)`` doing what
+        ``forward(q, k, v, None, params, None)`` does for any tensors with the shapes, strides, dtypes, devices and
+        16-byte alignment of these, just made by ``forward``; ``lse`` may be a scratch buffer that later calls
+        overwrite when ``keep_lse`` is False. None (the default): the frontend calls ``forward``."""
+        return None
+
     def backward(
         self,
         dout: torch.Tensor,
@@ -202,6 +211,33 @@ class Backend:
         """A kernel of the backend's own for the kv-cache append before ``forward_kvcache`` (positions already
         checked): writes ``k``/``v`` at ``cache_seqlens[b] ...`` of each row and returns the lengths after it,
         int32 (B,). None (the default): the op appends with torch indexing instead."""
+        return None
+
+    def check_lengths(self, lengths: torch.Tensor, low: int, high: int) -> bool:
+        """Queue a device-side check that every entry of the contiguous int32 vector ``lengths`` (on this backend's
+        device) lies in ``[low, high]``: in stream order, no host wait, and a failure stops the GPU with a
+        device-side assert, like ``torch._assert_async``. False (the default): not done, the frontend checks with
+        torch ops instead."""
+        return False
+
+    def kvcache_runner(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        k: torch.Tensor | None,
+        v: torch.Tensor | None,
+        cache_seqlens: torch.Tensor,
+        block_table: torch.Tensor | None,
+        params: AttentionParams,
+        num_splits: int,
+        keep_lse: bool,
+    ) -> Callable[..., tuple[torch.Tensor, torch.Tensor] | None] | None:
+        """For repeated eager decode steps (attnkit.ops._fastcall), made right after a first step with these
+        tensors (checked lengths ``cache_seqlens``, no ALiBi, cache_batch_idx, left padding or fp8):
+        ``run(q, k_cache, v_cache, k, v, cache_seqlens, block_table) -> (out, lse)`` appends and attends as the op
+        would for tensors with the same layouts, or returns None having written nothing (then the op runs); ``lse``
+        may be a scratch buffer when ``keep_lse`` is False. None (the default): the op runs every step."""
         return None
 
     def merge_states(

@@ -8,6 +8,7 @@ order before the writes that follow, a failure stops the GPU with a device-side 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -55,13 +56,15 @@ def lengths(
     seqlen_new: int,
     device: torch.device,
     capturing: bool,
+    range_check: Callable[[torch.Tensor, int, int], bool] | None = None,
 ) -> Lengths:
     """``cache_seqlens`` (tensor, int, or None for a full cache) and ``cache_leftpad``, checked against the capacity:
     ``0 <= cache_leftpad[b] <= cache_seqlens[b] <= capacity - seqlen_new``.
 
     An int or default length is checked on the host without reading the device. Tensors are read back once,
     together (a device sync: the host waits for the work queued before), or, while a CUDA graph is captured,
-    checked on the device.
+    checked on the device: by ``range_check(lengths, low, high)`` where given and it returns True (a backend's
+    one-launch check, ``Backend.check_lengths``; not while torch.compile traces the call), else by torch ops.
     """
     if capacity > INT32_MAX:
         raise InvalidArgumentError(
@@ -90,11 +93,13 @@ def lengths(
                 pads = values[-1]
     if host is None:
         longest = capacity - seqlen_new
-        device_check(
-            ((cache_seqlens >= 0) & (cache_seqlens <= capacity - seqlen_new)).all(),
-            f"cache_seqlens has negative entries or a row without room for {seqlen_new} more tokens (capacity "
-            f"{capacity})",
-        )
+        by_backend = range_check is not None and not torch.compiler.is_compiling()
+        if not (by_backend and range_check(cache_seqlens, 0, longest)):
+            device_check(
+                ((cache_seqlens >= 0) & (cache_seqlens <= longest)).all(),
+                f"cache_seqlens has negative entries or a row without room for {seqlen_new} more tokens (capacity "
+                f"{capacity})",
+            )
     else:
         # min/max run in C: a decode batch of hundreds of rows costs no Python loop per call.
         longest = max(host) if host else 0  # no default=: Dynamo cannot trace it

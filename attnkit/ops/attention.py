@@ -145,13 +145,15 @@ def attention(
             _common.dropout_seed_tensor(params),
         )  # fmt: skip
         if not is_fp8 and slopes is None and sink is None:  # the key's preconditions hold: reuse the decision
-            _fastcall.remember(key, params, chosen, requires_grad)
+            _fastcall.remember(key, params, chosen, requires_grad, q, k, v, return_lse)
     return (out, lse) if return_lse else out
 
 
 def _run_resolved(hit: _fastcall.Resolved, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
     """A repeated call: straight to the backend when nothing else would see the op (see _fastcall), else the op."""
-    if not hit.requires_grad and _fastcall.plain_eager(q, k, v):
+    if not hit.requires_grad and _fastcall.no_modes():
+        if hit.runner is not None:
+            return hit.runner(q, k, v)
         out, lse = hit.backend.forward(q, k, v, None, hit.params, None)
         return out.contiguous(), lse.contiguous()
     p = hit.params

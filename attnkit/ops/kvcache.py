@@ -214,7 +214,9 @@ def attention_with_kvcache(
         params.softmax_scale, params.causal, params.window_left, params.window_right, params.softcap, num_splits,
         chosen,
     )  # fmt: skip
-    _fastcall.remember_kvcache(key, params, chosen, capacity, num_splits)
+    if key is not None:
+        step = (q, k_cache, v_cache, k, v, cache_seqlens, block_table)
+        _fastcall.remember_kvcache(key, params, chosen, capacity, num_splits, step, return_lse)
     return (out, lse) if return_lse else out
 
 
@@ -224,13 +226,18 @@ def _run_resolved(hit: _fastcall.ResolvedKVCache, q, k_cache, v_cache, k, v, cac
     batch, device = q.shape[0], q.device
     seqlen_new = 0 if k is None else k.shape[1]
     capturing = _capturing(device) or device.type == "cuda"
-    lengths = _kvcache_checks.lengths(cache_seqlens, None, batch, hit.capacity, seqlen_new, device, capturing)
+    lengths = _kvcache_checks.lengths(cache_seqlens, None, batch, hit.capacity, seqlen_new, device, capturing,
+                                      hit.backend.check_lengths)  # fmt: skip
     if block_table is not None:
         block_table = block_table.contiguous()
         _kvcache_checks.pages(block_table, lengths.seqlens, None, seqlen_new, k_cache.shape[0], k_cache.shape[1],
                               capturing)  # fmt: skip
     p = hit.params
     if _fastcall.plain_eager(q, k_cache, v_cache):
+        if hit.runner is not None:
+            done = hit.runner(q, k_cache, v_cache, k, v, lengths.seqlens, block_table)
+            if done is not None:
+                return done
         return _library.run_kvcache(q, k_cache, v_cache, k, v, lengths.seqlens, None, block_table, None, None, p,
                                     hit.num_splits, hit.backend_name)  # fmt: skip
     return _library.kvcache_forward(

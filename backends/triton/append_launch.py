@@ -31,6 +31,12 @@ def fusable(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: to
     )
 
 
+def plan_key(k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table) -> tuple:
+    meta = fastpath.meta
+    return (meta(k_cache), meta(v_cache), meta(k), meta(v), meta(cache_seqlens), meta(cache_batch_idx),
+            meta(block_table))  # fmt: skip
+
+
 def append_kv(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
@@ -51,9 +57,7 @@ def append_kv(
     table = cache_seqlens if block_table is None else block_table
     key = None
     if fastpath.enabled():
-        meta = fastpath.meta
-        key = (meta(k_cache), meta(v_cache), meta(k), meta(v), meta(cache_seqlens), meta(cache_batch_idx),
-               meta(block_table))  # fmt: skip
+        key = plan_key(k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table)
         plan = plans.get(key)
         if plan is not None and fastpath.aligned(total):
             plan.launch(k_cache, v_cache, k, v, cache_seqlens, rows, table, total)

@@ -6,6 +6,7 @@ backends can explain why they cannot run on machines without triton or without a
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from types import ModuleType
 from typing import ClassVar
 
@@ -87,6 +88,11 @@ class _TritonBackend(Backend):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         return _launch().forward(q, k, v, alibi_slopes, params, varlen, self.vendor, sink=learnable_sink)
 
+    def forward_runner(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: AttentionParams, keep_lse: bool
+    ) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None:
+        return _launch().forward_runner(q, k, v, params, self.vendor, keep_lse)
+
     def backward(
         self,
         dout: torch.Tensor,
@@ -130,6 +136,32 @@ class _TritonBackend(Backend):
         if not append_launch.fusable(k_cache, v_cache, k, v):
             return None
         return append_launch.append_kv(k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table)
+
+    def check_lengths(self, lengths: torch.Tensor, low: int, high: int) -> bool:
+        if not lengths.is_cuda:  # the interpreter would run it on the host, synchronously: torch ops say the same
+            return False
+        from . import lengths_check
+
+        lengths_check.check(lengths, low, high)
+        return True
+
+    def kvcache_runner(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        k: torch.Tensor | None,
+        v: torch.Tensor | None,
+        cache_seqlens: torch.Tensor,
+        block_table: torch.Tensor | None,
+        params: AttentionParams,
+        num_splits: int,
+        keep_lse: bool,
+    ) -> Callable[..., tuple[torch.Tensor, torch.Tensor] | None] | None:
+        from . import kvcache_launch
+
+        return kvcache_launch.decode_runner(q, k_cache, v_cache, k, v, cache_seqlens, block_table, params,
+                                            num_splits, keep_lse)  # fmt: skip
 
     def merge_states(
         self, out_parts: torch.Tensor, lse_parts: torch.Tensor, out_dtype: torch.dtype

@@ -26,11 +26,9 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
-# Off until the GPU suite and the fuzzer have run with it on: one H200 smoke run (2026-12-02) launched the forward
-# and backward plans this way with the right results (the forward bitwise equal to triton's launch), but the
-# kv-cache plans and the rest of the suite ran with it off, and its speed was not measured
-# (benchmarks/NOTES-triton.md, "Launches through the driver").
-ENABLED = False
+# On since the H200 run of 2026-12-02 (fifth session) had the GPU suite, the fuzzer and the overhead benchmark
+# pass with it (benchmarks/NOTES-triton.md, "Bound calls"); False keeps triton's launcher, for A/B timing.
+ENABLED = True
 
 # Scalar parameter types of triton signatures and their C storage (fp16/bf16 scalars are left to triton).
 _SCALARS: dict[str, type] = {

@@ -13,7 +13,7 @@ signature, constexprs and defaults included): the first launch and the plan's la
 
 Under the interpreter a plan's launcher runs the interpreted kernel with the plan's argument tuple (so the CPU
 tests cover plans, keys and argument order); on a GPU it calls the compiled kernel's launcher, or, with
-``direct_launch.ENABLED`` (off until validated on a GPU) and a kernel that qualifies, the driver with the
+``direct_launch.ENABLED`` (the default) and a kernel that qualifies, the driver with the
 arguments packed once (:mod:`.direct_launch`).
 ``ENABLED = False`` or ``ATTNKIT_HOST_FASTPATH=0`` turns plans off (every call goes through the JIT), for A/B.
 """

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -192,6 +194,74 @@ def forward_kvcache(
         _remember(key, q, split_kernel, split_grid, split_args, splits, combine_kernel, combine_grid, combine_args,
                   part_shape)  # fmt: skip
     return out, lse
+
+
+def decode_runner(q, k_cache, v_cache, k, v, cache_seqlens, block_table, params: AttentionParams, num_splits: int,
+                  keep_lse: bool) -> Callable[..., tuple[torch.Tensor, torch.Tensor] | None] | None:  # fmt: skip
+    """The plans of this decode step (the fused append's and the split/combine's, just made by a first call
+    through ``append_kv`` and :func:`forward_kvcache`) bound for the frontend's repeated steps
+    (Backend.kvcache_runner): ``run(q, k_cache, v_cache, k, v, cache_seqlens, block_table)`` appends, attends and
+    returns ``(out, lse)``, or None (nothing done) when a tensor is not 16-byte aligned, as the plans need.
+    No ALiBi, cache_batch_idx, left padding or fp8 (the frontend's fast path has none). When the caller drops the
+    lse and it is small, every step writes it into one buffer kept with the runner, which nothing reads."""
+    from . import append_launch
+
+    appending = k is not None and k.shape[1] > 0
+    lead = [q, k_cache, v_cache, cache_seqlens, *([k, v] if appending else []),
+            *([] if block_table is None else [block_table])]  # fmt: skip
+    if not fastpath.enabled() or not all(fastpath.aligned(t) for t in lead):
+        return None
+    append = None
+    if appending:
+        if not append_launch.fusable(k_cache, v_cache, k, v):
+            return None
+        append = append_launch.plans.get(append_launch.plan_key(k_cache, v_cache, k, v, cache_seqlens, None,
+                                                                block_table))  # fmt: skip
+        if append is None:
+            return None
+    # The lengths after the append are a fresh (B,) int32 vector: the plan key sees them as it sees cache_seqlens.
+    info = KVCacheInfo(cache_seqlens, None, block_table, None, num_splits)
+    plan = plans.get(plan_key(q, k_cache, v_cache, info, None, params, None))
+    if plan is None:
+        return None
+    batch, head_dim_v, dtype, where = q.shape[0], v_cache.shape[3], q.dtype, q.device
+    splits, part_shape, split, combine = plan.splits, plan.part_shape, plan.split, plan.combine
+    lse_shape = (q.shape[0], q.shape[2], q.shape[1])
+    scratch = None
+    if not keep_lse and splits > 1 and math.prod(lse_shape) * 4 <= LSE_SCRATCH_BYTES:
+        scratch = torch.empty(lse_shape, dtype=torch.float32, device=where)
+        if not fastpath.aligned(scratch):
+            return None
+
+    def run(q, k_cache, v_cache, k, v, cache_seqlens, block_table) -> tuple[torch.Tensor, torch.Tensor] | None:
+        table = cache_seqlens if block_table is None else block_table
+        pointers = q.data_ptr() | k_cache.data_ptr() | v_cache.data_ptr() | cache_seqlens.data_ptr() | table.data_ptr()
+        total = cache_seqlens
+        if append is not None:
+            total = torch.empty(batch, dtype=torch.int32, device=where)
+            pointers |= k.data_ptr() | v.data_ptr() | total.data_ptr()
+        out = torch.empty(q.shape[0], q.shape[1], q.shape[2], head_dim_v, dtype=dtype, device=where)
+        if splits == 1:
+            lse = torch.empty(lse_shape, dtype=torch.float32, device=where)
+            out_part, lse_part = out.permute(0, 2, 1, 3).unsqueeze(0), lse.unsqueeze(0)
+        else:
+            lse = torch.empty(lse_shape, dtype=torch.float32, device=where) if scratch is None else scratch
+            out_part = torch.empty(part_shape, dtype=torch.float32, device=where)
+            lse_part = torch.empty(part_shape[:-1], dtype=torch.float32, device=where)
+        if (pointers | out.data_ptr() | lse.data_ptr() | out_part.data_ptr() | lse_part.data_ptr()) & 15:
+            return None  # before any write: the caller takes the general path
+        if append is not None:
+            append.launch(k_cache, v_cache, k, v, cache_seqlens, cache_seqlens, table, total)
+        # SLOPES, BATCH_IDX, LEFTPAD and the descales are off: the lengths stand in (_pointer_args, _descales).
+        split(q, k_cache, v_cache, total, total, total, table, total, out_part, lse_part, total, total, total)
+        if combine is not None:
+            combine(out_part, lse_part, out, lse)
+        return out, lse
+
+    return run
+
+
+LSE_SCRATCH_BYTES = 1 << 20  # the most a bound decode step keeps as a shared lse buffer for callers that drop lse
 
 
 def _remember(key, q, split_kernel, split_grid, split_args, splits, combine_kernel, combine_grid, combine_args,

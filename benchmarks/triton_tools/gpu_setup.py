@@ -47,8 +47,9 @@ def gputests(args: argparse.Namespace) -> int:
     procs = []
     for n, shard in enumerate(s for s in shards if s):
         log = open(os.path.join(OUT, f"gputests_{n}.log"), "w")
-        # No -x: a failure must not hide the tests after it in the shard.
-        cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-rfE", "-p", "no:cacheprovider", *shard]
+        # No -x: a failure must not hide the tests after it in the shard. -v names each test as it ends, so a log
+        # cut by a time limit still says which tests passed.
+        cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-v", "-rfE", "-p", "no:cacheprovider", *shard]
         procs.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT), log))
     rc = 0
     for p, log in procs:

@@ -44,7 +44,7 @@ def main() -> None:
             results.append([self.fn.__name__, f"{type(exc).__name__}: {str(exc)[:400]}", 0, False])
 
     jitmod.JITFunction.run = warm_up_only
-    from attnkit.backends.triton import append_launch, fastpath, kvcache_launch, launch, merge_launch
+    from attnkit.backends.triton import append_launch, fastpath, kvcache_launch, launch, lengths_check, merge_launch
 
     from attnkit.params import AttentionParams, KVCacheInfo, VarlenInfo
 
@@ -63,6 +63,7 @@ def main() -> None:
     lens = torch.tensor([100, 7], dtype=torch.int32)
     new = torch.randn(2, 1, 2, 64, dtype=bf)
     append_launch.append_kv(k_cache, v_cache, new, new, lens, None, None)
+    lengths_check.check(lens, 0, 255)
     q1 = torch.randn(2, 1, 4, 64, dtype=bf)
     kvcache_launch.forward_kvcache(q1, k_cache, v_cache, KVCacheInfo(lens, None, None, None, 4), None, causal)
     parts = torch.randn(3, 2, 5, 4, 64, dtype=torch.float32)

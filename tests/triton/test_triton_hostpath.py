@@ -450,9 +450,104 @@ def test_bound_launcher_leaves_hooked_launches_to_triton(monkeypatch):
     assert not driver.launches and len(triton_calls) == 1
 
 
-def test_direct_launch_is_off_by_default():
-    """Off until validated on a GPU (see direct_launch.ENABLED): plans keep triton's launcher."""
+def test_direct_launch_can_be_switched_off(monkeypatch):
+    """direct_launch.ENABLED = False (A/B timing) builds no direct launcher: plans keep triton's launcher."""
     from attnkit.backends.triton import direct_launch
 
-    assert direct_launch.ENABLED is False
+    assert direct_launch.build(_compiled(_SIGNATURE), (1, 1, 1), _TAIL, _driver_for_signature()) is not None
+    monkeypatch.setattr(direct_launch, "ENABLED", False)
     assert direct_launch.build(_compiled(_SIGNATURE), (1, 1, 1), _TAIL, _driver_for_signature()) is None
+
+
+def test_frontend_runner_repeats_the_first_call(monkeypatch):
+    """attnkit.attention's repeated eager calls run the backend's bound forward (no launch.forward, no plan key):
+    same bits as the first call, a fresh lse for return_lse=True, the shared lse buffer only where it is dropped;
+    forced tiles go back through launch.forward; another stride layout is a call of its own, and right."""
+    from attnkit.backends.triton import configs, fastpath, launch, tuning
+
+    from attnkit.ops import _fastcall
+    from attnkit.testing import attention_ref
+
+    monkeypatch.setattr(launch, "fwd_plans", fastpath.Plans())
+    _fastcall.clear()
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 37, 2, 16, generator=gen) for _ in range(3))
+    first, lse1 = attnkit.attention(q, k, v, causal=True, backend="triton", return_lse=True)
+    first_dropped = attnkit.attention(q, k, v, causal=True, backend="triton")
+    assert sum(hit.runner is not None for hit in _fastcall._ATTENTION.values()) == 2
+    real = launch.forward
+
+    def no_forward(*args, **kwargs):
+        raise AssertionError("went through launch.forward")
+
+    monkeypatch.setattr(launch, "forward", no_forward)
+    out, lse2 = attnkit.attention(q, k, v, causal=True, backend="triton", return_lse=True)
+    assert torch.equal(out, first) and torch.equal(lse2, lse1) and lse2.data_ptr() != lse1.data_ptr()
+    assert torch.equal(attnkit.attention(q, k, v, causal=True, backend="triton"), first_dropped)
+    assert torch.equal(first, first_dropped)
+    with tuning.forced_tiles(fwd=configs.Tile(16, 16, 4, 1)):
+        with pytest.raises(AssertionError, match=r"launch\.forward"):
+            attnkit.attention(q, k, v, causal=True, backend="triton")
+    monkeypatch.setattr(launch, "forward", real)
+    qt = q.transpose(1, 2).contiguous().transpose(1, 2)  # same shape, other strides
+    got = attnkit.attention(qt, k, v, causal=True, backend="triton")
+    want = attention_ref(q.double(), k.double(), v.double(), causal=True)
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("lengths", ["int", "tensor"])
+@pytest.mark.parametrize("kind", ["rows", "paged"])
+@pytest.mark.parametrize("return_lse", [False, True], ids=["out", "lse"])
+def test_decode_runner_repeats_the_op(kind, lengths, return_lse, monkeypatch):
+    """Repeated decode steps through the frontend run the backend's bound step (Backend.kvcache_runner: no
+    run_kvcache), with the caches, outputs and lse the general path gives (ATTNKIT_HOST_FASTPATH=0), step by step;
+    one query and several (split and one-split plans)."""
+    from attnkit.ops import _fastcall
+
+    gen = torch.Generator().manual_seed(11)
+    k_cache, v_cache, k, v, seqlens, _, table = _caches(kind, torch.float32, gen)
+    extra = {"block_table": table} if table is not None else {}
+    for seqlen_q in (1, 5):
+        q = torch.randn(3, seqlen_q, 4, 16, generator=gen)
+
+        def steps(fast: bool, q: torch.Tensor):
+            monkeypatch.setenv("ATTNKIT_HOST_FASTPATH", "1" if fast else "0")
+            _fastcall.clear()
+            kc, vc = k_cache.clone(), v_cache.clone()
+            outs = []
+            for step in range(3):
+                if lengths == "int":
+                    lens = 3 + 2 * step if kind == "rows" else 5 + 2 * step
+                else:
+                    lens = seqlens + 2 * step
+                kn, vn = k[:, :2] + step, v[:, :2] - step
+                outs.append(
+                    attnkit.attention_with_kvcache(
+                        q,
+                        kc,
+                        vc,
+                        kn,
+                        vn,
+                        cache_seqlens=lens,
+                        causal=True,
+                        return_lse=return_lse,
+                        backend="triton_cuda",
+                        **extra,
+                    )
+                )
+                if fast and step == 0:
+                    assert [h.runner is not None for h in _fastcall._KVCACHE.values()] == [True]
+                    monkeypatch.setattr(_library, "run_kvcache", _refuse)
+            monkeypatch.undo()
+            return outs, kc, vc
+
+        fast_outs, fast_k, fast_v = steps(True, q)
+        slow_outs, slow_k, slow_v = steps(False, q)
+        assert torch.equal(fast_k, slow_k) and torch.equal(fast_v, slow_v)
+        for a, b in zip(fast_outs, slow_outs):
+            a, b = (a, b) if return_lse else ((a,), (b,))
+            assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def _refuse(*args, **kwargs):
+    raise AssertionError("went through run_kvcache")

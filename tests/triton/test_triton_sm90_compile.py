@@ -5,8 +5,8 @@ front end or ptxas rejects for the GPU (a global that is not a ``tl.constexpr``,
 layout) passes every interpreter test and fails on the first GPU call, as a kv-cache length-check kernel did on
 the H200 (benchmarks/NOTES-triton.md, "Launches through the driver"). sm90_compile_child.py drives the real
 launchers through a fake driver with every launch turned into a compile: forward and backward at head dims 64,
-128, 36/24 and 256, a varlen forward, the kv-cache append, split and combine kernels and the state merge. For
-each it also checks that direct_launch would pack the kernel's parameters as the compiled PTX declares them
+128, 36/24 and 256, a varlen forward, the kv-cache append, length check, split and combine kernels and the state
+merge. For each it also checks that direct_launch would pack the kernel's parameters as the compiled PTX declares them
 (count and sizes), the layout cuLaunchKernel reads.
 """
 
@@ -23,7 +23,7 @@ import pytest
 pytest.importorskip("triton")
 
 EXPECTED = {"attn_fwd", "attn_bwd_preprocess", "attn_bwd_dkdv", "attn_bwd_dq", "append_kv_fwd", "kvcache_split_fwd",
-            "combine_splits", "merge_states_fwd"}  # fmt: skip
+            "combine_splits", "merge_states_fwd", "check_range"}  # fmt: skip
 
 
 def test_every_kernel_compiles_for_sm90():
