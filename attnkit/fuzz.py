@@ -248,12 +248,17 @@ class _Judge:
         self.failures: list[str] = []
 
     def rule(self, name: str, fast: torch.Tensor, exact: torch.Tensor, plain: torch.Tensor, factor: float,
-             atol: float | None = None) -> None:  # fmt: skip
-        """``atol``: the absolute floor, when not the dtype's (ATOL / GRAD_ATOL)."""
+             atol: float | None = None, slack: torch.Tensor | None = None) -> None:  # fmt: skip
+        """``atol``: the absolute floor, when not the dtype's (ATOL / GRAD_ATOL). ``slack``: a per-element bound
+        on a rounding the algorithm itself makes and plain PyTorch does not (see :func:`_delta_slack`), allowed on
+        top of the rule at each element."""
         if fast.shape != exact.shape:
             self.failures.append(f"{name}: shape {tuple(fast.shape)}, expected {tuple(exact.shape)}")
             return
         err = max_abs_error(fast, exact)
+        if slack is not None and math.isfinite(err):
+            excess = (fast.detach().double() - exact.detach().double()).abs().nan_to_num(0.0) - slack
+            err = max(0.0, float(excess.max())) if excess.numel() else 0.0
         floor = (ATOL if name == "out" else GRAD_ATOL)[self.dtype] if atol is None else atol
         allowed = factor * max_abs_error(plain, exact) + floor
         if self.truncates:
@@ -385,13 +390,65 @@ def _check_attention(case: Case, name: str, device: torch.device) -> list[str]:
         judge.lse(lse, exact_lse)
     exact_g = torch.autograd.grad(exact, exact_in, dout.double())
     plain_g = torch.autograd.grad(plain, plain_in, dout)
-    for g_name, g, e, p in zip(("dq", "dk", "dv", "dsink"), grads, exact_g, plain_g):
-        judge.rule(g_name, g, e, p, 3.0)
+    no_dropout = dict(nkw, dropout_p=0.0)
+    sink64 = None if sink is None else sink.double()
+    probs = _probabilities(lambda *t: attention_naive(*t, **no_dropout, learnable_sink=sink64)[0], q, k)
+    slack = _delta_slack(probs, q, k, exact, dout, _scale(case), case.dtype)
+    slacks = (None, None) if slack is None else slack
+    for g_name, g, e, p, sl in zip(("dq", "dk", "dv", "dsink"), grads, exact_g, plain_g, (*slacks, None, None)):
+        judge.rule(g_name, g, e, p, 3.0, slack=sl)
     return judge.failures
+
+
+def _scale(case: Case) -> float:
+    return case.softmax_scale if case.softmax_scale is not None else case.head_dim**-0.5
 
 
 def _last(inputs: list[torch.Tensor], sink: torch.Tensor | None) -> torch.Tensor | None:
     return None if sink is None else inputs[-1]
+
+
+# Unit roundoff of the output dtypes whose rounding enters the backward's delta.
+_OUT_ROUNDING = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+_SIGMAS = 6.0  # of the dk bound's statistical term
+
+
+def _probabilities(naive: Callable[..., torch.Tensor], q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """The case's softmax probabilities without dropout, ``(B, Sq, Hq, Sk)`` float64: its exact attention with
+    the identity as values (``naive(q, k, v)``: the case's float64 attention output without dropout)."""
+    batch, seqlen_k, heads_k, _ = k.shape
+    eye = torch.eye(seqlen_k, dtype=torch.float64, device=k.device)
+    return naive(q.detach().double(), k.detach().double(), eye[None, :, None, :].expand(batch, seqlen_k, heads_k, -1))
+
+
+def _delta_slack(probs: torch.Tensor, q: torch.Tensor, k: torch.Tensor, exact: torch.Tensor, dout: torch.Tensor,
+                 scale: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:  # fmt: skip
+    """Per-element bounds on what FlashAttention's backward owes to the rounding of ``out`` to ``dtype``: it forms
+    ``dS = P (dP - delta)`` with ``delta_i = dout_i . out_i`` from the stored (rounded) output, a difference plain
+    PyTorch's autograd never forms. Where it cancels (a row that sees one key, with dropout too) that rounding is
+    all that is left. With ``u`` the unit roundoff, ``|delta_i error| <= e_i = u sum_d |dout_id| |out_id|``, so
+    ``|dq_i error| <= scale e_i sum_j P_ij |k_j|``; ``dk_j`` sums the independent row errors ``scale P_ij q_i
+    delta_i error`` (over a GQA group too), bounded by the smaller of their absolute sum and ``_SIGMAS`` standard
+    deviations (each rounding uniform within ``u |out|``). ``probs``: :func:`_probabilities` (P without dropout:
+    the rounding multiplies P, not the dropped probabilities). None for float32 (negligible)."""
+    unit = _OUT_ROUNDING.get(dtype)
+    if unit is None:
+        return None
+    q64, k64 = q.detach().double(), k.detach().double()
+    weighted = dout.detach().double().abs() * exact.detach().double().abs()
+    e = unit * weighted.sum(-1)  # (B, Sq, Hq)
+    sd = unit / math.sqrt(3.0) * weighted.square().sum(-1).sqrt()
+    group = q.shape[2] // k.shape[2]
+    k_rep = k64.abs().repeat_interleave(group, dim=2)
+    slack_dq = abs(scale) * e[..., None] * torch.einsum("bihj,bjhd->bihd", probs, k_rep)
+    worst = torch.einsum("bihj,bihd->bjhd", probs, e[..., None] * q64.abs())
+    variance = torch.einsum("bihj,bihd->bjhd", probs.square(), (sd[..., None] * q64).square())
+
+    def fold(t: torch.Tensor) -> torch.Tensor:  # query heads -> their k head
+        return t.unflatten(2, (k.shape[2], group)).sum(3)
+
+    slack_dk = abs(scale) * torch.minimum(fold(worst), _SIGMAS * fold(variance).sqrt())
+    return slack_dq, slack_dk
 
 
 def _check_varlen(case: Case, name: str, device: torch.device) -> list[str]:
@@ -436,7 +493,7 @@ def _check_varlen(case: Case, name: str, device: torch.device) -> list[str]:
     exact_in = [t[:rows].double().requires_grad_() for t, rows in ((q, tq), (k, tk), (v, tk))]
     plain_in = [t[:rows].clone().requires_grad_() for t, rows in ((q, tq), (k, tk), (v, tk))]
 
-    def per_sequence(inputs):
+    def per_sequence(inputs, dropout_p: float = case.dropout_p):
         outs, lses = [], []
         cq, ck = cu_q.tolist(), cu_k.tolist()
         for b in range(case.batch):
@@ -444,7 +501,7 @@ def _check_varlen(case: Case, name: str, device: torch.device) -> list[str]:
             s_slopes = None if slopes is None else (slopes if slopes.dim() == 1 else slopes[b : b + 1])
             o, lse_b = attention_naive(
                 inputs[0][None, qs], inputs[1][None, ks], inputs[2][None, ks], **_naive_kw(case),
-                alibi_slopes=s_slopes, dropout_p=case.dropout_p, dropout_seed=seed, batch_offset=b,
+                alibi_slopes=s_slopes, dropout_p=dropout_p, dropout_seed=seed, batch_offset=b,
                 learnable_sink=None if sink is None else sink.to(inputs[0].dtype),
             )  # fmt: skip
             outs.append(o[0])
@@ -460,11 +517,37 @@ def _check_varlen(case: Case, name: str, device: torch.device) -> list[str]:
         judge.lse(lse[:, :tq], exact_lse)
     exact_g = torch.autograd.grad(exact, exact_in, dout[:tq].double(), allow_unused=True)
     plain_g = torch.autograd.grad(plain, plain_in, dout[:tq], allow_unused=True)
-    for g_name, g, e, p, rows in zip(("dq", "dk", "dv"), grads, exact_g, plain_g, (tq, tk, tk)):
+    slacks = _varlen_delta_slack(case, q[:tq], k[:tk], exact, dout[:tq], cu_q.tolist(), cu_k.tolist(), slopes, sink)
+    for g_name, g, e, p, rows, sl in zip(("dq", "dk", "dv"), grads, exact_g, plain_g, (tq, tk, tk), (*slacks, None)):
         e = torch.zeros_like(g[:rows], dtype=torch.float64) if e is None else e
         p = torch.zeros_like(g[:rows]) if p is None else p
-        judge.rule(g_name, g[:rows], e, p, 3.0)
+        judge.rule(g_name, g[:rows], e, p, 3.0, slack=sl)
     return judge.failures
+
+
+def _varlen_delta_slack(case: Case, q, k, exact, dout, cq: list[int], ck: list[int], slopes, sink) -> tuple:
+    """:func:`_delta_slack` of each sequence of a varlen case, packed like dq and dk; (None, None) for float32."""
+    if case.dtype not in _OUT_ROUNDING:
+        return None, None
+    sink64 = None if sink is None else sink.double()
+    parts_q, parts_k = [], []
+    for b in range(case.batch):
+        qs, ks = slice(cq[b], cq[b + 1]), slice(ck[b], ck[b + 1])
+        if qs.stop == qs.start or ks.stop == ks.start:  # no rows or no keys: nothing cancels
+            parts_q.append(torch.zeros_like(q[qs], dtype=torch.float64))
+            parts_k.append(torch.zeros_like(k[ks], dtype=torch.float64))
+            continue
+        s_slopes = None if slopes is None else (slopes if slopes.dim() == 1 else slopes[b : b + 1])
+
+        def naive(*t, s_slopes=s_slopes):
+            return attention_naive(*t, **_naive_kw(case), alibi_slopes=s_slopes, learnable_sink=sink64)[0]
+
+        probs = _probabilities(naive, q[None, qs], k[None, ks])
+        dq_b, dk_b = _delta_slack(probs, q[None, qs], k[None, ks], exact[None, qs], dout[None, qs], _scale(case),
+                                  case.dtype)  # fmt: skip
+        parts_q.append(dq_b[0])
+        parts_k.append(dk_b[0])
+    return torch.cat(parts_q), torch.cat(parts_k)
 
 
 def _check_kvcache(case: Case, name: str, device: torch.device) -> list[str]:

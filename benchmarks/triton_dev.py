@@ -3,7 +3,8 @@
 Subcommands
   xcompile [--dims 64,128] [--dtypes bf16,fp32]   compile every tile for sm_90 WITHOUT a GPU (fake driver) and
                                                   print registers / stack (spills) / shared memory / TMA use
-  gputests [--procs N]                            run every GPU test but tests/cupy's in N parallel shards
+  gputests [--procs N] [--keyword K]              run every GPU test but tests/cupy's (or those -k K selects) in N
+                                                  parallel shards
   precompile [--procs N]                          fill triton's cache with every autotune candidate of the
                                                   benchmark shapes, in parallel (the autotuner then only times)
   fastcheck                                       CPU only: the forward's host fast path hands the launcher what
@@ -56,6 +57,7 @@ def main() -> int:
     p.add_argument("--dtypes", default="bf16")
     p = sub.add_parser("gputests")
     p.add_argument("--procs", type=int, default=4)
+    p.add_argument("--keyword", default="", help="only the tests pytest's -k selects")
     p = sub.add_parser("precompile")
     p.add_argument("--procs", type=int, default=12)
     sub.add_parser("overhead")

@@ -101,20 +101,7 @@ def lengths(
                 f"{capacity})",
             )
     else:
-        # min/max run in C: a decode batch of hundreds of rows costs no Python loop per call.
-        longest = max(host) if host else 0  # no default=: Dynamo cannot trace it
-        if host and min(host) < 0:
-            raise InvalidArgumentError(f"cache_seqlens={_short(host)} has negative entries")
-        if longest + seqlen_new > capacity:
-            b = host.index(longest)
-            if not seqlen_new:
-                raise KVCacheOverflowError(
-                    f"cache_seqlens says cache row {b} holds {host[b]} tokens but the cache has room for {capacity}"
-                )
-            raise KVCacheOverflowError(
-                f"cache row {b} holds {host[b]} tokens; appending {seqlen_new} would need "
-                f"{host[b] + seqlen_new} slots but the cache has room for {capacity}"
-            )
+        longest = _check_host_lengths(host, capacity, seqlen_new)
     if known is not None:
         cache_seqlens = torch.full((batch,), known, dtype=torch.int32, device=device)
     if leftpad is not None:
@@ -131,6 +118,36 @@ def lengths(
                     "tokens)"
                 )
     return Lengths(cache_seqlens, leftpad, host, longest)
+
+
+def _check_host_lengths(host: list[int], capacity: int, seqlen_new: int) -> int:
+    """Lengths known on the host against the capacity; returns the longest."""
+    # min/max run in C: a decode batch of hundreds of rows costs no Python loop per call.
+    longest = max(host) if host else 0  # no default=: Dynamo cannot trace it
+    if host and min(host) < 0:
+        raise InvalidArgumentError(f"cache_seqlens={_short(host)} has negative entries")
+    if longest + seqlen_new > capacity:
+        b = host.index(longest)
+        if not seqlen_new:
+            raise KVCacheOverflowError(
+                f"cache_seqlens says cache row {b} holds {host[b]} tokens but the cache has room for {capacity}"
+            )
+        raise KVCacheOverflowError(
+            f"cache row {b} holds {host[b]} tokens; appending {seqlen_new} would need "
+            f"{host[b] + seqlen_new} slots but the cache has room for {capacity}"
+        )
+    return longest
+
+
+def int_length(value: int, batch: int, capacity: int, seqlen_new: int) -> None:
+    """An int ``cache_seqlens`` (every row's length) checked as :func:`lengths` checks it, without making it a
+    device tensor: for a backend that takes the length as a number (Backend.kvcache_runner)."""
+    if capacity > INT32_MAX:
+        raise InvalidArgumentError(
+            f"the cache has room for {capacity} tokens per row; at most {INT32_MAX} are allowed (int32 lengths)"
+        )
+    if batch and (value < 0 or value + seqlen_new > capacity):
+        _check_host_lengths([value] * batch, capacity, seqlen_new)
 
 
 def _short(values: list[int], limit: int = 16) -> str:

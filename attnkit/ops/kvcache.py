@@ -225,6 +225,13 @@ def _run_resolved(hit: _fastcall.ResolvedKVCache, q, k_cache, v_cache, k, v, cac
     plain eager mode, its implementation directly; see _fastcall)."""
     batch, device = q.shape[0], q.device
     seqlen_new = 0 if k is None else k.shape[1]
+    if type(cache_seqlens) is int and seqlen_new and block_table is None and hit.runner is not None:
+        # The backend's step takes the length as a number: no device tensor of it (torch.full is ~10 us a step).
+        _kvcache_checks.int_length(cache_seqlens, batch, hit.capacity, seqlen_new)
+        if _fastcall.plain_eager(q, k_cache, v_cache):
+            done = hit.runner(q, k_cache, v_cache, k, v, cache_seqlens, None)
+            if done is not None:
+                return done
     capturing = _capturing(device) or device.type == "cuda"
     lengths = _kvcache_checks.lengths(cache_seqlens, None, batch, hit.capacity, seqlen_new, device, capturing,
                                       hit.backend.check_lengths)  # fmt: skip

@@ -2,9 +2,9 @@
 
 One program per (batch row, new token) writes that token's keys and values of every kv head, cast to the cache
 dtype, into its cache row (``BATCH_IDX``) or page (``BLOCK_TABLE``); the programs of token 0 also write
-``TOTAL[b] = SEQLENS[b] + seqlen_new``, the lengths the decode kernel attends over. The frontend has checked
-every position before the launch; positions outside ``[0, capacity)`` are still masked, so a bad length cannot
-write outside the cache.
+``TOTAL[b] = SEQLENS[b] + seqlen_new`` (``length + seqlen_new`` with one int length), the lengths the decode
+kernel attends over. The frontend has checked every position before the launch; positions outside
+``[0, capacity)`` are still masked, so a bad length cannot write outside the cache.
 """
 
 from __future__ import annotations
@@ -13,9 +13,11 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
+# ``length``: every row's length when the caller gave one int (SCALAR_LENGTH; SEQLENS is then not read), so a
+# decode step needs no device tensor of it. Not specialised: its value changes every step.
+@triton.jit(do_not_specialize=["length"])
 def append_kv_fwd(
-    K_CACHE, V_CACHE, K, V, SEQLENS, BATCH_IDX, BLOCK_TABLE, TOTAL,
+    K_CACHE, V_CACHE, K, V, SEQLENS, BATCH_IDX, BLOCK_TABLE, TOTAL, length,
     seqlen_new, num_kv_heads, capacity,
     stride_kcb, stride_kcs, stride_kch,
     stride_vcb, stride_vcs, stride_vch,
@@ -24,11 +26,15 @@ def append_kv_fwd(
     stride_bt_b,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr, PAGE_SIZE: tl.constexpr, PAGED: tl.constexpr, HAS_BATCH_IDX: tl.constexpr,
+    SCALAR_LENGTH: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     b = pid // seqlen_new
     s = pid % seqlen_new
-    start = tl.load(SEQLENS + b)
+    if SCALAR_LENGTH:
+        start = length
+    else:
+        start = tl.load(SEQLENS + b)
     if s == 0:
         tl.store(TOTAL + b, (start + seqlen_new).to(tl.int32))
     pos = (start + s).to(tl.int64)

@@ -10,7 +10,7 @@ import triton
 from . import device, fastpath
 from .append_kernel import append_kv_fwd
 
-_LEAD = ("K_CACHE", "V_CACHE", "K", "V", "SEQLENS", "BATCH_IDX", "BLOCK_TABLE", "TOTAL")
+_LEAD = ("K_CACHE", "V_CACHE", "K", "V", "SEQLENS", "BATCH_IDX", "BLOCK_TABLE", "TOTAL", "length")
 
 
 @dataclass(frozen=True)
@@ -33,8 +33,8 @@ def fusable(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: to
 
 def plan_key(k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table) -> tuple:
     meta = fastpath.meta
-    return (meta(k_cache), meta(v_cache), meta(k), meta(v), meta(cache_seqlens), meta(cache_batch_idx),
-            meta(block_table))  # fmt: skip
+    lengths = int if isinstance(cache_seqlens, int) else meta(cache_seqlens)
+    return (meta(k_cache), meta(v_cache), meta(k), meta(v), lengths, meta(cache_batch_idx), meta(block_table))
 
 
 def append_kv(
@@ -42,31 +42,34 @@ def append_kv(
     v_cache: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    cache_seqlens: torch.Tensor,
+    cache_seqlens: torch.Tensor | int,
     cache_batch_idx: torch.Tensor | None,
     block_table: torch.Tensor | None,
 ) -> torch.Tensor:
     """Writes ``k``/``v`` (B, S_new, Hk, D) at positions ``cache_seqlens[b] ...`` of each row (its cache row,
-    ``cache_batch_idx[b]``, or its pages) and returns the lengths after the append, int32 (B,)."""
+    ``cache_batch_idx[b]``, or its pages) and returns the lengths after the append, int32 (B,). An int
+    ``cache_seqlens`` is every row's length, passed to the kernel as a number (checked by the caller)."""
     batch, seqlen_new = k.shape[:2]
     total = torch.empty(batch, dtype=torch.int32, device=k.device)
     if batch == 0:
         return total
+    scalar = isinstance(cache_seqlens, int)
+    length, seqlens = (cache_seqlens, total) if scalar else (0, cache_seqlens)
     # Absent optional tensors: the lengths stand in (never read, their flag is off).
-    rows = cache_seqlens if cache_batch_idx is None else cache_batch_idx
-    table = cache_seqlens if block_table is None else block_table
+    rows = seqlens if cache_batch_idx is None else cache_batch_idx
+    table = seqlens if block_table is None else block_table
     key = None
     if fastpath.enabled():
         key = plan_key(k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table)
         plan = plans.get(key)
         if plan is not None and fastpath.aligned(total):
-            plan.launch(k_cache, v_cache, k, v, cache_seqlens, rows, table, total)
+            plan.launch(k_cache, v_cache, k, v, seqlens, rows, table, total, length)
             return total
     paged = block_table is not None
     page_size = k_cache.shape[1] if paged else 1
     capacity = block_table.shape[1] * k_cache.shape[1] if paged else k_cache.shape[1]
     values = {
-        **dict(zip(_LEAD, (k_cache, v_cache, k, v, cache_seqlens, rows, table, total))),
+        **dict(zip(_LEAD, (k_cache, v_cache, k, v, seqlens, rows, table, total, length))),
         "seqlen_new": seqlen_new, "num_kv_heads": k.shape[2], "capacity": capacity,
         "stride_kcb": k_cache.stride(0), "stride_kcs": k_cache.stride(1), "stride_kch": k_cache.stride(2),
         "stride_vcb": v_cache.stride(0), "stride_vcs": v_cache.stride(1), "stride_vch": v_cache.stride(2),
@@ -76,6 +79,7 @@ def append_kv(
         "HEAD_DIM": k.shape[3], "HEAD_DIM_V": v.shape[3], "BLOCK_H": triton.next_power_of_2(k.shape[2]),
         "BLOCK_D": triton.next_power_of_2(k.shape[3]), "BLOCK_DV": triton.next_power_of_2(v.shape[3]),
         "PAGE_SIZE": page_size, "PAGED": paged, "HAS_BATCH_IDX": cache_batch_idx is not None,
+        "SCALAR_LENGTH": scalar,
     }  # fmt: skip
     args = fastpath.arguments(append_kv_fwd, values)
     grid = (batch * seqlen_new,)

@@ -3,8 +3,9 @@
 triton 3.6's launcher parses every bound argument of a call (constexprs included: ~70 for the forward), asks the
 driver for each pointer's attributes and wraps the launch in its hooks: ~9 us per launch on an H200 host
 (benchmarks/results/h200_2026-12-02_s4/host_parts.txt), more than a decode step's kernels take. A launch plan
-fixes every argument but its leading tensors, so their packed values can be built once: a launch then writes the
-leading tensors' addresses into the packed block and calls the driver.
+fixes every argument but its leading ones, so their packed values can be built once: a launch then writes the
+leading tensors' addresses (and leading numbers, such as a decode step's length) into the packed block and calls
+the driver.
 
 Built only where the compiled kernel's parameters are known exactly: every non-constexpr entry of its signature
 is a pointer or an integer or float32/float64 scalar (no tensor descriptors, no tuples), it needs no global or
@@ -136,14 +137,15 @@ def build(
     if n_lead < 0 or sizes is None or driver.param_sizes(function) != sizes:
         return None
     slots: list[ctypes._SimpleCData] = []
-    lead_slots: list[tuple[ctypes._SimpleCData, int]] = []
+    lead_slots: list[tuple[ctypes._SimpleCData, int]] = []  # tensors: their address per launch
+    lead_scalars: list[tuple[ctypes._SimpleCData, int]] = []  # numbers passed per launch (a decode step's length)
     for position, ty in enumerate(signature.values()):
         if ty == "constexpr":
             continue
         slot_type = _slot_type(ty)
         if position < n_lead:
             slot = slot_type(0)
-            lead_slots.append((slot, position))
+            (lead_slots if slot_type is ctypes.c_uint64 else lead_scalars).append((slot, position))
         else:
             value = tail[position - n_lead]
             slot = slot_type(_address(value)) if slot_type is ctypes.c_uint64 else slot_type(value)
@@ -158,6 +160,8 @@ def build(
         with lock:
             for slot, position in lead_slots:
                 slot.value = lead[position].data_ptr()
+            for slot, position in lead_scalars:
+                slot.value = lead[position]
             return driver.launch(function, grid, block, shared, stream, params) == 0
 
     return direct

@@ -233,13 +233,20 @@ def decode_runner(q, k_cache, v_cache, k, v, cache_seqlens, block_table, params:
         if not fastpath.aligned(scratch):
             return None
 
+    int_append: list[append_launch.AppendPlan] = []  # the append's plan for int lengths, once a step made it
+
     def run(q, k_cache, v_cache, k, v, cache_seqlens, block_table) -> tuple[torch.Tensor, torch.Tensor] | None:
-        table = cache_seqlens if block_table is None else block_table
-        pointers = q.data_ptr() | k_cache.data_ptr() | v_cache.data_ptr() | cache_seqlens.data_ptr() | table.data_ptr()
+        scalar = type(cache_seqlens) is int  # every row's length, checked by the frontend; needs the append
+        if scalar and append is None:
+            return None
+        pointers = q.data_ptr() | k_cache.data_ptr() | v_cache.data_ptr()
         total = cache_seqlens
         if append is not None:
             total = torch.empty(batch, dtype=torch.int32, device=where)
             pointers |= k.data_ptr() | v.data_ptr() | total.data_ptr()
+        seqlens = total if scalar else cache_seqlens
+        table = seqlens if block_table is None else block_table
+        pointers |= seqlens.data_ptr() | table.data_ptr()
         out = torch.empty(q.shape[0], q.shape[1], q.shape[2], head_dim_v, dtype=dtype, device=where)
         if splits == 1:
             lse = torch.empty(lse_shape, dtype=torch.float32, device=where)
@@ -250,8 +257,16 @@ def decode_runner(q, k_cache, v_cache, k, v, cache_seqlens, block_table, params:
             lse_part = torch.empty(part_shape[:-1], dtype=torch.float32, device=where)
         if (pointers | out.data_ptr() | lse.data_ptr() | out_part.data_ptr() | lse_part.data_ptr()) & 15:
             return None  # before any write: the caller takes the general path
-        if append is not None:
-            append.launch(k_cache, v_cache, k, v, cache_seqlens, cache_seqlens, table, total)
+        if not scalar and append is not None:
+            append.launch(k_cache, v_cache, k, v, seqlens, seqlens, table, total, 0)
+        elif scalar and int_append:
+            int_append[0].launch(k_cache, v_cache, k, v, seqlens, seqlens, table, total, cache_seqlens)
+        elif scalar:  # the first step with an int: the general append compiles its kernel and makes the plan
+            total = append_launch.append_kv(k_cache, v_cache, k, v, cache_seqlens, None, block_table)
+            made = append_launch.plans.get(append_launch.plan_key(k_cache, v_cache, k, v, cache_seqlens, None,
+                                                                  block_table))  # fmt: skip
+            if made is not None:
+                int_append.append(made)
         # SLOPES, BATCH_IDX, LEFTPAD and the descales are off: the lengths stand in (_pointer_args, _descales).
         split(q, k_cache, v_cache, total, total, total, table, total, out_part, lse_part, total, total, total)
         if combine is not None:

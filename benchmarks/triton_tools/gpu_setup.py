@@ -31,6 +31,7 @@ def gputests(args: argparse.Namespace) -> int:
             "--collect-only",
             test_dir,
             f"--ignore={os.path.join(test_dir, 'cupy')}",
+            *(["-k", args.keyword] if args.keyword else []),
         ],
         capture_output=True,
         text=True,

@@ -49,7 +49,7 @@ def test_plan_leading_parameters_are_the_kernels():
     assert fastpath.leading(launch.attn_fwd, len(launch._FWD_LEAD)) == launch._FWD_LEAD
     assert fastpath.leading(kvcache_launch.kvcache_split_fwd, 13) == kvcache_launch._SPLIT_LEAD
     assert fastpath.leading(kvcache_launch.combine_splits, 4) == kvcache_launch._COMBINE_LEAD
-    assert fastpath.leading(append_kernel.append_kv_fwd, 8) == append_launch._LEAD
+    assert fastpath.leading(append_kernel.append_kv_fwd, len(append_launch._LEAD)) == append_launch._LEAD
 
 
 class _Stub:
@@ -500,9 +500,9 @@ def test_frontend_runner_repeats_the_first_call(monkeypatch):
 @pytest.mark.parametrize("return_lse", [False, True], ids=["out", "lse"])
 def test_decode_runner_repeats_the_op(kind, lengths, return_lse, monkeypatch):
     """Repeated decode steps through the frontend run the backend's bound step (Backend.kvcache_runner: no
-    run_kvcache), with the caches, outputs and lse the general path gives (ATTNKIT_HOST_FASTPATH=0), step by step;
-    one query and several (split and one-split plans)."""
-    from attnkit.ops import _fastcall
+    run_kvcache; with an int length and a contiguous cache, no lengths tensor either), with the caches, outputs
+    and lse the general path gives (ATTNKIT_HOST_FASTPATH=0), step by step; one query and several."""
+    from attnkit.ops import _fastcall, _kvcache_checks
 
     gen = torch.Generator().manual_seed(11)
     k_cache, v_cache, k, v, seqlens, _, table = _caches(kind, torch.float32, gen)
@@ -538,6 +538,8 @@ def test_decode_runner_repeats_the_op(kind, lengths, return_lse, monkeypatch):
                 if fast and step == 0:
                     assert [h.runner is not None for h in _fastcall._KVCACHE.values()] == [True]
                     monkeypatch.setattr(_library, "run_kvcache", _refuse)
+                    if lengths == "int" and kind == "rows":  # the length goes to the append kernel as a number
+                        monkeypatch.setattr(_kvcache_checks, "lengths", _refuse)
             monkeypatch.undo()
             return outs, kc, vc
 
@@ -550,4 +552,24 @@ def test_decode_runner_repeats_the_op(kind, lengths, return_lse, monkeypatch):
 
 
 def _refuse(*args, **kwargs):
-    raise AssertionError("went through run_kvcache")
+    raise AssertionError("went through the general path")
+
+
+def test_repeated_decode_with_a_bad_int_length_raises_and_writes_nothing():
+    """The int-length fast path checks the length on the host as the general path does: an overflowing or negative
+    length raises before anything is written, on a repeated step too."""
+    from attnkit.ops import _fastcall
+
+    _fastcall.clear()
+    gen = torch.Generator().manual_seed(12)
+    k_cache, v_cache = torch.randn(2, 40, 2, 16, generator=gen), torch.randn(2, 40, 2, 16, generator=gen)
+    q, k, v = torch.randn(2, 1, 4, 16, generator=gen), torch.randn(2, 1, 2, 16, generator=gen), torch.randn(2, 1, 2, 16)
+    for n in (5, 6):
+        attnkit.attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=n, backend="triton_cuda")
+    assert [h.runner is not None for h in _fastcall._KVCACHE.values()] == [True]
+    before = (k_cache.clone(), v_cache.clone())
+    with pytest.raises(KVCacheOverflowError, match="room for 40"):
+        attnkit.attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=40, backend="triton_cuda")
+    with pytest.raises(InvalidArgumentError, match="negative"):
+        attnkit.attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=-1, backend="triton_cuda")
+    assert torch.equal(before[0], k_cache) and torch.equal(before[1], v_cache)

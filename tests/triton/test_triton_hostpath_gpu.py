@@ -62,7 +62,9 @@ def test_repeated_forward_equals_the_general_path(shape, return_lse, monkeypatch
         fast, slow = (fast, slow) if return_lse else ((fast,), (slow,))
         assert all(torch.equal(x, y) for x, y in zip(fast, slow)), step
     assert any(hit.runner is not None for hit in _fastcall._ATTENTION.values())
-    if direct_launch.ENABLED:
+    if direct_launch.ENABLED and d == 64:
+        # The d64 tiles take no TMA scratch, so their plans launch through the driver; the d80/d128 tiles build
+        # tensor descriptors on the device (global scratch), which keeps triton's launcher (see direct_launch).
         assert len(driver_launches) >= 3  # the repeated calls
 
 
