@@ -61,6 +61,9 @@ class ResolvedKVCache:
     capacity: int
     num_splits: int
     runner: Callable[..., tuple[torch.Tensor, torch.Tensor] | None] | None = None  # Backend.kvcache_runner
+    # cache_seqlens=None (every row full, no append): the checked lengths, one tensor kept for every step (no
+    # kernel writes it: the lengths after an append are a new tensor).
+    full_lengths: torch.Tensor | None = None
 
 
 _ATTENTION: dict[tuple, Resolved] = {}
@@ -169,7 +172,7 @@ def kvcache_key(q, k_cache, v_cache, k, v, cache_seqlens, block_table, causal, s
     if type(left) is not int or type(right) is not int:
         return None
     lengths = type(cache_seqlens)
-    if lengths is not int and lengths is not torch.Tensor:
+    if lengths is not int and lengths is not torch.Tensor and cache_seqlens is not None:  # None: a full cache
         return None
     try:
         tensors = tuple(_layout(t) for t in (q, k_cache, v_cache, k, v, block_table))
@@ -194,7 +197,7 @@ def lookup_kvcache(key: tuple | None) -> ResolvedKVCache | None:
 
 
 def remember_kvcache(key: tuple | None, params: AttentionParams, backend_name: str, capacity: int, num_splits: int,
-                     step: tuple, return_lse: bool) -> None:  # fmt: skip
+                     step: tuple, return_lse: bool, full_lengths: torch.Tensor | None = None) -> None:  # fmt: skip
     """After a first decode step has run; ``step``: its (q, k_cache, v_cache, k, v, checked cache_seqlens,
     block_table), from which a backend's bound step is made."""
     if key is None or params.softmax_scale < 0:
@@ -203,7 +206,7 @@ def remember_kvcache(key: tuple | None, params: AttentionParams, backend_name: s
         _KVCACHE.clear()
     backend = REGISTRY.get(backend_name)
     runner = backend.kvcache_runner(*step, params, num_splits, return_lse)
-    _KVCACHE[key] = ResolvedKVCache(params, backend_name, backend, capacity, num_splits, runner)
+    _KVCACHE[key] = ResolvedKVCache(params, backend_name, backend, capacity, num_splits, runner, full_lengths)
 
 
 def no_modes() -> bool:

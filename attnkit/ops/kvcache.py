@@ -130,6 +130,7 @@ def attention_with_kvcache(
     if cache_seqlens is None and k is not None:
         raise InvalidArgumentError("cache_seqlens is required when appending k/v (where would they go?)")
     lengths = _kvcache_checks.lengths(cache_seqlens, cache_leftpad, batch, capacity, seqlen_new, device, capturing)
+    full_cache = cache_seqlens is None
     cache_seqlens, cache_leftpad = lengths.seqlens, lengths.leftpad
     if seqlen_new and not torch.compiler.is_compiling():  # traced: the op checks when it runs (no data_ptr here)
         _kvcache_checks.caches_writable(k_cache, v_cache)
@@ -216,7 +217,8 @@ def attention_with_kvcache(
     )  # fmt: skip
     if key is not None:
         step = (q, k_cache, v_cache, k, v, cache_seqlens, block_table)
-        _fastcall.remember_kvcache(key, params, chosen, capacity, num_splits, step, return_lse)
+        full = cache_seqlens if full_cache else None  # the same lengths every step: kept, not made again
+        _fastcall.remember_kvcache(key, params, chosen, capacity, num_splits, step, return_lse, full)
     return (out, lse) if return_lse else out
 
 
@@ -230,6 +232,12 @@ def _run_resolved(hit: _fastcall.ResolvedKVCache, q, k_cache, v_cache, k, v, cac
         _kvcache_checks.int_length(cache_seqlens, batch, hit.capacity, seqlen_new)
         if _fastcall.plain_eager(q, k_cache, v_cache):
             done = hit.runner(q, k_cache, v_cache, k, v, cache_seqlens, None)
+            if done is not None:
+                return done
+    if cache_seqlens is None and block_table is None and hit.full_lengths is not None and hit.runner is not None:
+        # A full contiguous cache read as it is (the key says: no append); a block table's pages are checked below.
+        if _fastcall.plain_eager(q, k_cache, v_cache):
+            done = hit.runner(q, k_cache, v_cache, None, None, hit.full_lengths, None)
             if done is not None:
                 return done
     capturing = _capturing(device) or device.type == "cuda"

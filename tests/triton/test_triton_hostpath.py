@@ -573,3 +573,30 @@ def test_repeated_decode_with_a_bad_int_length_raises_and_writes_nothing():
     with pytest.raises(InvalidArgumentError, match="negative"):
         attnkit.attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=-1, backend="triton_cuda")
     assert torch.equal(before[0], k_cache) and torch.equal(before[1], v_cache)
+
+
+def test_repeated_full_cache_reads_take_the_bound_step(monkeypatch):
+    """cache_seqlens=None (every row full, no append) takes the bound step too, with one lengths tensor kept for
+    every step, and gives the general path's bits; a paged full cache keeps its page check on every step."""
+    from attnkit.ops import _fastcall, _kvcache_checks
+
+    _fastcall.clear()
+    gen = torch.Generator().manual_seed(13)
+    k_cache, v_cache = torch.randn(2, 40, 2, 16, generator=gen), torch.randn(2, 40, 2, 16, generator=gen)
+    q = torch.randn(2, 3, 4, 16, generator=gen)
+    first = attnkit.attention_with_kvcache(q, k_cache, v_cache, causal=True, backend="triton_cuda")
+    monkeypatch.setattr(_kvcache_checks, "lengths", _refuse)
+    monkeypatch.setattr(_library, "run_kvcache", _refuse)
+    again = attnkit.attention_with_kvcache(q, k_cache, v_cache, causal=True, backend="triton_cuda")
+    assert torch.equal(first, again)
+    monkeypatch.undo()
+    monkeypatch.setenv("ATTNKIT_HOST_FASTPATH", "0")
+    assert torch.equal(attnkit.attention_with_kvcache(q, k_cache, v_cache, causal=True, backend="triton_cuda"), first)
+    monkeypatch.delenv("ATTNKIT_HOST_FASTPATH")
+    pages = torch.randn(6, 16, 2, 16, generator=gen)
+    table = torch.tensor([[0, 1, 2], [3, 4, 5]], dtype=torch.int32)
+    attnkit.attention_with_kvcache(q, pages, pages, block_table=table, backend="triton_cuda")
+    bad = table.clone()
+    bad[1, 2] = 9
+    with pytest.raises(InvalidArgumentError, match="outside"):
+        attnkit.attention_with_kvcache(q, pages, pages, block_table=bad, backend="triton_cuda")
