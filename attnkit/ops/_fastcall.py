@@ -73,11 +73,6 @@ _KVCACHE: dict[tuple, ResolvedKVCache] = {}
 _SWITCHES: dict[tuple, bool] = {}  # raw ATTNKIT_* values -> whether they allow the fast path
 
 
-def enabled() -> bool:
-    # is_compiling first: a traced call must read no environment variable (Dynamo would guard on it).
-    return not torch.compiler.is_compiling() and ENABLED and env.host_fastpath()
-
-
 def _allowed(raw: tuple) -> bool:
     """Whether the variables' raw values (env.raw_values) allow the fast path: ATTNKIT_HOST_FASTPATH on and
     ATTNKIT_DEBUG off (dispatch logs every decision then). Parsed once per distinct tuple; a malformed value
@@ -95,6 +90,7 @@ def attention_key(q, k, v, causal, softmax_scale, window_size, softcap, dropout_
                   backend, others_absent: bool) -> tuple | None:  # fmt: skip
     """The static key of an ``attention`` call, or None when the call must take the full path (optional
     tensors given, dropout, scalars of other types than the defaults', a strided last dimension...)."""
+    # is_compiling before any environment read: a traced call must read none (Dynamo would guard on it).
     if not others_absent or not ENABLED or torch.compiler.is_compiling():
         return None
     if not (type(q) is torch.Tensor and type(k) is torch.Tensor and type(v) is torch.Tensor):

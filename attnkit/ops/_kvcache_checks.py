@@ -66,10 +66,7 @@ def lengths(
     checked on the device: by ``range_check(lengths, low, high)`` where given and it returns True (a backend's
     one-launch check, ``Backend.check_lengths``; not while torch.compile traces the call), else by torch ops.
     """
-    if capacity > INT32_MAX:
-        raise InvalidArgumentError(
-            f"the cache has room for {capacity} tokens per row; at most {INT32_MAX} are allowed (int32 lengths)"
-        )
+    _check_capacity(capacity)
     known = None  # lengths known on the host: made a tensor once they have passed the checks
     if cache_seqlens is None:
         if seqlen_new or cache_leftpad is not None:
@@ -120,6 +117,13 @@ def lengths(
     return Lengths(cache_seqlens, leftpad, host, longest)
 
 
+def _check_capacity(capacity: int) -> None:
+    if capacity > INT32_MAX:
+        raise InvalidArgumentError(
+            f"the cache has room for {capacity} tokens per row; at most {INT32_MAX} are allowed (int32 lengths)"
+        )
+
+
 def _check_host_lengths(host: list[int], capacity: int, seqlen_new: int) -> int:
     """Lengths known on the host against the capacity; returns the longest."""
     # min/max run in C: a decode batch of hundreds of rows costs no Python loop per call.
@@ -142,10 +146,7 @@ def _check_host_lengths(host: list[int], capacity: int, seqlen_new: int) -> int:
 def int_length(value: int, batch: int, capacity: int, seqlen_new: int) -> None:
     """An int ``cache_seqlens`` (every row's length) checked as :func:`lengths` checks it, without making it a
     device tensor: for a backend that takes the length as a number (Backend.kvcache_runner)."""
-    if capacity > INT32_MAX:
-        raise InvalidArgumentError(
-            f"the cache has room for {capacity} tokens per row; at most {INT32_MAX} are allowed (int32 lengths)"
-        )
+    _check_capacity(capacity)
     if batch and (value < 0 or value + seqlen_new > capacity):
         _check_host_lengths([value] * batch, capacity, seqlen_new)
 

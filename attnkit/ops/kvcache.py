@@ -215,10 +215,9 @@ def attention_with_kvcache(
         params.softmax_scale, params.causal, params.window_left, params.window_right, params.softcap, num_splits,
         chosen,
     )  # fmt: skip
-    if key is not None:
-        step = (q, k_cache, v_cache, k, v, cache_seqlens, block_table)
-        full = cache_seqlens if full_cache else None  # the same lengths every step: kept, not made again
-        _fastcall.remember_kvcache(key, params, chosen, capacity, num_splits, step, return_lse, full)
+    step = (q, k_cache, v_cache, k, v, cache_seqlens, block_table)
+    full = cache_seqlens if full_cache else None  # the same lengths every step: kept, not made again
+    _fastcall.remember_kvcache(key, params, chosen, capacity, num_splits, step, return_lse, full)
     return (out, lse) if return_lse else out
 
 
@@ -227,16 +226,17 @@ def _run_resolved(hit: _fastcall.ResolvedKVCache, q, k_cache, v_cache, k, v, cac
     plain eager mode, its implementation directly; see _fastcall)."""
     batch, device = q.shape[0], q.device
     seqlen_new = 0 if k is None else k.shape[1]
+    eager = _fastcall.plain_eager(q, k_cache, v_cache)
     if type(cache_seqlens) is int and seqlen_new and block_table is None and hit.runner is not None:
         # The backend's step takes the length as a number: no device tensor of it (torch.full is ~10 us a step).
         _kvcache_checks.int_length(cache_seqlens, batch, hit.capacity, seqlen_new)
-        if _fastcall.plain_eager(q, k_cache, v_cache):
+        if eager:
             done = hit.runner(q, k_cache, v_cache, k, v, cache_seqlens, None)
             if done is not None:
                 return done
     if cache_seqlens is None and block_table is None and hit.full_lengths is not None and hit.runner is not None:
         # A full contiguous cache read as it is (the key says: no append); a block table's pages are checked below.
-        if _fastcall.plain_eager(q, k_cache, v_cache):
+        if eager:
             done = hit.runner(q, k_cache, v_cache, None, None, hit.full_lengths, None)
             if done is not None:
                 return done
@@ -248,7 +248,7 @@ def _run_resolved(hit: _fastcall.ResolvedKVCache, q, k_cache, v_cache, k, v, cac
         _kvcache_checks.pages(block_table, lengths.seqlens, None, seqlen_new, k_cache.shape[0], k_cache.shape[1],
                               capturing)  # fmt: skip
     p = hit.params
-    if _fastcall.plain_eager(q, k_cache, v_cache):
+    if eager:
         if hit.runner is not None:
             done = hit.runner(q, k_cache, v_cache, k, v, lengths.seqlens, block_table)
             if done is not None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import inspect
 import itertools
+import math
 from collections.abc import Callable, Mapping
 from typing import Generic, TypeVar
 
@@ -60,6 +61,19 @@ def enabled() -> bool:
 
 def aligned(t: torch.Tensor) -> bool:
     return t.data_ptr() % 16 == 0
+
+
+LSE_SCRATCH_BYTES = 1 << 20  # the most a bound call keeps as a shared lse buffer for callers that drop the lse
+
+
+def lse_scratch(shape: tuple[int, ...], device: torch.device) -> torch.Tensor | None:
+    """An lse buffer a bound forward or decode step writes on every call when its caller drops the lse (nothing
+    reads it): one allocation fewer per call. None when it would hold more than LSE_SCRATCH_BYTES or is not
+    16-byte aligned (then every call allocates its own)."""
+    if math.prod(shape) * 4 > LSE_SCRATCH_BYTES:
+        return None
+    scratch = torch.empty(shape, dtype=torch.float32, device=device)
+    return scratch if aligned(scratch) else None
 
 
 def meta(t: torch.Tensor | None) -> tuple | None:

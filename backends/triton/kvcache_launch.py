@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -203,7 +202,7 @@ def decode_runner(q, k_cache, v_cache, k, v, cache_seqlens, block_table, params:
     (Backend.kvcache_runner): ``run(q, k_cache, v_cache, k, v, cache_seqlens, block_table)`` appends, attends and
     returns ``(out, lse)``, or None (nothing done) when a tensor is not 16-byte aligned, as the plans need.
     No ALiBi, cache_batch_idx, left padding or fp8 (the frontend's fast path has none). When the caller drops the
-    lse and it is small, every step writes it into one buffer kept with the runner, which nothing reads."""
+    lse, every step writes it into one buffer kept with the runner (fastpath.lse_scratch)."""
     from . import append_launch
 
     appending = k is not None and k.shape[1] > 0
@@ -227,11 +226,8 @@ def decode_runner(q, k_cache, v_cache, k, v, cache_seqlens, block_table, params:
     batch, head_dim_v, dtype, where = q.shape[0], v_cache.shape[3], q.dtype, q.device
     splits, part_shape, split, combine = plan.splits, plan.part_shape, plan.split, plan.combine
     lse_shape = (q.shape[0], q.shape[2], q.shape[1])
-    scratch = None
-    if not keep_lse and splits > 1 and math.prod(lse_shape) * 4 <= LSE_SCRATCH_BYTES:
-        scratch = torch.empty(lse_shape, dtype=torch.float32, device=where)
-        if not fastpath.aligned(scratch):
-            return None
+    # With one split the split kernel writes the outputs themselves: lse is a view of the call's own buffer.
+    scratch = None if keep_lse or splits == 1 else fastpath.lse_scratch(lse_shape, where)
 
     int_append: list[append_launch.AppendPlan] = []  # the append's plan for int lengths, once a step made it
 
@@ -274,9 +270,6 @@ def decode_runner(q, k_cache, v_cache, k, v, cache_seqlens, block_table, params:
         return out, lse
 
     return run
-
-
-LSE_SCRATCH_BYTES = 1 << 20  # the most a bound decode step keeps as a shared lse buffer for callers that drop lse
 
 
 def _remember(key, q, split_kernel, split_grid, split_args, splits, combine_kernel, combine_grid, combine_args,

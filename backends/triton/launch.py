@@ -8,7 +8,6 @@ reads that variable when the kernels are decorated.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -300,15 +299,12 @@ def forward(
     return out, lse
 
 
-LSE_SCRATCH_BYTES = 1 << 20  # the most a bound forward keeps as a shared lse buffer for callers that drop lse
-
-
 def forward_runner(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: AttentionParams, vendor: str,
                    keep_lse: bool) -> Callable[..., tuple[torch.Tensor, torch.Tensor]] | None:  # fmt: skip
     """The forward plan of this dense call (just made by :func:`forward`) bound for the frontend's repeated calls
     (Backend.forward_runner): ``run(q, k, v)`` allocates ``out`` and launches. When the caller drops the lse
-    (``keep_lse`` False) and it is small, every call writes it into one buffer kept with the runner, which nothing
-    reads: one allocation fewer per call. Forced tiles send calls back to :func:`forward`."""
+    (``keep_lse`` False), every call writes it into one buffer kept with the runner (fastpath.lse_scratch).
+    Forced tiles send calls back to :func:`forward`."""
     if params.dropout_p or not fastpath.enabled():
         return None
     plan = fwd_plans.get(fwd_plan_key(q, k, v, None, params, vendor, None))
@@ -316,11 +312,7 @@ def forward_runner(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: At
         return None
     launch, out_shape, lse_shape = plan.launch, plan.out_shape, plan.lse_shape
     dtype, where = q.dtype, q.device
-    scratch = None
-    if not keep_lse and math.prod(lse_shape) * 4 <= LSE_SCRATCH_BYTES:
-        scratch = empty(lse_shape, torch.float32, where)
-        if not fastpath.aligned(scratch):
-            return None
+    scratch = None if keep_lse else fastpath.lse_scratch(lse_shape, where)
 
     def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if tuning.any_forced():
