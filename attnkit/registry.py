@@ -235,9 +235,12 @@ class Backend:
     ) -> Callable[..., tuple[torch.Tensor, torch.Tensor] | None] | None:
         """For repeated eager decode steps (attnkit.ops._fastcall), made right after a first step with these
         tensors (checked lengths ``cache_seqlens``, no ALiBi, cache_batch_idx, left padding or fp8):
-        ``run(q, k_cache, v_cache, k, v, cache_seqlens, block_table) -> (out, lse)`` appends and attends as the op
-        would for tensors with the same layouts, or returns None having written nothing (then the op runs); ``lse``
-        may be a scratch buffer when ``keep_lse`` is False. None (the default): the op runs every step."""
+        ``run(q, k_cache, v_cache, k, v, cache_seqlens, block_table, check=False) -> (out, lse)`` appends and
+        attends as the op would for tensors with the same layouts, or returns None having written nothing (then
+        the op runs); ``cache_seqlens`` may be an int (every row's length, checked on the host); ``check=True``:
+        tensor lengths whose range ``[0, capacity - new tokens]`` the step must check on the device itself before
+        writing (None if it cannot). ``lse`` may be a scratch buffer when ``keep_lse`` is False. None (the
+        default): the op runs every step."""
         return None
 
     def merge_states(

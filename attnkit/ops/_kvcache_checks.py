@@ -90,13 +90,7 @@ def lengths(
                 pads = values[-1]
     if host is None:
         longest = capacity - seqlen_new
-        by_backend = range_check is not None and not torch.compiler.is_compiling()
-        if not (by_backend and range_check(cache_seqlens, 0, longest)):
-            device_check(
-                ((cache_seqlens >= 0) & (cache_seqlens <= longest)).all(),
-                f"cache_seqlens has negative entries or a row without room for {seqlen_new} more tokens (capacity "
-                f"{capacity})",
-            )
+        range_on_device(cache_seqlens, longest, seqlen_new, capacity, range_check)
     else:
         longest = _check_host_lengths(host, capacity, seqlen_new)
     if known is not None:
@@ -121,6 +115,19 @@ def _check_capacity(capacity: int) -> None:
     if capacity > INT32_MAX:
         raise InvalidArgumentError(
             f"the cache has room for {capacity} tokens per row; at most {INT32_MAX} are allowed (int32 lengths)"
+        )
+
+
+def range_on_device(cache_seqlens: torch.Tensor, high: int, seqlen_new: int, capacity: int,
+                    range_check: Callable[[torch.Tensor, int, int], bool] | None) -> None:  # fmt: skip
+    """``0 <= cache_seqlens <= high`` checked in stream order on the device: by ``range_check`` where given and it
+    returns True (not while torch.compile traces), else by torch ops and ``torch._assert_async``."""
+    by_backend = range_check is not None and not torch.compiler.is_compiling()
+    if not (by_backend and range_check(cache_seqlens, 0, high)):
+        device_check(
+            ((cache_seqlens >= 0) & (cache_seqlens <= high)).all(),
+            f"cache_seqlens has negative entries or a row without room for {seqlen_new} more tokens (capacity "
+            f"{capacity})",
         )
 
 

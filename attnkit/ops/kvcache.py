@@ -241,24 +241,41 @@ def _run_resolved(hit: _fastcall.ResolvedKVCache, q, k_cache, v_cache, k, v, cac
             if done is not None:
                 return done
     capturing = _capturing(device) or device.type == "cuda"
+    # Tensor lengths on a GPU with an append: the bound step's append kernel checks their range itself.
+    deferred = eager and seqlen_new > 0 and hit.runner is not None and type(cache_seqlens) is torch.Tensor
+    deferred = deferred and _asserts_on_device(cache_seqlens)
+    range_check = _left_to_the_step if deferred else hit.backend.check_lengths
     lengths = _kvcache_checks.lengths(cache_seqlens, None, batch, hit.capacity, seqlen_new, device, capturing,
-                                      hit.backend.check_lengths)  # fmt: skip
+                                      range_check)  # fmt: skip
     if block_table is not None:
         block_table = block_table.contiguous()
         _kvcache_checks.pages(block_table, lengths.seqlens, None, seqlen_new, k_cache.shape[0], k_cache.shape[1],
                               capturing)  # fmt: skip
     p = hit.params
+    if eager and hit.runner is not None:
+        done = hit.runner(q, k_cache, v_cache, k, v, lengths.seqlens, block_table, check=deferred)
+        if done is not None:
+            return done
+    if deferred and lengths.host is None:  # the step could not take the check: it runs before the general path
+        _kvcache_checks.range_on_device(lengths.seqlens, hit.capacity - seqlen_new, seqlen_new, hit.capacity,
+                                        hit.backend.check_lengths)  # fmt: skip
     if eager:
-        if hit.runner is not None:
-            done = hit.runner(q, k_cache, v_cache, k, v, lengths.seqlens, block_table)
-            if done is not None:
-                return done
         return _library.run_kvcache(q, k_cache, v_cache, k, v, lengths.seqlens, None, block_table, None, None, p,
                                     hit.num_splits, hit.backend_name)  # fmt: skip
     return _library.kvcache_forward(
         q, k_cache, v_cache, k, v, lengths.seqlens, None, block_table, None, None, p.softmax_scale, p.causal,
         p.window_left, p.window_right, p.softcap, hit.num_splits, hit.backend_name,
     )  # fmt: skip
+
+
+def _asserts_on_device(lengths: torch.Tensor) -> bool:
+    """Whether a kernel's device assert stops a bad step (a GPU; the Triton interpreter does not assert)."""
+    return lengths.is_cuda
+
+
+def _left_to_the_step(lengths: torch.Tensor, low: int, high: int) -> bool:
+    """A range check of tensor lengths that the bound decode step does in its append kernel (``check=True``)."""
+    return True
 
 
 # flash-attn's limit on num_splits (and the Triton backends' most splits per row).

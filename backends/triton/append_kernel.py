@@ -15,9 +15,8 @@ import triton.language as tl
 
 # ``length``: every row's length when the caller gave one int (SCALAR_LENGTH; SEQLENS is then not read), so a
 # decode step needs no device tensor of it. Not specialised: its value changes every step.
-@triton.jit(do_not_specialize=["length"])
-def append_kv_fwd(
-    K_CACHE, V_CACHE, K, V, SEQLENS, BATCH_IDX, BLOCK_TABLE, TOTAL, length,
+def _append_kv(
+    K_CACHE, V_CACHE, K, V, SEQLENS, BATCH_IDX, BLOCK_TABLE, TOTAL, length, high,
     seqlen_new, num_kv_heads, capacity,
     stride_kcb, stride_kcs, stride_kch,
     stride_vcb, stride_vcs, stride_vch,
@@ -26,7 +25,7 @@ def append_kv_fwd(
     stride_bt_b,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr, PAGE_SIZE: tl.constexpr, PAGED: tl.constexpr, HAS_BATCH_IDX: tl.constexpr,
-    SCALAR_LENGTH: tl.constexpr,
+    SCALAR_LENGTH: tl.constexpr, CHECK_RANGE: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     b = pid // seqlen_new
@@ -35,6 +34,16 @@ def append_kv_fwd(
         start = length
     else:
         start = tl.load(SEQLENS + b)
+    if CHECK_RANGE:
+        # A bad row's program stops before its write and the GPU stops before the attention after it, in stream
+        # order (other rows' writes may land, in a context the assert has ended). The message is a literal: triton
+        # 3.6 refuses a module-level string that is not a tl.constexpr. Only append_kv_checked_fwd, compiled with
+        # debug=True, keeps the assert (the interpreter does not run it).
+        tl.device_assert(
+            (start >= 0) & (start <= high),
+            "attention_with_kvcache: cache_seqlens has an entry outside [0, capacity - new tokens] (negative, or a "
+            "row without room for the appended tokens)",
+        )
     if s == 0:
         tl.store(TOTAL + b, (start + seqlen_new).to(tl.int32))
     pos = (start + s).to(tl.int64)
@@ -61,3 +70,9 @@ def append_kv_fwd(
     src_v = tl.load(V + b.to(tl.int64) * stride_vb + s * stride_vs + h * stride_vh + dv, mask=mask_v)
     dst_v = V_CACHE + page * stride_vcb + slot * stride_vcs + h * stride_vch + dv
     tl.store(dst_v, src_v.to(V_CACHE.dtype.element_ty), mask=mask_v)
+
+
+append_kv_fwd = triton.jit(do_not_specialize=["length", "high"])(_append_kv)
+# Tensor lengths of a repeated decode step: the range check in the append itself (one launch fewer than a separate
+# check kernel); debug=True is what keeps tl.device_assert.
+append_kv_checked_fwd = triton.jit(debug=True, do_not_specialize=["length", "high"])(_append_kv)

@@ -229,11 +229,17 @@ def decode_runner(q, k_cache, v_cache, k, v, cache_seqlens, block_table, params:
     # With one split the split kernel writes the outputs themselves: lse is a view of the call's own buffer.
     scratch = None if keep_lse or splits == 1 else fastpath.lse_scratch(lse_shape, where)
 
-    int_append: list[append_launch.AppendPlan] = []  # the append's plan for int lengths, once a step made it
+    # Append plans a later step makes: "int" (an int length, passed as a number), "checked" (tensor lengths whose
+    # range the append kernel asserts, so the frontend launches no check kernel).
+    made: dict[str, append_launch.AppendPlan] = {}
+    capacity = k_cache.shape[1] * (1 if block_table is None else block_table.shape[1])
+    high = capacity - (k.shape[1] if appending else 0)
 
-    def run(q, k_cache, v_cache, k, v, cache_seqlens, block_table) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def run(q, k_cache, v_cache, k, v, cache_seqlens, block_table,
+            check: bool = False) -> tuple[torch.Tensor, torch.Tensor] | None:  # fmt: skip
+        """``check``: the caller left the range of tensor lengths to this step (no step without an append can)."""
         scalar = type(cache_seqlens) is int  # every row's length, checked by the frontend; needs the append
-        if scalar and append is None:
+        if (scalar or check) and append is None:
             return None
         pointers = q.data_ptr() | k_cache.data_ptr() | v_cache.data_ptr()
         total = cache_seqlens
@@ -253,16 +259,18 @@ def decode_runner(q, k_cache, v_cache, k, v, cache_seqlens, block_table, params:
             lse_part = torch.empty(part_shape[:-1], dtype=torch.float32, device=where)
         if (pointers | out.data_ptr() | lse.data_ptr() | out_part.data_ptr() | lse_part.data_ptr()) & 15:
             return None  # before any write: the caller takes the general path
-        if not scalar and append is not None:
-            append.launch(k_cache, v_cache, k, v, seqlens, seqlens, table, total, 0)
-        elif scalar and int_append:
-            int_append[0].launch(k_cache, v_cache, k, v, seqlens, seqlens, table, total, cache_seqlens)
-        elif scalar:  # the first step with an int: the general append compiles its kernel and makes the plan
-            total = append_launch.append_kv(k_cache, v_cache, k, v, cache_seqlens, None, block_table)
-            made = append_launch.plans.get(append_launch.plan_key(k_cache, v_cache, k, v, cache_seqlens, None,
-                                                                  block_table))  # fmt: skip
-            if made is not None:
-                int_append.append(made)
+        if append is not None:
+            variant = "int" if scalar else "checked" if check else None
+            plan = append if variant is None else made.get(variant)
+            if plan is not None:
+                plan.launch(k_cache, v_cache, k, v, seqlens, seqlens, table, total, cache_seqlens if scalar else 0)
+            else:  # the first step of its kind: the general append compiles that kernel and makes its plan
+                checked = high if check else None
+                total = append_launch.append_kv(k_cache, v_cache, k, v, cache_seqlens, None, block_table, checked)
+                new = append_launch.plans.get(append_launch.plan_key(k_cache, v_cache, k, v, cache_seqlens, None,
+                                                                     block_table, checked))  # fmt: skip
+                if new is not None:
+                    made[variant] = new
         # SLOPES, BATCH_IDX, LEFTPAD and the descales are off: the lengths stand in (_pointer_args, _descales).
         split(q, k_cache, v_cache, total, total, total, table, total, out_part, lse_part, total, total, total)
         if combine is not None:

@@ -64,6 +64,7 @@ def main() -> None:
     new = torch.randn(2, 1, 2, 64, dtype=bf)
     append_launch.append_kv(k_cache, v_cache, new, new, lens, None, None)
     append_launch.append_kv(k_cache, v_cache, new, new, 100, None, None)  # an int length: a number argument
+    append_launch.append_kv(k_cache, v_cache, new, new, lens, None, None, 255)  # the range-checked kernel (debug)
     lengths_check.check(lens, 0, 255)
     q1 = torch.randn(2, 1, 4, 64, dtype=bf)
     kvcache_launch.forward_kvcache(q1, k_cache, v_cache, KVCacheInfo(lens, None, None, None, 4), None, causal)

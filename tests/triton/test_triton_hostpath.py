@@ -18,7 +18,8 @@ def _kernels():
     from attnkit.backends.triton import append_kernel, bwd_kernel, fwd_kernel, kvcache_kernel
 
     return [fwd_kernel.attn_fwd, bwd_kernel.attn_bwd_dkdv, bwd_kernel.attn_bwd_dq, bwd_kernel.attn_bwd_preprocess,
-            kvcache_kernel.kvcache_split_fwd, kvcache_kernel.combine_splits, append_kernel.append_kv_fwd]  # fmt: skip
+            kvcache_kernel.kvcache_split_fwd, kvcache_kernel.combine_splits, append_kernel.append_kv_fwd,
+            append_kernel.append_kv_checked_fwd]  # fmt: skip
 
 
 def test_arguments_follow_the_signature():
@@ -495,7 +496,7 @@ def test_frontend_runner_repeats_the_first_call(monkeypatch):
     torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("lengths", ["int", "tensor"])
+@pytest.mark.parametrize("lengths", ["int", "tensor", "tensor-checked"])
 @pytest.mark.parametrize("kind", ["rows", "paged"])
 @pytest.mark.parametrize("return_lse", [False, True], ids=["out", "lse"])
 def test_decode_runner_repeats_the_op(kind, lengths, return_lse, monkeypatch):
@@ -512,6 +513,11 @@ def test_decode_runner_repeats_the_op(kind, lengths, return_lse, monkeypatch):
 
         def steps(fast: bool, q: torch.Tensor):
             monkeypatch.setenv("ATTNKIT_HOST_FASTPATH", "1" if fast else "0")
+            if lengths == "tensor-checked":  # the GPU's way: the append kernel takes the range check
+                from attnkit.ops import kvcache
+
+                monkeypatch.setattr(kvcache, "_asserts_on_device", lambda t: True)
+                monkeypatch.setattr(_library, "append_kv", _refuse)  # (the torch append; never with a runner)
             _fastcall.clear()
             kc, vc = k_cache.clone(), v_cache.clone()
             outs = []
@@ -544,6 +550,10 @@ def test_decode_runner_repeats_the_op(kind, lengths, return_lse, monkeypatch):
             return outs, kc, vc
 
         fast_outs, fast_k, fast_v = steps(True, q)
+        if lengths == "tensor-checked":
+            from attnkit.backends.triton import append_launch
+
+            assert any(key[-1] is not None for key in append_launch.plans._plans), "no checked append ran"
         slow_outs, slow_k, slow_v = steps(False, q)
         assert torch.equal(fast_k, slow_k) and torch.equal(fast_v, slow_v)
         for a, b in zip(fast_outs, slow_outs):

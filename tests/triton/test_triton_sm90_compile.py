@@ -22,7 +22,8 @@ import pytest
 
 pytest.importorskip("triton")
 
-EXPECTED = {"attn_fwd", "attn_bwd_preprocess", "attn_bwd_dkdv", "attn_bwd_dq", "append_kv_fwd", "kvcache_split_fwd",
+# (both append kernels, plain and checked, are one Python function: _append_kv)
+EXPECTED = {"attn_fwd", "attn_bwd_preprocess", "attn_bwd_dkdv", "attn_bwd_dq", "_append_kv", "kvcache_split_fwd",
             "combine_splits", "merge_states_fwd", "check_range"}  # fmt: skip
 
 
