@@ -263,6 +263,8 @@ def test_fast_launch_and_persistent_grid_bitwise(case, monkeypatch):
 
 _BAD_LENGTH_CHILD = r"""
 import sys, torch, attnkit
+from attnkit.ops import kvcache
+kvcache.FUSED_RANGE_CHECK = sys.argv[2] == "fused"
 dev = "cuda"
 k_cache = torch.zeros(2, 64, 2, 64, device=dev, dtype=torch.bfloat16); v_cache = torch.zeros_like(k_cache)
 q = torch.randn(2, 1, 4, 64, device=dev, dtype=torch.bfloat16)
@@ -284,15 +286,16 @@ with torch.no_grad():
 """
 
 
+@pytest.mark.parametrize("check", ["kernel", "fused"])  # a check launch, or the append kernel's own assert
 @pytest.mark.parametrize("bad", [64, -1], ids=["no-room", "negative"])
-def test_repeated_decode_with_a_bad_tensor_length_stops_with_a_device_assert(bad):
+def test_repeated_decode_with_a_bad_tensor_length_stops_with_a_device_assert(bad, check):
     """A repeated decode step checks tensor lengths on the device, without a sync: a length without room for the
     new token, or a negative one, ends in a device-side assert (the process's CUDA context is lost, hence the
     subprocess), never in a silent write or a wrong answer."""
     import subprocess
     import sys
 
-    r = subprocess.run([sys.executable, "-c", _BAD_LENGTH_CHILD, str(bad)], capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-c", _BAD_LENGTH_CHILD, str(bad), check], capture_output=True, text=True,
                        timeout=300)  # fmt: skip
     assert "GOOD CALLS DONE" in r.stdout, r.stdout + r.stderr[-2000:]
     assert "NO ERROR" not in r.stdout

@@ -86,11 +86,15 @@ def test_repeated_training_step_equals_the_general_path(monkeypatch, driver_laun
         assert all(torch.equal(x, y) for x, y in zip(fast, slow)), n
 
 
-@pytest.mark.parametrize("lengths", ["int", "tensor"])
+@pytest.mark.parametrize("lengths", ["int", "tensor", "tensor-fused-check"])
 @pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
 @pytest.mark.parametrize("seqlen_q", [1, 4])
 def test_repeated_decode_steps_equal_the_general_path(lengths, paged, seqlen_q, monkeypatch, driver_launches):
     from attnkit.backends.triton import direct_launch
+
+    from attnkit.ops import kvcache
+
+    monkeypatch.setattr(kvcache, "FUSED_RANGE_CHECK", lengths == "tensor-fused-check")
 
     gen = torch.Generator(device="cuda").manual_seed(2)
     batch, hq, hk, d, capacity, page = 3, 32, 8, 128, 1024, 256
