@@ -240,6 +240,13 @@ def _run_resolved(hit: _fastcall.ResolvedKVCache, q, k_cache, v_cache, k, v, cac
             done = hit.runner(q, k_cache, v_cache, None, None, hit.full_lengths, None)
             if done is not None:
                 return done
+    if (type(cache_seqlens) is torch.Tensor and seqlen_new and block_table is None and eager
+            and hit.runner is not None and _asserts_on_device(cache_seqlens)):  # fmt: skip
+        # Tensor lengths of a contiguous cache: the step's append kernel checks their range on the device.
+        seqlens = _kvcache_checks.int32_vector("cache_seqlens", cache_seqlens, batch, device)
+        done = hit.runner(q, k_cache, v_cache, k, v, seqlens, None, check=True)
+        if done is not None:
+            return done
     capturing = _capturing(device) or device.type == "cuda"
     # Tensor lengths on a GPU with an append: the bound step's append kernel checks their range itself.
     deferred = eager and seqlen_new > 0 and hit.runner is not None and type(cache_seqlens) is torch.Tensor
@@ -268,10 +275,9 @@ def _run_resolved(hit: _fastcall.ResolvedKVCache, q, k_cache, v_cache, k, v, cac
     )  # fmt: skip
 
 
-# Off until a GPU run has passed with it (built 2026-12-02 after the session's last H200 run; the GPU tests
-# test_repeated_decode_with_a_bad_tensor_length_stops_with_a_device_assert[*-fused] and the host-path tests cover it):
-# the range check of tensor lengths inside the bound step's append kernel, one launch fewer per decode step.
-FUSED_RANGE_CHECK = False
+# The range check of tensor lengths inside the bound step's append kernel (one launch fewer per decode step than
+# the separate check kernel, which stays the fallback). A module constant so that the GPU tests can run both ways.
+FUSED_RANGE_CHECK = True
 
 
 def _asserts_on_device(lengths: torch.Tensor) -> bool:
