@@ -44,7 +44,9 @@ def module_specs(arch: str, smem: int) -> list:
             if bwd is not None:
                 from attnkit.backends.cupy import ws_bwd
 
-                specs.add(compiler.ModuleSpec.make(ws_bwd.SOURCE, bwd.defines(), "sm_90a"))
+                for overlap in (True, False):  # the default schedule and its ablation (cupy_ws_bwd_bench.py)
+                    cfg = dataclasses.replace(bwd, overlap=overlap)
+                    specs.add(compiler.ModuleSpec.make(ws_bwd.SOURCE, cfg.defines(), "sm_90a"))
     return sorted(specs, key=lambda s: (s.source, s.defines))
 
 

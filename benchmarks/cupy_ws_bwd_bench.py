@@ -7,8 +7,10 @@ One command on an H100/H200 (about two minutes, first run includes NVRTC compile
 1. correctness: a few large forward + backward cases through the new kernel against the float64 reference
    (flash-attn's rule: gradient error <= 3x plain low precision + atol), with a check that it actually ran;
 2. timing: bf16, 16k tokens per batch, hidden 2048 (d 64 -> 32 heads, d 128 -> 16 heads), seqlen 2k/4k/8k/16k,
-   causal and not: the backward alone (autograd.grad on a saved forward) of cupy_cuda with the new kernel, with
-   ``ATTNKIT_CUPY_TMA_BWD=0`` (bwd_sm90.cu), SDPA-cuDNN and SDPA-flash. CUDA events, warmup, median of rounds.
+   causal and not: the backward alone (autograd.grad on a saved forward) of cupy_cuda with the new kernel (``ws``:
+   its overlapped schedule, ``ws_serial``: every product group waited for at once), with
+   ``ATTNKIT_CUPY_TMA_BWD=0`` (bwd_sm90.cu), triton_cuda, SDPA-cuDNN and SDPA-flash. CUDA events, warmup, median of
+   rounds.
    TFLOP/s use 2.5x the forward's 4*B*H*S*S*D (halved when causal).
 
 Writes a Markdown table and a JSON file (GPU, versions, date, every number) to ``--out``. Flags narrow the sweep
@@ -38,7 +40,7 @@ DEV = "cuda"
 TOKENS = 16 * 1024
 HIDDEN = 2048
 ATOL = 2e-3
-IMPLS = ("ws", "sm90", "sdpa_cudnn", "sdpa_flash")
+IMPLS = ("ws", "ws_serial", "sm90", "triton", "sdpa_cudnn", "sdpa_flash")
 KERNEL = "attnkit_bwd_sm90_ws"
 
 
@@ -56,6 +58,26 @@ def _env(name: str, value: str | None):
             os.environ.pop(name, None)
         else:
             os.environ[name] = old
+
+
+@contextlib.contextmanager
+def _schedule(overlap: bool):
+    """The warp-specialized backward with its overlapped (default) or serial product schedule."""
+    import dataclasses
+
+    from attnkit.backends.cupy import ws_bwd
+
+    real = ws_bwd.ws_backward_config
+
+    def patched(*args, **kwargs):
+        cfg = real(*args, **kwargs)
+        return None if cfg is None else dataclasses.replace(cfg, overlap=overlap)
+
+    ws_bwd.ws_backward_config = patched
+    try:
+        yield
+    finally:
+        ws_bwd.ws_backward_config = real
 
 
 class _Spy:
@@ -86,8 +108,9 @@ def check(b: int, sq: int, sk: int, hq: int, hk: int, d: int, causal: bool) -> t
     qs, ks, vs = (t.clone().requires_grad_() for t in (q, k, v))
     spy = _Spy()
     try:
-        out = attnkit.attention(qs, ks, vs, causal=causal, backend="cupy_cuda")
-        out.backward(dout)
+        with _env("ATTNKIT_CUPY_TMA_BWD", "1"):
+            out = attnkit.attention(qs, ks, vs, causal=causal, backend="cupy_cuda")
+            out.backward(dout)
         torch.cuda.synchronize()
     finally:
         spy.close()
@@ -140,21 +163,21 @@ def time_impl(impl: str, s: int, d: int, causal: bool, warmup: int, rounds: int)
         with sdpa_kernel(_sdpa_backend(impl)):
             out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
     else:
-        out = attnkit.attention(q, k, v, causal=causal, backend="cupy_cuda")
+        out = attnkit.attention(q, k, v, causal=causal, backend="triton_cuda" if impl == "triton" else "cupy_cuda")
 
     def bwd():
         torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)
 
-    if impl == "sm90":
+    if impl not in ("ws", "ws_serial"):
         with _env("ATTNKIT_CUPY_TMA_BWD", "0"):
             return median_batch_ms(bwd, warmup, rounds, 3)
-    spy = _Spy() if impl == "ws" else None
+    spy = _Spy()
     try:
-        ms = median_batch_ms(bwd, warmup, rounds, 3)
+        with _env("ATTNKIT_CUPY_TMA_BWD", "1"), _schedule(overlap=impl != "ws_serial"):
+            ms = median_batch_ms(bwd, warmup, rounds, 3)
     finally:
-        if spy is not None:
-            spy.close()
-    if spy is not None and KERNEL not in spy.names:
+        spy.close()
+    if KERNEL not in spy.names:
         raise RuntimeError("the warp-specialized backward did not run for the 'ws' timing")
     return ms
 

@@ -230,6 +230,9 @@ class Sm90WsBwdConfig:
     block_m: int = 64
     threads: int = 384  # producer warpgroup + two consumer warpgroups
     stages: int = 2
+    # Each step's products overlap its score math (P^T while dP^T runs, dQ issued while dV/dK run); False waits
+    # for every product group at once (the ablation baseline, benchmarks/cupy_ws_bwd_bench.py).
+    overlap: bool = True
 
     @property
     def smem_bytes(self) -> int:
@@ -243,7 +246,8 @@ class Sm90WsBwdConfig:
         return kv + q_do + ds + dq + lse_delta + barriers + SM90_ALIGN_SLACK
 
     def defines(self) -> dict[str, int]:
-        return {"ATTNKIT_HEAD_DIM": self.head_dim, "ATTNKIT_BF16": int(self.bf16)}
+        return {"ATTNKIT_HEAD_DIM": self.head_dim, "ATTNKIT_BF16": int(self.bf16),
+                "ATTNKIT_WS_BWD_OVERLAP": int(self.overlap)}  # fmt: skip
 
     def grid(self, max_seqlen_k: int, heads_k: int, batch: int) -> tuple[int, int, int]:
         return (-(-max_seqlen_k // self.block_n), heads_k, batch)

@@ -25,7 +25,9 @@ def test_config_geometry(hd):
     # K, V; Q and dO twice; dS^T twice; fp32 dQ staging of two warpgroups; lse/delta twice; 5 mbarriers; slack.
     expect = 2 * 128 * hd * 2 + 4 * 64 * hd * 2 + 2 * 128 * 64 * 2 + 2 * 64 * 64 * 4 + 4 * 64 * 4 + 40 + 1024
     assert cfg.smem_bytes == expect <= H200_SMEM
-    assert cfg.defines() == {"ATTNKIT_HEAD_DIM": hd, "ATTNKIT_BF16": 1}
+    assert cfg.defines() == {"ATTNKIT_HEAD_DIM": hd, "ATTNKIT_BF16": 1, "ATTNKIT_WS_BWD_OVERLAP": 1}
+    serial = config.Sm90WsBwdConfig(hd, True, overlap=False)
+    assert serial.defines()["ATTNKIT_WS_BWD_OVERLAP"] == 0 and serial.smem_bytes == cfg.smem_bytes
     assert cfg.grid(1000, 4, 3) == (8, 4, 3) and cfg.grid(128, 1, 1) == (1, 1, 1) and cfg.grid(129, 1, 1)[0] == 2
     assert [cfg.lse_len(n) for n in (1, 64, 65, 1000)] == [64, 64, 128, 1024]
 
@@ -49,7 +51,7 @@ def test_config_head_dims(head_dim, expected):
 @pytest.mark.parametrize(
     ("arch", "varlen", "wgmma", "tma", "smem", "selected"),
     [
-        ("sm_90", False, None, None, H200_SMEM, False),  # opt-in: ATTNKIT_CUPY_TMA_BWD defaults to 0
+        ("sm_90", False, None, None, H200_SMEM, True),  # ATTNKIT_CUPY_TMA_BWD defaults to 1
         ("sm_90", False, None, "1", H200_SMEM, True),
         ("sm_90", False, "1", "1", H200_SMEM, True),
         ("sm_90", False, None, "0", H200_SMEM, False),
@@ -135,7 +137,7 @@ def recorder(monkeypatch):
     # The driver encoding needs a GPU; the recorded maps are their checked descriptions instead.
     monkeypatch.setattr(ws_bwd, "encode_maps", lambda maps: list(maps.all()))
     monkeypatch.delenv("ATTNKIT_CUPY_WGMMA", raising=False)
-    monkeypatch.setenv("ATTNKIT_CUPY_TMA_BWD", "1")  # opt-in
+    monkeypatch.setenv("ATTNKIT_CUPY_TMA_BWD", "1")
     return calls
 
 

@@ -31,6 +31,11 @@
 #ifndef ATTNKIT_BF16
 #define ATTNKIT_BF16 1
 #endif
+// 1: each step's GEMMs overlap its own score math (P^T while dP^T runs; dQ issued while dV/dK run). 0: every
+// product group is waited for at once (the first schedule, kept as the ablation baseline).
+#ifndef ATTNKIT_WS_BWD_OVERLAP
+#define ATTNKIT_WS_BWD_OVERLAP 1
+#endif
 
 namespace ak {
 
@@ -85,6 +90,66 @@ __device__ __forceinline__ void scores_to_fragments(float (&sst)[MTILE][4], floa
     }
 }
 
+// The plain-tile halves of scores_to_fragments, for the overlapped schedule: P^T from S^T while the dP^T product
+// is still running, then dS^T once it has landed. Same arithmetic as the fast branch above.
+template <int MTILE>
+__device__ __forceinline__ void plain_probs(float (&sst)[MTILE][4], const float* bL, int lane, float scale_log2) {
+#pragma unroll
+    for (int j = 0; j < MTILE; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int cl = j * 8 + 2 * (lane & 3) + (e & 1);
+            sst[j][e] = fast_exp2(fmaf(sst[j][e], scale_log2, -bL[cl] * AK_LOG2E));
+        }
+}
+
+// dS^T from P^T (in sst) and dP^T, then both packed as A fragments; P^T stays float32 until then, so dS^T is
+// formed exactly as scores_to_fragments forms it (packing P^T earlier would hold 16 more registers across dP^T).
+template <int MTILE, bool BF16>
+__device__ __forceinline__ void plain_dscores(float (&sst)[MTILE][4], float (&dpt)[MTILE][4], u32 (&ap)[MTILE / 2][4],
+                                              u32 (&as)[MTILE / 2][4], const float* bD, int lane, float scale) {
+#pragma unroll
+    for (int kk = 0; kk < MTILE / 2; ++kk) {
+#pragma unroll
+        for (int jj = 0; jj < 2; ++jj)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int j = 2 * kk + jj;
+                const int cl = j * 8 + 2 * (lane & 3) + (e & 1);
+                dpt[j][e] = sst[j][e] * (dpt[j][e] - bD[cl]) * scale;
+            }
+        ap[kk][0] = pack2<BF16>(sst[2 * kk][0], sst[2 * kk][1]);
+        ap[kk][1] = pack2<BF16>(sst[2 * kk][2], sst[2 * kk][3]);
+        ap[kk][2] = pack2<BF16>(sst[2 * kk + 1][0], sst[2 * kk + 1][1]);
+        ap[kk][3] = pack2<BF16>(sst[2 * kk + 1][2], sst[2 * kk + 1][3]);
+        as[kk][0] = pack2<BF16>(dpt[2 * kk][0], dpt[2 * kk][1]);
+        as[kk][1] = pack2<BF16>(dpt[2 * kk][2], dpt[2 * kk][3]);
+        as[kk][2] = pack2<BF16>(dpt[2 * kk + 1][0], dpt[2 * kk + 1][1]);
+        as[kk][3] = pack2<BF16>(dpt[2 * kk + 1][2], dpt[2 * kk + 1][3]);
+    }
+}
+
+__device__ __forceinline__ u32 opaque(u32 x) {
+    asm volatile("mov.b32 %0, %0;\n" : "+r"(x));
+    return x;
+}
+
+template <int N>
+__device__ __forceinline__ void fence_acc(float (&x)[N][4]) {
+#pragma unroll
+    for (int j = 0; j < N; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) reg_fence(x[j][e]);
+}
+
+template <int N>
+__device__ __forceinline__ void fence_frag(u32 (&x)[N][4]) {
+#pragma unroll
+    for (int j = 0; j < N; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) reg_fence(x[j][e]);
+}
+
 struct WsBwdArgs {
     const float* lse;    // [batch][heads_q][lse_len], natural log; rows past seqlen_q are don't-care
     const float* delta;  // same layout: rowsum(dO * O)
@@ -97,7 +162,7 @@ struct WsBwdArgs {
     float scale;
 };
 
-template <int D, bool BF16>
+template <int D, bool BF16, bool OVERLAP>
 struct BwdSm90WsKernel {
     static constexpr int NT = 384;
     static constexpr int BN = 128;  // keys per CTA
@@ -235,25 +300,58 @@ struct BwdSm90WsKernel {
                 mbar_wait_spin(bar_full + 8 * buf, (it >> 1) & 1);
 
                 float sst[MTILE][4], dpt[MTILE][4];
-                wgmma_fence();
-#pragma unroll
-                for (int kk = 0; kk < D / 16; ++kk) {
-                    const u32 off = (u32)(kk >> 2) * (BN * SLAB) + (u32)(kk & 3) * 32;  // K/V: BN rows per slab
-                    const u32 offq = (u32)(kk >> 2) * (BM * SLAB) + (u32)(kk & 3) * 32;
-                    MmaS::template ss<0, 0>(sst, sw128_desc(sKw + off, 16, 1024), sw128_desc(bQ + offq, 16, 1024),
-                                            kk > 0);
-                    MmaS::template ss<0, 0>(dpt, sw128_desc(sVw + off, 16, 1024), sw128_desc(bdO + offq, 16, 1024),
-                                            kk > 0);
-                }
-                wgmma_commit();
-                wgmma_wait<0>();
-
+                // K/V descriptors rebuilt from opaque copies of the bases each step: hoisted out of the loop they
+                // would hold 32 registers for the kernel's life.
+                const u32 sKs = opaque(sKw), sVs = opaque(sVw);
                 const bool need_mask = (kw0 + WBN > sk) || (m0 + BM > sq) ||
                                        (wr >= 0 && kw0 + WBN - 1 > m0 + shift + wr) ||
                                        (wl >= 0 && kw0 < m0 + BM - 1 + shift - wl);
+                const bool plain = !need_mask && !sp.use_softcap && !sp.use_alibi;
                 u32 ap[BM / 16][4], as[BM / 16][4];
-                scores_to_fragments<MTILE, BF16>(sst, dpt, ap, as, sL + buf * BM, sDl + buf * BM, m0, kw0 + key_row,
-                                                 lane, need_mask, a.scale, shift, sq, sk, sp);
+                wgmma_fence();
+                if (OVERLAP) {
+                    // Two groups: S^T first, so P^T is computed while dP^T is still on the tensor cores.
+#pragma unroll
+                    for (int kk = 0; kk < D / 16; ++kk) {
+                        const u32 off = (u32)(kk >> 2) * (BN * SLAB) + (u32)(kk & 3) * 32;
+                        const u32 offq = (u32)(kk >> 2) * (BM * SLAB) + (u32)(kk & 3) * 32;
+                        MmaS::template ss<0, 0>(sst, sw128_desc(sKs + off, 16, 1024), sw128_desc(bQ + offq, 16, 1024),
+                                                kk > 0);
+                    }
+                    wgmma_commit();
+#pragma unroll
+                    for (int kk = 0; kk < D / 16; ++kk) {
+                        const u32 off = (u32)(kk >> 2) * (BN * SLAB) + (u32)(kk & 3) * 32;
+                        const u32 offq = (u32)(kk >> 2) * (BM * SLAB) + (u32)(kk & 3) * 32;
+                        MmaS::template ss<0, 0>(dpt, sw128_desc(sVs + off, 16, 1024), sw128_desc(bdO + offq, 16, 1024),
+                                                kk > 0);
+                    }
+                    wgmma_commit();
+                    wgmma_wait<1>();
+                    fence_acc(sst);
+                    if (plain) plain_probs<MTILE>(sst, sL + buf * BM, lane, sp.scale_log2);
+                    wgmma_wait<0>();
+                    fence_acc(dpt);
+                    if (plain)
+                        plain_dscores<MTILE, BF16>(sst, dpt, ap, as, sDl + buf * BM, lane, a.scale);
+                    else
+                        scores_to_fragments<MTILE, BF16>(sst, dpt, ap, as, sL + buf * BM, sDl + buf * BM, m0,
+                                                         kw0 + key_row, lane, need_mask, a.scale, shift, sq, sk, sp);
+                } else {
+#pragma unroll
+                    for (int kk = 0; kk < D / 16; ++kk) {
+                        const u32 off = (u32)(kk >> 2) * (BN * SLAB) + (u32)(kk & 3) * 32;  // K/V: BN rows per slab
+                        const u32 offq = (u32)(kk >> 2) * (BM * SLAB) + (u32)(kk & 3) * 32;
+                        MmaS::template ss<0, 0>(sst, sw128_desc(sKs + off, 16, 1024), sw128_desc(bQ + offq, 16, 1024),
+                                                kk > 0);
+                        MmaS::template ss<0, 0>(dpt, sw128_desc(sVs + off, 16, 1024), sw128_desc(bdO + offq, 16, 1024),
+                                                kk > 0);
+                    }
+                    wgmma_commit();
+                    wgmma_wait<0>();
+                    scores_to_fragments<MTILE, BF16>(sst, dpt, ap, as, sL + buf * BM, sDl + buf * BM, m0,
+                                                     kw0 + key_row, lane, need_mask, a.scale, shift, sq, sk, sp);
+                }
                 // dS^T (key r of the CTA, query c) at r*128 + ((c/8) ^ (r%8))*16 + (c%8)*2 of this step's buffer.
                 // The buffer was last read by step it-2's dQ, which both warpgroups finished before step it-1's
                 // consumer barrier.
@@ -276,10 +374,12 @@ struct BwdSm90WsKernel {
                     MmaKV::template rs<1>(acc_dk, as[kk], sw128_desc(bQ + (u32)kk * (16 * SLAB), BM * SLAB, 1024), 1);
                 }
                 wgmma_commit();
-                wgmma_wait<0>();
-                // Q, dO, lse and delta of this stage are no longer read by this warp: hand the stage back.
-                __syncwarp();
-                if (lane == 0) mbar_arrive(bar_empty + 8 * buf);
+                if (!OVERLAP) {
+                    wgmma_wait<0>();
+                    // Q, dO, lse and delta of this stage are no longer read by this warp: hand the stage back.
+                    __syncwarp();
+                    if (lane == 0) mbar_arrive(bar_empty + 8 * buf);
+                }
 
                 fence_proxy_async();  // dS^T stores -> visible to wgmma's async proxy
                 named_sync(BAR_CONSUMERS, 256);
@@ -298,7 +398,17 @@ struct BwdSm90WsKernel {
                     MmaQ::template ss<1, 1>(acc, da, db, kk > KK0);
                 }
                 wgmma_commit();
+                if (OVERLAP) {
+                    // dV/dK (issued before the barrier) have landed while dQ may still run: the register A
+                    // fragments may be reused and the Q/dO stage handed back.
+                    wgmma_wait<1>();
+                    fence_frag(ap);
+                    fence_frag(as);
+                    __syncwarp();
+                    if (lane == 0) mbar_arrive(bar_empty + 8 * buf);
+                }
                 wgmma_wait<0>();
+                fence_acc(acc);
 
                 // Stage the fp32 tile in the 128-byte swizzle of the dQ tensor map's 32-column box, then add it
                 // to global memory with one bulk reduction per half.
@@ -352,5 +462,5 @@ extern "C" __global__ void __launch_bounds__(384, 1)
                           seqlen_k, heads_q, group, d, alibi_sb, scale};
     const ak::ScoreParams sp =
         ak::make_score_params(scale_log2, cap_pre, cap_post, use_softcap, use_alibi, window_left, window_right);
-    ak::BwdSm90WsKernel<ATTNKIT_HEAD_DIM, ATTNKIT_BF16 != 0>::run(&tq, &tk, &tv, &tdo, &tdq, a, sp);
+    ak::BwdSm90WsKernel<ATTNKIT_HEAD_DIM, ATTNKIT_BF16 != 0, ATTNKIT_WS_BWD_OVERLAP != 0>::run(&tq, &tk, &tv, &tdo, &tdq, a, sp);
 }
