@@ -30,8 +30,8 @@ ALL_VARIABLES = {
     CUPY_CACHE_DIR: "directory for compiled CuPy kernels (default: ~/.cache/attnkit/cupy)",
     CUPY_WGMMA: "0 keeps the CuPy backend on its mma.sync kernels on Hopper instead of the wgmma ones (0/1)",
     SPEED_TABLE: "measured speed table auto ranks backends by: a JSON path (attnkit bench --speed-table), 0 for none",
-    CUPY_TMA_BWD: "1 runs the CuPy backend's dense Hopper backward on the TMA warp-specialized bwd_sm90_ws.cu "
-    "instead of bwd_sm90.cu (0/1, default 0: measured no faster, benchmarks/NOTES-cupy.md)",
+    CUPY_TMA_BWD: "0 keeps the CuPy backend's dense Hopper backward on bwd_sm90.cu instead of the TMA "
+    "warp-specialized bwd_sm90_ws.cu (0/1)",
     HOST_FASTPATH: "0 turns off the per-call host fast paths (cached frontend decisions, direct backend calls, "
     "bound Triton launchers), for A/B timing (0/1)",
     CUPY_TMA: "0 keeps the CuPy backend's dense Hopper forward on fwd_sm90.cu instead of the TMA warp-specialised "
@@ -142,7 +142,7 @@ def speed_table_setting() -> str | None:
 
 def cupy_tma_bwd() -> bool:
     """Whether the CuPy backend's Hopper backward may use the TMA warp-specialized kernel (bwd_sm90_ws.cu)."""
-    return _flag(CUPY_TMA_BWD, False)
+    return _flag(CUPY_TMA_BWD, True)
 
 
 def cupy_tma() -> bool:
