@@ -1,5 +1,5 @@
 """Writes ``kernels/wgmma.cuh``: inline-PTX wrappers of Hopper's ``wgmma.mma_async`` for the tile widths the sm_90
-forward kernel uses.
+kernels use.
 
 A wgmma instruction names every accumulator register in its operand list (N/2 floats per thread for m64nN), and
 inline asm cannot loop, so the wrappers are spelled out per (N, dtype) by this script rather than by hand.
@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 HEADER_PATH = Path(__file__).resolve().parent / "kernels" / "wgmma.cuh"
-WIDTHS = (64, 128)
+WIDTHS = (32, 64, 128)
 DTYPES = (("bf16", True), ("f16", False))
 
 _PREAMBLE = """\

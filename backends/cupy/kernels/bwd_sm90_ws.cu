@@ -10,9 +10,8 @@
 //                 bulk copies (the backend pads their rows to a multiple of BM, so every copy is 16-byte aligned)
 //   S^T = K Q^T, dP^T = V dO^T          wgmma, both operands in shared memory
 //   dV += P^T dO, dK += dS^T Q          wgmma, A = P^T / dS^T from registers
-//   dQ = dS K                           dS^T of both warpgroups goes to shared memory (two buffers); at d = 128
-//                                       warpgroup w computes columns [64w, 64w + 64) over all 128 keys, at d = 64
-//                                       each warpgroup takes the 64 columns over its own keys. The fp32 tile goes
+//   dQ = dS K                           dS^T of both warpgroups goes to shared memory (two buffers); warpgroup w
+//                                       computes columns [w d/2, (w + 1) d/2) over all 128 keys. The fp32 tile goes
 //                                       to shared memory and is added to the global dQ accumulator by
 //                                       cp.reduce.async.bulk.tensor (out-of-range rows and columns are dropped).
 // Tiles use the 128-byte swizzle (sw128.cuh) that TMA writes with CU_TENSOR_MAP_SWIZZLE_128B: 64-column slabs of
@@ -174,15 +173,17 @@ struct BwdSm90WsKernel {
     static constexpr u32 KV_BYTES = BN * D * 2;
     static constexpr u32 QO_BYTES = BM * D * 2;
     static constexpr u32 DS_BYTES = BN * BM * 2;
-    static constexpr u32 DQ_BYTES = BM * 64 * 4;    // one warpgroup's fp32 dQ tile: two 32-column halves
+    static constexpr u32 DQ_BYTES = BM * 64 * 4;    // one warpgroup's fp32 dQ staging: up to two 32-column halves
     static constexpr u32 DQ_HALF = BM * 32 * 4;     // 64 rows x 128 bytes
     static constexpr u32 LD_BYTES = BM * 4;         // one stage of lse (or delta)
     static constexpr u32 STAGE_TX = 2 * QO_BYTES + 2 * LD_BYTES;
     static_assert(D == 64 || D == 128, "the warp-specialized backward is built for head dims 64 and 128");
-    static constexpr bool SPLIT_COLS = D == 128;  // dQ split by columns (d = 128) or by keys (d = 64)
+    // dQ is split by columns: warpgroup w computes columns [w * DQ_N, (w + 1) * DQ_N) over all 128 keys, so each
+    // dQ element is reduced to global memory once per CTA and step.
+    static constexpr int DQ_N = D / 2;
     using MmaS = Wgmma<BM, BF16>;
     using MmaKV = Wgmma<D, BF16>;
-    using MmaQ = Wgmma<64, BF16>;
+    using MmaQ = Wgmma<DQ_N, BF16>;
 
     // Barrier ids: 0 is __syncthreads; 1 spans both consumer warpgroups; 2 + w one warpgroup.
     static constexpr int BAR_CONSUMERS = 1;
@@ -385,17 +386,17 @@ struct BwdSm90WsKernel {
                 named_sync(BAR_CONSUMERS, 256);
 
                 // dQ tile [BM x 64] of this warpgroup: A = dS^T read M-major, B = K read N-major, 16 keys per k-step.
-                constexpr int KK0 = 0, KK_N = SPLIT_COLS ? BN / 16 : WBN / 16;
-                const int col_slab = SPLIT_COLS ? w : 0;
-                const int kk_base = SPLIT_COLS ? 0 : w * (WBN / 16);
-                float acc[8][4];
+                // B = K's columns [c0, c0 + DQ_N): slab c0 / 64, starting (c0 % 64) * 2 bytes into its 128-byte rows.
+                const int c0 = w * DQ_N;
+                const u32 sKcols = sKa + (u32)(c0 / 64) * (BN * SLAB) + (u32)(c0 % 64) * 2;
+                float acc[DQ_N / 8][4];
                 wgmma_fence();
 #pragma unroll
-                for (int kk = KK0; kk < KK_N; ++kk) {
-                    const u32 krow = (u32)(kk_base + kk) * (16 * SLAB);
+                for (int kk = 0; kk < BN / 16; ++kk) {
+                    const u32 krow = (u32)kk * (16 * SLAB);
                     const u64 da = sw128_desc(bdS + krow, BN * SLAB, 1024);
-                    const u64 db = sw128_desc(sKa + (u32)col_slab * (BN * SLAB) + krow, BN * SLAB, 1024);
-                    MmaQ::template ss<1, 1>(acc, da, db, kk > KK0);
+                    const u64 db = sw128_desc(sKcols + krow, BN * SLAB, 1024);
+                    MmaQ::template ss<1, 1>(acc, da, db, kk > 0);
                 }
                 wgmma_commit();
                 if (OVERLAP) {
@@ -415,7 +416,7 @@ struct BwdSm90WsKernel {
                 if (wtid == 0) bulk_wait_read0();  // the previous step's reduction has read the staging tile
                 named_sync(2 + w, 128);
 #pragma unroll
-                for (int j = 0; j < 8; ++j)
+                for (int j = 0; j < DQ_N / 8; ++j)
 #pragma unroll
                     for (int hh = 0; hh < 2; ++hh) {
                         const int r = key_row + hh * 8;  // query row inside the block
@@ -428,8 +429,9 @@ struct BwdSm90WsKernel {
                 fence_proxy_async();  // staging stores -> visible to the bulk reduction
                 named_sync(2 + w, 128);
                 if (wtid == 0) {
-                    tma_reduce_add_4d(tdq, my_dq, col_slab * 64, m0, h, b);
-                    tma_reduce_add_4d(tdq, my_dq + DQ_HALF, col_slab * 64 + 32, m0, h, b);
+#pragma unroll
+                    for (int half = 0; half < DQ_N / 32; ++half)
+                        tma_reduce_add_4d(tdq, my_dq + (u32)half * DQ_HALF, c0 + 32 * half, m0, h, b);
                     bulk_commit();
                 }
             }
