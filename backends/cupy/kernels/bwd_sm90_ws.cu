@@ -38,6 +38,15 @@
 
 namespace ak {
 
+// Rows 2kk and 2kk+1 of a warp's 16 x (8 * MTILE) float tile as one wgmma A fragment (the mma.sync layout).
+template <int MTILE, bool BF16>
+__device__ __forceinline__ void pack_pair(const float (&x)[MTILE][4], u32 (&frag)[MTILE / 2][4], int kk) {
+    frag[kk][0] = pack2<BF16>(x[2 * kk][0], x[2 * kk][1]);
+    frag[kk][1] = pack2<BF16>(x[2 * kk][2], x[2 * kk][3]);
+    frag[kk][2] = pack2<BF16>(x[2 * kk + 1][0], x[2 * kk + 1][1]);
+    frag[kk][3] = pack2<BF16>(x[2 * kk + 1][2], x[2 * kk + 1][3]);
+}
+
 // P^T and dS^T of one warp's 16 keys x (8 * MTILE) queries (the math of backward_scores in softmax.cuh), packed
 // into wgmma A fragments 16 queries at a time, so each pair of accumulator columns dies as soon as it is packed:
 // that keeps the masked path inside the consumers' 240 registers.
@@ -78,14 +87,8 @@ __device__ __forceinline__ void scores_to_fragments(float (&sst)[MTILE][4], floa
                 dpt[j][e] = ds;
             }
         }
-        ap[kk][0] = pack2<BF16>(sst[2 * kk][0], sst[2 * kk][1]);
-        ap[kk][1] = pack2<BF16>(sst[2 * kk][2], sst[2 * kk][3]);
-        ap[kk][2] = pack2<BF16>(sst[2 * kk + 1][0], sst[2 * kk + 1][1]);
-        ap[kk][3] = pack2<BF16>(sst[2 * kk + 1][2], sst[2 * kk + 1][3]);
-        as[kk][0] = pack2<BF16>(dpt[2 * kk][0], dpt[2 * kk][1]);
-        as[kk][1] = pack2<BF16>(dpt[2 * kk][2], dpt[2 * kk][3]);
-        as[kk][2] = pack2<BF16>(dpt[2 * kk + 1][0], dpt[2 * kk + 1][1]);
-        as[kk][3] = pack2<BF16>(dpt[2 * kk + 1][2], dpt[2 * kk + 1][3]);
+        pack_pair<MTILE, BF16>(sst, ap, kk);
+        pack_pair<MTILE, BF16>(dpt, as, kk);
     }
 }
 
@@ -117,14 +120,8 @@ __device__ __forceinline__ void plain_dscores(float (&sst)[MTILE][4], float (&dp
                 const int cl = j * 8 + 2 * (lane & 3) + (e & 1);
                 dpt[j][e] = sst[j][e] * (dpt[j][e] - bD[cl]) * scale;
             }
-        ap[kk][0] = pack2<BF16>(sst[2 * kk][0], sst[2 * kk][1]);
-        ap[kk][1] = pack2<BF16>(sst[2 * kk][2], sst[2 * kk][3]);
-        ap[kk][2] = pack2<BF16>(sst[2 * kk + 1][0], sst[2 * kk + 1][1]);
-        ap[kk][3] = pack2<BF16>(sst[2 * kk + 1][2], sst[2 * kk + 1][3]);
-        as[kk][0] = pack2<BF16>(dpt[2 * kk][0], dpt[2 * kk][1]);
-        as[kk][1] = pack2<BF16>(dpt[2 * kk][2], dpt[2 * kk][3]);
-        as[kk][2] = pack2<BF16>(dpt[2 * kk + 1][0], dpt[2 * kk + 1][1]);
-        as[kk][3] = pack2<BF16>(dpt[2 * kk + 1][2], dpt[2 * kk + 1][3]);
+        pack_pair<MTILE, BF16>(sst, ap, kk);
+        pack_pair<MTILE, BF16>(dpt, as, kk);
     }
 }
 
@@ -187,6 +184,17 @@ struct BwdSm90WsKernel {
 
     // Barrier ids: 0 is __syncthreads; 1 spans both consumer warpgroups; 2 + w one warpgroup.
     static constexpr int BAR_CONSUMERS = 1;
+
+    // acc = rows [0, 64) of the warpgroup's 64-key operand (K or V, BN rows per slab) times the step's 64-row
+    // operand (Q or dO) transposed, both K-major in shared memory, 16 columns of the head dim per wgmma.
+    static __device__ __forceinline__ void issue_scores(float (&acc)[MTILE][4], u32 keys, u32 rows) {
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+            const u32 off = (u32)(kk >> 2) * (BN * SLAB) + (u32)(kk & 3) * 32;
+            const u32 offq = (u32)(kk >> 2) * (BM * SLAB) + (u32)(kk & 3) * 32;
+            MmaS::template ss<0, 0>(acc, sw128_desc(keys + off, 16, 1024), sw128_desc(rows + offq, 16, 1024), kk > 0);
+        }
+    }
 
     static __device__ __forceinline__ void run(const TmaMap* tq, const TmaMap* tk, const TmaMap* tv,
                                                const TmaMap* tdo, const TmaMap* tdq, const WsBwdArgs& a,
@@ -310,49 +318,25 @@ struct BwdSm90WsKernel {
                 const bool plain = !need_mask && !sp.use_softcap && !sp.use_alibi;
                 u32 ap[BM / 16][4], as[BM / 16][4];
                 wgmma_fence();
+                issue_scores(sst, sKs, bQ);
+                // Overlapped: S^T is its own group, so P^T is computed while dP^T is still on the tensor cores.
+                if (OVERLAP) wgmma_commit();
+                issue_scores(dpt, sVs, bdO);
+                wgmma_commit();
                 if (OVERLAP) {
-                    // Two groups: S^T first, so P^T is computed while dP^T is still on the tensor cores.
-#pragma unroll
-                    for (int kk = 0; kk < D / 16; ++kk) {
-                        const u32 off = (u32)(kk >> 2) * (BN * SLAB) + (u32)(kk & 3) * 32;
-                        const u32 offq = (u32)(kk >> 2) * (BM * SLAB) + (u32)(kk & 3) * 32;
-                        MmaS::template ss<0, 0>(sst, sw128_desc(sKs + off, 16, 1024), sw128_desc(bQ + offq, 16, 1024),
-                                                kk > 0);
-                    }
-                    wgmma_commit();
-#pragma unroll
-                    for (int kk = 0; kk < D / 16; ++kk) {
-                        const u32 off = (u32)(kk >> 2) * (BN * SLAB) + (u32)(kk & 3) * 32;
-                        const u32 offq = (u32)(kk >> 2) * (BM * SLAB) + (u32)(kk & 3) * 32;
-                        MmaS::template ss<0, 0>(dpt, sw128_desc(sVs + off, 16, 1024), sw128_desc(bdO + offq, 16, 1024),
-                                                kk > 0);
-                    }
-                    wgmma_commit();
                     wgmma_wait<1>();
                     fence_acc(sst);
                     if (plain) plain_probs<MTILE>(sst, sL + buf * BM, lane, sp.scale_log2);
                     wgmma_wait<0>();
                     fence_acc(dpt);
-                    if (plain)
-                        plain_dscores<MTILE, BF16>(sst, dpt, ap, as, sDl + buf * BM, lane, a.scale);
-                    else
-                        scores_to_fragments<MTILE, BF16>(sst, dpt, ap, as, sL + buf * BM, sDl + buf * BM, m0,
-                                                         kw0 + key_row, lane, need_mask, a.scale, shift, sq, sk, sp);
                 } else {
-#pragma unroll
-                    for (int kk = 0; kk < D / 16; ++kk) {
-                        const u32 off = (u32)(kk >> 2) * (BN * SLAB) + (u32)(kk & 3) * 32;  // K/V: BN rows per slab
-                        const u32 offq = (u32)(kk >> 2) * (BM * SLAB) + (u32)(kk & 3) * 32;
-                        MmaS::template ss<0, 0>(sst, sw128_desc(sKs + off, 16, 1024), sw128_desc(bQ + offq, 16, 1024),
-                                                kk > 0);
-                        MmaS::template ss<0, 0>(dpt, sw128_desc(sVs + off, 16, 1024), sw128_desc(bdO + offq, 16, 1024),
-                                                kk > 0);
-                    }
-                    wgmma_commit();
                     wgmma_wait<0>();
+                }
+                if (OVERLAP && plain)
+                    plain_dscores<MTILE, BF16>(sst, dpt, ap, as, sDl + buf * BM, lane, a.scale);
+                else
                     scores_to_fragments<MTILE, BF16>(sst, dpt, ap, as, sL + buf * BM, sDl + buf * BM, m0,
                                                      kw0 + key_row, lane, need_mask, a.scale, shift, sq, sk, sp);
-                }
                 // dS^T (key r of the CTA, query c) at r*128 + ((c/8) ^ (r%8))*16 + (c%8)*2 of this step's buffer.
                 // The buffer was last read by step it-2's dQ, which both warpgroups finished before step it-1's
                 // consumer barrier.
