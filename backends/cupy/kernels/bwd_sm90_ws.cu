@@ -130,16 +130,9 @@ __device__ __forceinline__ u32 opaque(u32 x) {
     return x;
 }
 
-template <int N>
-__device__ __forceinline__ void fence_acc(float (&x)[N][4]) {
-#pragma unroll
-    for (int j = 0; j < N; ++j)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) reg_fence(x[j][e]);
-}
-
-template <int N>
-__device__ __forceinline__ void fence_frag(u32 (&x)[N][4]) {
+// reg_fence on every register of an accumulator (float) or A-fragment (u32) array.
+template <typename T, int N>
+__device__ __forceinline__ void fence_all(T (&x)[N][4]) {
 #pragma unroll
     for (int j = 0; j < N; ++j)
 #pragma unroll
@@ -325,10 +318,10 @@ struct BwdSm90WsKernel {
                 wgmma_commit();
                 if (OVERLAP) {
                     wgmma_wait<1>();
-                    fence_acc(sst);
+                    fence_all(sst);
                     if (plain) plain_probs<MTILE>(sst, sL + buf * BM, lane, sp.scale_log2);
                     wgmma_wait<0>();
-                    fence_acc(dpt);
+                    fence_all(dpt);
                 } else {
                     wgmma_wait<0>();
                 }
@@ -387,13 +380,13 @@ struct BwdSm90WsKernel {
                     // dV/dK (issued before the barrier) have landed while dQ may still run: the register A
                     // fragments may be reused and the Q/dO stage handed back.
                     wgmma_wait<1>();
-                    fence_frag(ap);
-                    fence_frag(as);
+                    fence_all(ap);
+                    fence_all(as);
                     __syncwarp();
                     if (lane == 0) mbar_arrive(bar_empty + 8 * buf);
                 }
                 wgmma_wait<0>();
-                fence_acc(acc);
+                fence_all(acc);
 
                 // Stage the fp32 tile in the 128-byte swizzle of the dQ tensor map's 32-column box, then add it
                 // to global memory with one bulk reduction per half.
