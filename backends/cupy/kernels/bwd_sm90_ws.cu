@@ -47,16 +47,16 @@ __device__ __forceinline__ void pack_pair(const float (&x)[MTILE][4], u32 (&frag
     frag[kk][3] = pack2<BF16>(x[2 * kk + 1][2], x[2 * kk + 1][3]);
 }
 
-// P^T and dS^T of one warp's 16 keys x (8 * MTILE) queries (the math of backward_scores in softmax.cuh), packed
-// into wgmma A fragments 16 queries at a time, so each pair of accumulator columns dies as soon as it is packed:
-// that keeps the masked path inside the consumers' 240 registers.
+// P^T and dS^T of one warp's 16 keys x (8 * MTILE) queries on a tile with masks, softcap or ALiBi (the math of
+// backward_scores in softmax.cuh; plain tiles take plain_probs / plain_dscores), packed into wgmma A fragments 16
+// queries at a time, so each pair of accumulator columns dies as soon as it is packed: that keeps the masked path
+// inside the consumers' 240 registers.
 template <int MTILE, bool BF16>
 __device__ __forceinline__ void scores_to_fragments(float (&sst)[MTILE][4], float (&dpt)[MTILE][4],
                                                     u32 (&ap)[MTILE / 2][4], u32 (&as)[MTILE / 2][4],
                                                     const float* bL, const float* bD, int m0, int key0, int lane,
                                                     bool need_mask, float scale, int shift, int sq, int sk,
                                                     const ScoreParams& sp) {
-    const bool fast = !need_mask && !sp.use_softcap && !sp.use_alibi;
 #pragma unroll
     for (int kk = 0; kk < MTILE / 2; ++kk) {
 #pragma unroll
@@ -65,24 +65,17 @@ __device__ __forceinline__ void scores_to_fragments(float (&sst)[MTILE][4], floa
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 const int cl = j * 8 + 2 * (lane & 3) + (e & 1);  // query inside the block
-                float p, ds;
-                if (fast) {
-                    // Every key visible to every query: lse is finite, the scale folds into one FMA before ex2.
-                    p = fast_exp2(fmaf(sst[j][e], sp.scale_log2, -bL[cl] * AK_LOG2E));
-                    ds = p * (dpt[j][e] - bD[cl]) * scale;
-                } else {
-                    const int key = key0 + (e >> 1) * 8;
-                    float lv = bL[cl];
-                    // A row that saw no key has lse = -inf; +inf makes all its probabilities 0.
-                    lv = lv == -AK_INF ? AK_INF : lv * AK_LOG2E;
-                    float th = 0.f;
-                    float x = transform_score(sst[j][e], m0 + cl, key, shift, sp, th);
-                    if (need_mask && !visible(m0 + cl, key, shift, sq, sk, sp.window_left, sp.window_right))
-                        x = -AK_INF;
-                    p = fast_exp2(x - lv);
-                    ds = p * (dpt[j][e] - bD[cl]) * scale;
-                    if (sp.use_softcap) ds *= 1.f - th * th;
-                }
+                const int key = key0 + (e >> 1) * 8;
+                float lv = bL[cl];
+                // A row that saw no key has lse = -inf; +inf makes all its probabilities 0.
+                lv = lv == -AK_INF ? AK_INF : lv * AK_LOG2E;
+                float th = 0.f;
+                float x = transform_score(sst[j][e], m0 + cl, key, shift, sp, th);
+                if (need_mask && !visible(m0 + cl, key, shift, sq, sk, sp.window_left, sp.window_right))
+                    x = -AK_INF;
+                const float p = fast_exp2(x - lv);
+                float ds = p * (dpt[j][e] - bD[cl]) * scale;
+                if (sp.use_softcap) ds *= 1.f - th * th;
                 sst[j][e] = p;
                 dpt[j][e] = ds;
             }
@@ -92,8 +85,8 @@ __device__ __forceinline__ void scores_to_fragments(float (&sst)[MTILE][4], floa
     }
 }
 
-// The plain-tile halves of scores_to_fragments, for the overlapped schedule: P^T from S^T while the dP^T product
-// is still running, then dS^T once it has landed. Same arithmetic as the fast branch above.
+// Plain tiles (every key visible to every query, no softcap or ALiBi: lse is finite and the scale folds into one
+// FMA before ex2), in two halves so that the overlapped schedule computes P^T while dP^T is still running.
 template <int MTILE>
 __device__ __forceinline__ void plain_probs(float (&sst)[MTILE][4], const float* bL, int lane, float scale_log2) {
 #pragma unroll
@@ -319,13 +312,15 @@ struct BwdSm90WsKernel {
                 if (OVERLAP) {
                     wgmma_wait<1>();
                     fence_all(sst);
-                    if (plain) plain_probs<MTILE>(sst, sL + buf * BM, lane, sp.scale_log2);
-                    wgmma_wait<0>();
-                    fence_all(dpt);
                 } else {
                     wgmma_wait<0>();
                 }
-                if (OVERLAP && plain)
+                if (plain) plain_probs<MTILE>(sst, sL + buf * BM, lane, sp.scale_log2);
+                if (OVERLAP) {
+                    wgmma_wait<0>();
+                    fence_all(dpt);
+                }
+                if (plain)
                     plain_dscores<MTILE, BF16>(sst, dpt, ap, as, sDl + buf * BM, lane, a.scale);
                 else
                     scores_to_fragments<MTILE, BF16>(sst, dpt, ap, as, sL + buf * BM, sDl + buf * BM, m0,
