@@ -240,17 +240,15 @@ def _run_resolved(hit: _fastcall.ResolvedKVCache, q, k_cache, v_cache, k, v, cac
             done = hit.runner(q, k_cache, v_cache, None, None, hit.full_lengths, None)
             if done is not None:
                 return done
-    if (type(cache_seqlens) is torch.Tensor and seqlen_new and block_table is None and eager
-            and hit.runner is not None and _asserts_on_device(cache_seqlens)):  # fmt: skip
-        # Tensor lengths of a contiguous cache: the step's append kernel checks their range on the device.
+    # Tensor lengths on a GPU with an append: the bound step's append kernel checks their range itself.
+    deferred = eager and seqlen_new > 0 and hit.runner is not None and type(cache_seqlens) is torch.Tensor
+    deferred = deferred and _asserts_on_device(cache_seqlens)
+    if deferred and block_table is None:  # a contiguous cache: no page checks, straight to the bound step
         seqlens = _kvcache_checks.int32_vector("cache_seqlens", cache_seqlens, batch, device)
         done = hit.runner(q, k_cache, v_cache, k, v, seqlens, None, check=True)
         if done is not None:
             return done
     capturing = _capturing(device) or device.type == "cuda"
-    # Tensor lengths on a GPU with an append: the bound step's append kernel checks their range itself.
-    deferred = eager and seqlen_new > 0 and hit.runner is not None and type(cache_seqlens) is torch.Tensor
-    deferred = deferred and _asserts_on_device(cache_seqlens)
     range_check = _left_to_the_step if deferred else hit.backend.check_lengths
     lengths = _kvcache_checks.lengths(cache_seqlens, None, batch, hit.capacity, seqlen_new, device, capturing,
                                       range_check)  # fmt: skip
