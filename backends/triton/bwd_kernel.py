@@ -233,7 +233,10 @@ def attn_bwd_dkdv(
     dk2 = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     lo, full_lo, full_hi, hi = kv_block_q_range(n0, sq, sk, window_left, window_right,
                                                 BLOCK_M, BLOCK_N, HAS_WL, HAS_WR)
-    for g in range(0, group):
+    # One stage: this loop is never pipelined on purpose. When the query-block loops inside fold away (seqlen_q
+    # == 1 is a compile-time constant), it becomes the innermost loop, and triton 3.6's pipeliner aborts on the
+    # descriptor creation in its body ("doesn't know how to predicate this op").
+    for g in tl.range(0, group, num_stages=1):
         h = hk * group + g
         h64 = h.to(tl.int64)
         bh = b * num_heads_q + h

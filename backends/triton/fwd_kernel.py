@@ -294,7 +294,9 @@ def attn_fwd(
     num_m = tl.cdiv(seqlen_q, BLOCK_M)
     if PERSISTENT:
         num_tiles = num_m * batch * num_heads_q
-        for tile in range(tl.program_id(0), num_tiles, tl.num_programs(0)):
+        # One stage, like the backward's head loop: with seqlen_k == 1 the key loop folds away, and triton 3.6's
+        # pipeliner aborts on the descriptors each tile creates.
+        for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), num_stages=1):
             _fwd_tile(
                 num_m - 1 - tile % num_m, tile // num_m,
                 Q, K, V, Q2, K2, Out, Lse, Slopes, CuQ, CuK, Sink,

@@ -70,7 +70,28 @@ def main() -> None:
     kvcache_launch.forward_kvcache(q1, k_cache, v_cache, KVCacheInfo(lens, None, None, None, 4), None, causal)
     parts = torch.randn(3, 2, 5, 4, 64, dtype=torch.float32)
     merge_launch.merge_states(parts, torch.randn(3, 2, 4, 5), bf)
+    compile_tma_length_one(launch, bf)
     print("RESULTS", json.dumps(results))
+
+
+def compile_tma_length_one(launch, dtype: torch.dtype) -> None:
+    """The TMA tiles (CPU tensors never qualify for them on their own) at sequence length 1, where triton folds
+    the inner loops away: triton 3.6's pipeliner aborted on the descriptors that the backward's head loop and
+    the persistent forward's tile loop then create in their innermost loop."""
+    from attnkit.backends.triton import configs, tuning
+
+    from attnkit.params import AttentionParams
+
+    launch.tma_eligible = lambda prob, tensors: True
+    plain = AttentionParams(softmax_scale=0.1)
+    persistent = configs.Tile(64, 64, 4, 3, use_tma=True, persistent=2)
+    for d in (80, 128):
+        q, k = torch.randn(1, 1, 4, d, dtype=dtype), torch.randn(1, 129, 2, d, dtype=dtype)
+        out, lse = launch.forward(q, k, k, None, plain, None, "nvidia")
+        launch.backward(torch.randn_like(out), q, k, k, out, lse, None, plain, None, "nvidia")
+        one = torch.randn(1, 1, 2, d, dtype=dtype)
+        with tuning.forced_tiles(fwd=persistent):
+            launch.forward(q, one, one, None, plain, None, "nvidia")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ The autotuner may pick any tile of a space depending on the GPU, the lengths and
 cannot tell a miscompiled tile from a right one (the causal head-dim-256 forward tile of issue 11 was right on the
 CPU and wrong on the H200), so each tile runs here on sequence lengths that are tile multiples and ones that are
 not (nor multiples of 16, which triton specialises on), causal and not, with the other kernels at their defaults.
-A last group runs with autotuning on.
+Every 16-bit tile also runs at sequence length 1. A last group runs with autotuning on.
 """
 
 from __future__ import annotations
@@ -56,6 +56,26 @@ def test_every_candidate_tile(entry, causal):
     for d in dims[:1] if elem_bytes == 4 else dims:
         for i, (sq, sk) in enumerate(seqlens):
             case = Case(b=2, sq=sq, sk=sk, hq=4, hk=2, d=d, dtype=dtype, causal=causal, device="cuda", seed=i + d)
+            with launch.forced_tiles(**{kind: tile}):
+                report = check_dense(case, grads=kind != "fwd")
+            failures += [f"d={d} sq={sq} sk={sk}: {f}" for f in report.failures()]
+    assert not failures, "; ".join(failures)
+
+
+@pytest.mark.parametrize("entry", [e for e in _tiles() if e[2] == 2], ids=_name)
+def test_every_candidate_tile_at_length_one(entry):
+    """Sequence length 1 on either side: triton specialises a length of 1 to a constant and folds the loops over
+    that side's blocks away, so the loop around them becomes the innermost one, a different kernel for the
+    compiler (triton 3.6 aborted compiling the TMA backward at seqlen_q 1 and the persistent forward at
+    seqlen_k 1)."""
+    from attnkit.backends.triton import launch
+
+    kind, block_d, _, tile = entry
+    dtype = torch.bfloat16 if kind != "dkdv" else torch.float16
+    failures = []
+    for d in CLASS_DIMS[block_d]:
+        for sq, sk in ((1, 129), (129, 1)):
+            case = Case(b=2, sq=sq, sk=sk, hq=4, hk=2, d=d, dtype=dtype, causal=False, device="cuda", seed=sq + d)
             with launch.forced_tiles(**{kind: tile}):
                 report = check_dense(case, grads=kind != "fwd")
             failures += [f"d={d} sq={sq} sk={sk}: {f}" for f in report.failures()]
