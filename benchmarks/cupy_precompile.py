@@ -44,8 +44,8 @@ def module_specs(arch: str, smem: int) -> list:
             if bwd is not None:
                 from attnkit.backends.cupy import ws_bwd
 
-                for overlap in (True, False):  # the default schedule and its ablation (cupy_ws_bwd_bench.py)
-                    cfg = dataclasses.replace(bwd, overlap=overlap)
+                for change in ({}, *config.WS_BWD_ABLATIONS.values()):  # the default and its ablations
+                    cfg = dataclasses.replace(bwd, **change)
                     specs.add(compiler.ModuleSpec.make(ws_bwd.SOURCE, cfg.defines(), "sm_90a"))
     return sorted(specs, key=lambda s: (s.source, s.defines))
 

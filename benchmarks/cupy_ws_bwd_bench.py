@@ -8,7 +8,8 @@ One command on an H100/H200 (about two minutes, first run includes NVRTC compile
    (flash-attn's rule: gradient error <= 3x plain low precision + atol), with a check that it actually ran;
 2. timing: bf16, 16k tokens per batch, hidden 2048 (d 64 -> 32 heads, d 128 -> 16 heads), seqlen 2k/4k/8k/16k,
    causal and not: the backward alone (autograd.grad on a saved forward) of cupy_cuda with the new kernel (``ws``:
-   its overlapped schedule, ``ws_serial``: every product group waited for at once), with
+   its default schedule; ``ws_serial``: every product group waited for at once; ``ws_early_dv``: dV issued before
+   dS^T is formed), with
    ``ATTNKIT_CUPY_TMA_BWD=0`` (bwd_sm90.cu), triton_cuda, SDPA-cuDNN and SDPA-flash. CUDA events, warmup, median of
    rounds.
    TFLOP/s use 2.5x the forward's 4*B*H*S*S*D (halved when causal).
@@ -31,6 +32,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from attnkit.backends.cupy import config as ws_config
 
 import attnkit
 from attnkit.bench.timing import median_batch_ms
@@ -40,7 +42,9 @@ DEV = "cuda"
 TOKENS = 16 * 1024
 HIDDEN = 2048
 ATOL = 2e-3
-IMPLS = ("ws", "ws_serial", "sm90", "triton", "sdpa_cudnn", "sdpa_flash")
+# "ws": the default schedule; "ws_<ablation>": a row of config.WS_BWD_ABLATIONS ("ws_serial", "ws_early_dv").
+WS_IMPLS = ("ws", *("ws_" + name.replace("-", "_") for name in ws_config.WS_BWD_ABLATIONS))
+IMPLS = (*WS_IMPLS, "sm90", "triton", "sdpa_cudnn", "sdpa_flash")
 KERNEL = "attnkit_bwd_sm90_ws"
 
 
@@ -61,17 +65,18 @@ def _env(name: str, value: str | None):
 
 
 @contextlib.contextmanager
-def _schedule(overlap: bool):
-    """The warp-specialized backward with its overlapped (default) or serial product schedule."""
+def _schedule(impl: str):
+    """The warp-specialized backward with its default schedule ("ws") or one of config.WS_BWD_ABLATIONS."""
     import dataclasses
 
     from attnkit.backends.cupy import ws_bwd
 
+    change = {} if impl == "ws" else ws_config.WS_BWD_ABLATIONS[impl[len("ws_") :].replace("_", "-")]
     real = ws_bwd.ws_backward_config
 
     def patched(*args, **kwargs):
         cfg = real(*args, **kwargs)
-        return None if cfg is None else dataclasses.replace(cfg, overlap=overlap)
+        return None if cfg is None else dataclasses.replace(cfg, **change)
 
     ws_bwd.ws_backward_config = patched
     try:
@@ -168,12 +173,12 @@ def time_impl(impl: str, s: int, d: int, causal: bool, warmup: int, rounds: int)
     def bwd():
         torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)
 
-    if impl not in ("ws", "ws_serial"):
+    if impl not in WS_IMPLS:
         with _env("ATTNKIT_CUPY_TMA_BWD", "0"):
             return median_batch_ms(bwd, warmup, rounds, 3)
     spy = _Spy()
     try:
-        with _env("ATTNKIT_CUPY_TMA_BWD", "1"), _schedule(overlap=impl != "ws_serial"):
+        with _env("ATTNKIT_CUPY_TMA_BWD", "1"), _schedule(impl):
             ms = median_batch_ms(bwd, warmup, rounds, 3)
     finally:
         spy.close()

@@ -233,6 +233,9 @@ class Sm90WsBwdConfig:
     # Each step's products overlap its score math (P^T while dP^T runs, dQ issued while dV/dK run); False waits
     # for every product group at once (the ablation baseline, benchmarks/cupy_ws_bwd_bench.py).
     overlap: bool = True
+    # With overlap: FA3's order, dV issued as soon as P^T is packed so that dS^T is formed while it runs (False:
+    # dV and dK issued together after dS^T).
+    early_dv: bool = False
 
     @property
     def smem_bytes(self) -> int:
@@ -247,7 +250,7 @@ class Sm90WsBwdConfig:
 
     def defines(self) -> dict[str, int]:
         return {"ATTNKIT_HEAD_DIM": self.head_dim, "ATTNKIT_BF16": int(self.bf16),
-                "ATTNKIT_WS_BWD_OVERLAP": int(self.overlap)}  # fmt: skip
+                "ATTNKIT_WS_BWD_OVERLAP": int(self.overlap), "ATTNKIT_WS_BWD_EARLY_DV": int(self.early_dv)}  # fmt: skip
 
     def grid(self, max_seqlen_k: int, heads_k: int, batch: int) -> tuple[int, int, int]:
         return (-(-max_seqlen_k // self.block_n), heads_k, batch)
@@ -255,6 +258,14 @@ class Sm90WsBwdConfig:
     def lse_len(self, seqlen_q: int) -> int:
         """Row length of the padded lse/delta buffers: whole query blocks, so every bulk copy is 16-byte aligned."""
         return -(-seqlen_q // self.block_m) * self.block_m
+
+
+# The warp-specialized backward's schedule variants timed against the default (changes of Sm90WsBwdConfig fields);
+# the benchmark, the GPU tests, the nvcc build test and the precompile list use this table.
+WS_BWD_ABLATIONS: dict[str, dict[str, object]] = {
+    "serial": {"overlap": False},
+    "early-dv": {"early_dv": True},
+}
 
 
 def sm90_ws_bwd_config(head_dim: int, dtype: torch.dtype, smem_limit: int | None = None) -> Sm90WsBwdConfig | None:

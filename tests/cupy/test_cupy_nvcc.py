@@ -61,13 +61,12 @@ def _units() -> list[compiler.ModuleSpec]:
     for hd in config.SM90_BWD_HEAD_DIMS:
         for bf16 in (False, True):
             specs.append(compiler.ModuleSpec.make("bwd_sm90.cu", config.Sm90BwdConfig(hd, bf16).defines(), "sm_90a"))
-    # The warp-specialized backward (sm_90a only): both head dims, both dtypes, and its serial-schedule ablation.
+    # The warp-specialized backward (sm_90a only): both head dims, both dtypes, and its schedule ablations.
     for hd in config.SM90_BWD_HEAD_DIMS:
         for bf16 in (False, True):
-            defines = config.Sm90WsBwdConfig(hd, bf16).defines()
-            specs.append(compiler.ModuleSpec.make("bwd_sm90_ws.cu", defines, "sm_90a"))
-        defines = config.Sm90WsBwdConfig(hd, True, overlap=False).defines()
-        specs.append(compiler.ModuleSpec.make("bwd_sm90_ws.cu", defines, "sm_90a"))
+            for change in ({}, *config.WS_BWD_ABLATIONS.values()):
+                defines = config.Sm90WsBwdConfig(hd, bf16, **change).defines()
+                specs.append(compiler.ModuleSpec.make("bwd_sm90_ws.cu", defines, "sm_90a"))
     # The smaller-tile fallbacks chosen on 99 KB shared-memory GPUs (sm_86/89), built once for sm_80.
     for hd in config.KERNEL_HEAD_DIMS:
         for t in config._FWD_TILES[hd][1:]:

@@ -36,6 +36,12 @@
 #define ATTNKIT_WS_BWD_OVERLAP 1
 #endif
 
+// 1 (with ATTNKIT_WS_BWD_OVERLAP): FA3's order inside a step: dV += P^T dO is issued as soon as P^T is packed,
+// so dS^T is computed and stored while dV runs, and dK follows; 0: dV and dK are issued together after dS^T.
+#ifndef ATTNKIT_WS_BWD_EARLY_DV
+#define ATTNKIT_WS_BWD_EARLY_DV 0
+#endif
+
 namespace ak {
 
 // Rows 2kk and 2kk+1 of a warp's 16 x (8 * MTILE) float tile as one wgmma A fragment (the mma.sync layout).
@@ -118,6 +124,57 @@ __device__ __forceinline__ void plain_dscores(float (&sst)[MTILE][4], float (&dp
     }
 }
 
+// The early-dV schedule's halves of scores_to_fragments. probs_to_fragments: P^T of a tile with masks, softcap or
+// ALiBi packed into A fragments 16 queries at a time; sst keeps the factor dS^T needs from it, P^T (1 - tanh^2)
+// under softcap and P^T otherwise. dscores_to_fragments (every tile): dS^T = that factor times (dP^T - delta).
+template <int MTILE, bool BF16>
+__device__ __forceinline__ void probs_to_fragments(float (&sst)[MTILE][4], u32 (&ap)[MTILE / 2][4], const float* bL,
+                                                   int m0, int key0, int lane, bool need_mask, int shift, int sq,
+                                                   int sk, const ScoreParams& sp) {
+#pragma unroll
+    for (int kk = 0; kk < MTILE / 2; ++kk) {
+        float p[2][4];
+#pragma unroll
+        for (int jj = 0; jj < 2; ++jj) {
+            const int j = 2 * kk + jj;
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int cl = j * 8 + 2 * (lane & 3) + (e & 1);
+                const int key = key0 + (e >> 1) * 8;
+                float lv = bL[cl];
+                lv = lv == -AK_INF ? AK_INF : lv * AK_LOG2E;  // a row that saw no key: probabilities 0
+                float th = 0.f;
+                float x = transform_score(sst[j][e], m0 + cl, key, shift, sp, th);
+                if (need_mask && !visible(m0 + cl, key, shift, sq, sk, sp.window_left, sp.window_right))
+                    x = -AK_INF;
+                p[jj][e] = fast_exp2(x - lv);
+                sst[j][e] = sp.use_softcap ? p[jj][e] * (1.f - th * th) : p[jj][e];
+            }
+        }
+        ap[kk][0] = pack2<BF16>(p[0][0], p[0][1]);
+        ap[kk][1] = pack2<BF16>(p[0][2], p[0][3]);
+        ap[kk][2] = pack2<BF16>(p[1][0], p[1][1]);
+        ap[kk][3] = pack2<BF16>(p[1][2], p[1][3]);
+    }
+}
+
+template <int MTILE, bool BF16>
+__device__ __forceinline__ void dscores_to_fragments(const float (&sst)[MTILE][4], float (&dpt)[MTILE][4],
+                                                     u32 (&as)[MTILE / 2][4], const float* bD, int lane, float scale) {
+#pragma unroll
+    for (int kk = 0; kk < MTILE / 2; ++kk) {
+#pragma unroll
+        for (int jj = 0; jj < 2; ++jj)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int j = 2 * kk + jj;
+                const int cl = j * 8 + 2 * (lane & 3) + (e & 1);
+                dpt[j][e] = sst[j][e] * (dpt[j][e] - bD[cl]) * scale;
+            }
+        pack_pair<MTILE, BF16>(dpt, as, kk);
+    }
+}
+
 __device__ __forceinline__ u32 opaque(u32 x) {
     asm volatile("mov.b32 %0, %0;\n" : "+r"(x));
     return x;
@@ -144,7 +201,7 @@ struct WsBwdArgs {
     float scale;
 };
 
-template <int D, bool BF16, bool OVERLAP>
+template <int D, bool BF16, bool OVERLAP, bool EARLY_DV>
 struct BwdSm90WsKernel {
     static constexpr int NT = 384;
     static constexpr int BN = 128;  // keys per CTA
@@ -180,6 +237,51 @@ struct BwdSm90WsKernel {
             const u32 offq = (u32)(kk >> 2) * (BM * SLAB) + (u32)(kk & 3) * 32;
             MmaS::template ss<0, 0>(acc, sw128_desc(keys + off, 16, 1024), sw128_desc(rows + offq, 16, 1024), kk > 0);
         }
+    }
+
+    // Stages the warpgroup's fp32 dQ tile (query block m0 of head h) in the 128-byte swizzle of the dQ tensor
+    // map's 32-column box, then adds it to global memory with one bulk reduction per 32-column half.
+    static __device__ __forceinline__ void reduce_dq(const float (&acc)[DQ_N / 8][4], const TmaMap* tdq, u32 my_dq,
+                                                     int w, int wtid, int lane, int key_row, int m0, int h, int b) {
+        if (wtid == 0) bulk_wait_read0();  // the previous reduction has read the staging tile
+        named_sync(2 + w, 128);
+#pragma unroll
+        for (int j = 0; j < DQ_N / 8; ++j)
+#pragma unroll
+            for (int hh = 0; hh < 2; ++hh) {
+                const int r = key_row + hh * 8;  // query row inside the block
+                const int chunk = 2 * (j & 3) + ((lane & 3) >> 1);
+                const u32 addr = my_dq + (u32)(j >> 2) * DQ_HALF + (u32)r * SLAB + (u32)((chunk ^ (r & 7)) << 4) +
+                                 (u32)(lane & 1) * 8;
+                asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(addr), "f"(acc[j][2 * hh]),
+                             "f"(acc[j][2 * hh + 1]));
+            }
+        fence_proxy_async();  // staging stores -> visible to the bulk reduction
+        named_sync(2 + w, 128);
+        if (wtid == 0) {
+#pragma unroll
+            for (int half = 0; half < DQ_N / 32; ++half)
+                tma_reduce_add_4d(tdq, my_dq + (u32)half * DQ_HALF, w * DQ_N + 32 * half, m0, h, b);
+            bulk_commit();
+        }
+    }
+
+    // dS^T (key r of the CTA, query c) at r*128 + ((c/8) ^ (r%8))*16 + (c%8)*2 of the step's buffer. The buffer
+    // was last read by the dQ of two steps before, which both warpgroups finished before the previous step's
+    // consumer barrier.
+    static __device__ __forceinline__ void store_dscores(const u32 (&as)[BM / 16][4], u32 bdS, int w, int key_row,
+                                                         int lane) {
+#pragma unroll
+        for (int kk = 0; kk < BM / 16; ++kk)
+#pragma unroll
+            for (int half = 0; half < 2; ++half)
+#pragma unroll
+                for (int hh = 0; hh < 2; ++hh) {
+                    const int r = w * WBN + key_row + hh * 8;
+                    const int c = kk * 16 + half * 8 + 2 * (lane & 3);
+                    const u32 addr = bdS + (u32)r * SLAB + (u32)(((c >> 3) ^ (r & 7)) << 4) + (u32)(c & 7) * 2;
+                    asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(addr), "r"(as[kk][2 * half + hh]));
+                }
     }
 
     static __device__ __forceinline__ void run(const TmaMap* tq, const TmaMap* tk, const TmaMap* tv,
@@ -309,49 +411,66 @@ struct BwdSm90WsKernel {
                 if (OVERLAP) wgmma_commit();
                 issue_scores(dpt, sVs, bdO);
                 wgmma_commit();
-                if (OVERLAP) {
+                if (EARLY_DV) {
                     wgmma_wait<1>();
                     fence_all(sst);
-                } else {
-                    wgmma_wait<0>();
-                }
-                if (plain) plain_probs<MTILE>(sst, sL + buf * BM, lane, sp.scale_log2);
-                if (OVERLAP) {
-                    wgmma_wait<0>();
+                    const float* bL = sL + buf * BM;
+                    if (plain) {
+                        plain_probs<MTILE>(sst, bL, lane, sp.scale_log2);
+#pragma unroll
+                        for (int kk = 0; kk < BM / 16; ++kk) pack_pair<MTILE, BF16>(sst, ap, kk);
+                    } else {
+                        probs_to_fragments<MTILE, BF16>(sst, ap, bL, m0, kw0 + key_row, lane, need_mask, shift, sq,
+                                                        sk, sp);
+                    }
+                    wgmma_fence();
+#pragma unroll
+                    for (int kk = 0; kk < BM / 16; ++kk)
+                        MmaKV::template rs<1>(acc_dv, ap[kk], sw128_desc(bdO + (u32)kk * (16 * SLAB), BM * SLAB, 1024),
+                                              1);
+                    wgmma_commit();
+                    // dP^T has landed; dV may still run while dS^T is formed and stored.
+                    wgmma_wait<1>();
                     fence_all(dpt);
-                }
-                if (plain)
-                    plain_dscores<MTILE, BF16>(sst, dpt, ap, as, sDl + buf * BM, lane, a.scale);
-                else
-                    scores_to_fragments<MTILE, BF16>(sst, dpt, ap, as, sL + buf * BM, sDl + buf * BM, m0,
-                                                     kw0 + key_row, lane, need_mask, a.scale, shift, sq, sk, sp);
-                // dS^T (key r of the CTA, query c) at r*128 + ((c/8) ^ (r%8))*16 + (c%8)*2 of this step's buffer.
-                // The buffer was last read by step it-2's dQ, which both warpgroups finished before step it-1's
-                // consumer barrier.
+                    dscores_to_fragments<MTILE, BF16>(sst, dpt, as, sDl + buf * BM, lane, a.scale);
+                    store_dscores(as, bdS, w, key_row, lane);
+                    wgmma_fence();
 #pragma unroll
-                for (int kk = 0; kk < BM / 16; ++kk)
+                    for (int kk = 0; kk < BM / 16; ++kk)
+                        MmaKV::template rs<1>(acc_dk, as[kk], sw128_desc(bQ + (u32)kk * (16 * SLAB), BM * SLAB, 1024),
+                                              1);
+                    wgmma_commit();
+                } else {
+                    if (OVERLAP) {
+                        wgmma_wait<1>();
+                        fence_all(sst);
+                    } else {
+                        wgmma_wait<0>();
+                    }
+                    if (plain) plain_probs<MTILE>(sst, sL + buf * BM, lane, sp.scale_log2);
+                    if (OVERLAP) {
+                        wgmma_wait<0>();
+                        fence_all(dpt);
+                    }
+                    if (plain)
+                        plain_dscores<MTILE, BF16>(sst, dpt, ap, as, sDl + buf * BM, lane, a.scale);
+                    else
+                        scores_to_fragments<MTILE, BF16>(sst, dpt, ap, as, sL + buf * BM, sDl + buf * BM, m0,
+                                                         kw0 + key_row, lane, need_mask, a.scale, shift, sq, sk, sp);
+                    store_dscores(as, bdS, w, key_row, lane);
+                    wgmma_fence();
 #pragma unroll
-                    for (int half = 0; half < 2; ++half)
-#pragma unroll
-                        for (int hh = 0; hh < 2; ++hh) {
-                            const int r = w * WBN + key_row + hh * 8;
-                            const int c = kk * 16 + half * 8 + 2 * (lane & 3);
-                            const u32 addr = bdS + (u32)r * SLAB + (u32)(((c >> 3) ^ (r & 7)) << 4) + (u32)(c & 7) * 2;
-                            asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(addr), "r"(as[kk][2 * half + hh]));
-                        }
-
-                wgmma_fence();
-#pragma unroll
-                for (int kk = 0; kk < BM / 16; ++kk) {
-                    MmaKV::template rs<1>(acc_dv, ap[kk], sw128_desc(bdO + (u32)kk * (16 * SLAB), BM * SLAB, 1024), 1);
-                    MmaKV::template rs<1>(acc_dk, as[kk], sw128_desc(bQ + (u32)kk * (16 * SLAB), BM * SLAB, 1024), 1);
-                }
-                wgmma_commit();
-                if (!OVERLAP) {
-                    wgmma_wait<0>();
-                    // Q, dO, lse and delta of this stage are no longer read by this warp: hand the stage back.
-                    __syncwarp();
-                    if (lane == 0) mbar_arrive(bar_empty + 8 * buf);
+                    for (int kk = 0; kk < BM / 16; ++kk) {
+                        MmaKV::template rs<1>(acc_dv, ap[kk], sw128_desc(bdO + (u32)kk * (16 * SLAB), BM * SLAB, 1024), 1);
+                        MmaKV::template rs<1>(acc_dk, as[kk], sw128_desc(bQ + (u32)kk * (16 * SLAB), BM * SLAB, 1024), 1);
+                    }
+                    wgmma_commit();
+                    if (!OVERLAP) {
+                        wgmma_wait<0>();
+                        // Q, dO, lse and delta of this stage are no longer read by this warp: hand the stage back.
+                        __syncwarp();
+                        if (lane == 0) mbar_arrive(bar_empty + 8 * buf);
+                    }
                 }
 
                 fence_proxy_async();  // dS^T stores -> visible to wgmma's async proxy
@@ -383,29 +502,7 @@ struct BwdSm90WsKernel {
                 wgmma_wait<0>();
                 fence_all(acc);
 
-                // Stage the fp32 tile in the 128-byte swizzle of the dQ tensor map's 32-column box, then add it
-                // to global memory with one bulk reduction per half.
-                if (wtid == 0) bulk_wait_read0();  // the previous step's reduction has read the staging tile
-                named_sync(2 + w, 128);
-#pragma unroll
-                for (int j = 0; j < DQ_N / 8; ++j)
-#pragma unroll
-                    for (int hh = 0; hh < 2; ++hh) {
-                        const int r = key_row + hh * 8;  // query row inside the block
-                        const int chunk = 2 * (j & 3) + ((lane & 3) >> 1);
-                        const u32 addr = my_dq + (u32)(j >> 2) * DQ_HALF + (u32)r * SLAB +
-                                         (u32)((chunk ^ (r & 7)) << 4) + (u32)(lane & 1) * 8;
-                        asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(addr), "f"(acc[j][2 * hh]),
-                                     "f"(acc[j][2 * hh + 1]));
-                    }
-                fence_proxy_async();  // staging stores -> visible to the bulk reduction
-                named_sync(2 + w, 128);
-                if (wtid == 0) {
-#pragma unroll
-                    for (int half = 0; half < DQ_N / 32; ++half)
-                        tma_reduce_add_4d(tdq, my_dq + (u32)half * DQ_HALF, c0 + 32 * half, m0, h, b);
-                    bulk_commit();
-                }
+                reduce_dq(acc, tdq, my_dq, w, wtid, lane, key_row, m0, h, b);
             }
             if (wtid == 0) bulk_wait0();
         }
@@ -436,5 +533,6 @@ extern "C" __global__ void __launch_bounds__(384, 1)
                           seqlen_k, heads_q, group, d, alibi_sb, scale};
     const ak::ScoreParams sp =
         ak::make_score_params(scale_log2, cap_pre, cap_post, use_softcap, use_alibi, window_left, window_right);
-    ak::BwdSm90WsKernel<ATTNKIT_HEAD_DIM, ATTNKIT_BF16 != 0, ATTNKIT_WS_BWD_OVERLAP != 0>::run(&tq, &tk, &tv, &tdo, &tdq, a, sp);
+    ak::BwdSm90WsKernel<ATTNKIT_HEAD_DIM, ATTNKIT_BF16 != 0, ATTNKIT_WS_BWD_OVERLAP != 0,
+                        ATTNKIT_WS_BWD_OVERLAP != 0 && ATTNKIT_WS_BWD_EARLY_DV != 0>::run(&tq, &tk, &tv, &tdo, &tdq, a, sp);
 }
