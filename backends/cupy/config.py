@@ -236,6 +236,8 @@ class Sm90WsBwdConfig:
     # With overlap: FA3's order, dV issued as soon as P^T is packed so that dS^T is formed while it runs (False:
     # dV and dK issued together after dS^T).
     early_dv: bool = False
+    # With early_dv: dK issued after dQ, past the consumer barrier, so it runs while the dQ tile is staged.
+    late_dk: bool = False
 
     @property
     def smem_bytes(self) -> int:
@@ -250,7 +252,8 @@ class Sm90WsBwdConfig:
 
     def defines(self) -> dict[str, int]:
         return {"ATTNKIT_HEAD_DIM": self.head_dim, "ATTNKIT_BF16": int(self.bf16),
-                "ATTNKIT_WS_BWD_OVERLAP": int(self.overlap), "ATTNKIT_WS_BWD_EARLY_DV": int(self.early_dv)}  # fmt: skip
+                "ATTNKIT_WS_BWD_OVERLAP": int(self.overlap), "ATTNKIT_WS_BWD_EARLY_DV": int(self.early_dv),
+                "ATTNKIT_WS_BWD_LATE_DK": int(self.late_dk)}  # fmt: skip
 
     def grid(self, max_seqlen_k: int, heads_k: int, batch: int) -> tuple[int, int, int]:
         return (-(-max_seqlen_k // self.block_n), heads_k, batch)
@@ -265,6 +268,7 @@ class Sm90WsBwdConfig:
 WS_BWD_ABLATIONS: dict[str, dict[str, object]] = {
     "serial": {"overlap": False},
     "early-dv": {"early_dv": True},
+    "early-dv+late-dk": {"early_dv": True, "late_dk": True},
 }
 
 

@@ -26,7 +26,8 @@ def test_config_geometry(hd):
     expect = 2 * 128 * hd * 2 + 4 * 64 * hd * 2 + 2 * 128 * 64 * 2 + 2 * 64 * 64 * 4 + 4 * 64 * 4 + 40 + 1024
     assert cfg.smem_bytes == expect <= H200_SMEM
     assert cfg.defines() == {
-        "ATTNKIT_HEAD_DIM": hd, "ATTNKIT_BF16": 1, "ATTNKIT_WS_BWD_OVERLAP": 1, "ATTNKIT_WS_BWD_EARLY_DV": 0
+        "ATTNKIT_HEAD_DIM": hd, "ATTNKIT_BF16": 1, "ATTNKIT_WS_BWD_OVERLAP": 1, "ATTNKIT_WS_BWD_EARLY_DV": 0,
+        "ATTNKIT_WS_BWD_LATE_DK": 0,
     }  # fmt: skip
     serial = config.Sm90WsBwdConfig(hd, True, overlap=False)
     assert serial.defines()["ATTNKIT_WS_BWD_OVERLAP"] == 0 and serial.smem_bytes == cfg.smem_bytes

@@ -41,6 +41,11 @@
 #ifndef ATTNKIT_WS_BWD_EARLY_DV
 #define ATTNKIT_WS_BWD_EARLY_DV 0
 #endif
+// 1 (with ATTNKIT_WS_BWD_EARLY_DV): dK is issued after dQ, past the consumer barrier, so the tensor cores run it
+// while the dQ tile is waited for, staged and reduced; 0: dK is issued before the barrier.
+#ifndef ATTNKIT_WS_BWD_LATE_DK
+#define ATTNKIT_WS_BWD_LATE_DK 0
+#endif
 
 namespace ak {
 
@@ -201,7 +206,7 @@ struct WsBwdArgs {
     float scale;
 };
 
-template <int D, bool BF16, bool OVERLAP, bool EARLY_DV>
+template <int D, bool BF16, bool OVERLAP, bool EARLY_DV, bool LATE_DK>
 struct BwdSm90WsKernel {
     static constexpr int NT = 384;
     static constexpr int BN = 128;  // keys per CTA
@@ -264,6 +269,15 @@ struct BwdSm90WsKernel {
                 tma_reduce_add_4d(tdq, my_dq + (u32)half * DQ_HALF, w * DQ_N + 32 * half, m0, h, b);
             bulk_commit();
         }
+    }
+
+    // dK += dS^T Q: A = dS^T from registers, B = the stage's Q read N-major; one commit group.
+    static __device__ __forceinline__ void issue_dk(float (&acc_dk)[DTILE][4], const u32 (&as)[BM / 16][4], u32 bQ) {
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < BM / 16; ++kk)
+            MmaKV::template rs<1>(acc_dk, as[kk], sw128_desc(bQ + (u32)kk * (16 * SLAB), BM * SLAB, 1024), 1);
+        wgmma_commit();
     }
 
     // dS^T (key r of the CTA, query c) at r*128 + ((c/8) ^ (r%8))*16 + (c%8)*2 of the step's buffer. The buffer
@@ -434,12 +448,7 @@ struct BwdSm90WsKernel {
                     fence_all(dpt);
                     dscores_to_fragments<MTILE, BF16>(sst, dpt, as, sDl + buf * BM, lane, a.scale);
                     store_dscores(as, bdS, w, key_row, lane);
-                    wgmma_fence();
-#pragma unroll
-                    for (int kk = 0; kk < BM / 16; ++kk)
-                        MmaKV::template rs<1>(acc_dk, as[kk], sw128_desc(bQ + (u32)kk * (16 * SLAB), BM * SLAB, 1024),
-                                              1);
-                    wgmma_commit();
+                    if (!LATE_DK) issue_dk(acc_dk, as, bQ);
                 } else {
                     if (OVERLAP) {
                         wgmma_wait<1>();
@@ -490,19 +499,31 @@ struct BwdSm90WsKernel {
                     MmaQ::template ss<1, 1>(acc, da, db, kk > 0);
                 }
                 wgmma_commit();
-                if (OVERLAP) {
-                    // dV/dK (issued before the barrier) have landed while dQ may still run: the register A
-                    // fragments may be reused and the Q/dO stage handed back.
+                if (LATE_DK) {
+                    issue_dk(acc_dk, as, bQ);
+                    // dV and dQ have landed; dK runs while the dQ tile is staged and reduced.
                     wgmma_wait<1>();
+                    fence_all(acc);
+                    reduce_dq(acc, tdq, my_dq, w, wtid, lane, key_row, m0, h, b);
+                    wgmma_wait<0>();
                     fence_all(ap);
                     fence_all(as);
                     __syncwarp();
                     if (lane == 0) mbar_arrive(bar_empty + 8 * buf);
+                } else {
+                    if (OVERLAP) {
+                        // dV/dK (issued before the barrier) have landed while dQ may still run: the register A
+                        // fragments may be reused and the Q/dO stage handed back.
+                        wgmma_wait<1>();
+                        fence_all(ap);
+                        fence_all(as);
+                        __syncwarp();
+                        if (lane == 0) mbar_arrive(bar_empty + 8 * buf);
+                    }
+                    wgmma_wait<0>();
+                    fence_all(acc);
+                    reduce_dq(acc, tdq, my_dq, w, wtid, lane, key_row, m0, h, b);
                 }
-                wgmma_wait<0>();
-                fence_all(acc);
-
-                reduce_dq(acc, tdq, my_dq, w, wtid, lane, key_row, m0, h, b);
             }
             if (wtid == 0) bulk_wait0();
         }
@@ -534,5 +555,6 @@ extern "C" __global__ void __launch_bounds__(384, 1)
     const ak::ScoreParams sp =
         ak::make_score_params(scale_log2, cap_pre, cap_post, use_softcap, use_alibi, window_left, window_right);
     ak::BwdSm90WsKernel<ATTNKIT_HEAD_DIM, ATTNKIT_BF16 != 0, ATTNKIT_WS_BWD_OVERLAP != 0,
-                        ATTNKIT_WS_BWD_OVERLAP != 0 && ATTNKIT_WS_BWD_EARLY_DV != 0>::run(&tq, &tk, &tv, &tdo, &tdq, a, sp);
+                        ATTNKIT_WS_BWD_OVERLAP != 0 && ATTNKIT_WS_BWD_EARLY_DV != 0,
+                        ATTNKIT_WS_BWD_OVERLAP != 0 && ATTNKIT_WS_BWD_EARLY_DV != 0 && ATTNKIT_WS_BWD_LATE_DK != 0>::run(&tq, &tk, &tv, &tdo, &tdq, a, sp);
 }
