@@ -8,8 +8,9 @@ One command on an H100/H200 (about two minutes, first run includes NVRTC compile
    (flash-attn's rule: gradient error <= 3x plain low precision + atol), with a check that it actually ran;
 2. timing: bf16, 16k tokens per batch, hidden 2048 (d 64 -> 32 heads, d 128 -> 16 heads), seqlen 2k/4k/8k/16k,
    causal and not: the backward alone (autograd.grad on a saved forward) of cupy_cuda with the new kernel (``ws``:
-   its default schedule; ``ws_serial``: every product group waited for at once; ``ws_early_dv``: dV issued before
-   dS^T is formed; ``ws_early_dv_late_dk``: also dK issued after dQ), with
+   its default schedule, FA3's order: dV issued before dS^T is formed, dK after dQ; ``ws_serial``: every product
+   group waited for at once; ``ws_overlap``: P^T formed while dP^T runs, dV and dK issued together after dS^T;
+   ``ws_early_dv``: dV early, dK before dQ), with
    ``ATTNKIT_CUPY_TMA_BWD=0`` (bwd_sm90.cu), triton_cuda, SDPA-cuDNN and SDPA-flash. CUDA events, warmup, median of
    rounds.
    TFLOP/s use 2.5x the forward's 4*B*H*S*S*D (halved when causal).
@@ -42,8 +43,8 @@ DEV = "cuda"
 TOKENS = 16 * 1024
 HIDDEN = 2048
 ATOL = 2e-3
-# "ws": the default schedule; "ws_<ablation>": a row of config.WS_BWD_ABLATIONS ("ws_serial", "ws_early_dv",
-# "ws_early_dv_late_dk"; "-" and "+" in the names become "_").
+# "ws": the default schedule; "ws_<ablation>": a row of config.WS_BWD_ABLATIONS ("ws_serial", "ws_overlap",
+# "ws_early_dv"; "-" and "+" in the names become "_").
 WS_IMPLS = ("ws", *("ws_" + name.replace("-", "_").replace("+", "_") for name in ws_config.WS_BWD_ABLATIONS))
 IMPLS = (*WS_IMPLS, "sm90", "triton", "sdpa_cudnn", "sdpa_flash")
 KERNEL = "attnkit_bwd_sm90_ws"

@@ -235,9 +235,9 @@ class Sm90WsBwdConfig:
     overlap: bool = True
     # With overlap: FA3's order, dV issued as soon as P^T is packed so that dS^T is formed while it runs (False:
     # dV and dK issued together after dS^T).
-    early_dv: bool = False
+    early_dv: bool = True
     # With early_dv: dK issued after dQ, past the consumer barrier, so it runs while the dQ tile is staged.
-    late_dk: bool = False
+    late_dk: bool = True
 
     @property
     def smem_bytes(self) -> int:
@@ -266,9 +266,9 @@ class Sm90WsBwdConfig:
 # The warp-specialized backward's schedule variants timed against the default (changes of Sm90WsBwdConfig fields);
 # the benchmark, the GPU tests, the nvcc build test and the precompile list use this table.
 WS_BWD_ABLATIONS: dict[str, dict[str, object]] = {
-    "serial": {"overlap": False},
-    "early-dv": {"early_dv": True},
-    "early-dv+late-dk": {"early_dv": True, "late_dk": True},
+    "serial": {"overlap": False, "early_dv": False, "late_dk": False},
+    "overlap": {"early_dv": False, "late_dk": False},
+    "early-dv": {"late_dk": False},
 }
 
 

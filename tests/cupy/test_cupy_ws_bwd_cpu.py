@@ -26,13 +26,14 @@ def test_config_geometry(hd):
     expect = 2 * 128 * hd * 2 + 4 * 64 * hd * 2 + 2 * 128 * 64 * 2 + 2 * 64 * 64 * 4 + 4 * 64 * 4 + 40 + 1024
     assert cfg.smem_bytes == expect <= H200_SMEM
     assert cfg.defines() == {
-        "ATTNKIT_HEAD_DIM": hd, "ATTNKIT_BF16": 1, "ATTNKIT_WS_BWD_OVERLAP": 1, "ATTNKIT_WS_BWD_EARLY_DV": 0,
-        "ATTNKIT_WS_BWD_LATE_DK": 0,
+        "ATTNKIT_HEAD_DIM": hd, "ATTNKIT_BF16": 1, "ATTNKIT_WS_BWD_OVERLAP": 1, "ATTNKIT_WS_BWD_EARLY_DV": 1,
+        "ATTNKIT_WS_BWD_LATE_DK": 1,
     }  # fmt: skip
-    serial = config.Sm90WsBwdConfig(hd, True, overlap=False)
-    assert serial.defines()["ATTNKIT_WS_BWD_OVERLAP"] == 0 and serial.smem_bytes == cfg.smem_bytes
-    early = config.Sm90WsBwdConfig(hd, True, early_dv=True)
-    assert early.defines()["ATTNKIT_WS_BWD_EARLY_DV"] == 1 and early.smem_bytes == cfg.smem_bytes
+    for name, change in config.WS_BWD_ABLATIONS.items():  # same tiles and shared memory, other defines
+        variant = config.Sm90WsBwdConfig(hd, True, **change)
+        assert variant.smem_bytes == cfg.smem_bytes and variant.defines() != cfg.defines(), name
+    serial = config.Sm90WsBwdConfig(hd, True, **config.WS_BWD_ABLATIONS["serial"])
+    assert [serial.defines()[f"ATTNKIT_WS_BWD_{m}"] for m in ("OVERLAP", "EARLY_DV", "LATE_DK")] == [0, 0, 0]
     assert cfg.grid(1000, 4, 3) == (8, 4, 3) and cfg.grid(128, 1, 1) == (1, 1, 1) and cfg.grid(129, 1, 1)[0] == 2
     assert [cfg.lse_len(n) for n in (1, 64, 65, 1000)] == [64, 64, 128, 1024]
 

@@ -14,10 +14,13 @@
 //                                       computes columns [w d/2, (w + 1) d/2) over all 128 keys. The fp32 tile goes
 //                                       to shared memory and is added to the global dQ accumulator by
 //                                       cp.reduce.async.bulk.tensor (out-of-range rows and columns are dropped).
+// A step's products are issued in FA3's order (the default; macros below select the ablations): S^T, dP^T; P^T
+// formed while dP^T runs; dV; dS^T formed and stored while dV runs; consumer barrier; dQ, then dK, so that the dQ
+// tile is staged and reduced while dK runs.
 // Tiles use the 128-byte swizzle (sw128.cuh) that TMA writes with CU_TENSOR_MAP_SWIZZLE_128B: 64-column slabs of
 // 128-byte rows, 1024-byte aligned.
 //
-// Macros: ATTNKIT_HEAD_DIM (64 or 128), ATTNKIT_BF16.
+// Macros: ATTNKIT_HEAD_DIM (64 or 128), ATTNKIT_BF16, and the schedule switches below.
 #include "common.cuh"
 #include "softmax.cuh"
 #include "sw128.cuh"
@@ -39,12 +42,12 @@
 // 1 (with ATTNKIT_WS_BWD_OVERLAP): FA3's order inside a step: dV += P^T dO is issued as soon as P^T is packed,
 // so dS^T is computed and stored while dV runs, and dK follows; 0: dV and dK are issued together after dS^T.
 #ifndef ATTNKIT_WS_BWD_EARLY_DV
-#define ATTNKIT_WS_BWD_EARLY_DV 0
+#define ATTNKIT_WS_BWD_EARLY_DV 1
 #endif
 // 1 (with ATTNKIT_WS_BWD_EARLY_DV): dK is issued after dQ, past the consumer barrier, so the tensor cores run it
 // while the dQ tile is waited for, staged and reduced; 0: dK is issued before the barrier.
 #ifndef ATTNKIT_WS_BWD_LATE_DK
-#define ATTNKIT_WS_BWD_LATE_DK 0
+#define ATTNKIT_WS_BWD_LATE_DK 1
 #endif
 
 namespace ak {
