@@ -171,18 +171,7 @@ struct BwdSm90Kernel {
                     as[kk][2] = pack2<BF16>(dpt[2 * kk + 1][0], dpt[2 * kk + 1][1]);
                     as[kk][3] = pack2<BF16>(dpt[2 * kk + 1][2], dpt[2 * kk + 1][3]);
                 }
-#pragma unroll
-                for (int kk = 0; kk < BM / 16; ++kk)
-#pragma unroll
-                    for (int half = 0; half < 2; ++half)
-#pragma unroll
-                        for (int hh = 0; hh < 2; ++hh) {
-                            // Element (key r, query c) of dS^T sits at r*128 + ((c/8) ^ (r%8))*16 + (c%8)*2.
-                            const int r = key_row + hh * 8;
-                            const int c = kk * 16 + half * 8 + 2 * (lane & 3);
-                            const u32 addr = sdSa + (u32)r * SLAB + (u32)(((c >> 3) ^ (r & 7)) << 4) + (u32)(c & 7) * 2;
-                            asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(addr), "r"(as[kk][2 * half + hh]));
-                        }
+                store_frags_sw128<BM / 16>(as, sdSa, key_row, lane);  // dS^T (key, query) for the dQ product
 
                 // dV += P^T dO, dK += dS^T Q: 16 queries per k-step = two 8-row groups of the dO/Q tiles.
                 wgmma_fence();

@@ -112,26 +112,6 @@ __device__ __forceinline__ void plain_probs(float (&sst)[MTILE][4], const float*
         }
 }
 
-// dS^T from P^T (in sst) and dP^T, then both packed as A fragments; P^T stays float32 until then, so dS^T is
-// formed exactly as scores_to_fragments forms it (packing P^T earlier would hold 16 more registers across dP^T).
-template <int MTILE, bool BF16>
-__device__ __forceinline__ void plain_dscores(float (&sst)[MTILE][4], float (&dpt)[MTILE][4], u32 (&ap)[MTILE / 2][4],
-                                              u32 (&as)[MTILE / 2][4], const float* bD, int lane, float scale) {
-#pragma unroll
-    for (int kk = 0; kk < MTILE / 2; ++kk) {
-#pragma unroll
-        for (int jj = 0; jj < 2; ++jj)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int j = 2 * kk + jj;
-                const int cl = j * 8 + 2 * (lane & 3) + (e & 1);
-                dpt[j][e] = sst[j][e] * (dpt[j][e] - bD[cl]) * scale;
-            }
-        pack_pair<MTILE, BF16>(sst, ap, kk);
-        pack_pair<MTILE, BF16>(dpt, as, kk);
-    }
-}
-
 // The early-dV schedule's halves of scores_to_fragments. probs_to_fragments: P^T of a tile with masks, softcap or
 // ALiBi packed into A fragments 16 queries at a time; sst keeps the factor dS^T needs from it, P^T (1 - tanh^2)
 // under softcap and P^T otherwise. dscores_to_fragments (every tile): dS^T = that factor times (dP^T - delta).
@@ -181,6 +161,16 @@ __device__ __forceinline__ void dscores_to_fragments(const float (&sst)[MTILE][4
             }
         pack_pair<MTILE, BF16>(dpt, as, kk);
     }
+}
+
+// dS^T from P^T (in sst) and dP^T, then both packed as A fragments (the overlapped schedule's plain tiles). P^T
+// stays float32 until then, so dS^T is formed exactly as scores_to_fragments forms it.
+template <int MTILE, bool BF16>
+__device__ __forceinline__ void plain_dscores(float (&sst)[MTILE][4], float (&dpt)[MTILE][4], u32 (&ap)[MTILE / 2][4],
+                                              u32 (&as)[MTILE / 2][4], const float* bD, int lane, float scale) {
+    dscores_to_fragments<MTILE, BF16>(sst, dpt, as, bD, lane, scale);
+#pragma unroll
+    for (int kk = 0; kk < MTILE / 2; ++kk) pack_pair<MTILE, BF16>(sst, ap, kk);
 }
 
 __device__ __forceinline__ u32 opaque(u32 x) {
@@ -281,24 +271,6 @@ struct BwdSm90WsKernel {
         for (int kk = 0; kk < BM / 16; ++kk)
             MmaKV::template rs<1>(acc_dk, as[kk], sw128_desc(bQ + (u32)kk * (16 * SLAB), BM * SLAB, 1024), 1);
         wgmma_commit();
-    }
-
-    // dS^T (key r of the CTA, query c) at r*128 + ((c/8) ^ (r%8))*16 + (c%8)*2 of the step's buffer. The buffer
-    // was last read by the dQ of two steps before, which both warpgroups finished before the previous step's
-    // consumer barrier.
-    static __device__ __forceinline__ void store_dscores(const u32 (&as)[BM / 16][4], u32 bdS, int w, int key_row,
-                                                         int lane) {
-#pragma unroll
-        for (int kk = 0; kk < BM / 16; ++kk)
-#pragma unroll
-            for (int half = 0; half < 2; ++half)
-#pragma unroll
-                for (int hh = 0; hh < 2; ++hh) {
-                    const int r = w * WBN + key_row + hh * 8;
-                    const int c = kk * 16 + half * 8 + 2 * (lane & 3);
-                    const u32 addr = bdS + (u32)r * SLAB + (u32)(((c >> 3) ^ (r & 7)) << 4) + (u32)(c & 7) * 2;
-                    asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(addr), "r"(as[kk][2 * half + hh]));
-                }
     }
 
     static __device__ __forceinline__ void run(const TmaMap* tq, const TmaMap* tk, const TmaMap* tv,
@@ -450,7 +422,9 @@ struct BwdSm90WsKernel {
                     wgmma_wait<1>();
                     fence_all(dpt);
                     dscores_to_fragments<MTILE, BF16>(sst, dpt, as, sDl + buf * BM, lane, a.scale);
-                    store_dscores(as, bdS, w, key_row, lane);
+                    // dS^T to this step's buffer, last read by the dQ of two steps before, which both warpgroups
+                    // finished before the previous step's consumer barrier.
+                    store_frags_sw128<BM / 16>(as, bdS, w * WBN + key_row, lane);
                     if (!LATE_DK) issue_dk(acc_dk, as, bQ);
                 } else {
                     if (OVERLAP) {
@@ -469,7 +443,9 @@ struct BwdSm90WsKernel {
                     else
                         scores_to_fragments<MTILE, BF16>(sst, dpt, ap, as, sL + buf * BM, sDl + buf * BM, m0,
                                                          kw0 + key_row, lane, need_mask, a.scale, shift, sq, sk, sp);
-                    store_dscores(as, bdS, w, key_row, lane);
+                    // dS^T to this step's buffer, last read by the dQ of two steps before, which both warpgroups
+                    // finished before the previous step's consumer barrier.
+                    store_frags_sw128<BM / 16>(as, bdS, w * WBN + key_row, lane);
                     wgmma_fence();
 #pragma unroll
                     for (int kk = 0; kk < BM / 16; ++kk) {
