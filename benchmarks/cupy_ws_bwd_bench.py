@@ -44,8 +44,12 @@ TOKENS = 16 * 1024
 HIDDEN = 2048
 ATOL = 2e-3
 # "ws": the default schedule; "ws_<ablation>": a row of config.WS_BWD_ABLATIONS ("ws_serial", "ws_overlap",
-# "ws_early_dv"; "-" and "+" in the names become "_").
-WS_IMPLS = ("ws", *("ws_" + name.replace("-", "_").replace("+", "_") for name in ws_config.WS_BWD_ABLATIONS))
+# "ws_early_dv"; "-" and "+" in the names become "_"), each with its change of Sm90WsBwdConfig fields.
+WS_SCHEDULES: dict[str, dict[str, object]] = {
+    "ws": {},
+    **{"ws_" + name.replace("-", "_").replace("+", "_"): change for name, change in ws_config.WS_BWD_ABLATIONS.items()},
+}
+WS_IMPLS = tuple(WS_SCHEDULES)
 IMPLS = (*WS_IMPLS, "sm90", "triton", "sdpa_cudnn", "sdpa_flash")
 KERNEL = "attnkit_bwd_sm90_ws"
 
@@ -73,8 +77,7 @@ def _schedule(impl: str):
 
     from attnkit.backends.cupy import ws_bwd
 
-    names = {"ws_" + name.replace("-", "_").replace("+", "_"): name for name in ws_config.WS_BWD_ABLATIONS}
-    change = {} if impl == "ws" else ws_config.WS_BWD_ABLATIONS[names[impl]]
+    change = WS_SCHEDULES[impl]
     real = ws_bwd.ws_backward_config
 
     def patched(*args, **kwargs):
