@@ -11,7 +11,7 @@ import triton
 from attnkit.fp8 import Fp8Scales
 from attnkit.params import AttentionParams, KVCacheInfo
 
-from . import configs, device, fastpath, probes
+from . import configs, device, fastpath, probes, tma
 from .kvcache_kernel import combine_splits, kvcache_split_fwd
 from .kvcache_splits import MAX_SPLITS, split_count
 
@@ -23,6 +23,9 @@ _MAX_SPLITS = MAX_SPLITS
 _BLOCK_N = 64
 _NUM_WARPS = 4
 _NUM_STAGES = 2
+# Whether K/V stream through TMA where tma_eligible allows it (Hopper), and the pipeline depth of that loop.
+_TMA = True
+_TMA_STAGES = 3
 INTERPRETER_SM_COUNT = 4  # the split heuristic's multiprocessors for CPU tensors (the interpreter)
 # Per-call tensors of a plan: the leading parameters of each kernel.
 _SPLIT_LEAD = ("Q", "K", "V", "SLOPES", "SEQLENS", "BATCH_IDX", "BLOCK_TABLE", "LEFTPAD", "OUT_PART", "LSE_PART",
@@ -51,7 +54,7 @@ def plan_key(q, k_cache, v_cache, info: KVCacheInfo, alibi, params: AttentionPar
     return (
         meta(q), meta(k_cache), meta(v_cache), meta(info.cache_seqlens), meta(info.cache_batch_idx),
         meta(info.block_table), meta(info.cache_leftpad), info.num_splits, meta(alibi), params, _WAVES, _BLOCK_N,
-        _NUM_WARPS, _NUM_STAGES,
+        _NUM_WARPS, _NUM_STAGES, _TMA, _TMA_STAGES,
         None if scales is None else (scales.out_dtype, *(meta(t) for t in _descales(info, scales))),
     )  # fmt: skip
 
@@ -78,6 +81,24 @@ def _descales(info: KVCacheInfo, scales: Fp8Scales | None) -> tuple[torch.Tensor
     if scales is None:
         return (info.cache_seqlens,) * 3
     return scales.q_descale, scales.k_descale, scales.v_descale
+
+
+def tma_eligible(k_cache: torch.Tensor, v_cache: torch.Tensor, info: KVCacheInfo, block_n: int) -> bool:
+    """K/V blocks may stream through TMA: Hopper, 16-byte aligned caches, no left padding (the padding's keys
+    would need masking in every first block), pages that hold whole key blocks of one pool (pages x page rows,
+    32-bit rows), and the shapes the H200 runs validated: bf16/fp16 caches of head dim 128 for K and V. (Head dims
+    112/16 with a 256-key page faulted there, fuzz seed 1091767499; NOTES-triton.md, "Decoding through TMA".)"""
+    if not _TMA or info.cache_leftpad is not None or k_cache.dtype not in (torch.bfloat16, torch.float16):
+        return False
+    if k_cache.shape[3] != 128 or v_cache.shape[3] != 128:
+        return False
+    if not tma.eligible(128, 128, 128, [k_cache, v_cache]):
+        return False
+    if info.block_table is None:
+        return True
+    page = k_cache.shape[1]
+    pooled = all(t.stride(0) == page * t.stride(1) for t in (k_cache, v_cache))
+    return page % block_n == 0 and pooled and k_cache.shape[0] * page < 2**31
 
 
 def splits_for(info: KVCacheInfo, work: int, key_blocks: int, block_n: int, where: torch.device) -> int:
@@ -145,6 +166,7 @@ def forward_kvcache(
     keys_per_split = triton.cdiv(key_blocks, splits) * block_n
     splits = triton.cdiv(key_blocks * block_n, keys_per_split)
 
+    use_tma = tma_eligible(k_cache, v_cache, info, block_n)
     part_shape = (splits, batch, heads_q, seqlen_q, head_dim_v)
     out, lse, out_part, lse_part = _buffers(q, head_dim_v, splits, part_shape, out_dtype)
     split_values = {
@@ -158,6 +180,7 @@ def forward_kvcache(
         **dict(zip(("stride_os", "stride_ob", "stride_oh", "stride_om"), out_part.stride()[:4])),
         **dict(zip(("stride_ls", "stride_lb", "stride_lh"), lse_part.stride()[:3])),
         "seqlen_q": seqlen_q, "group": group, "num_kv_heads": heads_k, "keys_per_split": keys_per_split,
+        "pool_rows": k_cache.shape[0] * page_size if paged else 0,
         "scale_log2": params.softmax_scale * 1.4426950408889634, "softcap": params.softcap,
         "window_left": params.window_left, "window_right": params.window_right,
         "HEAD_DIM": head_dim, "HEAD_DIM_V": head_dim_v,
@@ -168,14 +191,16 @@ def forward_kvcache(
         "HAS_ALIBI": alibi is not None, "HAS_SOFTCAP": params.softcap > 0, "HAS_WINDOW_LEFT": params.window_left >= 0,
         "HAS_WINDOW_RIGHT": params.window_right >= 0,
         "UPCAST": interpreted, "DOT_PRECISION": "ieee" if q.dtype == torch.float32 and not interpreted else "tf32",
-        "FP8": scales is not None,
+        "FP8": scales is not None, "TMA": use_tma,
     }  # fmt: skip
     split_args = fastpath.arguments(kvcache_split_fwd, split_values)
     split_grid = (splits, batch * heads_k, m_blocks)
     combine_args: tuple = ()
     combine_grid = (batch * heads_q * seqlen_q, 1, 1)
-    with device.on_device(q):
-        split_kernel = kvcache_split_fwd[split_grid](*split_args, num_warps=_NUM_WARPS, num_stages=_NUM_STAGES)
+    with device.on_device(q), tma.scratch(use_tma):
+        split_kernel = kvcache_split_fwd[split_grid](
+            *split_args, num_warps=_NUM_WARPS, num_stages=_TMA_STAGES if use_tma else _NUM_STAGES
+        )
         combine_kernel = None
         if splits > 1:
             combine_values = {
@@ -191,7 +216,7 @@ def forward_kvcache(
             combine_kernel = combine_splits[combine_grid[:1]](*combine_args, num_warps=1 if head_dim_v <= 64 else 2)
     if key is not None and all(fastpath.aligned(t) for t in (out_part, lse_part, out, lse)):
         _remember(key, q, split_kernel, split_grid, split_args, splits, combine_kernel, combine_grid, combine_args,
-                  part_shape)  # fmt: skip
+                  part_shape, use_tma)  # fmt: skip
     return out, lse
 
 
@@ -281,13 +306,13 @@ def decode_runner(q, k_cache, v_cache, k, v, cache_seqlens, block_table, params:
 
 
 def _remember(key, q, split_kernel, split_grid, split_args, splits, combine_kernel, combine_grid, combine_args,
-              part_shape) -> None:  # fmt: skip
+              part_shape, use_tma: bool) -> None:  # fmt: skip
     if fastpath.leading(kvcache_split_fwd, len(_SPLIT_LEAD)) != _SPLIT_LEAD:
         return
     if fastpath.leading(combine_splits, len(_COMBINE_LEAD)) != _COMBINE_LEAD:
         return
     split = fastpath.bind(kvcache_split_fwd, split_kernel, split_grid, split_args[len(_SPLIT_LEAD) :], q.device,
-                          False)  # fmt: skip
+                          use_tma)  # fmt: skip
     if split is None:
         return
     combine = None

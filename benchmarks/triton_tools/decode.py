@@ -10,33 +10,41 @@ from collections.abc import Callable
 
 from .common import run_header, sweep_report
 
-_DECODE_VARIANTS = [  # (key block, warps, stages, waves of programs); the first is the shipped setting
-    (64, 4, 2, 2),
-    (64, 4, 3, 2),
-    (64, 4, 4, 2),
-    (64, 8, 3, 2),
-    (64, 4, 3, 4),
-    (128, 4, 2, 2),
-    (128, 4, 3, 2),
-    (128, 8, 3, 2),
-    (128, 8, 2, 4),
-    (32, 4, 4, 2),
+# (key block, warps, stages, waves of programs, TMA); the first is the shipped setting. With TMA the stages are
+# those of the TMA loop (kvcache_launch._TMA_STAGES); the pointer loop keeps its 2.
+_DECODE_VARIANTS = [
+    (64, 4, 3, 2, 1),
+    (64, 4, 2, 2, 0),
+    (64, 4, 3, 2, 0),
+    (64, 4, 2, 2, 1),
+    (64, 4, 4, 2, 1),
+    (64, 4, 3, 3, 1),
+    (64, 4, 3, 4, 1),
+    (64, 4, 4, 4, 1),
+    (128, 4, 2, 2, 1),
+    (128, 4, 3, 2, 1),
+    (128, 8, 3, 2, 1),
+    (32, 4, 4, 4, 1),
+    (32, 4, 6, 4, 1),
 ]
 
 
 @contextlib.contextmanager
-def _decode_setting(block_n: int, warps: int, stages: int, waves: int):
+def _decode_setting(block_n: int, warps: int, stages: int, waves: int, use_tma: int):
     from attnkit.backends.triton import kvcache_launch as kl
 
-    saved = (kl._BLOCK_N, kl._NUM_WARPS, kl._NUM_STAGES, kl._WAVES)
-    kl._BLOCK_N, kl._NUM_WARPS, kl._NUM_STAGES, kl._WAVES = block_n, warps, stages, waves
+    names = ("_BLOCK_N", "_NUM_WARPS", "_NUM_STAGES" if not use_tma else "_TMA_STAGES", "_WAVES", "_TMA")
+    saved = [getattr(kl, n) for n in names]
+    for n, value in zip(names, (block_n, warps, stages, waves, bool(use_tma))):
+        setattr(kl, n, value)
     try:
         yield
     finally:
-        kl._BLOCK_N, kl._NUM_WARPS, kl._NUM_STAGES, kl._WAVES = saved
+        for n, value in zip(names, saved):
+            setattr(kl, n, value)
 
 
-def _decode_case(kv: int, budget_s: float) -> dict:
+def _decode_case(batch: int, kv: int, budget_s: float, seqlen_q: int = 1) -> dict:
     """One KV length of `decodesweep`. Every setting is checked against SDPA-flash, captured in a CUDA graph and
     its replays timed in rounds with SDPA flash's and cuDNN's (GPU time alone: a decode step is shorter than the
     host time of an eager call). The host time of eager calls (wall clock per call, synchronised at the end of
@@ -48,20 +56,25 @@ def _decode_case(kv: int, budget_s: float) -> dict:
     import attnkit
     from attnkit.bench.timing import CudaClock, measure_interleaved
 
-    b, hq, hk, d = 131072 // kv, 32, 8, 128
+    b, hq, hk, d = batch, 32, 8, 128
     gen = torch.Generator(device="cuda").manual_seed(kv)
-    q = torch.randn(b, 1, hq, d, dtype=torch.bfloat16, device="cuda", generator=gen)
+    q = torch.randn(b, seqlen_q, hq, d, dtype=torch.bfloat16, device="cuda", generator=gen)
     k, v = (torch.randn(b, kv, hk, d, dtype=torch.bfloat16, device="cuda", generator=gen) for _ in range(2))
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
-    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-        ref = F.scaled_dot_product_attention(qt, kt, vt, enable_gqa=True).transpose(1, 2)
+    # seqlen_q > 1: queries at the cache's end (bottom-right causal, as attention_with_kvcache(causal=True)); flash
+    # takes no mask, so the reference is then PyTorch's pick
+    mask = None
+    if seqlen_q > 1:
+        mask = torch.ones(seqlen_q, kv, dtype=torch.bool, device="cuda").tril(kv - seqlen_q)
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION) if mask is None else contextlib.nullcontext():
+        ref = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, enable_gqa=True).transpose(1, 2)
     eager: dict[str, Callable[[], object]] = {}
     errors: dict[str, float] = {}
     for setting in _DECODE_VARIANTS:
 
         def call(setting=setting):
             with _decode_setting(*setting):
-                return attnkit.attention_with_kvcache(q, k, v, backend="triton_cuda")
+                return attnkit.attention_with_kvcache(q, k, v, backend="triton_cuda", causal=seqlen_q > 1)
 
         name = "x".join(map(str, setting))
         try:
@@ -73,7 +86,7 @@ def _decode_case(kv: int, budget_s: float) -> dict:
 
         def sdpa_call(kind=kind):
             with sdpa_kernel(kind):
-                return F.scaled_dot_product_attention(qt, kt, vt, enable_gqa=True)
+                return F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, enable_gqa=True)
 
         eager[label] = sdpa_call
     steps: dict[str, Callable[[int], object]] = {}
@@ -98,14 +111,17 @@ def _decode_case(kv: int, budget_s: float) -> dict:
     host_us = {}
     for name in ("x".join(map(str, _DECODE_VARIANTS[0])), "sdpa flash", "sdpa cudnn"):
         fn = eager[name]
-        fn()
+        try:
+            fn()
+        except Exception:  # flash with a mask
+            continue
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         for _ in range(100):
             fn()
         torch.cuda.synchronize()
         host_us[name] = (time.perf_counter() - t0) / 100 * 1e6
-    return {"kv": kv, "batch": b, "gbs": gbs, "err": errors, "eager_us_per_call": host_us}
+    return {"kv": kv, "batch": b, "seqlen_q": seqlen_q, "gbs": gbs, "err": errors, "eager_us_per_call": host_us}
 
 
 def decodesweep(args: argparse.Namespace) -> None:
@@ -118,13 +134,15 @@ def decodesweep(args: argparse.Namespace) -> None:
     lines = [f"### Decode settings (key block x warps x stages x waves), GB/s in rounds ({header})", ""]
     print(lines[0], flush=True)
     results = []
-    for kv in (int(x) for x in args.kv_lens.split(",")):
-        row = _decode_case(kv, args.budget_per_case)
+    for cell in args.kv_lens.split(","):
+        batch, _, kv = cell.rpartition("x")  # BxL fixes the batch, a bare L takes 131072 // L rows
+        row = _decode_case(int(batch) if batch else 131072 // int(kv), int(kv), args.budget_per_case, args.seqlen_q)
         results.append(row)
         gbs, errors = row["gbs"], row["err"]
         eager = ", ".join(f"{n} {us:.0f} us" for n, us in row["eager_us_per_call"].items())
         case = [
-            f"kv={kv} batch={row['batch']}: graph replays, flash {gbs.get('sdpa flash', 0):.0f}, cudnn "
+            f"kv={row['kv']} batch={row['batch']} seqlen_q={row['seqlen_q']}: graph replays, flash "
+            f"{gbs.get('sdpa flash', 0):.0f}, cudnn "
             f"{gbs.get('sdpa cudnn', 0):.0f}; eager wall per call: {eager}"
         ]
         for name in sorted(errors, key=lambda n: -gbs.get(n, 0)):

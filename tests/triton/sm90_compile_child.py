@@ -71,6 +71,7 @@ def main() -> None:
     parts = torch.randn(3, 2, 5, 4, 64, dtype=torch.float32)
     merge_launch.merge_states(parts, torch.randn(3, 2, 4, 5), bf)
     compile_tma_length_one(launch, bf)
+    compile_tma_decode(kvcache_launch, bf)
     print("RESULTS", json.dumps(results))
 
 
@@ -92,6 +93,21 @@ def compile_tma_length_one(launch, dtype: torch.dtype) -> None:
         one = torch.randn(1, 1, 2, d, dtype=dtype)
         with tuning.forced_tiles(fwd=persistent):
             launch.forward(q, one, one, None, plain, None, "nvidia")
+
+
+def compile_tma_decode(kvcache_launch, dtype: torch.dtype) -> None:
+    """The decoding kernel's TMA loop (CPU tensors never qualify on their own): a contiguous cache, whose
+    descriptors end at the split's end, and a paged pool, whose block that ends the split masks its values."""
+    from attnkit.params import AttentionParams, KVCacheInfo
+
+    kvcache_launch.tma_eligible = lambda k_cache, v_cache, info, block_n: True
+    params = AttentionParams(softmax_scale=0.1, causal=True, window_right=0)
+    q = torch.randn(2, 1, 8, 128, dtype=dtype)
+    lens = torch.tensor([300, 1000], dtype=torch.int32)
+    cache = torch.randn(2, 1024, 2, 128, dtype=dtype)
+    kvcache_launch.forward_kvcache(q, cache, cache, KVCacheInfo(lens, None, None, None, 3), None, params)
+    pool, table = torch.randn(16, 128, 2, 128, dtype=dtype), torch.arange(16, dtype=torch.int32).view(2, 8)
+    kvcache_launch.forward_kvcache(q, pool, pool, KVCacheInfo(lens, None, table, None, 3), None, params)
 
 
 if __name__ == "__main__":

@@ -483,3 +483,77 @@ def test_forced_num_splits_is_clamped_to_the_key_blocks():
     assert splits_for(info, 8, 10, 64, cpu) == 10
     assert splits_for(KVCacheInfo(info.cache_seqlens, num_splits=3), 8, 10, 64, cpu) == 3
     assert splits_for(KVCacheInfo(info.cache_seqlens), 1, 10, 64, cpu) == split_count(1, 10, 64, _WAVES * 4) == 7
+
+
+@pytest.mark.parametrize("page", [0, 64, 128], ids=["contiguous", "page64", "page128"])
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_tma_loop_equals_the_pointer_loop(page, num_splits, monkeypatch):
+    """The decoding kernel's TMA loop (Hopper; forced here under the interpreter) against its pointer loop, with
+    NaN in every cache row past a row's length: the contiguous descriptors end at the split's end, and the paged
+    pool's last block of a split masks its values, so none of it may reach the output."""
+    from attnkit.backends.triton import kvcache_launch
+
+    from attnkit.params import AttentionParams, KVCacheInfo
+
+    gen = torch.Generator().manual_seed(7 + page + num_splits)
+    dt, heads_k, d, lens = torch.bfloat16, 2, 64, torch.tensor([37, 203], dtype=torch.int32)
+    q = torch.randn(2, 2, 4, d, generator=gen).to(dt)
+    if page:
+        pages = 256 // page
+        table = torch.randperm(2 * pages, generator=gen).to(torch.int32).view(2, pages)
+        k_cache, v_cache = (torch.full((2 * pages, page, heads_k, d), float("nan"), dtype=dt) for _ in range(2))
+        for b in range(2):
+            for j in range(int(lens[b])):
+                for cache in (k_cache, v_cache):
+                    cache[table[b, j // page], j % page] = torch.randn(heads_k, d, generator=gen).to(dt)
+    else:
+        table = None
+        k_cache, v_cache = (torch.randn(2, 256, heads_k, d, generator=gen).to(dt) for _ in range(2))
+        for b in range(2):
+            k_cache[b, lens[b] :] = v_cache[b, lens[b] :] = float("nan")
+    info = KVCacheInfo(lens, None, table, None, num_splits)
+    params = AttentionParams(softmax_scale=0.125, causal=True, window_left=100, window_right=0)
+    pointer = kvcache_launch.forward_kvcache(q, k_cache, v_cache, info, None, params)
+    monkeypatch.setattr(kvcache_launch, "tma_eligible", lambda *args: True)
+    launched = []  # the launch scopes the descriptors' scratch allocator exactly when the kernel takes TMA
+    real_scratch = kvcache_launch.tma.scratch
+
+    def scratch(enabled: bool):
+        launched.append(enabled)
+        return real_scratch(enabled)
+
+    monkeypatch.setattr(kvcache_launch.tma, "scratch", scratch)
+    monkeypatch.setattr(kvcache_launch, "plans", kvcache_launch.fastpath.Plans())
+    streamed = kvcache_launch.forward_kvcache(q, k_cache, v_cache, info, None, params)
+    assert launched == [True]
+    assert not streamed[0].isnan().any()
+    torch.testing.assert_close(streamed[0], pointer[0], atol=2e-2, rtol=0)
+    torch.testing.assert_close(streamed[1], pointer[1], atol=1e-4, rtol=0)
+
+
+def test_tma_eligibility_keeps_to_the_validated_shapes(monkeypatch):
+    """The decoding kernel streams through TMA only where the H200 runs validated it (bf16/fp16, head dim 128 for K
+    and V, no left padding, pages of whole key blocks in one pool); the generic checks (Hopper, alignment) are
+    tma.eligible's, stubbed here so that the decode-specific rules are what is tested."""
+    from attnkit.backends.triton import kvcache_launch
+
+    from attnkit.params import KVCacheInfo
+
+    monkeypatch.setattr(kvcache_launch.tma, "eligible", lambda *args: True)
+    lens = torch.tensor([5], dtype=torch.int32)
+
+    def ok(d=128, dv=128, dtype=torch.bfloat16, page=0, leftpad=None, pool_view=False):
+        shape = (4, page or 256, 2)
+        k, v = torch.zeros(*shape, d, dtype=dtype), torch.zeros(*shape, dv, dtype=dtype)
+        if pool_view:  # every other page of a larger pool: pages not adjacent
+            k, v = torch.zeros(8, page, 2, d, dtype=dtype)[::2], torch.zeros(8, page, 2, dv, dtype=dtype)[::2]
+        table = torch.zeros(1, 2, dtype=torch.int32) if page else None
+        return kvcache_launch.tma_eligible(k, v, KVCacheInfo(lens, None, table, leftpad, 0), 64)
+
+    assert ok() and ok(dtype=torch.float16) and ok(page=64) and ok(page=256)
+    assert not ok(d=112, dv=16) and not ok(d=64, dv=64) and not ok(dv=64)
+    assert not ok(dtype=torch.float32) and not ok(dtype=torch.float8_e4m3fn)
+    assert not ok(leftpad=torch.tensor([1], dtype=torch.int32))
+    assert not ok(page=16) and not ok(page=96) and not ok(page=64, pool_view=True)
+    monkeypatch.setattr(kvcache_launch, "_TMA", False)
+    assert not ok()
