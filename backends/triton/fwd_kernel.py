@@ -321,3 +321,10 @@ def attn_fwd(
             VARLEN, HAS_WL, HAS_WR, SOFTCAP, ALIBI, DROPOUT, PIECEWISE, UPCAST, DOT_PREC, IDX64, USE_TMA,
             WARP_SPEC, SINK,
         )
+
+
+# triton 3.6 specialises an integer argument equal to 1 into a constant, and with seqlen_k 1 it miscompiled a tile
+# (H200: an out-of-range shared-memory address in the output store at head dims 48/32, fuzz seed 1749773976;
+# NOTES-triton.md, "Lengths of one"). Calls with a length of 1 take this copy, whose lengths stay runtime values;
+# every other call keeps attn_fwd's specialisations, so their code is unchanged.
+attn_fwd_length_one = triton.jit(do_not_specialize=["batch", "seqlen_q", "seqlen_k"])(attn_fwd.fn)

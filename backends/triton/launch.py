@@ -19,7 +19,7 @@ from attnkit.params import AttentionParams, VarlenInfo
 
 from . import configs, device, fastpath, probes, tma, tuning
 from .bwd_kernel import attn_bwd_dkdv, attn_bwd_dq, attn_bwd_preprocess
-from .fwd_kernel import attn_fwd
+from .fwd_kernel import attn_fwd, attn_fwd_length_one
 
 _INT32_LIMIT = 2**31 - 1
 FP32_DOT_PRECISION = "tf32x3"  # see dot_precision()
@@ -286,16 +286,18 @@ def forward(
             tiles = min(tiles, tile.persistent * device.sm_count(q.device))
         return (tiles,)
 
+    kernel = attn_fwd_length_one if 1 in (prob.seqlen_q, prob.seqlen_k) else attn_fwd
+
     def launch_with(tile: configs.Tile) -> object:
-        args, options = launch_args(attn_fwd, values, tile)
-        return attn_fwd[grid_of(tile)](*args, **options)
+        args, options = launch_args(kernel, values, tile)
+        return kernel[grid_of(tile)](*args, **options)
 
     with device.on_device(q), tma.scratch(use_tma):
         tile = tuning.tile_for("fwd", vendor, prob, q.dtype, use_tma, flags, launch_with)
         compiled = launch_with(tile)
     if plan_key is not None and fastpath.aligned(out) and fastpath.aligned(lse):
-        _remember_fwd(plan_key, compiled, grid_of(tile), launch_args(attn_fwd, values, tile)[0], q, use_tma, out,
-                      lse, varlen is not None)  # fmt: skip
+        _remember_fwd(kernel, plan_key, compiled, grid_of(tile), launch_args(kernel, values, tile)[0], q, use_tma,
+                      out, lse, varlen is not None)  # fmt: skip
     return out, lse
 
 
@@ -327,11 +329,11 @@ def forward_runner(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: At
     return run
 
 
-def _remember_fwd(key: tuple, compiled: object, grid: tuple[int, ...], args: tuple, q: torch.Tensor, use_tma: bool,
-                  out: torch.Tensor, lse: torch.Tensor, varlen: bool) -> None:  # fmt: skip
-    if fastpath.leading(attn_fwd, len(_FWD_LEAD)) != _FWD_LEAD:
+def _remember_fwd(kernel: object, key: tuple, compiled: object, grid: tuple[int, ...], args: tuple, q: torch.Tensor,
+                  use_tma: bool, out: torch.Tensor, lse: torch.Tensor, varlen: bool) -> None:  # fmt: skip
+    if fastpath.leading(kernel, len(_FWD_LEAD)) != _FWD_LEAD:
         return  # a kernel whose leading parameters changed: no plan rather than a wrong one
-    launcher = fastpath.bind(attn_fwd, compiled, grid, args[len(_FWD_LEAD) :], q.device, use_tma)
+    launcher = fastpath.bind(kernel, compiled, grid, args[len(_FWD_LEAD) :], q.device, use_tma)
     if launcher is not None:
         fwd_plans.put(key, FwdPlan(launcher, tuple(out.shape), tuple(lse.shape), varlen))
 

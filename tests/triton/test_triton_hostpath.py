@@ -610,3 +610,46 @@ def test_repeated_full_cache_reads_take_the_bound_step(monkeypatch):
     bad[1, 2] = 9
     with pytest.raises(InvalidArgumentError, match="outside"):
         attnkit.attention_with_kvcache(q, pages, pages, block_table=bad, backend="triton_cuda")
+
+
+@pytest.mark.parametrize("seqlens", [(1, 37), (37, 1), (1, 1), (37, 2)], ids=["sq1", "sk1", "both1", "none"])
+def test_a_length_of_one_takes_the_unspecialised_forward(seqlens, monkeypatch):
+    """triton 3.6 miscompiled a forward tile whose seqlen_k of 1 it had specialised into a constant (an illegal
+    shared-memory address on the H200): a call with a length of 1 launches the copy of attn_fwd that keeps the
+    lengths runtime values, every other call attn_fwd itself; both give the reference's answer."""
+    from attnkit.backends.triton import fwd_kernel, launch
+
+    from attnkit.params import AttentionParams
+    from attnkit.testing import attention_naive
+
+    used = []
+
+    class Recorder:
+        def __init__(self, name, kernel):
+            self.name, self.kernel, self.fn = name, kernel, kernel.fn
+
+        def __getitem__(self, grid):
+            used.append(self.name)
+            return self.kernel[grid]
+
+    monkeypatch.setattr(launch, "attn_fwd", Recorder("specialised", fwd_kernel.attn_fwd))
+    monkeypatch.setattr(launch, "attn_fwd_length_one", Recorder("length one", fwd_kernel.attn_fwd_length_one))
+    monkeypatch.setenv("ATTNKIT_HOST_FASTPATH", "0")
+    sq, sk = seqlens
+    gen = torch.Generator().manual_seed(sq * 100 + sk)
+    q = torch.randn(1, sq, 4, 48, generator=gen)
+    k = torch.randn(1, sk, 2, 48, generator=gen)
+    v = torch.randn(1, sk, 2, 32, generator=gen)
+    out, lse = launch.forward(q, k, v, None, AttentionParams(softmax_scale=0.2), None, "nvidia")
+    assert used == ["length one" if 1 in seqlens else "specialised"]
+    ref, ref_lse = attention_naive(q.double(), k.double(), v.double(), softmax_scale=0.2, return_lse=True)
+    torch.testing.assert_close(out.double(), ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=1e-4, rtol=1e-4)
+    if not probes_interpreted():
+        assert {"seqlen_q", "seqlen_k"} <= set(fwd_kernel.attn_fwd_length_one.do_not_specialize)
+
+
+def probes_interpreted() -> bool:
+    from attnkit.backends.triton import probes
+
+    return probes.kernels_interpreted()
