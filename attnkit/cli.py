@@ -46,7 +46,7 @@ def _fuzz(args: argparse.Namespace, device) -> int:
         else:
             summary = fuzz.fuzz(args.fuzz, device=device, backends=args.backend or None, first_seed=seed)
     print(summary.format())
-    return 1 if summary.failures else 0
+    return 1 if summary.failures or summary.lost_at else 0
 
 
 def build_parser() -> argparse.ArgumentParser:

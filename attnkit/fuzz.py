@@ -690,6 +690,7 @@ class Summary:
     counts: dict[tuple[str, str], dict[str, int]] = field(default_factory=dict)  # (backend, op) -> status -> n
     failures: list[tuple[int, str, Outcome]] = field(default_factory=list)  # (seed, case description, outcome)
     cases: int = 0
+    lost_at: list[int] = field(default_factory=list)  # seeds after which a worker's CUDA context was gone
 
     def add(self, case: Case, outcomes: list[Outcome]) -> None:
         self.cases += 1
@@ -706,6 +707,7 @@ class Summary:
             for status, n in slot.items():
                 mine[status] += n
         self.failures.extend(other.failures)
+        self.lost_at.extend(other.lost_at)
 
     def format(self) -> str:
         lines = [f"{'backend':<12} {'op':<14} {'pass':>6} {'FAIL':>6} {'n/a':>6}"]
@@ -714,6 +716,9 @@ class Summary:
         passed = sum(s["pass"] for s in self.counts.values())
         failed = sum(s["FAIL"] for s in self.counts.values())
         lines.append(f"{self.cases} cases; {passed} passed, {failed} failed")
+        if self.lost_at:
+            seeds = ", ".join(map(str, sorted(self.lost_at)))
+            lines.append(f"stopped early: the CUDA context was lost after seed(s) {seeds} (replay each alone)")
         return "\n".join(lines)
 
 
@@ -752,10 +757,23 @@ def fuzz(
         for o in outcomes:
             if o.status == "FAIL":
                 log(_format_failure(seed, case.describe(), o, device))
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        if device.type == "cuda" and not _context_alive(device):
+            # A fault (an illegal address) poisons the process's CUDA context: every later case would fail too.
+            summary.lost_at.append(seed)
+            log(f"STOP worker {worker}: the CUDA context is lost after seed {seed}; replay it alone")
+            break
         seed += workers
     return summary
+
+
+def _context_alive(device: torch.device) -> bool:
+    """Synchronises ``device`` and frees the cached blocks; False when the CUDA context is unusable."""
+    try:
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+    except RuntimeError:  # torch.AcceleratorError (a sticky fault) is a RuntimeError
+        return False
+    return True
 
 
 def _worker(task: tuple) -> Summary:

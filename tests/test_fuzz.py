@@ -246,3 +246,32 @@ def test_one_key_rows_allow_the_rounding_of_the_stored_output(monkeypatch):
         monkeypatch.setattr(backend, "backward", backward)
         outcome = fuzz.run_case(ONE_KEY_DROPOUT, ["reference"], CPU)[0]
         assert outcome.status == "FAIL" and [d.split(":")[0] for d in outcome.details] == [name], outcome
+
+
+def test_a_lost_cuda_context_stops_the_worker_with_its_summary(monkeypatch):
+    """After a fault (an illegal address) every later CUDA call of the process fails: the worker stops at the
+    case after which the context was gone, names its seed, and keeps the counts it has, instead of failing every
+    later case or dying without a summary (faked here: this machine has no GPU)."""
+    import torch
+
+    from attnkit import fuzz
+
+    monkeypatch.setattr(fuzz, "run_case", lambda case, names, device: [])
+    syncs = []
+
+    def synchronize(device=None):
+        syncs.append(device)
+        if len(syncs) == 2:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(torch.cuda, "synchronize", synchronize)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    lines = []
+    summary = fuzz.fuzz(60, device=torch.device("cuda"), backends=["reference"], first_seed=10, max_cases=5,
+                        limits=fuzz.Limits(), worker=1, workers=3, log=lines.append)  # fmt: skip
+    assert summary.cases == 2 and summary.lost_at == [14]
+    assert lines == ["STOP worker 1: the CUDA context is lost after seed 14; replay it alone"]
+    assert "lost after seed(s) 14" in summary.format()
+    merged = fuzz.Summary()
+    merged.merge(summary)
+    assert merged.lost_at == [14]
