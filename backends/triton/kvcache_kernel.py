@@ -196,14 +196,17 @@ def kvcache_split_fwd(
             )
         # Whole blocks first; the block that ends the split masks its values (paged pools are not bounded).
         full_end = tl.maximum(start, start + (end - start) // BLOCK_N * BLOCK_N)
-        for block_start in range(start, full_end, BLOCK_N):
-            acc, l_i, m_i = _decode_block(
-                acc, l_i, m_i, q, k_src, v_src, block_start, end, first_key, shift, qi, row_ok, slope, d, dv,
-                cache_row, b, stride_bt_b, BLOCK_TABLE, stride_kb, stride_ks, stride_vb, stride_vs,
-                scale_log2, softcap, window_left, window_right,
-                HEAD_DIM, HEAD_DIM_V, BLOCK_N, PAGE_SIZE, PAGED, ONE_PAGE_PER_BLOCK, HAS_LEFTPAD, HAS_ALIBI,
-                HAS_SOFTCAP, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, UPCAST, DOT_PRECISION, FP8, TMA, False,
-            )  # fmt: skip
+    else:
+        full_end = end  # the pointer loads mask every block
+    for block_start in range(start, full_end, BLOCK_N):
+        acc, l_i, m_i = _decode_block(
+            acc, l_i, m_i, q, k_src, v_src, block_start, end, first_key, shift, qi, row_ok, slope, d, dv,
+            cache_row, b, stride_bt_b, BLOCK_TABLE, stride_kb, stride_ks, stride_vb, stride_vs,
+            scale_log2, softcap, window_left, window_right,
+            HEAD_DIM, HEAD_DIM_V, BLOCK_N, PAGE_SIZE, PAGED, ONE_PAGE_PER_BLOCK, HAS_LEFTPAD, HAS_ALIBI,
+            HAS_SOFTCAP, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, UPCAST, DOT_PRECISION, FP8, TMA, False,
+        )  # fmt: skip
+    if TMA:
         for block_start in tl.range(full_end, end, BLOCK_N, num_stages=1):  # at most one block
             acc, l_i, m_i = _decode_block(
                 acc, l_i, m_i, q, k_src, v_src, block_start, end, first_key, shift, qi, row_ok, slope, d, dv,
@@ -211,15 +214,6 @@ def kvcache_split_fwd(
                 scale_log2, softcap, window_left, window_right,
                 HEAD_DIM, HEAD_DIM_V, BLOCK_N, PAGE_SIZE, PAGED, ONE_PAGE_PER_BLOCK, HAS_LEFTPAD, HAS_ALIBI,
                 HAS_SOFTCAP, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, UPCAST, DOT_PRECISION, FP8, TMA, PAGED,
-            )  # fmt: skip
-    else:
-        for block_start in range(start, end, BLOCK_N):
-            acc, l_i, m_i = _decode_block(
-                acc, l_i, m_i, q, k_src, v_src, block_start, end, first_key, shift, qi, row_ok, slope, d, dv,
-                cache_row, b, stride_bt_b, BLOCK_TABLE, stride_kb, stride_ks, stride_vb, stride_vs,
-                scale_log2, softcap, window_left, window_right,
-                HEAD_DIM, HEAD_DIM_V, BLOCK_N, PAGE_SIZE, PAGED, ONE_PAGE_PER_BLOCK, HAS_LEFTPAD, HAS_ALIBI,
-                HAS_SOFTCAP, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, UPCAST, DOT_PRECISION, FP8, TMA, False,
             )  # fmt: skip
 
     empty = l_i == 0.0
