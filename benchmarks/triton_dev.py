@@ -83,6 +83,7 @@ def main() -> int:
     p = sub.add_parser("decodesweep")
     p.add_argument("--kv-lens", default="1024,4096,16384,65536", help="KV lengths; BxL fixes the batch (1x131072)")
     p.add_argument("--seqlen-q", type=int, default=1, help="queries per row (speculative decoding), causal")
+    p.add_argument("--page", type=int, default=0, help="attnkit reads a shuffled pool of pages of this many keys")
     p.add_argument("--budget-per-case", type=float, default=0.1, help="seconds of calls per setting and length")
     args = parser.parse_args()
     os.makedirs(OUT, exist_ok=True)

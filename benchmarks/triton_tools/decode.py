@@ -44,11 +44,12 @@ def _decode_setting(block_n: int, warps: int, stages: int, waves: int, use_tma: 
             setattr(kl, n, value)
 
 
-def _decode_case(batch: int, kv: int, budget_s: float, seqlen_q: int = 1) -> dict:
+def _decode_case(batch: int, kv: int, budget_s: float, seqlen_q: int = 1, page: int = 0) -> dict:
     """One KV length of `decodesweep`. Every setting is checked against SDPA-flash, captured in a CUDA graph and
     its replays timed in rounds with SDPA flash's and cuDNN's (GPU time alone: a decode step is shorter than the
     host time of an eager call). The host time of eager calls (wall clock per call, synchronised at the end of
-    100 back-to-back calls) is measured too."""
+    100 back-to-back calls) is measured too. ``page``: attnkit reads the cache from a shuffled pool of pages of that
+    many keys (a block table); SDPA reads the contiguous cache it was copied from."""
     import torch
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -68,13 +69,22 @@ def _decode_case(batch: int, kv: int, budget_s: float, seqlen_q: int = 1) -> dic
         mask = torch.ones(seqlen_q, kv, dtype=torch.bool, device="cuda").tril(kv - seqlen_q)
     with sdpa_kernel(SDPBackend.FLASH_ATTENTION) if mask is None else contextlib.nullcontext():
         ref = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, enable_gqa=True).transpose(1, 2)
+    k_in, v_in, paging = k, v, {}
+    if page:
+        pages = b * kv // page
+        order = torch.randperm(pages, generator=torch.Generator().manual_seed(kv)).to("cuda")
+        k_in, v_in = (torch.empty(pages, page, hk, d, dtype=t.dtype, device="cuda") for t in (k, v))
+        for pool, t in ((k_in, k), (v_in, v)):
+            pool[order] = t.reshape(pages, page, hk, d)
+        paging = {"block_table": order.view(b, -1).to(torch.int32)}
     eager: dict[str, Callable[[], object]] = {}
     errors: dict[str, float] = {}
     for setting in _DECODE_VARIANTS:
 
         def call(setting=setting):
             with _decode_setting(*setting):
-                return attnkit.attention_with_kvcache(q, k, v, backend="triton_cuda", causal=seqlen_q > 1)
+                return attnkit.attention_with_kvcache(q, k_in, v_in, backend="triton_cuda", causal=seqlen_q > 1,
+                                                      **paging)  # fmt: skip
 
         name = "x".join(map(str, setting))
         try:
@@ -121,7 +131,8 @@ def _decode_case(batch: int, kv: int, budget_s: float, seqlen_q: int = 1) -> dic
             fn()
         torch.cuda.synchronize()
         host_us[name] = (time.perf_counter() - t0) / 100 * 1e6
-    return {"kv": kv, "batch": b, "seqlen_q": seqlen_q, "gbs": gbs, "err": errors, "eager_us_per_call": host_us}
+    return {"kv": kv, "batch": b, "seqlen_q": seqlen_q, "page": page, "gbs": gbs, "err": errors,
+            "eager_us_per_call": host_us}  # fmt: skip
 
 
 def decodesweep(args: argparse.Namespace) -> None:
@@ -136,12 +147,13 @@ def decodesweep(args: argparse.Namespace) -> None:
     results = []
     for cell in args.kv_lens.split(","):
         batch, _, kv = cell.rpartition("x")  # BxL fixes the batch, a bare L takes 131072 // L rows
-        row = _decode_case(int(batch) if batch else 131072 // int(kv), int(kv), args.budget_per_case, args.seqlen_q)
+        row = _decode_case(int(batch) if batch else 131072 // int(kv), int(kv), args.budget_per_case, args.seqlen_q,
+                           args.page)  # fmt: skip
         results.append(row)
         gbs, errors = row["gbs"], row["err"]
         eager = ", ".join(f"{n} {us:.0f} us" for n, us in row["eager_us_per_call"].items())
         case = [
-            f"kv={row['kv']} batch={row['batch']} seqlen_q={row['seqlen_q']}: graph replays, flash "
+            f"kv={row['kv']} batch={row['batch']} seqlen_q={row['seqlen_q']} page={row['page']}: graph replays, flash "
             f"{gbs.get('sdpa flash', 0):.0f}, cudnn "
             f"{gbs.get('sdpa cudnn', 0):.0f}; eager wall per call: {eager}"
         ]
