@@ -465,3 +465,11 @@ def attn_bwd_dq(
         store_tile(DQ2 + b64 * sdq2b + h64 * sdq2h + q_start * sdq2m + rows_i[:, None] * sdq2m
                    + offs_d[None, :] * sdq2d, (dq2 * sm_scale).to(DQ2.dtype.element_ty), rows, sq, offs_d,
                    HEAD_DIM, BLOCK_D)
+
+
+# Length-1 calls take copies whose lengths stay runtime values, as the forward's do (fwd_kernel.attn_fwd_length_one):
+# triton 3.6 specialises an integer equal to 1 into a constant, and that specialisation is where its pipeliner
+# aborted (the seventh session) and where it miscompiled a forward tile (the eighth). The copies compile what every
+# odd length compiles.
+attn_bwd_dkdv_length_one = triton.jit(do_not_specialize=["seqlen_q", "seqlen_k"])(attn_bwd_dkdv.fn)
+attn_bwd_dq_length_one = triton.jit(do_not_specialize=["seqlen_q", "seqlen_k"])(attn_bwd_dq.fn)

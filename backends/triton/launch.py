@@ -18,7 +18,13 @@ from attnkit import env
 from attnkit.params import AttentionParams, VarlenInfo
 
 from . import configs, device, fastpath, probes, tma, tuning
-from .bwd_kernel import attn_bwd_dkdv, attn_bwd_dq, attn_bwd_preprocess
+from .bwd_kernel import (
+    attn_bwd_dkdv,
+    attn_bwd_dkdv_length_one,
+    attn_bwd_dq,
+    attn_bwd_dq_length_one,
+    attn_bwd_preprocess,
+)
 from .fwd_kernel import attn_fwd, attn_fwd_length_one
 
 _INT32_LIMIT = 2**31 - 1
@@ -463,13 +469,17 @@ def backward(
     def dq_grid(tile: configs.Tile) -> tuple[int]:
         return (triton.cdiv(prob.seqlen_q, tile.block_m) * prob.batch * prob.heads_q,)
 
+    length_one = 1 in (prob.seqlen_q, prob.seqlen_k)  # see bwd_kernel.attn_bwd_dkdv_length_one
+    dkdv_kernel = attn_bwd_dkdv_length_one if length_one else attn_bwd_dkdv
+    dq_kernel = attn_bwd_dq_length_one if length_one else attn_bwd_dq
+
     def dkdv_with(tile: configs.Tile) -> object:
-        args, options = launch_args(attn_bwd_dkdv, dkdv_values, tile)
-        return attn_bwd_dkdv[dkdv_grid(tile)](*args, **options)
+        args, options = launch_args(dkdv_kernel, dkdv_values, tile)
+        return dkdv_kernel[dkdv_grid(tile)](*args, **options)
 
     def dq_with(tile: configs.Tile) -> object:
-        args, options = launch_args(attn_bwd_dq, dq_values, tile)
-        return attn_bwd_dq[dq_grid(tile)](*args, **options)
+        args, options = launch_args(dq_kernel, dq_values, tile)
+        return dq_kernel[dq_grid(tile)](*args, **options)
 
     with device.on_device(q), tma.scratch(use_tma):
         pre_compiled = attn_bwd_preprocess[pre_grid](*pre_args)
@@ -480,9 +490,9 @@ def backward(
     if plan_key is not None and all(fastpath.aligned(t) for t in (dq, dk, dv, lse, delta)):
         launches = (
             (attn_bwd_preprocess, pre_compiled, pre_grid, pre_args, _PRE_LEAD, False),
-            (attn_bwd_dkdv, dkdv_compiled, dkdv_grid(dkdv_tile), launch_args(attn_bwd_dkdv, dkdv_values, dkdv_tile)[0],
+            (dkdv_kernel, dkdv_compiled, dkdv_grid(dkdv_tile), launch_args(dkdv_kernel, dkdv_values, dkdv_tile)[0],
              _DKDV_LEAD, use_tma),
-            (attn_bwd_dq, dq_compiled, dq_grid(dq_tile), launch_args(attn_bwd_dq, dq_values, dq_tile)[0], _DQ_LEAD,
+            (dq_kernel, dq_compiled, dq_grid(dq_tile), launch_args(dq_kernel, dq_values, dq_tile)[0], _DQ_LEAD,
              use_tma),
         )  # fmt: skip
         _remember_bwd(plan_key, launches, q.device)

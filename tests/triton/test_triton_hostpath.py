@@ -613,11 +613,12 @@ def test_repeated_full_cache_reads_take_the_bound_step(monkeypatch):
 
 
 @pytest.mark.parametrize("seqlens", [(1, 37), (37, 1), (1, 1), (37, 2)], ids=["sq1", "sk1", "both1", "none"])
-def test_a_length_of_one_takes_the_unspecialised_forward(seqlens, monkeypatch):
+def test_a_length_of_one_takes_the_unspecialised_kernels(seqlens, monkeypatch):
     """triton 3.6 miscompiled a forward tile whose seqlen_k of 1 it had specialised into a constant (an illegal
-    shared-memory address on the H200): a call with a length of 1 launches the copy of attn_fwd that keeps the
-    lengths runtime values, every other call attn_fwd itself; both give the reference's answer."""
-    from attnkit.backends.triton import fwd_kernel, launch
+    shared-memory address on the H200): a call with a length of 1 launches the copies of attn_fwd, attn_bwd_dkdv and
+    attn_bwd_dq that keep the lengths runtime values, every other call the kernels themselves; both give the
+    reference's answer and gradients (head dims 48/32, the fault's)."""
+    from attnkit.backends.triton import bwd_kernel, fwd_kernel, launch
 
     from attnkit.params import AttentionParams
     from attnkit.testing import attention_naive
@@ -632,21 +633,32 @@ def test_a_length_of_one_takes_the_unspecialised_forward(seqlens, monkeypatch):
             used.append(self.name)
             return self.kernel[grid]
 
-    monkeypatch.setattr(launch, "attn_fwd", Recorder("specialised", fwd_kernel.attn_fwd))
-    monkeypatch.setattr(launch, "attn_fwd_length_one", Recorder("length one", fwd_kernel.attn_fwd_length_one))
+    for module, name in ((fwd_kernel, "attn_fwd"), (bwd_kernel, "attn_bwd_dkdv"), (bwd_kernel, "attn_bwd_dq")):
+        monkeypatch.setattr(launch, name, Recorder(name, getattr(module, name)))
+        one = f"{name}_length_one"
+        monkeypatch.setattr(launch, one, Recorder(one, getattr(module, one)))
     monkeypatch.setenv("ATTNKIT_HOST_FASTPATH", "0")
     sq, sk = seqlens
     gen = torch.Generator().manual_seed(sq * 100 + sk)
     q = torch.randn(1, sq, 4, 48, generator=gen)
     k = torch.randn(1, sk, 2, 48, generator=gen)
     v = torch.randn(1, sk, 2, 32, generator=gen)
-    out, lse = launch.forward(q, k, v, None, AttentionParams(softmax_scale=0.2), None, "nvidia")
-    assert used == ["length one" if 1 in seqlens else "specialised"]
-    ref, ref_lse = attention_naive(q.double(), k.double(), v.double(), softmax_scale=0.2, return_lse=True)
+    dout = torch.randn(1, sq, 4, 32, generator=gen)
+    params = AttentionParams(softmax_scale=0.2)
+    out, lse = launch.forward(q, k, v, None, params, None, "nvidia")
+    grads = launch.backward(dout, q, k, v, out, lse, None, params, None, "nvidia")
+    suffix = "_length_one" if 1 in seqlens else ""
+    assert used == [f"attn_fwd{suffix}", f"attn_bwd_dkdv{suffix}", f"attn_bwd_dq{suffix}"]
+    leaves = [t.double().requires_grad_() for t in (q, k, v)]
+    ref, ref_lse = attention_naive(*leaves, softmax_scale=0.2, return_lse=True)
     torch.testing.assert_close(out.double(), ref, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(lse.double(), ref_lse, atol=1e-4, rtol=1e-4)
+    for got, want in zip(grads, torch.autograd.grad(ref, leaves, dout.double())):
+        torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)
     if not probes_interpreted():
-        assert {"seqlen_q", "seqlen_k"} <= set(fwd_kernel.attn_fwd_length_one.do_not_specialize)
+        for kernel in (fwd_kernel.attn_fwd_length_one, bwd_kernel.attn_bwd_dkdv_length_one,
+                       bwd_kernel.attn_bwd_dq_length_one):  # fmt: skip
+            assert {"seqlen_q", "seqlen_k"} <= set(kernel.do_not_specialize)
 
 
 def probes_interpreted() -> bool:
