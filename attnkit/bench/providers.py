@@ -9,6 +9,8 @@ results, whereas any other exception becomes "error".
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from ..errors import BackendUnsupportedError, NoBackendError
@@ -79,21 +81,30 @@ class AttnkitProvider(Provider):
         return Kernel(_unsupported_as_na(fn), prepare=prepare, note=note)
 
 
-def _paged(case: Case, page: int, device: torch.device) -> tuple[torch.Tensor, Prepare]:
-    """A block table spreading each row's pages over a shuffled page pool, and the (untimed) transform that copies
-    a contiguous (B, S, Hk, D) cache into that pool."""
-    per_row = case.seqlen_k // page
-    order = torch.randperm(case.batch * per_row, generator=torch.Generator().manual_seed(case.seqlen_k))
-    table = order.view(case.batch, per_row).to(device=device, dtype=torch.int32)
+def shuffled_pages(batch: int, seqlen_k: int, page: int,
+                   device: torch.device) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:  # fmt: skip
+    """A block table spreading each row's ``seqlen_k // page`` pages over a shuffled page pool (the same shuffle for
+    a given length), and the function that copies a contiguous (B, S, Hk, D) cache into that pool."""
+    per_row = seqlen_k // page
+    order = torch.randperm(batch * per_row, generator=torch.Generator().manual_seed(seqlen_k))
+    table = order.view(batch, per_row).to(device=device, dtype=torch.int32)
     flat = table.flatten().long()
 
-    def prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        def paged(x: torch.Tensor) -> torch.Tensor:
-            pool = torch.empty(case.batch * per_row, page, *x.shape[2:], dtype=x.dtype, device=x.device)
-            pool[flat] = x.reshape(case.batch * per_row, page, *x.shape[2:])
-            return pool
+    def to_pool(x: torch.Tensor) -> torch.Tensor:
+        pool = torch.empty(batch * per_row, page, *x.shape[2:], dtype=x.dtype, device=x.device)
+        pool[flat] = x.reshape(batch * per_row, page, *x.shape[2:])
+        return pool
 
-        return q, paged(k), paged(v)
+    return table, to_pool
+
+
+def _paged(case: Case, page: int, device: torch.device) -> tuple[torch.Tensor, Prepare]:
+    """The case's block table over a shuffled page pool, and the (untimed) transform that copies its contiguous
+    caches into that pool."""
+    table, to_pool = shuffled_pages(case.batch, case.seqlen_k, page, device)
+
+    def prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        return q, to_pool(k), to_pool(v)
 
     return table, prepare
 

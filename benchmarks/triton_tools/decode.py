@@ -55,6 +55,7 @@ def _decode_case(batch: int, kv: int, budget_s: float, seqlen_q: int = 1, page: 
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     import attnkit
+    from attnkit.bench.providers import shuffled_pages
     from attnkit.bench.timing import CudaClock, measure_interleaved
 
     b, hq, hk, d = batch, 32, 8, 128
@@ -71,12 +72,8 @@ def _decode_case(batch: int, kv: int, budget_s: float, seqlen_q: int = 1, page: 
         ref = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, enable_gqa=True).transpose(1, 2)
     k_in, v_in, paging = k, v, {}
     if page:
-        pages = b * kv // page
-        order = torch.randperm(pages, generator=torch.Generator().manual_seed(kv)).to("cuda")
-        k_in, v_in = (torch.empty(pages, page, hk, d, dtype=t.dtype, device="cuda") for t in (k, v))
-        for pool, t in ((k_in, k), (v_in, v)):
-            pool[order] = t.reshape(pages, page, hk, d)
-        paging = {"block_table": order.view(b, -1).to(torch.int32)}
+        table, to_pool = shuffled_pages(b, kv, page, torch.device("cuda"))
+        k_in, v_in, paging = to_pool(k), to_pool(v), {"block_table": table}
     eager: dict[str, Callable[[], object]] = {}
     errors: dict[str, float] = {}
     for setting in _DECODE_VARIANTS:
