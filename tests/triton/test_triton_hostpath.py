@@ -618,7 +618,7 @@ def test_a_length_of_one_takes_the_unspecialised_kernels(seqlens, monkeypatch):
     shared-memory address on the H200): a call with a length of 1 launches the copies of attn_fwd, attn_bwd_dkdv and
     attn_bwd_dq that keep the lengths runtime values, every other call the kernels themselves; both give the
     reference's answer and gradients (head dims 48/32, the fault's)."""
-    from attnkit.backends.triton import bwd_kernel, fwd_kernel, launch
+    from attnkit.backends.triton import bwd_kernel, fwd_kernel, launch, probes
 
     from attnkit.params import AttentionParams
     from attnkit.testing import attention_naive
@@ -655,13 +655,7 @@ def test_a_length_of_one_takes_the_unspecialised_kernels(seqlens, monkeypatch):
     torch.testing.assert_close(lse.double(), ref_lse, atol=1e-4, rtol=1e-4)
     for got, want in zip(grads, torch.autograd.grad(ref, leaves, dout.double())):
         torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)
-    if not probes_interpreted():
+    if not probes.kernels_interpreted():
         for kernel in (fwd_kernel.attn_fwd_length_one, bwd_kernel.attn_bwd_dkdv_length_one,
                        bwd_kernel.attn_bwd_dq_length_one):  # fmt: skip
             assert {"seqlen_q", "seqlen_k"} <= set(kernel.do_not_specialize)
-
-
-def probes_interpreted() -> bool:
-    from attnkit.backends.triton import probes
-
-    return probes.kernels_interpreted()
