@@ -16,6 +16,11 @@ struct alignas(16) uint4_aligned {
     u32 x, y, z, w;
 };
 
+// Two floats stored as one 8-byte access.
+struct alignas(8) float2_aligned {
+    float x, y;
+};
+
 #define AK_INF __int_as_float(0x7f800000)
 #define AK_LOG2E 1.4426950408889634f
 #define AK_LN2 0.6931471805599453f
@@ -95,6 +100,19 @@ __device__ __forceinline__ u32 pack2(float lo, float hi) {
     } else {
         asm("cvt.rn.f16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
     }
+    return r;
+}
+
+// Four floats -> one register of four float8_e4m3fn values (round to nearest even, saturating at +-448); x0 lands
+// in the lowest byte. cvt ... e4m3x2 puts its first source in the upper byte of the pair.
+__device__ __forceinline__ u32 pack4_e4m3(float x0, float x1, float x2, float x3) {
+    u32 r;
+    asm("{\n.reg .b16 lo, hi;\n"
+        "cvt.rn.satfinite.e4m3x2.f32 lo, %2, %1;\n"
+        "cvt.rn.satfinite.e4m3x2.f32 hi, %4, %3;\n"
+        "mov.b32 %0, {lo, hi};\n}\n"
+        : "=r"(r)
+        : "f"(x0), "f"(x1), "f"(x2), "f"(x3));
     return r;
 }
 

@@ -9,8 +9,13 @@
 
 namespace ak {
 
-template <int MT, int NTILE, int DTILE>
+// P_SHIFT: probabilities come out as exp2(score - row max + P_SHIFT) (the fp8 forward's 2^8, which keeps small
+// probabilities out of e4m3's subnormals); the shift cancels in O = acc / row sum and is taken out of the LSE.
+template <int MT, int NTILE, int DTILE, int P_SHIFT = 0>
 struct OnlineSoftmax {
+    // The subtrahend of a probability's exponent for row max m (m itself without a shift).
+    static __device__ __forceinline__ float exp_base(float m) { return P_SHIFT ? m - (float)P_SHIFT : m; }
+
     // acc_o *= alpha per row: the rescale that goes with a probability step (kept apart so a pipelined kernel can
     // run it after the P V product of the previous tile has retired).
     static __device__ __forceinline__ void rescale(float (&acc_o)[MT][DTILE][4], const float (&alpha)[MT][2]) {
@@ -43,12 +48,13 @@ struct OnlineSoftmax {
                 const float m_new = fmaxf(row_max[t][hh], mx * scale_log2);
                 alpha[t][hh] = fast_exp2(row_max[t][hh] - m_new);  // ex2(-inf) = 0 on the first tile
                 row_max[t][hh] = m_new;
+                const float m_base = exp_base(m_new);
                 float sum = 0.f;
 #pragma unroll
                 for (int j = 0; j < NTILE; ++j)
 #pragma unroll
                     for (int e = 0; e < 2; ++e) {
-                        const float p = fast_exp2(fmaf(s[t][j][2 * hh + e], scale_log2, -m_new));
+                        const float p = fast_exp2(fmaf(s[t][j][2 * hh + e], scale_log2, -m_base));
                         s[t][j][2 * hh + e] = p;
                         sum += p;
                     }
@@ -96,12 +102,13 @@ struct OnlineSoftmax {
                 const float m_use = m_new == -AK_INF ? 0.f : m_new;
                 alpha[t][hh] = fast_exp2(row_max[t][hh] - m_use);
                 row_max[t][hh] = m_new;
+                const float m_base = exp_base(m_use);
                 float sum = 0.f;
 #pragma unroll
                 for (int j = 0; j < NTILE; ++j)
 #pragma unroll
                     for (int e = 0; e < 2; ++e) {
-                        const float p = fast_exp2(s[t][j][2 * hh + e] - m_use);
+                        const float p = fast_exp2(s[t][j][2 * hh + e] - m_base);
                         s[t][j][2 * hh + e] = p;
                         sum += p;
                     }
@@ -136,11 +143,13 @@ struct OnlineSoftmax {
     }
 
     // Epilogue: normalise, write this warp's rows of O (zeros for rows that saw no key) and the natural-log LSE.
-    // row0: the warp's first row inside the query block; og/lg point at the block's first row.
-    template <bool BF16>
+    // row0: the warp's first row inside the query block; og/lg point at the block's first row. `out_scale`
+    // multiplies O (the fp8 forward's v_descale). Out: u16 (BF16 picks bfloat16 or float16) or float.
+    template <bool BF16, typename Out>
     static __device__ __forceinline__ void finish(const float (&acc_o)[MT][DTILE][4], const float (&row_max)[MT][2],
-                                                  const float (&row_sum)[MT][2], u16* og, i64 o_row_stride,
-                                                  float* lg, int row0, int rows_q, int d, int lane) {
+                                                  const float (&row_sum)[MT][2], Out* og, i64 o_row_stride,
+                                                  float* lg, int row0, int rows_q, int d, int lane,
+                                                  float out_scale = 1.f) {
 #pragma unroll
         for (int t = 0; t < MT; ++t) {
 #pragma unroll
@@ -148,19 +157,28 @@ struct OnlineSoftmax {
                 float l = row_sum[t][hh];
                 l += __shfl_xor_sync(0xffffffffu, l, 1);
                 l += __shfl_xor_sync(0xffffffffu, l, 2);
-                const float inv = l > 0.f ? 1.f / l : 0.f;
+                const float inv = l > 0.f ? out_scale / l : 0.f;
                 const int r = row0 + t * 16 + (lane >> 2) + hh * 8;
                 if (r < rows_q) {
-                    u32* orow = reinterpret_cast<u32*>(og + (i64)r * o_row_stride);
+                    Out* orow = og + (i64)r * o_row_stride;
 #pragma unroll
                     for (int j = 0; j < DTILE; ++j) {
                         const int c = j * 8 + 2 * (lane & 3);
-                        if (c < d) orow[c / 2] = pack2<BF16>(acc_o[t][j][2 * hh] * inv, acc_o[t][j][2 * hh + 1] * inv);
+                        if (c < d) store2<BF16>(orow + c, acc_o[t][j][2 * hh] * inv, acc_o[t][j][2 * hh + 1] * inv);
                     }
-                    if ((lane & 3) == 0) lg[r] = l > 0.f ? row_max[t][hh] * AK_LN2 + logf(l) : -AK_INF;
+                    if ((lane & 3) == 0) lg[r] = l > 0.f ? exp_base(row_max[t][hh]) * AK_LN2 + logf(l) : -AK_INF;
                 }
             }
         }
+    }
+
+    template <bool BF16>
+    static __device__ __forceinline__ void store2(u16* at, float lo, float hi) {
+        *reinterpret_cast<u32*>(at) = pack2<BF16>(lo, hi);
+    }
+    template <bool BF16>
+    static __device__ __forceinline__ void store2(float* at, float lo, float hi) {
+        *reinterpret_cast<float2_aligned*>(at) = float2_aligned{lo, hi};
     }
 };
 
