@@ -3,8 +3,9 @@
 NVRTC builds one module at a time per process, and the warp-specialised Hopper kernels take tens of seconds each;
 a GPU session that starts cold would spend minutes compiling inside timed or time-limited jobs. This script builds
 every module the CuPy tests and benchmarks use on an sm_90 GPU (forward and backward, each kernel head dim, fp16
-and bf16, the warp-specialised forward's ablation variants) in ``--procs`` processes. Later processes load them
-from ``ATTNKIT_CUPY_CACHE_DIR`` (the cache key hashes source, headers and options, so nothing stale is loaded).
+and bf16, the warp-specialised forward's ablation variants, the fp8 forward) in ``--procs`` processes. Later
+processes load them from ``ATTNKIT_CUPY_CACHE_DIR`` (the cache key hashes source, headers and options, so nothing
+stale is loaded).
 
     python benchmarks/cupy_precompile.py [--procs 16] [--arch sm_90] [--smem 232448]
 """
@@ -47,6 +48,11 @@ def module_specs(arch: str, smem: int) -> list:
                 for change in ({}, *config.WS_BWD_ABLATIONS.values()):  # the default and its ablations
                     cfg = dataclasses.replace(bwd, **change)
                     specs.add(compiler.ModuleSpec.make(ws_bwd.SOURCE, cfg.defines(), "sm_90a"))
+    if arch == "sm_90":  # the fp8 forward, per output dtype, and its V^T pass
+        for out_dtype in (torch.bfloat16, torch.float16, torch.float32):
+            cfg = config.fp8_ws_fwd_config(128, out_dtype, smem)
+            specs.add(compiler.ModuleSpec.make(ws_fwd.SOURCE, cfg.defines(), "sm_90a"))
+        specs.add(compiler.ModuleSpec.make(ws_fwd.VT_SOURCE, {}, arch))
     return sorted(specs, key=lambda s: (s.source, s.defines))
 
 

@@ -1,5 +1,5 @@
-"""Helpers of the fp8 Triton tests (CPU interpreter and GPU): build quantized inputs, run a call through the public
-API, and measure it with the tolerance rule of docs/fp8.md.
+"""Helpers of the fp8 tests (Triton under the interpreter and on the GPU; the CuPy fp8 forward on the GPU): build
+quantized inputs, run a call through the public API, and measure it with the tolerance rule of docs/fp8.md.
 
 Errors are measured against the exact attention of the dequantized inputs (float64); the bound is twice the error
 of plain PyTorch doing the same computation in bfloat16 with P rounded to float8_e4m3fn the way the kernel rounds

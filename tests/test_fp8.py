@@ -303,8 +303,9 @@ def _spec(cc, op="attention", hip=False):
 
 
 def test_fp8_support_is_declared_as_data_and_others_say_why_not(monkeypatch):
-    """dtype float8_e4m3fn plus the ``fp8`` feature in the capabilities: the reference and triton_cuda (sm_90+)
-    take fp8 calls; the others name both as missing. Availability (GPU, packages) is taken out of the picture."""
+    """dtype float8_e4m3fn plus the ``fp8`` feature in the capabilities: the reference, triton_cuda (sm_90+) and
+    cupy_cuda (Hopper, dense calls) take fp8 calls; triton_rocm names both as missing. Availability (GPU,
+    packages) is taken out of the picture."""
     backends = {name: attnkit.registry.REGISTRY.get(name) for name in ("cupy_cuda", "triton_cuda", "triton_rocm")}
     for be in backends.values():
         monkeypatch.setattr(be, "unavailable_reason", lambda: None)
@@ -314,10 +315,12 @@ def test_fp8_support_is_declared_as_data_and_others_say_why_not(monkeypatch):
     assert backends["triton_cuda"].why_not(_spec((8, 0))) == [
         "fp8 needs compute capability >= 9.0 (fp8 tensor cores), this GPU is 8.0"
     ]
-    for name, hip in (("cupy_cuda", False), ("triton_rocm", True)):
-        reasons = backends[name].why_not(_spec((9, 0), hip=hip))
-        assert any("dtype float8_e4m3fn not supported" in r for r in reasons), reasons
-        assert "feature(s) fp8 not supported" in reasons, reasons
+    assert backends["cupy_cuda"].why_not(_spec((9, 0))) == []
+    assert any("Hopper" in r for r in backends["cupy_cuda"].why_not(_spec((8, 9))))
+    assert any("dense attention calls only" in r for r in backends["cupy_cuda"].why_not(_spec((9, 0), op="varlen")))
+    reasons = backends["triton_rocm"].why_not(_spec((9, 0), hip=True))
+    assert any("dtype float8_e4m3fn not supported" in r for r in reasons), reasons
+    assert "feature(s) fp8 not supported" in reasons, reasons
 
 
 def test_auto_on_cpu_runs_fp8_on_the_reference():

@@ -15,11 +15,13 @@ import torch
 
 from attnkit import env
 from attnkit.errors import BackendUnsupportedError, InvalidArgumentError
+from attnkit.fp8 import FEATURE as FP8_FEATURE
+from attnkit.fp8 import FP8_DTYPE, Fp8Scales
 from attnkit.params import AttentionParams, VarlenInfo
 from attnkit.registry import Backend, BackendCapabilities
 from attnkit.spec import AttentionSpec
 
-from . import compiler, ws_bwd, ws_fwd
+from . import compiler, config, ws_bwd, ws_fwd
 from .args import alibi_ready, backward_args, backward_pre_args, forward_args, kernel_ready
 from .config import (
     MAX_GRID_YZ,
@@ -97,11 +99,12 @@ class CupyCudaBackend(Backend):
     )
     capabilities = BackendCapabilities(
         device_types=frozenset({"cuda"}),
-        dtypes=frozenset({torch.float16, torch.bfloat16}),
+        # float8_e4m3fn: the fp8 forward of dense calls on Hopper (extra_why_not says where it runs).
+        dtypes=frozenset({torch.float16, torch.bfloat16, FP8_DTYPE}),
         ops=frozenset({"attention", "varlen"}),
         # No "dropout": the kernels draw no mask. No "deterministic": dQ is accumulated with float atomics.
         # No "dv_ne_d": one head dim serves q, k and v.
-        features=frozenset({"causal", "window", "alibi", "softcap", "gqa"}),
+        features=frozenset({"causal", "window", "alibi", "softcap", "gqa", FP8_FEATURE}),
         vendors=frozenset({"nvidia"}),
         min_compute_capability=(8, 0),
         min_head_dim=1,
@@ -127,6 +130,8 @@ class CupyCudaBackend(Backend):
             reasons.append(f"head_dim_v={spec.head_dim_v} differs from head_dim={spec.head_dim}")
         if spec.num_heads_q > MAX_GRID_YZ or spec.batch > MAX_GRID_YZ:
             reasons.append(f"batch and heads must be <= {MAX_GRID_YZ} (CUDA grid limit)")
+        if FP8_FEATURE in spec.features:
+            reasons.extend(self._fp8_why_not(spec))
         if spec.device_type == "cuda" and not spec.is_hip and spec.head_dim <= 256 and torch.cuda.is_available():
             limit = max_smem_optin(torch.cuda.current_device())
             need = fwd_config(spec.head_dim, torch.float16, limit).smem_bytes
@@ -134,6 +139,23 @@ class CupyCudaBackend(Backend):
                 need = max(need, bwd_config(spec.head_dim, torch.float16, limit).smem_bytes)
             if need > limit:
                 reasons.append(f"head_dim={spec.head_dim} needs {need} bytes of shared memory; this GPU allows {limit}")
+        return reasons
+
+    @staticmethod
+    def _fp8_why_not(spec: AttentionSpec) -> list[str]:
+        """Where the fp8 forward (fwd_sm90_ws.cu on e4m3 wgmma) runs: dense calls on Hopper, head dims that are
+        multiples of 16 up to 128, with wgmma and TMA allowed."""
+        reasons = []
+        if spec.op != "attention":
+            reasons.append(f"fp8 runs dense attention calls only (got {spec.op}; triton_cuda serves fp8 varlen)")
+        cc = spec.compute_capability
+        if spec.device_type == "cuda" and cc is not None and cc[0] != 9:
+            reasons.append(f"fp8 needs a Hopper GPU (sm_90a wgmma), this GPU is {cc[0]}.{cc[1]}")
+        mult, top = config.FP8_WS_HEAD_DIM_MULTIPLE, config.FP8_WS_HEAD_DIM
+        if spec.head_dim % mult or spec.head_dim > top:
+            reasons.append(f"fp8 head_dim={spec.head_dim}; allowed: multiples of {mult} up to {top}")
+        if not env.cupy_wgmma() or not env.cupy_tma():
+            reasons.append("fp8 needs the wgmma and TMA kernels (ATTNKIT_CUPY_WGMMA / ATTNKIT_CUPY_TMA are off)")
         return reasons
 
     def info(self) -> dict[str, str]:
@@ -165,6 +187,8 @@ class CupyCudaBackend(Backend):
                     out["kernels"] += "(fwd_sm90_ws.cu)"
                 if env.cupy_tma_bwd():
                     out["kernels"] += "; dense backward: TMA warp-specialized bwd_sm90_ws.cu"
+                if env.cupy_tma():
+                    out["kernels"] += "; fp8 forward (dense, head dims 16-128) on fwd_sm90_ws.cu with e4m3 wgmma"
             else:
                 out["kernels"] = "mma.sync (fwd.cu, bwd.cu)"
         return out
@@ -229,6 +253,28 @@ class CupyCudaBackend(Backend):
         spec = compiler.ModuleSpec.make(source, cfg.defines(), _module_arch(source, arch))
         launch(spec, kernel_name, cfg.grid(max_sq, hq, batch), cfg.threads, cfg.smem_bytes, args)
         return (out if dp == d else out[..., :d].contiguous()), lse
+
+    def forward_fp8(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        alibi_slopes: torch.Tensor | None,
+        params: AttentionParams,
+        varlen: VarlenInfo | None,
+        scales: Fp8Scales,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self._check(q, k, v, params)
+        launch = Launcher(q.device)
+        arch = _arch(launch.index)
+        cfg = ws_fwd.fp8_forward_config(q.shape[-1], scales.out_dtype, arch, launch.smem_limit())
+        if varlen is not None or cfg is None:
+            raise BackendUnsupportedError(
+                "cupy_cuda",
+                [f"the fp8 forward runs dense calls on sm_90 with head dims that are multiples of 16 up to 128 "
+                 f"(got {'varlen' if varlen is not None else 'dense'}, {arch}, head_dim={q.shape[-1]})"],
+            )  # fmt: skip
+        return ws_fwd.fp8_forward(launch, arch, q, k, v, alibi_slopes, params, scales, cfg)
 
     def backward(
         self,

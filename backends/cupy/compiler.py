@@ -23,7 +23,7 @@ from attnkit import env
 from attnkit.errors import BackendCompileError
 
 KERNEL_DIR = Path(__file__).resolve().parent / "kernels"
-SOURCES = ("fwd.cu", "fwd_sm90.cu", "fwd_sm90_ws.cu", "bwd.cu", "bwd_sm90.cu", "bwd_sm90_ws.cu")
+SOURCES = ("fwd.cu", "fwd_sm90.cu", "fwd_sm90_ws.cu", "bwd.cu", "bwd_sm90.cu", "bwd_sm90_ws.cu", "fp8_vt.cu")
 HEADERS = ("common.cuh", "softmax.cuh", "sw128.cuh", "tma.cuh", "wgmma.cuh")
 # Sources that use sm_90a-only instructions (wgmma, setmaxnreg); they are built for that target alone.
 SM90A_SOURCES = ("fwd_sm90.cu", "fwd_sm90_ws.cu", "bwd_sm90.cu", "bwd_sm90_ws.cu")

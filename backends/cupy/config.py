@@ -155,6 +155,10 @@ class Sm90WsFwdConfig:
     pingpong: bool = True
     producer_regs: int = 24
     consumer_regs: int = 240
+    # float8_e4m3fn inputs with descales (the fp8 forward); ``bf16`` then names the output dtype (bfloat16 or
+    # float16) unless ``out_f32``.
+    fp8: bool = False
+    out_f32: bool = False
 
     block_m: ClassVar[int] = 128
     threads: ClassVar[int] = 384
@@ -170,6 +174,13 @@ class Sm90WsFwdConfig:
         # setmaxnreg.inc waits until .dec has released enough of the CTA's own allocation, which is 384 threads x
         # the per-thread cap ptxas derives from __launch_bounds__(384, 1). A budget above that allocation never
         # completes the .inc (the 32/240 split hung on the H200, 2026-12-02).
+        if self.fp8 and (self.head_dim != FP8_WS_HEAD_DIM or self.block_n != 128):
+            raise InvalidArgumentError(
+                f"the fp8 forward is built for kernel head dim {FP8_WS_HEAD_DIM} and 128 keys per tile (a V^T tile "
+                f"row is one 128-byte swizzle span), got head_dim={self.head_dim}, block_n={self.block_n}"
+            )
+        if self.out_f32 and not self.fp8:
+            raise InvalidArgumentError("out_f32 applies to the fp8 forward only (16-bit inputs give their own dtype)")
         for name, regs in (("producer_regs", self.producer_regs), ("consumer_regs", self.consumer_regs)):
             if regs % 8 or not 24 <= regs <= 256:
                 raise InvalidArgumentError(f"{name}={regs}; allowed: multiples of 8 in 24..256")
@@ -182,7 +193,8 @@ class Sm90WsFwdConfig:
     @property
     def smem_bytes(self) -> int:
         # Q and two stages of K and V (unpadded, 128-byte swizzle), the barriers, and 1 KB to align to the swizzle.
-        return (self.block_m + 4 * self.block_n) * self.head_dim * 2 + self.barrier_bytes + SM90_ALIGN_SLACK
+        elem = 1 if self.fp8 else 2
+        return (self.block_m + 4 * self.block_n) * self.head_dim * elem + self.barrier_bytes + SM90_ALIGN_SLACK
 
     def defines(self) -> dict[str, int]:
         return {
@@ -193,6 +205,8 @@ class Sm90WsFwdConfig:
             "ATTNKIT_WS_PINGPONG": int(self.pingpong),
             "ATTNKIT_WS_PRODUCER_REGS": self.producer_regs,
             "ATTNKIT_WS_CONSUMER_REGS": self.consumer_regs,
+            # Only when set: the 16-bit kernels keep the module keys (and disk caches) they had before fp8 existed.
+            **({"ATTNKIT_FP8": 1, "ATTNKIT_OUT_F32": int(self.out_f32)} if self.fp8 else {}),
         }
 
     def grid(self, max_seqlen_q: int, heads_q: int, batch: int) -> tuple[int, int, int]:
@@ -202,6 +216,14 @@ class Sm90WsFwdConfig:
 # The warp-specialised forward covers padded head dims 33..128 (TMA zero-fills the columns up to the kernel dim,
 # so e.g. 80 and 96 run on the 128 kernel); 32 and below keep the mma.sync kernel built for them.
 SM90_WS_HEAD_DIMS = (64, 128)
+# The fp8 forward: one kernel head dim (a row of 128 e4m3 values is one 128-byte swizzle span); smaller head dims
+# that are multiples of 16 (TMA's 16-byte rows) run on it with the columns past them zero-filled.
+FP8_WS_HEAD_DIM = 128
+FP8_WS_HEAD_DIM_MULTIPLE = 16
+# Keys of V^T are padded to whole blocks of 32, the span the fp8 forward's key permutation works in.
+FP8_VT_KEY_BLOCK = 32
+FP8_VT_THREADS = 256
+FP8_VT_KEYS_PER_CTA = 64
 SM90_WS_MIN_HEAD_DIM = 33
 # At kernel head dim 64 the warp-specialised forward overtakes fwd_sm90 only from 8k keys on (ping-pong on:
 # 403-419 vs 386-398 TFLOP/s non-causal at 8k/16k, 259-363 vs 306-380 at 2k-8k causal; same H200 run as above).
@@ -416,3 +438,23 @@ def sm90_ws_fwd_config(head_dim: int, dtype: torch.dtype, smem_limit: int | None
         return None
     cfg = Sm90WsFwdConfig(hd, bool(dtype_flag(dtype)))
     return cfg if smem_limit is None or cfg.smem_bytes <= smem_limit else None
+
+
+def fp8_ws_fwd_config(head_dim: int, out_dtype: torch.dtype, smem_limit: int | None = None) -> Sm90WsFwdConfig | None:
+    """The fp8 forward's configuration (fwd_sm90_ws.cu with float8_e4m3fn inputs) for this head dim and output
+    dtype, or None when it does not cover the head dim or does not fit ``smem_limit`` bytes of shared memory."""
+    if not 0 < head_dim <= FP8_WS_HEAD_DIM or head_dim % FP8_WS_HEAD_DIM_MULTIPLE:
+        return None
+    if out_dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        return None
+    cfg = Sm90WsFwdConfig(FP8_WS_HEAD_DIM, out_dtype == torch.bfloat16, fp8=True, out_f32=out_dtype == torch.float32)
+    return cfg if smem_limit is None or cfg.smem_bytes <= smem_limit else None
+
+
+def fp8_vt_keys(seqlen_k: int) -> int:
+    """Keys per row of the fp8 forward's V^T: seqlen_k rounded up to whole blocks of the key permutation."""
+    return -(-seqlen_k // FP8_VT_KEY_BLOCK) * FP8_VT_KEY_BLOCK
+
+
+def fp8_vt_grid(keys_padded: int, heads_k: int, batch: int) -> tuple[int, int, int]:
+    return (-(-keys_padded // FP8_VT_KEYS_PER_CTA), heads_k, batch)

@@ -13,6 +13,7 @@ from attnkit.backends.cupy import args, compiler, config, tma, ws_bwd, ws_fwd
 from attnkit.backends.cupy import backend as cb
 from helpers import ints, record_cupy_launches
 
+from attnkit.fp8 import Fp8Scales
 from attnkit.params import AttentionParams, VarlenInfo
 
 
@@ -185,7 +186,15 @@ def _built_arguments(monkeypatch) -> dict[str, tuple[list, dict[str, torch.Tenso
     bf = torch.bfloat16
     wq, wk = _t(b, sq, hq, 128, dtype=bf), _t(b, sk, hk, 128, dtype=bf)
     wout = torch.empty(b, sq, hq, 128, dtype=bf)
-    ws_f = ws_fwd.ws_forward_args(wq, wk, wk, wout, lse, alibi, 0, params, config.Sm90WsFwdConfig(128, True))
+    # The forward's fp8 form (its descale pointers set; tests/cupy/test_cupy_ws_cpu.py checks the 16-bit form's nulls).
+    f8 = torch.float8_e4m3fn
+    q8, k8, v8 = wq.to(f8), wk.to(f8), wk.to(f8)
+    vt = ws_fwd.transposed_v_reference(v8)
+    scales = Fp8Scales(*(torch.rand(b, hk) for _ in range(3)), out_dtype=bf)
+    fcfg = config.fp8_ws_fwd_config(128, bf)
+    ws_f = ws_fwd.ws_forward_args(q8, k8, vt, wout, lse, alibi, 0, params, fcfg, scales)
+    ws_f_ptrs = dict(o=wout, lse=lse, alibi=alibi, q_descale=scales.q_descale, k_descale=scales.k_descale,
+                     v_descale=scales.v_descale)  # fmt: skip
     wcfg = config.Sm90WsBwdConfig(128, True)
     maps = ws_bwd.tensor_maps(wcfg, wq, wk, wk, wq, torch.zeros(b, sq, hq, 128))
     lse_p, delta_p = ws_bwd.padded_rows(wcfg, lse)
@@ -200,7 +209,8 @@ def _built_arguments(monkeypatch) -> dict[str, tuple[list, dict[str, torch.Tenso
         "attnkit_bwd_pre": (pre, dict(o=out, dout=dout, delta=delta)),
         "attnkit_bwd": (bwd, bwd_ptrs),
         "attnkit_bwd_sm90": (bwd, bwd_ptrs),
-        "attnkit_fwd_sm90_ws": (ws_f, dict(o=wout, lse=lse, alibi=alibi)),
+        "attnkit_fwd_sm90_ws": (ws_f, ws_f_ptrs),
+        "attnkit_fp8_vt": (ws_fwd.transposed_v_args(v8, vt), dict(v=v8, vt=vt)),
         "attnkit_bwd_sm90_ws": (ws_b, dict(lse=lse_p, delta=delta_p, dk=wdk, dv=wdv, alibi=alibi)),
     }
 

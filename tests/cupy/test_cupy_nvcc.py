@@ -55,6 +55,12 @@ def _units() -> list[compiler.ModuleSpec]:
             specs.append(
                 compiler.ModuleSpec.make("fwd_sm90_ws.cu", config.Sm90WsFwdConfig(hd, bf16).defines(), "sm_90a")
             )
+    # The fp8 forward: each output dtype; and its V^T pass, built for the plain targets like the mma.sync sources.
+    for out_dtype in (torch.bfloat16, torch.float16, torch.float32):
+        defines = config.fp8_ws_fwd_config(128, out_dtype).defines()
+        specs.append(compiler.ModuleSpec.make("fwd_sm90_ws.cu", defines, "sm_90a"))
+    for arch in ARCHS:
+        specs.append(compiler.ModuleSpec.make("fp8_vt.cu", {}, arch))
     for variant in WS_VARIANTS:
         defines = config.Sm90WsFwdConfig(128, True, **variant).defines()
         specs.append(compiler.ModuleSpec.make("fwd_sm90_ws.cu", defines, "sm_90a"))
@@ -121,6 +127,7 @@ def test_macros_used_by_python_exist_in_sources():
         ("bwd.cu", config.bwd_config(64, torch.float16)),
         ("bwd_sm90.cu", config.sm90_bwd_config(64, torch.float16)),
         ("bwd_sm90_ws.cu", config.sm90_ws_bwd_config(64, torch.float16)),
+        ("fwd_sm90_ws.cu", config.fp8_ws_fwd_config(128, torch.float32)),
     )
     for source, cfg in pairs:
         text = compiler.read_kernel_text(source)

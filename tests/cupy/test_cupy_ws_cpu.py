@@ -154,7 +154,8 @@ def test_kernel_parameter_kinds_match_the_arguments():
     params = _kernel_params()
     assert [p.split()[-1] for p in params[:3]] == ["tq", "tk", "tv"]
     assert all("__grid_constant__ ak::TmaMap" in p for p in params[:3])
-    kinds = ["map"] * 3 + ["ptr"] * 3 + ["i64"] * 5 + ["i32"] * 5 + ["f32"] * 3 + ["i32"] * 4
+    # o, lse, alibi, then the three fp8 descales (null for 16-bit inputs).
+    kinds = ["map"] * 3 + ["ptr"] * 6 + ["i64"] * 5 + ["i32"] * 5 + ["f32"] * 3 + ["i32"] * 4
     assert len(params) == len(kinds)
     for p, kind in zip(params, kinds):
         ctype = {"map": "TmaMap", "ptr": "*", "i64": "ak::i64", "i32": "int", "f32": "float"}[kind]
@@ -186,14 +187,15 @@ def test_dense_forward_takes_the_ws_kernel_with_its_arguments(recorder):
     assert a[0] == _map(q, 128) and a[1] == _map(k, 128) and a[2] == _map(v, 128)
     assert a[0].dims == (128, 37, 4, 2) and a[0].box == (64, 128, 1, 1) and a[0].swizzle == 3
     assert a[1].strides_bytes == (2 * 128 * 2, 128 * 2, 203 * 2 * 128 * 2)
-    assert all(isinstance(x, np.uint64) for x in a[3:6])
+    assert all(isinstance(x, np.uint64) for x in a[3:9])
     assert int(a[3]) == out.data_ptr() and int(a[4]) == lse.data_ptr() and int(a[5]) != 0
-    assert all(isinstance(x, np.int64) for x in a[6:11])
-    assert ints(a, 6, 5) == [*out.stride()[:3], 4 * 37, 37]
-    assert ints(a, 11, 5) == [37, 203, 2, 128, 0]
-    floats = [float(x) for x in a[16:19]]
+    assert ints(a, 6, 3) == [0, 0, 0]  # no descales for 16-bit inputs
+    assert all(isinstance(x, np.int64) for x in a[9:14])
+    assert ints(a, 9, 5) == [*out.stride()[:3], 4 * 37, 37]
+    assert ints(a, 14, 5) == [37, 203, 2, 128, 0]
+    floats = [float(x) for x in a[19:22]]
     assert floats == pytest.approx([0.125 * math.log2(math.e), 0.125 / 5.0, 5.0 * math.log2(math.e)])
-    assert ints(a, 19, 4) == [1, 1, -1, 0]
+    assert ints(a, 22, 4) == [1, 1, -1, 0]
 
 
 def test_strided_inputs_map_their_own_strides(recorder):
@@ -227,7 +229,7 @@ def test_head_dim_80_runs_on_the_128_kernel_unpadded(recorder):
     (call,) = recorder
     assert dict(call["spec"].defines)["ATTNKIT_HEAD_DIM"] == 128
     # The map covers the 80 real columns; TMA zero-fills 80..127 of the second slab.
-    assert call["args"][0].dims == (80, 64, 4, 2) and ints(call["args"], 14, 1) == [80]
+    assert call["args"][0].dims == (80, 64, 4, 2) and ints(call["args"], 17, 1) == [80]
     assert out.shape == q.shape
 
 

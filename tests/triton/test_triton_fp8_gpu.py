@@ -1,6 +1,6 @@
 """The fp8 Triton kernels on a real GPU (sm_90) at real sizes: ``pytest -m gpu tests/triton/test_triton_fp8_gpu.py``.
 
-Same bound as the interpreter tests (tests/triton/fp8_checks.py, docs/fp8.md): error against the exact attention
+Same bound as the interpreter tests (tests/fp8_checks.py, docs/fp8.md): error against the exact attention
 of the dequantized inputs at most twice plain bfloat16 PyTorch rounding P to e4m3 the same way, + 0.01. On the GPU
 the products run on fp8 tensor cores (wgmma, fast accumulation), the rounding of P is the hardware's, and TMA,
 both V layouts and the split-KV decoding kernel's fp8 reads are exercised.

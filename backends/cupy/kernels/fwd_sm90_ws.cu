@@ -14,13 +14,23 @@
 // softmax of S_i while P V still runs, then wait for P V and rescale O. With ATTNKIT_WS_PINGPONG = 1 (the default) the
 // two consumers also take turns issuing their GEMMs (named barriers), so one's softmax overlaps the other's GEMMs.
 //
-// Tiles land in the 128-byte-swizzle layout the descriptors read (sw128.cuh): each TMA box is 64 columns x rows
-// with SWIZZLE_128B, which is exactly one slab of that layout. Rows past the sequence end and columns past the
-// tensor's head dim arrive as zeros.
+// Tiles land in the 128-byte-swizzle layout the descriptors read (sw128.cuh): each TMA box is 128 bytes of columns
+// x rows with SWIZZLE_128B, which is exactly one slab of that layout. Rows past the sequence end and columns past
+// the tensor's head dim arrive as zeros.
+//
+// FP8 (ATTNKIT_FP8 = 1): q, k and v are float8_e4m3fn with per (batch, KV head) descales, both products run on
+// e4m3 wgmma (K = 32). 8-bit wgmma reads B K-major only, so V arrives as V^T, (batch, KV head, dim, keys), whose
+// keys are permuted within every 32 by the copy that made it (fp8_vt.cu): the key a thread's S accumulator holds
+// at a position is the key the e4m3 A fragment expects there, so P goes from accumulators to A registers without
+// a shuffle. P is exp2(s - max + 8) (FlashAttention-3's 2^8) rounded to e4m3; q_descale * k_descale joins the
+// score scale, v_descale the output's normalisation. O is written as bfloat16 / float16 (ATTNKIT_BF16) or float32
+// (ATTNKIT_OUT_F32).
 //
 // Configuration (macros):
 //   ATTNKIT_HEAD_DIM       64 or 128 (the tensors' head dim is a run-time argument <= this)
-//   ATTNKIT_BF16           1: bfloat16, 0: float16
+//   ATTNKIT_BF16           1: bfloat16, 0: float16 (the inputs; with ATTNKIT_FP8 the output)
+//   ATTNKIT_FP8            1: float8_e4m3fn inputs (needs ATTNKIT_HEAD_DIM 128 and ATTNKIT_WS_BN 128)
+//   ATTNKIT_OUT_F32        1: float32 output (fp8 only)
 //   ATTNKIT_WS_BN          keys per tile (64 or 128)
 //   ATTNKIT_WS_PIPE        1: softmax of tile i overlaps the GEMMs of tiles i / i-1 inside a warpgroup
 //   ATTNKIT_WS_PINGPONG    1: the two consumer warpgroups alternate their GEMM issue on named barriers
@@ -36,6 +46,12 @@
 #endif
 #ifndef ATTNKIT_BF16
 #define ATTNKIT_BF16 1
+#endif
+#ifndef ATTNKIT_FP8
+#define ATTNKIT_FP8 0
+#endif
+#ifndef ATTNKIT_OUT_F32
+#define ATTNKIT_OUT_F32 0
 #endif
 #ifndef ATTNKIT_WS_BN
 #define ATTNKIT_WS_BN 128
@@ -55,15 +71,28 @@
 
 namespace ak {
 
-template <int D, int BN, bool BF16, bool PIPE, bool PINGPONG>
+template <bool FP8, int BN, bool BF16>
+struct WsOperands {
+    using MmaS = Wgmma<BN, BF16>;
+};
+template <int BN, bool BF16>
+struct WsOperands<true, BN, BF16> {
+    using MmaS = WgmmaE4m3<BN>;
+};
+
+template <int D, int BN, bool BF16, bool PIPE, bool PINGPONG, bool FP8, typename Out>
 struct FwdWsKernel {
     static constexpr int BM = 128;
     static constexpr int NTILE = BN / 8;
     static constexpr int DTILE = D / 8;
-    static constexpr int SLABS = D / 64;
+    static constexpr int ELEM = FP8 ? 1 : 2;            // bytes per input element
+    static constexpr int SLAB_COLS = SW128_ROW_BYTES / ELEM;  // columns of one 128-byte-swizzled slab
+    static constexpr int SLABS = D / SLAB_COLS;
+    static constexpr int K_STEP = 32 / ELEM;            // reduction depth of one wgmma: 32 bytes of each row
+    static constexpr int P_REGS = BN / K_STEP;          // A fragments of P per tile (4 registers each)
     static constexpr u32 SLAB = SW128_ROW_BYTES;
-    static constexpr u32 Q_BYTES = BM * D * 2;
-    static constexpr u32 KV_BYTES = BN * D * 2;
+    static constexpr u32 Q_BYTES = BM * D * ELEM;
+    static constexpr u32 KV_BYTES = BN * D * ELEM;
     // Barrier words after the tiles: Q full, K full x2, V full x2, K empty x2, V empty x2.
     static constexpr int N_BARRIERS = 9;
     static constexpr u32 TILE_BYTES = Q_BYTES + 4 * KV_BYTES;
@@ -71,9 +100,12 @@ struct FwdWsKernel {
     static constexpr u32 CONSUMER_ARRIVALS = 8;
     static_assert(D == 64 || D == 128, "the warp-specialised forward is built for head dims 64 and 128");
     static_assert(BN == 64 || BN == 128, "the warp-specialised forward is built for 64 or 128 keys per tile");
-    using Softmax = OnlineSoftmax<1, NTILE, DTILE>;
-    using MmaS = Wgmma<BN, BF16>;
-    using MmaO = Wgmma<D, BF16>;
+    // V^T tiles hold BN keys in one 128-byte row per channel.
+    static_assert(!FP8 || (D == 128 && BN == 128), "the fp8 forward is built for head dim 128 and 128-key tiles");
+    static constexpr int P_SHIFT = FP8 ? 8 : 0;
+    using Softmax = OnlineSoftmax<1, NTILE, DTILE, P_SHIFT>;
+    using MmaS = typename WsOperands<FP8, BN, BF16>::MmaS;
+    using MmaO = typename WsOperands<FP8, D, BF16>::MmaS;
 
     // Shared-memory addresses, computed from the aligned base (no arrays: a stage index chosen at run time would
     // put an array of addresses in local memory).
@@ -95,12 +127,20 @@ struct FwdWsKernel {
         return Smem{(smem_u32(smem_raw) + 1023u) & ~1023u};
     }
 
-    // All D/64 slabs of one tile: box (64 columns, rows) at column 64 * slab.
+    // All slabs of one Q or K tile: box (SLAB_COLS columns, rows) at column SLAB_COLS * slab.
     static __device__ __forceinline__ void load_tile(u32 dst, u32 rows, const TmaMap* map, u32 bar, int row0, int head,
                                                      int batch) {
 #pragma unroll
         for (int slab = 0; slab < SLABS; ++slab)
-            tma_load_4d(dst + (u32)slab * rows * SLAB, map, bar, slab * 64, row0, head, batch);
+            tma_load_4d(dst + (u32)slab * rows * SLAB, map, bar, slab * SLAB_COLS, row0, head, batch);
+    }
+
+    // A V tile: as K (rows = keys) for 16-bit inputs; for fp8 one V^T box of BN keys x D channel rows.
+    static __device__ __forceinline__ void load_v(u32 dst, const TmaMap* map, u32 bar, int n0, int head, int batch) {
+        if constexpr (FP8)
+            tma_load_4d(dst, map, bar, n0, 0, head, batch);
+        else
+            load_tile(dst, BN, map, bar, n0, head, batch);
     }
 
     static __device__ __forceinline__ void producer(const Smem& sm, const TmaMap* tq, const TmaMap* tk,
@@ -120,7 +160,7 @@ struct FwdWsKernel {
             load_tile(sm.k(st), BN, tk, sm.k_full(st), n0, hk, b);
             if (i >= 2) mbar_wait(sm.v_empty(st), ((i >> 1) + 1) & 1);
             mbar_arrive_expect_tx(sm.v_full(st), KV_BYTES);
-            load_tile(sm.v(st), BN, tv, sm.v_full(st), n0, hk, b);
+            load_v(sm.v(st), tv, sm.v_full(st), n0, hk, b);
         }
     }
 
@@ -132,9 +172,9 @@ struct FwdWsKernel {
             for (int e = 0; e < 4; ++e) reg_fence(x[j][e]);
     }
 
-    static __device__ __forceinline__ void fence_p(u32 (&p)[BN / 16][4]) {
+    static __device__ __forceinline__ void fence_p(u32 (&p)[P_REGS][4]) {
 #pragma unroll
-        for (int j = 0; j < BN / 16; ++j)
+        for (int j = 0; j < P_REGS; ++j)
 #pragma unroll
             for (int e = 0; e < 4; ++e) reg_fence(p[j][e]);
     }
@@ -150,31 +190,51 @@ struct FwdWsKernel {
         q_wg = opaque(q_wg);
         sK = opaque(sK);
 #pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk) {
-            const u32 slab_off = (u32)(kk >> 2);
+        for (int kk = 0; kk < D / K_STEP; ++kk) {
+            const u32 slab_off = (u32)(kk >> 2);  // 4 steps of 32 bytes per 128-byte row
             const u64 da = sw128_desc(q_wg + slab_off * (BM * SLAB) + (u32)(kk & 3) * 32, 16, 1024);
             const u64 db = sw128_desc(sK + slab_off * (BN * SLAB) + (u32)(kk & 3) * 32, 16, 1024);
             MmaS::template ss<0, 0>(s, da, db, kk > 0);
         }
     }
 
-    static __device__ __forceinline__ void issue_pv(float (&acc_o)[DTILE][4], const u32 (&p)[BN / 16][4], u32 sV) {
+    static __device__ __forceinline__ void issue_pv(float (&acc_o)[DTILE][4], const u32 (&p)[P_REGS][4], u32 sV) {
         sV = opaque(sV);
+        if constexpr (FP8) {
+            // V^T is K-major: D channel rows of 128 key bytes, 8-row groups 1024 B apart; a step is 32 keys.
 #pragma unroll
-        for (int kk = 0; kk < BN / 16; ++kk) {
-            // V is N-major: 16 keys = two 8-row groups (SBO 1024 B); the next 64 columns sit one slab further (LBO).
-            const u64 db = sw128_desc(sV + (u32)kk * (16 * SLAB), BN * SLAB, 1024);
-            MmaO::template rs<1>(acc_o, p[kk], db, 1);
+            for (int kk = 0; kk < P_REGS; ++kk)
+                MmaO::template rs<0>(acc_o, p[kk], sw128_desc(sV + (u32)kk * 32, 16, 1024), 1);
+        } else {
+#pragma unroll
+            for (int kk = 0; kk < P_REGS; ++kk) {
+                // V is N-major: 16 keys = two 8-row groups (SBO 1024 B); the next 64 columns sit one slab further
+                // (LBO).
+                const u64 db = sw128_desc(sV + (u32)kk * (16 * SLAB), BN * SLAB, 1024);
+                MmaO::template rs<1>(acc_o, p[kk], db, 1);
+            }
         }
     }
 
-    static __device__ __forceinline__ void pack_p(u32 (&p)[BN / 16][4], const float (&s)[NTILE][4]) {
+    static __device__ __forceinline__ void pack_p(u32 (&p)[P_REGS][4], const float (&s)[NTILE][4]) {
+        if constexpr (FP8) {
+            // Accumulator groups 4kk..4kk+3 hold keys 32kk + 8g + 2(lane%4) + {0,1}; register r of the A fragment
+            // takes groups (2(r/2), 2(r/2)+1) of row half r%2, which is the key order of V^T's permuted rows.
 #pragma unroll
-        for (int kk = 0; kk < BN / 16; ++kk) {
-            p[kk][0] = pack2<BF16>(s[2 * kk][0], s[2 * kk][1]);
-            p[kk][1] = pack2<BF16>(s[2 * kk][2], s[2 * kk][3]);
-            p[kk][2] = pack2<BF16>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-            p[kk][3] = pack2<BF16>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+            for (int kk = 0; kk < P_REGS; ++kk)
+#pragma unroll
+                for (int r = 0; r < 4; ++r) {
+                    const int g = 4 * kk + 2 * (r >> 1), e = 2 * (r & 1);
+                    p[kk][r] = pack4_e4m3(s[g][e], s[g][e + 1], s[g + 1][e], s[g + 1][e + 1]);
+                }
+        } else {
+#pragma unroll
+            for (int kk = 0; kk < P_REGS; ++kk) {
+                p[kk][0] = pack2<BF16>(s[2 * kk][0], s[2 * kk][1]);
+                p[kk][1] = pack2<BF16>(s[2 * kk][2], s[2 * kk][3]);
+                p[kk][2] = pack2<BF16>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+                p[kk][3] = pack2<BF16>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+            }
         }
     }
 
@@ -193,8 +253,8 @@ struct FwdWsKernel {
     }
 
     static __device__ __forceinline__ void consumer(const Smem& sm, int cw, int lane, int m0, int nb_hi, int n_tiles,
-                                                    u16* og, i64 o_row_stride, float* lg, int rows_q, int d,
-                                                    const SeqInfo& si, const ScoreParams& sp) {
+                                                    Out* og, i64 o_row_stride, float* lg, int rows_q, int d,
+                                                    const SeqInfo& si, const ScoreParams& sp, float out_scale) {
         const int cwg = cw >> 2;
         const int wrow = cw * 16;  // first row of this warp inside the block
         const int shift = si.sk - si.sq;
@@ -205,7 +265,7 @@ struct FwdWsKernel {
         // One m64 tile per warpgroup: the [1] dimension is the softmax helpers' row-tile count.
         float acc_o[1][DTILE][4];
         float s[1][NTILE][4];
-        u32 p[BN / 16][4];
+        u32 p[P_REGS][4];
 #pragma unroll
         for (int j = 0; j < DTILE; ++j)
 #pragma unroll
@@ -315,12 +375,14 @@ struct FwdWsKernel {
         } else if (PINGPONG && cwg == 0) {
             named_sync(1, 256);  // consume consumer 1's opening arrival so no barrier is left half-arrived
         }
-        Softmax::template finish<BF16>(acc_o, row_max, row_sum, og, o_row_stride, lg, wrow, rows_q, d, lane);
+        Softmax::template finish<BF16>(acc_o, row_max, row_sum, og, o_row_stride, lg, wrow, rows_q, d, lane,
+                                       out_scale);
     }
 
-    static __device__ __forceinline__ void run(const TmaMap* tq, const TmaMap* tk, const TmaMap* tv, u16* o,
-                                               float* lse, const float* alibi, const i64* st, int seqlen_q,
-                                               int seqlen_k, int group, int d, int alibi_sb, ScoreParams sp) {
+    static __device__ __forceinline__ void run(const TmaMap* tq, const TmaMap* tk, const TmaMap* tv, Out* o,
+                                               float* lse, const float* alibi, const float* const* descales,
+                                               const i64* st, int seqlen_q, int seqlen_k, int group, int d,
+                                               int alibi_sb, ScoreParams sp) {
         const int tid = threadIdx.x;
         const int warp = tid >> 5;
         const int lane = tid & 31;
@@ -359,26 +421,45 @@ struct FwdWsKernel {
         }
         setmaxnreg_inc<ATTNKIT_WS_CONSUMER_REGS>();
         if (sp.use_alibi) sp.slope_log2 = alibi[(i64)b * alibi_sb + h] * AK_LOG2E;
-        u16* og = o + (i64)b * st[0] + (i64)m0 * st[1] + (i64)h * st[2];
+        float out_scale = 1.f;
+        if constexpr (FP8) {
+            // Descales are contiguous (batch, KV heads): the real score is q.k * q_descale * k_descale.
+            const i64 at = (i64)b * (gridDim.y / group) + hk;
+            const float qk = descales[0][at] * descales[1][at];
+            sp.scale_log2 *= qk;
+            sp.cap_pre *= qk;
+            out_scale = descales[2][at];
+        }
+        Out* og = o + (i64)b * st[0] + (i64)m0 * st[1] + (i64)h * st[2];
         float* lg = lse + (i64)b * st[3] + (i64)h * st[4] + m0;
-        consumer(sm, warp - 4, lane, m0, nb_hi, n_tiles, og, st[1], lg, min(BM, si.sq - m0), d, si, sp);
+        consumer(sm, warp - 4, lane, m0, nb_hi, n_tiles, og, st[1], lg, min(BM, si.sq - m0), d, si, sp, out_scale);
     }
 };
 
 }  // namespace ak
 
-// q, k, v arrive as tensor maps (dims innermost first: head dim, seqlen, heads, batch; box 64 x BM or 64 x BN
-// rows, 128-byte swizzle); o and lse as pointers with element strides (o: batch, row, head; lse: batch, head).
+#if ATTNKIT_OUT_F32
+typedef float AttnkitWsOut;
+#else
+typedef ak::u16 AttnkitWsOut;
+#endif
+
+// q, k, v arrive as tensor maps (dims innermost first: head dim, seqlen, heads, batch; box 128 bytes x BM or BN
+// rows, 128-byte swizzle; fp8 v as V^T: keys, dim, heads, batch, box BN x 128); o and lse as pointers with element
+// strides (o: batch, row, head; lse: batch, head). The descales (fp8 only; null otherwise) are float32 (batch, KV
+// heads), contiguous.
 extern "C" __global__ void __launch_bounds__(384, 1)
     attnkit_fwd_sm90_ws(const __grid_constant__ ak::TmaMap tq, const __grid_constant__ ak::TmaMap tk,
-                        const __grid_constant__ ak::TmaMap tv, ak::u16* o, float* lse, const float* alibi,
+                        const __grid_constant__ ak::TmaMap tv, AttnkitWsOut* o, float* lse, const float* alibi,
+                        const float* q_descale, const float* k_descale, const float* v_descale,
                         ak::i64 o_sb, ak::i64 o_ss, ak::i64 o_sh, ak::i64 lse_sb, ak::i64 lse_sh, int seqlen_q,
                         int seqlen_k, int group, int d, int alibi_sb, float scale_log2, float cap_pre,
                         float cap_post, int use_softcap, int use_alibi, int window_left, int window_right) {
     const ak::i64 strides[5] = {o_sb, o_ss, o_sh, lse_sb, lse_sh};
     const ak::ScoreParams sp =
         ak::make_score_params(scale_log2, cap_pre, cap_post, use_softcap, use_alibi, window_left, window_right);
-    ak::FwdWsKernel<ATTNKIT_HEAD_DIM, ATTNKIT_WS_BN, ATTNKIT_BF16 != 0, ATTNKIT_WS_PIPE != 0,
-                    ATTNKIT_WS_PINGPONG != 0>::run(&tq, &tk, &tv, o, lse, alibi, strides, seqlen_q, seqlen_k, group,
-                                                   d, alibi_sb, sp);
+    const float* const descales[3] = {q_descale, k_descale, v_descale};
+    ak::FwdWsKernel<ATTNKIT_HEAD_DIM, ATTNKIT_WS_BN, ATTNKIT_BF16 != 0, ATTNKIT_WS_PIPE != 0, ATTNKIT_WS_PINGPONG != 0,
+                    ATTNKIT_FP8 != 0, AttnkitWsOut>::run(&tq, &tk, &tv, o, lse, alibi, descales, strides, seqlen_q,
+                                                         seqlen_k, group, d, alibi_sb, sp);
 }
