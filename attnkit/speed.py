@@ -8,7 +8,8 @@ Hopper, Triton elsewhere", so ``auto`` consults this table first: for a call's c
 * ``head_dim``: the smallest class in :data:`HEAD_DIM_CLASSES` that holds the call's head dim;
 * ``causal``: whether the call has a causal mask;
 * ``pass``: ``fwd`` for inference calls, ``train`` when a backward will follow (forward and backward then
-  run on the same backend, so the ranking is by their summed time),
+  run on the same backend, so the ranking is by their summed time), ``fp8`` for float8_e4m3fn calls (forward
+  only; ranked by the fp8 forwards of ``benchmarks/fp8_bench.py``, which writes those entries),
 
 it lists backends fastest first. The table reorders only the backends it names, among themselves: a backend
 it does not name keeps its place in the priority order. Classes absent from the table, float32 calls, other
@@ -50,7 +51,10 @@ MIN_WORK_FLOPS = 1e11
 BWD_FLOP_RATIO = 2.5
 TABLE_FORMAT = 1
 OPS = frozenset({"attention", "varlen"})
-_TABLE_DTYPES = frozenset({torch.float16, torch.bfloat16})
+_FP8_DTYPE = getattr(torch, "float8_e4m3fn", None)
+_TABLE_DTYPES = frozenset({torch.float16, torch.bfloat16, _FP8_DTYPE} - {None})
+# The passes a table ranks, each with the benchmark modes its ranking sums (1/fwd + 2.5/bwd for train).
+PASS_MODES = {"fwd": ("fwd",), "train": ("fwd", "bwd"), "fp8": ("fp8",)}
 
 BUILTIN_NAME = "speed_table.json"  # in the attnkit.backends package, beside the backends it ranks
 
@@ -69,7 +73,7 @@ class SpeedKey:
     arch: str
     head_dim: int
     causal: bool
-    pass_: str  # "fwd" or "train"
+    pass_: str  # "fwd", "train" or "fp8"
 
     def label(self) -> str:
         return f"{self.arch} d{self.head_dim} {'causal' if self.causal else 'non-causal'} {self.pass_}"
@@ -104,7 +108,11 @@ def key_of(spec: AttentionSpec) -> SpeedKey | None:
     dim = head_dim_class(max(spec.head_dim, spec.head_dim_v))
     if arch is None or dim is None:
         return None
-    return SpeedKey(arch, dim, "causal" in spec.features, "train" if spec.requires_grad else "fwd")
+    if spec.dtype == _FP8_DTYPE:
+        pass_ = "fp8"
+    else:
+        pass_ = "train" if spec.requires_grad else "fwd"
+    return SpeedKey(arch, dim, "causal" in spec.features, pass_)
 
 
 def parse(document: Mapping, path: str = "<memory>") -> SpeedTable:
@@ -118,7 +126,7 @@ def parse(document: Mapping, path: str = "<memory>") -> SpeedTable:
             names = tuple(str(n) for n in entry["order"])
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"speed table {path}: entry {i} is malformed ({exc!r})") from exc
-        if key.pass_ not in ("fwd", "train") or key.head_dim not in HEAD_DIM_CLASSES or not names:
+        if key.pass_ not in PASS_MODES or key.head_dim not in HEAD_DIM_CLASSES or not names:
             raise ValueError(f"speed table {path}: entry {i} has pass/head_dim/order {entry!r}")
         order[key] = names
     try:
@@ -189,17 +197,17 @@ def build(
     min_seqlen: int = MIN_SEQLEN,
 ) -> dict:
     """A table document from benchmark rows (``attnkit bench`` results: ``provider``, ``mode``, ``head_dim``,
-    ``causal``, ``seqlen_q``, ``status``, ``tflops``). Only ``attnkit:<backend>`` providers count (SDPA and the
-    other peers are not attnkit backends). Per class, a backend's speed is the geometric mean of its TFLOP/s
-    over the sequence lengths >= ``min_seqlen`` that every ranked backend ran; ``train`` ranks by
-    ``1/fwd + 2.5/bwd`` (time per forward FLOP of a training step)."""
+    ``causal``, ``seqlen_q``, ``status``, ``tflops``; ``fp8_bench.py`` writes rows of mode ``fp8``). Only
+    ``attnkit:<backend>`` providers count (SDPA and the other peers are not attnkit backends). Per class, a
+    backend's speed is the geometric mean of its TFLOP/s over the sequence lengths >= ``min_seqlen`` that every
+    ranked backend ran; ``train`` ranks by ``1/fwd + 2.5/bwd`` (time per forward FLOP of a training step)."""
     arch = arch_of(capability, is_hip)
     speeds: dict[tuple[str, int, bool, str], dict[int, float]] = defaultdict(dict)
     for r in rows:
         provider = str(r.get("provider", ""))
         if not provider.startswith("attnkit:") or "+" in provider or r.get("status") != "ok":
             continue
-        if r.get("mode") not in ("fwd", "bwd") or not r.get("tflops") or int(r["seqlen_q"]) < min_seqlen:
+        if r.get("mode") not in ("fwd", "bwd", "fp8") or not r.get("tflops") or int(r["seqlen_q"]) < min_seqlen:
             continue
         dim = head_dim_class(int(r["head_dim"]))
         if dim is None:
@@ -209,8 +217,7 @@ def build(
     entries = []
     classes = sorted({(d, c) for (_, d, c, _) in speeds})
     for dim, causal in classes:
-        for pass_ in ("fwd", "train"):
-            modes = ("fwd",) if pass_ == "fwd" else ("fwd", "bwd")
+        for pass_, modes in PASS_MODES.items():
             backends = sorted({b for (b, d, c, _) in speeds if (d, c) == (dim, causal)})
             backends = [b for b in backends if all((b, dim, causal, m) in speeds for m in modes)]
             if not backends:
@@ -223,7 +230,7 @@ def build(
                 parts = {m: _geomean(speeds[(b, dim, causal, m)][s] for s in common[m]) for m in modes}
                 if any(v <= 0 for v in parts.values()):
                     continue
-                cost[b] = 1.0 / parts["fwd"] + (BWD_FLOP_RATIO / parts["bwd"] if "bwd" in parts else 0.0)
+                cost[b] = sum((BWD_FLOP_RATIO if m == "bwd" else 1.0) / v for m, v in parts.items())
                 measured[b] = {m: round(v, 1) for m, v in parts.items()}
             if not cost:
                 continue
@@ -250,3 +257,16 @@ def describe(table: SpeedTable | None, arch: str | None = None) -> list[str]:
     for k in shown:
         lines.append(f"{k.label():<32} {' > '.join(table.order[k])}")
     return lines
+
+
+def merge(document: Mapping, replacement: Mapping) -> dict:
+    """``document`` with the entries of ``replacement`` put in (an entry of the same arch, head dim, causal and
+    pass is replaced); the sources are joined. How fp8_bench.py adds its fp8 entries to a table."""
+    def ident(e: Mapping) -> tuple:
+        return (e["arch"], e["head_dim"], e["causal"], e["pass"])
+
+    new = {ident(e): e for e in replacement.get("entries", ())}
+    entries = [e for e in document.get("entries", ()) if ident(e) not in new] + list(new.values())
+    entries.sort(key=lambda e: (e["arch"], e["head_dim"], e["causal"], list(PASS_MODES).index(e["pass"])))
+    sources = [x for x in (document.get("source"), replacement.get("source")) if x]
+    return {**document, "format": TABLE_FORMAT, "source": "; ".join(sources), "entries": entries}

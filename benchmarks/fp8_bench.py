@@ -15,7 +15,8 @@ Subcommands
         + 0.01); the error of plain bf16 without that rounding is printed next to it. The target of issue 18:
         attnkit's fastest fp8 forward >= 1.5x its fastest bf16 forward at head dim 128, seqlen >= 4k. Without
         CuPy the cupy steps are left out. Writes fp8_bench.md and fp8_bench.json to --out (default
-        benchmarks/results).
+        benchmarks/results); with --speed-table PATH it also puts the fp8 ranking auto uses (attnkit.speed, pass
+        "fp8") into that table.
   xcompile [--dims 64,128,256]
         No GPU needed: compiles every fp8 tile candidate for sm_90 through a fake driver (both V layouts, causal
         and not, TMA where the tile asks for it) and prints registers, stack (spills), shared memory, wgmma count.
@@ -178,8 +179,45 @@ def run(args: argparse.Namespace) -> int:
     table = _table(rows, title) + _target(rows)
     (out_dir / "fp8_bench.md").write_text(table)
     print(table)
+    if args.speed_table:
+        source = (f"benchmarks/fp8_bench.py run ({torch.cuda.get_device_name(device)}, torch {torch.__version__}, "
+                  f"triton {_triton_version()}, {time.strftime('%Y-%m-%d', time.gmtime())})")  # fmt: skip
+        write_speed_table(Path(args.speed_table), speed_rows(rows), cc, source)
     print(f"run took {time.monotonic() - started:.0f} s")
     return 1 if failed else 0
+
+
+# What auto runs for a dense fp8 call of each backend (triton's V layout "auto" is the transposed one on Hopper).
+AUTO_STEP = {"triton_cuda": "fp8 triton transposed", "cupy_cuda": "fp8 cupy"}
+
+
+def speed_rows(rows: list[dict]) -> list[dict]:
+    """The fp8 forwards as attnkit.speed.build reads benchmark records (mode ``fp8``); a step whose output broke
+    the accuracy bound in its row is recorded as WRONG, so it never ranks."""
+    out = []
+    for r in rows:
+        for backend, step in AUTO_STEP.items():
+            cell, acc = r.get(step), r.get(f"{step} accuracy")
+            if not isinstance(cell, dict):
+                continue
+            ok = acc is None or acc["err"] <= acc["bound"]
+            out.append({
+                "provider": f"attnkit:{backend}", "mode": "fp8", "head_dim": r["d"], "causal": r["causal"],
+                "seqlen_q": r["seqlen"], "status": "ok" if ok else "WRONG", "tflops": cell["tflops"],
+            })  # fmt: skip
+    return out
+
+
+def write_speed_table(path: Path, records: list[dict], capability: tuple[int, int], source: str) -> None:
+    """Put this run's fp8 entries into the speed table at ``path`` (created when absent), keeping its others."""
+    from attnkit import speed
+
+    fresh = speed.build(records, capability, source=source)
+    base = json.loads(path.read_text()) if path.exists() else {"format": speed.TABLE_FORMAT, "entries": []}
+    merged = speed.merge(base, fresh)
+    path.write_text(json.dumps(merged, indent=1) + "\n")
+    for line in speed.describe(speed.parse(merged, str(path))):
+        print(line)
 
 
 def _triton_version() -> str:
@@ -333,6 +371,11 @@ def main(argv: list[str] | None = None) -> int:
         help="time the autotuned tiles (default: the default tiles, unless ATTNKIT_TRITON_AUTOTUNE=1)",
     )
     p.add_argument("--out", default=os.environ.get("OUT", str(ROOT / "benchmarks" / "results")))
+    p.add_argument(
+        "--speed-table",
+        help="put this run's fp8 ranking (pass 'fp8' per head-dim class and mask) into this speed table JSON, "
+        "keeping its other entries (e.g. backends/speed_table.json)",
+    )
     p = sub.add_parser("xcompile")
     p.add_argument("--dims", default="64,128,256")
     args = parser.parse_args(argv)

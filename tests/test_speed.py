@@ -3,6 +3,7 @@ variable, and auto's use of it in dispatch."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -141,6 +142,37 @@ def test_build_compares_on_common_lengths():
     data = rows("a", "fwd", {4096: 400.0, 16384: 900.0}) + rows("b", "fwd", {4096: 450.0})
     t = speed.parse(speed.build(data, (9, 0)))
     assert t.order[speed.SpeedKey("sm_90", 128, False, "fwd")] == ("b", "a")
+
+
+def test_fp8_calls_have_their_own_pass():
+    fp8_spec = spec(dtype=torch.float8_e4m3fn, features=frozenset({"fp8", "causal"}))
+    assert speed.key_of(fp8_spec) == speed.SpeedKey("sm_90", 128, True, "fp8")
+    data = rows("a", "fwd", {4096: 500.0}) + rows("b", "fwd", {4096: 400.0})
+    data += (
+        rows("a", "fp8", {4096: 500.0})
+        + rows("b", "fp8", {4096: 700.0})
+        + rows("c", "fp8", {4096: 900.0}, status="WRONG")
+    )
+    t = speed.parse(speed.build(data, (9, 0)))
+    # The fp8 forwards rank apart from the 16-bit ones (and a wrong answer never ranks).
+    assert t.order[speed.SpeedKey("sm_90", 128, False, "fp8")] == ("b", "a")
+    assert t.order[speed.SpeedKey("sm_90", 128, False, "fwd")] == ("a", "b")
+    assert speed.rank(dataclasses.replace(fp8_spec, features=frozenset({"fp8"})), ["a", "b"], t) == ["b", "a"]
+
+
+def test_merge_replaces_entries_of_the_same_class_and_keeps_the_others():
+    base = {"format": 1, "source": "grid", "entries": [entry(["a", "b"]), entry(["b", "a"], pass_="fp8")]}
+    fresh = {
+        "format": 1,
+        "source": "fp8 run",
+        "entries": [entry(["c", "b"], pass_="fp8"), entry(["c"], head_dim=64, pass_="fp8")],
+    }
+    merged = speed.merge(base, fresh)
+    t = speed.parse(merged)
+    assert t.order[speed.SpeedKey("sm_90", 128, False, "fwd")] == ("a", "b")
+    assert t.order[speed.SpeedKey("sm_90", 128, False, "fp8")] == ("c", "b")
+    assert t.order[speed.SpeedKey("sm_90", 64, False, "fp8")] == ("c",)
+    assert merged["source"] == "grid; fp8 run" and len(merged["entries"]) == 3
 
 
 def test_builtin_table_is_valid_and_names_builtin_backends():
