@@ -169,6 +169,18 @@ def record_cupy_launches(monkeypatch, smem_limit: int = H200_SMEM) -> list[dict]
     return calls
 
 
+def record_cupy_tma_launches(monkeypatch, smem_limit: int = H200_SMEM) -> list[dict]:
+    """:func:`record_cupy_launches` with the wgmma/TMA kernels allowed and the driver's tensor-map encoder replaced
+    by the checked description it would get (the recorded map arguments are ``tma.TiledArguments``)."""
+    from attnkit.backends.cupy import tma
+
+    calls = record_cupy_launches(monkeypatch, smem_limit)
+    monkeypatch.setattr(tma, "encode", lambda args: args)
+    monkeypatch.delenv("ATTNKIT_CUPY_TMA", raising=False)
+    monkeypatch.delenv("ATTNKIT_CUPY_WGMMA", raising=False)
+    return calls
+
+
 def ints(args, start: int, n: int) -> list[int]:
     """``n`` recorded kernel arguments from ``start``, as Python ints."""
     return [int(a) for a in args[start : start + n]]

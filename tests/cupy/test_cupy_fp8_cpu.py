@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 from attnkit.backends.cupy import backend as cb
-from attnkit.backends.cupy import compiler, config, tma, ws_fwd
-from helpers import H200_SMEM, ints, record_cupy_launches
+from attnkit.backends.cupy import compiler, config, ws_fwd
+from helpers import H200_SMEM, ints, record_cupy_tma_launches
 
 from attnkit.errors import BackendUnsupportedError, InvalidArgumentError
 from attnkit.fp8 import FP8_DTYPE, Fp8Scales
@@ -144,11 +144,7 @@ def test_capabilities_declare_fp8():
 # ---- the two launches ---------------------------------------------------------------------------------------------
 @pytest.fixture
 def recorder(monkeypatch):
-    calls = record_cupy_launches(monkeypatch)
-    monkeypatch.setattr(tma, "encode", lambda args: args)
-    monkeypatch.delenv("ATTNKIT_CUPY_TMA", raising=False)
-    monkeypatch.delenv("ATTNKIT_CUPY_WGMMA", raising=False)
-    return calls
+    return record_cupy_tma_launches(monkeypatch)
 
 
 def _scales(b: int, hk: int, out_dtype=torch.bfloat16) -> Fp8Scales:

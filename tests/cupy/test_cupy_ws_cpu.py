@@ -13,7 +13,7 @@ import pytest
 import torch
 from attnkit.backends.cupy import backend as cb
 from attnkit.backends.cupy import compiler, config, tma, ws_fwd
-from helpers import H200_SMEM, ints, record_cupy_launches
+from helpers import H200_SMEM, ints, record_cupy_tma_launches
 
 from attnkit.errors import EnvironmentVariableError, InvalidArgumentError
 from attnkit.params import AttentionParams, VarlenInfo
@@ -134,12 +134,7 @@ def test_tma_ready():
 # ---- arguments ----------------------------------------------------------------------------------------------------
 @pytest.fixture
 def recorder(monkeypatch):
-    """Launches recorded, the driver's encoder replaced by the checked description it would get."""
-    calls = record_cupy_launches(monkeypatch)
-    monkeypatch.setattr(tma, "encode", lambda args: args)
-    monkeypatch.delenv("ATTNKIT_CUPY_TMA", raising=False)
-    monkeypatch.delenv("ATTNKIT_CUPY_WGMMA", raising=False)
-    return calls
+    return record_cupy_tma_launches(monkeypatch)
 
 
 def _kernel_params() -> list[str]:
