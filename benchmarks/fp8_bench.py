@@ -17,6 +17,9 @@ Subcommands
         CuPy the cupy steps are left out. Writes fp8_bench.md and fp8_bench.json to --out (default
         benchmarks/results); with --speed-table PATH it also puts the fp8 ranking auto uses (attnkit.speed, pass
         "fp8") into that table.
+  table --from FILE [--from FILE ...] --speed-table PATH [--capability 9.0]
+        No GPU needed: puts the fp8 ranking of saved runs (their fp8_bench.json) into the speed table at PATH, as
+        run --speed-table does, naming the files as the source.
   xcompile [--dims 64,128,256]
         No GPU needed: compiles every fp8 tile candidate for sm_90 through a fake driver (both V layouts, causal
         and not, TMA where the tile asks for it) and prints registers, stack (spills), shared memory, wgmma count.
@@ -185,6 +188,13 @@ def run(args: argparse.Namespace) -> int:
         write_speed_table(Path(args.speed_table), speed_rows(rows), cc, source)
     print(f"run took {time.monotonic() - started:.0f} s")
     return 1 if failed else 0
+
+
+def table_from_runs(args: argparse.Namespace) -> int:
+    rows = [r for src in args.sources for r in json.loads(Path(src).read_text())]
+    major, _, minor = args.capability.partition(".")
+    write_speed_table(Path(args.speed_table), speed_rows(rows), (int(major), int(minor)), "; ".join(args.sources))
+    return 0
 
 
 # What auto runs for a dense fp8 call of each backend (triton's V layout "auto" is the transposed one on Hopper).
@@ -376,10 +386,14 @@ def main(argv: list[str] | None = None) -> int:
         help="put this run's fp8 ranking (pass 'fp8' per head-dim class and mask) into this speed table JSON, "
         "keeping its other entries (e.g. backends/speed_table.json)",
     )
+    p = sub.add_parser("table")
+    p.add_argument("--from", dest="sources", action="append", required=True, help="a saved fp8_bench.json")
+    p.add_argument("--speed-table", required=True)
+    p.add_argument("--capability", default="9.0", help="compute capability of the GPU the runs measured")
     p = sub.add_parser("xcompile")
     p.add_argument("--dims", default="64,128,256")
     args = parser.parse_args(argv)
-    return run(args) if args.cmd == "run" else xcompile(args)
+    return {"run": run, "table": table_from_runs, "xcompile": xcompile}[args.cmd](args)
 
 
 if __name__ == "__main__":
