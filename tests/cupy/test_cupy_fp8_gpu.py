@@ -104,7 +104,7 @@ def test_a_nan_in_q_stays_in_its_row():
     assert not torch.isnan(out[mask]).any()
 
 
-def test_auto_runs_an_fp8_kernel_and_the_frontend_reaches_this_one():
+def test_the_cupy_and_triton_fp8_kernels_agree():
     case = Fp8Case(b=1, sq=512, sk=512, hq=4, hk=2, d=128, seed=11, device="cuda")
     (q8, k8, v8), scales, _ = case.inputs()
     ran = attnkit.attention(q8, k8, v8, **scales, backend=BACKEND)
