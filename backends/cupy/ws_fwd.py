@@ -166,6 +166,12 @@ def fp8_forward_config(head_dim: int, out_dtype: torch.dtype, arch: str, smem_li
     return config.fp8_ws_fwd_config(head_dim, out_dtype, smem_limit)
 
 
+def fresh_copy(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy in a new allocation (aligned, unlike ``contiguous()`` of a tensor that already is
+    contiguous but starts at an odd address)."""
+    return t.clone(memory_format=torch.contiguous_format)
+
+
 def vt_ready(v: torch.Tensor) -> bool:
     """V as the V^T pass reads it: channels contiguous, 16-byte aligned base and strides (16-byte loads)."""
     return (
@@ -201,7 +207,7 @@ def transposed_v(launch: Any, arch: str, v: torch.Tensor) -> torch.Tensor:
     """V^T of a float8 (batch, seqlen_k, heads_k, dim) tensor for the fp8 forward: contiguous (batch, heads_k, dim,
     keys) with the keys padded to whole blocks of 32 (zeros) and permuted inside each block (fp8_vt.cu says why).
     One read and one write of V's bytes."""
-    vs = v if vt_ready(v) else v.contiguous()
+    vs = v if vt_ready(v) else fresh_copy(v)
     b, sk, hk, d = vs.shape
     keys = config.fp8_vt_keys(sk)
     vt = torch.empty(b, hk, d, keys, dtype=v.dtype, device=v.device)
@@ -228,7 +234,7 @@ def fp8_forward(
     lse = torch.empty(batch, hq, sq, dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
-    qp, kp = (t if tma_ready(t) else t.contiguous() for t in (q, k))
+    qp, kp = (t if tma_ready(t) else fresh_copy(t) for t in (q, k))
     vt = transposed_v(launch, arch, v)
     alibi, alibi_sb = alibi_ready(alibi_slopes)
     launch_ws(launch, qp, kp, vt, out, lse, alibi, alibi_sb, params, cfg, scales)

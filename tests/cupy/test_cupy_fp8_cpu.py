@@ -204,6 +204,16 @@ def test_fp8_strided_v_is_read_in_place_and_unaligned_v_copied(recorder):
     assert int(recorder[0]["args"][0]) != odd.data_ptr()
 
 
+def test_fp8_contiguous_but_misaligned_inputs_are_copied(recorder):
+    flat = _fp8(1 + 100 * 2 * 64)
+    odd = flat[1:].view(1, 100, 2, 64)  # contiguous, one byte past 16-byte alignment
+    assert odd.is_contiguous() and odd.data_ptr() % 16
+    cb.CupyCudaBackend().forward_fp8(odd, odd, odd, None, AttentionParams(softmax_scale=0.1), None, _scales(1, 2))
+    vt_call, ws_call = recorder
+    assert int(vt_call["args"][0]) % 16 == 0 and int(vt_call["args"][0]) != odd.data_ptr()
+    assert ws_call["args"][0].address % 16 == 0 and ws_call["args"][1].address % 16 == 0
+
+
 def test_fp8_refuses_varlen_and_uncovered_head_dims(recorder):
     q = _fp8(1, 8, 2, 72)
     with pytest.raises(BackendUnsupportedError, match="head_dim=72"):
