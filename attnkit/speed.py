@@ -262,6 +262,7 @@ def describe(table: SpeedTable | None, arch: str | None = None) -> list[str]:
 def merge(document: Mapping, replacement: Mapping) -> dict:
     """``document`` with the entries of ``replacement`` put in (an entry of the same arch, head dim, causal and
     pass is replaced); the sources are joined. How fp8_bench.py adds its fp8 entries to a table."""
+
     def ident(e: Mapping) -> tuple:
         return (e["arch"], e["head_dim"], e["causal"], e["pass"])
 

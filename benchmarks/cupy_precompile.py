@@ -52,6 +52,9 @@ def module_specs(arch: str, smem: int) -> list:
         for out_dtype in (torch.bfloat16, torch.float16, torch.float32):
             cfg = config.fp8_ws_fwd_config(128, out_dtype, smem)
             specs.add(compiler.ModuleSpec.make(ws_fwd.SOURCE, cfg.defines(), "sm_90a"))
+        for change in config.fp8_ws_ablations().values():
+            cfg = dataclasses.replace(config.fp8_ws_fwd_config(128, torch.bfloat16, smem), **change)
+            specs.add(compiler.ModuleSpec.make(ws_fwd.SOURCE, cfg.defines(), "sm_90a"))
         specs.add(compiler.ModuleSpec.make(ws_fwd.VT_SOURCE, {}, arch))
     return sorted(specs, key=lambda s: (s.source, s.defines))
 

@@ -6,6 +6,7 @@ The tile choices follow FlashAttention-2 on Ampere/Hopper (see benchmarks/NOTES-
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -159,6 +160,9 @@ class Sm90WsFwdConfig:
     # float16) unless ``out_f32``.
     fp8: bool = False
     out_f32: bool = False
+    # Of every 4 column groups of an unmasked score tile, how many take their exponentials from a polynomial on
+    # the float pipes instead of the MUFU (kernels/common.cuh, poly_exp2). Not yet timed: 0 by default.
+    poly_exp: int = 0
 
     block_m: ClassVar[int] = 128
     threads: ClassVar[int] = 384
@@ -179,6 +183,8 @@ class Sm90WsFwdConfig:
                 f"the fp8 forward is built for kernel head dim {FP8_WS_HEAD_DIM} and 128 keys per tile (a V^T tile "
                 f"row is one 128-byte swizzle span), got head_dim={self.head_dim}, block_n={self.block_n}"
             )
+        if not 0 <= self.poly_exp <= 4:
+            raise InvalidArgumentError(f"poly_exp={self.poly_exp}; allowed: 0-4 column groups of every 4")
         if self.out_f32 and not self.fp8:
             raise InvalidArgumentError("out_f32 applies to the fp8 forward only (16-bit inputs give their own dtype)")
         for name, regs in (("producer_regs", self.producer_regs), ("consumer_regs", self.consumer_regs)):
@@ -205,8 +211,9 @@ class Sm90WsFwdConfig:
             "ATTNKIT_WS_PINGPONG": int(self.pingpong),
             "ATTNKIT_WS_PRODUCER_REGS": self.producer_regs,
             "ATTNKIT_WS_CONSUMER_REGS": self.consumer_regs,
-            # Only when set: the 16-bit kernels keep the module keys (and disk caches) they had before fp8 existed.
+            # Only when set: the default kernels keep the module keys (and disk caches) they had before these.
             **({"ATTNKIT_FP8": 1, "ATTNKIT_OUT_F32": int(self.out_f32)} if self.fp8 else {}),
+            **({"ATTNKIT_WS_POLY_EXP": self.poly_exp} if self.poly_exp else {}),
         }
 
     def grid(self, max_seqlen_q: int, heads_q: int, batch: int) -> tuple[int, int, int]:
@@ -235,6 +242,9 @@ WS_FWD_ABLATIONS: dict[str, dict[str, object]] = {
     "no-pipe": {"pipeline": False},
     "no-pipe+no-pingpong": {"pipeline": False, "pingpong": False},
     "bn64": {"block_n": 64},
+    # Exponentials of unmasked tiles partly on the float pipes (poly_exp2): 1 or 2 column groups of every 4.
+    "poly-exp-1": {"poly_exp": 1},
+    "poly-exp-2": {"poly_exp": 2},
 }
 # Registers a CTA of the warp-specialised forward holds: 384 threads x 168, the per-thread cap (a multiple of 8)
 # that __launch_bounds__(384, 1) gives on a 65536-register SM.
@@ -458,3 +468,16 @@ def fp8_vt_keys(seqlen_k: int) -> int:
 
 def fp8_vt_grid(keys_padded: int, heads_k: int, batch: int) -> tuple[int, int, int]:
     return (-(-keys_padded // FP8_VT_KEYS_PER_CTA), heads_k, batch)
+
+
+def fp8_ws_ablations() -> dict[str, dict[str, object]]:
+    """The WS_FWD_ABLATIONS variants the fp8 forward can be built with (its key tile is fixed at 128)."""
+    base = fp8_ws_fwd_config(FP8_WS_HEAD_DIM, torch.bfloat16)
+    valid = {}
+    for name, change in WS_FWD_ABLATIONS.items():
+        try:
+            dataclasses.replace(base, **change)
+        except InvalidArgumentError:
+            continue
+        valid[name] = change
+    return valid

@@ -243,3 +243,51 @@ def test_vt_kernel_parameters_match_the_arguments():
     kinds = [np.uint64] * 2 + [np.int64] * 3 + [np.int32] * 3
     assert [type(a) for a in args] == kinds
     assert all(("*" in p) == (kind is np.uint64) for p, kind in zip(params, kinds))
+
+
+# ---- the polynomial exponential (poly_exp2, common.cuh) -----------------------------------------------------------
+def _poly_exp2_from_source():
+    """poly_exp2's arithmetic in float32 numpy, with the constants read from common.cuh (so the shipped
+    coefficients are what is checked)."""
+    text = compiler.read_kernel_text("common.cuh")
+    body = text[text.index("float poly_exp2(float x)") :]
+    body = body[: body.index("\n}\n")]
+    coeffs = [np.float32(c) for c in re.findall(r"fmaf\(fmaf\(fmaf\(([-\d.e]+)f, f, ([-\d.e]+)f\), f, ([-\d.e]+)f\), "
+                                                r"f, ([-\d.e]+)f\)", body)[0]]  # fmt: skip
+    assert "0fC2FC0000" in body and "12582912.f" in body and "<< 23) + 0x3F800000" in body
+    c3, c2, c1, c0 = coeffs
+    shifter = np.float32(12582912.0)
+
+    def poly(x: np.ndarray) -> np.ndarray:
+        x = x.astype(np.float32)
+        x = np.where(np.isnan(x), x, np.maximum(x, np.float32(-126.0)))  # max.NaN
+        t = (x + shifter).astype(np.float32)
+        f = (x - (t - shifter)).astype(np.float32)
+        p = ((c3 * f + c2) * f + c1) * f + c0
+        with np.errstate(over="ignore"):
+            bits = ((t.view(np.uint32).astype(np.uint64) << 23) + 0x3F800000) & 0xFFFFFFFF
+        return (p * bits.astype(np.uint32).view(np.float32)).astype(np.float32)
+
+    return poly
+
+
+def test_poly_exp2_is_within_its_stated_error():
+    poly = _poly_exp2_from_source()
+    x = np.concatenate([np.linspace(-126, 8.5, 400001), np.arange(-126, 9, 0.5)]).astype(np.float32)
+    got = poly(x).astype(np.float64)
+    exact = np.exp2(x.astype(np.float64))
+    assert np.max(np.abs(got / exact - 1)) < 1e-4  # the comment says 7.5e-5
+    # Below -126 it stops at 2^-126 (a probability that small is 0 to every use); NaN stays NaN.
+    low = poly(np.array([-127.0, -1e6, -np.inf], dtype=np.float32))
+    assert np.all(low <= np.float32(2.0**-126) * 1.001) and np.all(low > 0)
+    assert np.isnan(poly(np.array([np.nan], dtype=np.float32)))[0]
+
+
+def test_poly_exp_variants_are_configured_and_listed():
+    cfg = config.Sm90WsFwdConfig(128, True, fp8=True, poly_exp=2)
+    assert cfg.defines()["ATTNKIT_WS_POLY_EXP"] == 2
+    assert "ATTNKIT_WS_POLY_EXP" not in config.Sm90WsFwdConfig(128, True).defines()
+    with pytest.raises(InvalidArgumentError, match="poly_exp=5"):
+        config.Sm90WsFwdConfig(128, True, poly_exp=5)
+    # The fp8 forward takes every ablation but the other key-tile width.
+    assert set(config.fp8_ws_ablations()) == set(config.WS_FWD_ABLATIONS) - {"bn64"}

@@ -8,6 +8,7 @@ when ``CI`` is set and is skipped otherwise.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import shutil
@@ -58,6 +59,9 @@ def _units() -> list[compiler.ModuleSpec]:
     # The fp8 forward: each output dtype; and its V^T pass, built for the plain targets like the mma.sync sources.
     for out_dtype in (torch.bfloat16, torch.float16, torch.float32):
         defines = config.fp8_ws_fwd_config(128, out_dtype).defines()
+        specs.append(compiler.ModuleSpec.make("fwd_sm90_ws.cu", defines, "sm_90a"))
+    for variant in config.fp8_ws_ablations().values():
+        defines = dataclasses.replace(config.fp8_ws_fwd_config(128, torch.bfloat16), **variant).defines()
         specs.append(compiler.ModuleSpec.make("fwd_sm90_ws.cu", defines, "sm_90a"))
     for arch in ARCHS:
         specs.append(compiler.ModuleSpec.make("fp8_vt.cu", {}, arch))

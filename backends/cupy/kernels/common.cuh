@@ -130,6 +130,20 @@ __device__ __forceinline__ float fast_exp2(float x) {
     return y;
 }
 
+// 2^x without the MUFU unit (float and integer pipes only), for x <= 127; the MUFU's ex2 is the softmax's
+// narrowest pipe, so a kernel may move part of its exponentials here. x is rounded to an integer j by the float
+// adder (adding 1.5 * 2^23 leaves round(x) in the low mantissa bits, so those bits shifted into the exponent field
+// are 2^j's), and 2^(x - j) comes from a degree-3 polynomial on [-0.5, 0.5] (relative error <= 7.5e-5). max.NaN
+// clamps below at -126 (2^-126: a probability that small is 0 to every use) and keeps a NaN a NaN. 9 operations.
+__device__ __forceinline__ float poly_exp2(float x) {
+    asm("max.NaN.f32 %0, %0, 0fC2FC0000;\n" : "+f"(x));  // -126
+    const float shifter = 12582912.f;                    // 1.5 * 2^23
+    const float t = x + shifter;
+    const float f = x - (t - shifter);
+    const float p = fmaf(fmaf(fmaf(0.05517132f, f, 0.24261054f), f, 0.69326099f), f, 0.99992811f);
+    return p * __int_as_float((int)((u32)__float_as_int(t) << 23) + 0x3F800000);
+}
+
 // Per-call constants of the score transform; every score lives in the log2 domain (log2(e) folded in),
 // so softmax needs a single ex2 per element.
 struct ScoreParams {

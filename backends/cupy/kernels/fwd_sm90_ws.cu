@@ -34,6 +34,8 @@
 //   ATTNKIT_WS_BN          keys per tile (64 or 128)
 //   ATTNKIT_WS_PIPE        1: softmax of tile i overlaps the GEMMs of tiles i / i-1 inside a warpgroup
 //   ATTNKIT_WS_PINGPONG    1: the two consumer warpgroups alternate their GEMM issue on named barriers
+//   ATTNKIT_WS_POLY_EXP    0-4: of every 4 column groups of an unmasked tile, how many take their exponentials
+//                          from a polynomial on the float pipes (poly_exp2) instead of the MUFU
 //   ATTNKIT_WS_PRODUCER_REGS / ATTNKIT_WS_CONSUMER_REGS  register budgets handed out by setmaxnreg
 #include "common.cuh"
 #include "softmax.cuh"
@@ -61,6 +63,9 @@
 #endif
 #ifndef ATTNKIT_WS_PINGPONG
 #define ATTNKIT_WS_PINGPONG 1
+#endif
+#ifndef ATTNKIT_WS_POLY_EXP
+#define ATTNKIT_WS_POLY_EXP 0
 #endif
 #ifndef ATTNKIT_WS_PRODUCER_REGS
 #define ATTNKIT_WS_PRODUCER_REGS 24
@@ -103,7 +108,7 @@ struct FwdWsKernel {
     // V^T tiles hold BN keys in one 128-byte row per channel.
     static_assert(!FP8 || (D == 128 && BN == 128), "the fp8 forward is built for head dim 128 and 128-key tiles");
     static constexpr int P_SHIFT = FP8 ? 8 : 0;
-    using Softmax = OnlineSoftmax<1, NTILE, DTILE, P_SHIFT>;
+    using Softmax = OnlineSoftmax<1, NTILE, DTILE, P_SHIFT, ATTNKIT_WS_POLY_EXP>;
     using MmaS = typename WsOperands<FP8, BN, BF16>::MmaS;
     using MmaO = typename WsOperands<FP8, D, BF16>::MmaS;
 

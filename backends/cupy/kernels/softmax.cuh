@@ -11,8 +11,11 @@ namespace ak {
 
 // P_SHIFT: probabilities come out as exp2(score - row max + P_SHIFT) (the fp8 forward's 2^8, which keeps small
 // probabilities out of e4m3's subnormals); the shift cancels in O = acc / row sum and is taken out of the LSE.
-template <int MT, int NTILE, int DTILE, int P_SHIFT = 0>
+// POLY_QUARTERS (0-4): in tiles without masks, that many of every 4 column groups of 8 take their exponentials
+// from poly_exp2 on the float pipes instead of the MUFU (masked tiles keep ex2, whose exp2(-inf) is 0).
+template <int MT, int NTILE, int DTILE, int P_SHIFT = 0, int POLY_QUARTERS = 0>
 struct OnlineSoftmax {
+    static_assert(POLY_QUARTERS >= 0 && POLY_QUARTERS <= 4, "POLY_QUARTERS counts column groups out of 4");
     // The subtrahend of a probability's exponent for row max m (m itself without a shift).
     static __device__ __forceinline__ float exp_base(float m) { return P_SHIFT ? m - (float)P_SHIFT : m; }
 
@@ -54,7 +57,8 @@ struct OnlineSoftmax {
                 for (int j = 0; j < NTILE; ++j)
 #pragma unroll
                     for (int e = 0; e < 2; ++e) {
-                        const float p = fast_exp2(fmaf(s[t][j][2 * hh + e], scale_log2, -m_base));
+                        const float x = fmaf(s[t][j][2 * hh + e], scale_log2, -m_base);
+                        const float p = (j % 4 < POLY_QUARTERS) ? poly_exp2(x) : fast_exp2(x);
                         s[t][j][2 * hh + e] = p;
                         sum += p;
                     }
