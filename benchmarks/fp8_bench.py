@@ -17,6 +17,11 @@ Subcommands
         CuPy the cupy steps are left out. Writes fp8_bench.md and fp8_bench.json to --out (default
         benchmarks/results); with --speed-table PATH it also puts the fp8 ranking auto uses (attnkit.speed, pass
         "fp8") into that table.
+  ablate [--seqlens 4096,16384] [--causal both] [--out DIR]
+        GPU. The cupy fp8 forward's schedule variants (config.fp8_ws_ablations: ping-pong and pipelining off,
+        exponentials partly on the float pipes) beside its default, head dim 128, and the kernel without its V^T
+        pass. Every variant's output is checked first against the bound (batch row 0, 2 KV heads). Timed in rounds
+        like run. Writes fp8_ablations.md and fp8_ablations.json.
   table --from FILE [--from FILE ...] --speed-table PATH [--capability 9.0]
         No GPU needed: puts the fp8 ranking of saved runs (their fp8_bench.json) into the speed table at PATH, as
         run --speed-table does, naming the files as the source.
@@ -187,6 +192,109 @@ def run(args: argparse.Namespace) -> int:
                   f"triton {_triton_version()}, {time.strftime('%Y-%m-%d', time.gmtime())})")  # fmt: skip
         write_speed_table(Path(args.speed_table), speed_rows(rows), cc, source)
     print(f"run took {time.monotonic() - started:.0f} s")
+    return 1 if failed else 0
+
+
+def _ablation_row(launch, arch: str, variants: dict, causal: bool, s: int, args, device) -> tuple[dict, bool]:
+    """One (mask, seqlen) row of ``ablate``: every variant checked against the bound, then timed in rounds."""
+    import torch
+    from attnkit.backends.cupy import ws_fwd
+
+    from attnkit import fp8
+    from attnkit.bench.cases import forward_flops
+    from attnkit.bench.timing import CudaClock, l2_cache_bytes, measure_interleaved, rotation_count
+    from attnkit.params import AttentionParams
+    from attnkit.testing import attention_fp8_ref, max_abs_error
+
+    d = 128
+    batch, heads = max(1, TOKENS // s), HIDDEN // d
+    rotations = rotation_count(3 * batch * s * heads * d, 4 * l2_cache_bytes(device), max_sets=3)
+    gen = torch.Generator(device=device).manual_seed(s)
+    sets = []
+    for _ in range(rotations):
+        x = [torch.randn(batch, s, heads, d, device=device, dtype=torch.bfloat16, generator=gen) for _ in "qkv"]
+        (q8, qd), (k8, kd), (v8, vd) = (fp8.quantize(t) for t in x)
+        sets.append((q8, k8, v8, fp8.Fp8Scales(qd, kd, vd, torch.bfloat16)))
+    params = AttentionParams(softmax_scale=d**-0.5, causal=causal, window_right=0 if causal else -1)
+    row: dict = {"causal": causal, "seqlen": s}
+    q8, k8, v8, sc = sets[0]
+    sl = (q8[:1, :, :2], k8[:1, :, :2], v8[:1, :, :2])
+    kw = {n: getattr(sc, n)[:1, :2].contiguous() for n in fp8.DESCALE_NAMES}
+    exact = attention_fp8_ref(*sl, **kw, causal=causal)
+    row["bound"] = 2 * max_abs_error(attention_fp8_ref(*sl, **kw, causal=causal, upcast=False), exact) + 0.01
+    one = fp8.Fp8Scales(*kw.values(), torch.bfloat16)
+    failed = False
+    for name, cfg in variants.items():
+        out, _ = ws_fwd.fp8_forward(launch, arch, *sl, None, params, one, cfg)
+        row[f"{name} err"] = max_abs_error(out, exact)
+        failed |= row[f"{name} err"] > row["bound"]
+    vts = [ws_fwd.transposed_v(launch, arch, st[2]) for st in sets]
+    outs = [torch.empty(batch, s, heads, d, dtype=torch.bfloat16, device=device) for _ in sets]
+    lses = [torch.empty(batch, heads, s, dtype=torch.float32, device=device) for _ in sets]
+
+    def step(cfg):
+        return lambda i: ws_fwd.fp8_forward(launch, arch, *sets[i][:3], None, params, sets[i][3], cfg)
+
+    def kernel_alone(i: int) -> None:
+        q, k, _, scales = sets[i]
+        ws_fwd.launch_ws(launch, q, k, vts[i], outs[i], lses[i], None, 0, params, variants["default"], scales)
+
+    steps = {name: step(cfg) for name, cfg in variants.items()}
+    steps["default, kernel alone"] = kernel_alone
+    steps["V^T pass"] = lambda i: ws_fwd.transposed_v(launch, arch, sets[i][2])
+    timings = measure_interleaved(steps, rotations, CudaClock(device), warmup=3, budget_s=args.case_time,
+                                  max_repeats=200)  # fmt: skip
+    flops = forward_flops(batch, heads, s, s, d, causal)
+    for name, t in timings.items():
+        if isinstance(t, Exception):
+            row[name] = f"error: {type(t).__name__}: {t}"
+            failed = True
+        else:
+            row[name] = {"ms": t.median_ms, "tflops": flops / t.median_ms / 1e9}
+    return row, failed
+
+
+def ablate(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    import torch
+    from attnkit.backends.cupy import backend as cupy_backend
+    from attnkit.backends.cupy import config, launcher
+
+    if not torch.cuda.is_available() or cupy_backend.CupyCudaBackend().unavailable_reason():
+        print("fp8_bench ablate needs a Hopper GPU with CuPy")
+        return 2
+    device = torch.device("cuda")
+    launch = launcher.Launcher(device)
+    arch = cupy_backend._arch(launch.index)
+    base = config.fp8_ws_fwd_config(128, torch.bfloat16, launch.smem_limit())
+    variants = {"default": base, **{n: dataclasses.replace(base, **c) for n, c in config.fp8_ws_ablations().items()}}
+    rows, failed = [], False
+    for causal in _bool_list(args.causal):
+        for s in [int(x) for x in args.seqlens.split(",")]:
+            row, bad = _ablation_row(launch, arch, variants, causal, s, args, device)
+            rows.append(row)
+            failed |= bad
+            print(row, flush=True)
+    names = [*variants, "default, kernel alone"]
+    lines = [
+        f"# cupy fp8 forward variants ({torch.cuda.get_device_name(device)}, torch {torch.__version__}), d 128",
+        "",
+        "TFLOP/s (median, CUDA events, in rounds, inputs rotated past L2; each variant's time includes the V^T "
+        "pass but 'kernel alone'); max err of every variant on batch 0 / 2 KV heads against the bound",
+        "",
+        "| causal | seqlen | " + " | ".join(names) + " | V^T pass us | max err | bound |",
+        "|---|---:|" + "---:|" * (len(names) + 3),
+    ]
+    for r in rows:
+        err = max(r[f"{n} err"] for n in variants)
+        lines.append(f"| {r['causal']} | {r['seqlen']} | " + " | ".join(_tf(r, n) for n in names)
+                     + f" | {_us(r, 'V^T pass')} | {err:.4f} | {r['bound']:.4f} |")  # fmt: skip
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "fp8_ablations.json").write_text(json.dumps(rows, indent=1))
+    (out_dir / "fp8_ablations.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
     return 1 if failed else 0
 
 
@@ -386,6 +494,11 @@ def main(argv: list[str] | None = None) -> int:
         help="put this run's fp8 ranking (pass 'fp8' per head-dim class and mask) into this speed table JSON, "
         "keeping its other entries (e.g. backends/speed_table.json)",
     )
+    p = sub.add_parser("ablate")
+    p.add_argument("--seqlens", default="4096,16384")
+    p.add_argument("--causal", default="both", choices=["true", "false", "both"])
+    p.add_argument("--case-time", type=float, default=0.3, help="timing budget per case and variant (s)")
+    p.add_argument("--out", default=os.environ.get("OUT", str(ROOT / "benchmarks" / "results")))
     p = sub.add_parser("table")
     p.add_argument("--from", dest="sources", action="append", required=True, help="a saved fp8_bench.json")
     p.add_argument("--speed-table", required=True)
@@ -393,7 +506,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("xcompile")
     p.add_argument("--dims", default="64,128,256")
     args = parser.parse_args(argv)
-    return {"run": run, "table": table_from_runs, "xcompile": xcompile}[args.cmd](args)
+    return {"run": run, "ablate": ablate, "table": table_from_runs, "xcompile": xcompile}[args.cmd](args)
 
 
 if __name__ == "__main__":

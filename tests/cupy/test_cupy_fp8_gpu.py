@@ -7,6 +7,9 @@ Each case asserts that the fp8 kernel is what ran (the launcher's per-kernel cou
 
 from __future__ import annotations
 
+import dataclasses
+import zlib
+
 import pytest
 import torch
 
@@ -18,11 +21,13 @@ if torch.cuda.get_device_capability() != (9, 0):
     pytest.skip("the CuPy fp8 forward exists for sm_90 only", allow_module_level=True)
 
 from attnkit.backends.cupy import backend as cb  # noqa: E402
-from attnkit.backends.cupy import launcher, ws_fwd  # noqa: E402
+from attnkit.backends.cupy import config, launcher, ws_fwd  # noqa: E402
 from fp8_checks import Fp8Case, assert_ok, check_dense  # noqa: E402
 
 import attnkit  # noqa: E402
 from attnkit import fp8  # noqa: E402
+from attnkit.params import AttentionParams  # noqa: E402
+from attnkit.testing import attention_fp8_ref, max_abs_error  # noqa: E402
 
 BACKEND = "cupy_cuda"
 
@@ -111,3 +116,27 @@ def test_the_cupy_and_triton_fp8_kernels_agree():
     ref = attnkit.attention(q8, k8, v8, **scales, backend="triton_cuda")
     # Two fp8 kernels of the same numerics (P rounded to e4m3 after the same 2^8 shift): close to each other.
     assert (ran.float() - ref.float()).abs().max().item() < 0.05
+
+
+@pytest.mark.parametrize("variant", sorted(config.fp8_ws_ablations()))
+@pytest.mark.parametrize("causal", [False, True])
+def test_ablation_variants_meet_the_bound(variant, causal):
+    """Every schedule variant the ablation bench times is itself within the bound (and keeps NaN rows NaN)."""
+    case = Fp8Case(
+        b=2, sq=1000, sk=1500, hq=4, hk=2, d=128, causal=causal, seed=zlib.crc32(variant.encode()) % 1000, device="cuda"
+    )
+    (q8, k8, v8), scales, _ = case.inputs()
+    q8 = q8.clone()
+    q8[1, 7, 3, 0] = float("nan")
+    cfg = dataclasses.replace(config.fp8_ws_fwd_config(128, torch.bfloat16), **config.fp8_ws_ablations()[variant])
+    params = AttentionParams(softmax_scale=128**-0.5, causal=causal, window_right=0 if causal else -1)
+    launch = launcher.Launcher(q8.device)
+    sc = fp8.Fp8Scales(*scales.values(), torch.bfloat16)
+    out, _ = ws_fwd.fp8_forward(launch, cb._arch(q8.device.index or 0), q8, k8, v8, None, params, sc, cfg)
+    assert torch.isnan(out[1, 7, 3]).all()
+    out[1, 7, 3] = 0
+    kw = dict(causal=causal)
+    exact = attention_fp8_ref(q8, k8, v8, **scales, **kw)
+    plain = attention_fp8_ref(q8, k8, v8, **scales, **kw, upcast=False)
+    exact[1, 7, 3], plain[1, 7, 3] = 0, 0
+    assert max_abs_error(out, exact) <= 2 * max_abs_error(plain, exact) + 0.01
