@@ -76,13 +76,14 @@
 
 namespace ak {
 
-template <bool FP8, int BN, bool BF16>
-struct WsOperands {
-    using MmaS = Wgmma<BN, BF16>;
+// The warpgroup MMA of an N-wide product for the kernel's input type.
+template <bool FP8, int N, bool BF16>
+struct WsMma {
+    using type = Wgmma<N, BF16>;
 };
-template <int BN, bool BF16>
-struct WsOperands<true, BN, BF16> {
-    using MmaS = WgmmaE4m3<BN>;
+template <int N, bool BF16>
+struct WsMma<true, N, BF16> {
+    using type = WgmmaE4m3<N>;
 };
 
 template <int D, int BN, bool BF16, bool PIPE, bool PINGPONG, bool FP8, typename Out>
@@ -109,8 +110,8 @@ struct FwdWsKernel {
     static_assert(!FP8 || (D == 128 && BN == 128), "the fp8 forward is built for head dim 128 and 128-key tiles");
     static constexpr int P_SHIFT = FP8 ? 8 : 0;
     using Softmax = OnlineSoftmax<1, NTILE, DTILE, P_SHIFT, ATTNKIT_WS_POLY_EXP>;
-    using MmaS = typename WsOperands<FP8, BN, BF16>::MmaS;
-    using MmaO = typename WsOperands<FP8, D, BF16>::MmaS;
+    using MmaS = typename WsMma<FP8, BN, BF16>::type;
+    using MmaO = typename WsMma<FP8, D, BF16>::type;
 
     // Shared-memory addresses, computed from the aligned base (no arrays: a stage index chosen at run time would
     // put an array of addresses in local memory).
