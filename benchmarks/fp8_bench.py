@@ -91,6 +91,18 @@ def _accuracy(q8, k8, v8, scales, causal: bool, step: str) -> dict[str, float]:
     return {"err": err, "bound": 2 * plain_err + 0.01, "plain_fp8p_err": plain_err, "plain_bf16_err": bf16_err}
 
 
+def _record(row: dict, timings: dict, flops: float) -> bool:
+    """Each step's median time and TFLOP/s into ``row`` (an error text for a step that raised); True on an error."""
+    failed = False
+    for name, t in timings.items():
+        if isinstance(t, Exception):
+            row[name] = f"error: {type(t).__name__}: {t}"
+            failed = True
+        else:
+            row[name] = {"ms": t.median_ms, "tflops": flops / t.median_ms / 1e9}
+    return failed
+
+
 def _case(d: int, causal: bool, s: int, args: argparse.Namespace, device) -> tuple[dict, bool]:
     """One row of the table (timings and accuracy) and whether something failed."""
     import torch
@@ -145,13 +157,7 @@ def _case(d: int, causal: bool, s: int, args: argparse.Namespace, device) -> tup
         timings = measure_interleaved(steps, rotations, CudaClock(device), warmup=3, budget_s=args.case_time,
                                       max_repeats=200)  # fmt: skip
     fp8_launch.V_LAYOUT = "auto"
-    flops = forward_flops(batch, heads, s, s, d, causal)
-    for name, t in timings.items():
-        if isinstance(t, Exception):
-            row[name] = f"error: {type(t).__name__}: {t}"
-            failed = True
-        else:
-            row[name] = {"ms": t.median_ms, "tflops": flops / t.median_ms / 1e9}
+    failed |= _record(row, timings, forward_flops(batch, heads, s, s, d, causal))
     best = {kind: max((row[n]["tflops"] for n in names if isinstance(row.get(n), dict)), default=None)
             for kind, names in (("bf16", BF16_STEPS), ("fp8", FP8_STEPS))}  # fmt: skip
     if best["bf16"] and best["fp8"]:
@@ -244,13 +250,7 @@ def _ablation_row(launch, arch: str, variants: dict, causal: bool, s: int, args,
     steps["V^T pass"] = lambda i: ws_fwd.transposed_v(launch, arch, sets[i][2])
     timings = measure_interleaved(steps, rotations, CudaClock(device), warmup=3, budget_s=args.case_time,
                                   max_repeats=200)  # fmt: skip
-    flops = forward_flops(batch, heads, s, s, d, causal)
-    for name, t in timings.items():
-        if isinstance(t, Exception):
-            row[name] = f"error: {type(t).__name__}: {t}"
-            failed = True
-        else:
-            row[name] = {"ms": t.median_ms, "tflops": flops / t.median_ms / 1e9}
+    failed |= _record(row, timings, forward_flops(batch, heads, s, s, d, causal))
     return row, failed
 
 
