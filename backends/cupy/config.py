@@ -270,6 +270,10 @@ class Sm90WsBwdConfig:
     early_dv: bool = True
     # With early_dv: dK issued after dQ, past the consumer barrier, so it runs while the dQ tile is staged.
     late_dk: bool = True
+    # Warp 1 of the producer warpgroup issues the dQ reductions (FA3's dQ writer), so the consumers store their dQ
+    # tile and arrive without waiting; False: each consumer warpgroup synchronises and issues its own. Off by
+    # default until the ablation "dq-writer" has been timed and tested on a GPU (benchmarks/NOTES-cupy.md).
+    dq_writer: bool = False
 
     @property
     def smem_bytes(self) -> int:
@@ -285,7 +289,8 @@ class Sm90WsBwdConfig:
     def defines(self) -> dict[str, int]:
         return {"ATTNKIT_HEAD_DIM": self.head_dim, "ATTNKIT_BF16": int(self.bf16),
                 "ATTNKIT_WS_BWD_OVERLAP": int(self.overlap), "ATTNKIT_WS_BWD_EARLY_DV": int(self.early_dv),
-                "ATTNKIT_WS_BWD_LATE_DK": int(self.late_dk)}  # fmt: skip
+                "ATTNKIT_WS_BWD_LATE_DK": int(self.late_dk),
+                "ATTNKIT_WS_BWD_DQ_WRITER": int(self.dq_writer)}  # fmt: skip
 
     def grid(self, max_seqlen_k: int, heads_k: int, batch: int) -> tuple[int, int, int]:
         return (-(-max_seqlen_k // self.block_n), heads_k, batch)
@@ -301,6 +306,7 @@ WS_BWD_ABLATIONS: dict[str, dict[str, object]] = {
     "serial": {"overlap": False, "early_dv": False, "late_dk": False},
     "overlap": {"early_dv": False, "late_dk": False},
     "early-dv": {"late_dk": False},
+    "dq-writer": {"dq_writer": True},
 }
 
 

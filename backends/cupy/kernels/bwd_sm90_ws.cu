@@ -3,8 +3,9 @@
 //
 // A CTA owns BN = 128 keys of one (batch, kv head) and walks every query head of its GQA group and every query
 // block (BM = 64 rows) that can see those keys. Warpgroup 0 is the producer: after shrinking its register file
-// (setmaxnreg 24) one thread issues the bulk copies. Warpgroups 1 and 2 are consumers (setmaxnreg 240), each
-// owning 64 of the keys with their dK and dV in registers:
+// (setmaxnreg 24) one thread of warp 0 issues the bulk copies (and, with ATTNKIT_WS_BWD_DQ_WRITER, warp 1 the
+// dQ reductions). Warpgroups 1 and 2 are consumers (setmaxnreg 240), each owning 64 of the keys with their dK and
+// dV in registers:
 //   K, V          one TMA load each for the CTA's life (mbarrier kv_full)
 //   Q, dO         TMA, two stages with full/empty mbarriers; lse and delta ride on the same full barrier as plain
 //                 bulk copies (the backend pads their rows to a multiple of BM, so every copy is 16-byte aligned)
@@ -13,7 +14,9 @@
 //   dQ = dS K                           dS^T of both warpgroups goes to shared memory (two buffers); warpgroup w
 //                                       computes columns [w d/2, (w + 1) d/2) over all 128 keys. The fp32 tile goes
 //                                       to shared memory and is added to the global dQ accumulator by
-//                                       cp.reduce.async.bulk.tensor (out-of-range rows and columns are dropped).
+//                                       cp.reduce.async.bulk.tensor (out-of-range rows and columns are dropped),
+//                                       issued by a writer warp of the producer warpgroup (FA3's dQ writer): the
+//                                       consumers only store, fence and arrive on a named barrier.
 // A step's products are issued in FA3's order (the default; macros below select the ablations): S^T, dP^T; P^T
 // formed while dP^T runs; dV; dS^T formed and stored while dV runs; consumer barrier; dQ, then dK, so that the dQ
 // tile is staged and reduced while dK runs.
@@ -48,6 +51,12 @@
 // while the dQ tile is waited for, staged and reduced; 0: dK is issued before the barrier.
 #ifndef ATTNKIT_WS_BWD_LATE_DK
 #define ATTNKIT_WS_BWD_LATE_DK 1
+#endif
+// 1: warp 1 of the producer warpgroup issues the dQ reductions; the consumers store their dQ tile and arrive on a
+// named barrier without waiting. 0 (the default until it has run on a GPU): each consumer warpgroup waits for its
+// staging buffer, stores, synchronises its 128 threads and issues the reduction from one of them.
+#ifndef ATTNKIT_WS_BWD_DQ_WRITER
+#define ATTNKIT_WS_BWD_DQ_WRITER 0
 #endif
 
 namespace ak {
@@ -199,7 +208,7 @@ struct WsBwdArgs {
     float scale;
 };
 
-template <int D, bool BF16, bool OVERLAP, bool EARLY_DV, bool LATE_DK>
+template <int D, bool BF16, bool OVERLAP, bool EARLY_DV, bool LATE_DK, bool DQ_WRITER>
 struct BwdSm90WsKernel {
     static constexpr int NT = 384;
     static constexpr int BN = 128;  // keys per CTA
@@ -223,8 +232,13 @@ struct BwdSm90WsKernel {
     using MmaKV = Wgmma<D, BF16>;
     using MmaQ = Wgmma<DQ_N, BF16>;
 
-    // Barrier ids: 0 is __syncthreads; 1 spans both consumer warpgroups; 2 + w one warpgroup.
+    // Barrier ids: 0 is __syncthreads; 1 spans both consumer warpgroups; 2 + w one warpgroup; 4 + w: warpgroup w's
+    // dQ tile is staged (128 arrivals, the writer warp waits); 6 + w: its staging buffer has been read (the writer
+    // arrives, the warpgroup waits).
     static constexpr int BAR_CONSUMERS = 1;
+    static constexpr int BAR_DQ_FULL = 4;
+    static constexpr int BAR_DQ_EMPTY = 6;
+    static constexpr int DQ_BAR_THREADS = 128 + 32;  // a consumer warpgroup and the writer warp
 
     // acc = rows [0, 64) of the warpgroup's 64-key operand (K or V, BN rows per slab) times the step's 64-row
     // operand (Q or dO) transposed, both K-major in shared memory, 16 columns of the head dim per wgmma.
@@ -237,12 +251,10 @@ struct BwdSm90WsKernel {
         }
     }
 
-    // Stages the warpgroup's fp32 dQ tile (query block m0 of head h) in the 128-byte swizzle of the dQ tensor
-    // map's 32-column box, then adds it to global memory with one bulk reduction per 32-column half.
-    static __device__ __forceinline__ void reduce_dq(const float (&acc)[DQ_N / 8][4], const TmaMap* tdq, u32 my_dq,
-                                                     int w, int wtid, int lane, int key_row, int m0, int h, int b) {
-        if (wtid == 0) bulk_wait_read0();  // the previous reduction has read the staging tile
-        named_sync(2 + w, 128);
+    // The warpgroup's fp32 dQ tile to its staging buffer, in the 128-byte swizzle of the dQ tensor map's
+    // 32-column box (two halves at d128), then a proxy fence so that the bulk reduction sees the stores.
+    static __device__ __forceinline__ void store_dq_tile(const float (&acc)[DQ_N / 8][4], u32 my_dq, int lane,
+                                                         int key_row) {
 #pragma unroll
         for (int j = 0; j < DQ_N / 8; ++j)
 #pragma unroll
@@ -254,14 +266,60 @@ struct BwdSm90WsKernel {
                 asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(addr), "f"(acc[j][2 * hh]),
                              "f"(acc[j][2 * hh + 1]));
             }
-        fence_proxy_async();  // staging stores -> visible to the bulk reduction
-        named_sync(2 + w, 128);
-        if (wtid == 0) {
+        fence_proxy_async();
+    }
+
+    // Warpgroup w's bulk reductions of its staged dQ tile (query block m0 of head h) into the global accumulator,
+    // one per 32-column half, as one bulk group of the calling thread.
+    static __device__ __forceinline__ void issue_dq_reduce(const TmaMap* tdq, u32 my_dq, int w, int m0, int h,
+                                                           int b) {
 #pragma unroll
-            for (int half = 0; half < DQ_N / 32; ++half)
-                tma_reduce_add_4d(tdq, my_dq + (u32)half * DQ_HALF, w * DQ_N + 32 * half, m0, h, b);
-            bulk_commit();
+        for (int half = 0; half < DQ_N / 32; ++half)
+            tma_reduce_add_4d(tdq, my_dq + (u32)half * DQ_HALF, w * DQ_N + 32 * half, m0, h, b);
+        bulk_commit();
+    }
+
+    // The consumer's side of a step's dQ. With the writer warp: wait until the writer has seen the previous
+    // reduction read this warpgroup's buffer (nothing to wait for at the first step), store, arrive. Without it:
+    // the warpgroup waits for its own previous reduction, stores, synchronises and issues the next.
+    static __device__ __forceinline__ void write_dq(const float (&acc)[DQ_N / 8][4], const TmaMap* tdq, u32 my_dq,
+                                                    int w, int wtid, int lane, int key_row, int it, int m0, int h,
+                                                    int b) {
+        if (DQ_WRITER) {
+            if (it > 0) named_sync(BAR_DQ_EMPTY + w, DQ_BAR_THREADS);
+            store_dq_tile(acc, my_dq, lane, key_row);
+            named_arrive(BAR_DQ_FULL + w, DQ_BAR_THREADS);
+            return;
         }
+        if (wtid == 0) bulk_wait_read0();  // the previous reduction has read the staging tile
+        named_sync(2 + w, 128);
+        store_dq_tile(acc, my_dq, lane, key_row);
+        named_sync(2 + w, 128);
+        if (wtid == 0) issue_dq_reduce(tdq, my_dq, w, m0, h, b);
+    }
+
+    // The dQ writer warp: per step, waits for each consumer warpgroup's staged tile and issues its reductions
+    // (lane 0); before a next step, hands each staging buffer back as soon as its reduction has read it.
+    static __device__ __forceinline__ void dq_writer(const TmaMap* tdq, u32 sdQa, int lane, int total, int nmb,
+                                                     int mb_lo, int h0, int b) {
+        for (int it = 0; it < total; ++it) {
+            const int h = h0 + it / nmb;
+            const int m0 = (mb_lo + it % nmb) * BM;
+#pragma unroll
+            for (int w = 0; w < 2; ++w) {
+                named_sync(BAR_DQ_FULL + w, DQ_BAR_THREADS);
+                if (lane == 0) issue_dq_reduce(tdq, sdQa + (u32)w * DQ_BYTES, w, m0, h, b);
+            }
+            if (it + 1 < total) {  // the consumers wait for their buffers only before a next step
+                if (lane == 0) bulk_wait_read<1>();
+                __syncwarp();
+                named_arrive(BAR_DQ_EMPTY, DQ_BAR_THREADS);
+                if (lane == 0) bulk_wait_read0();
+                __syncwarp();
+                named_arrive(BAR_DQ_EMPTY + 1, DQ_BAR_THREADS);
+            }
+        }
+        if (lane == 0) bulk_wait0();
     }
 
     // dK += dS^T Q: A = dS^T from registers, B = the stage's Q read N-major; one commit group.
@@ -347,6 +405,8 @@ struct BwdSm90WsKernel {
                     bulk_load(sLa + buf * LD_BYTES, a.lse + loff, LD_BYTES, full);
                     bulk_load(sDa + buf * LD_BYTES, a.delta + loff, LD_BYTES, full);
                 }
+            } else if (DQ_WRITER && tid >= 32 && tid < 64 && total > 0) {
+                dq_writer(tdq, sdQa, tid & 31, total, nmb, mb_lo, hk * a.group, b);
             }
             return;
         }
@@ -483,7 +543,7 @@ struct BwdSm90WsKernel {
                     // dV and dQ have landed; dK runs while the dQ tile is staged and reduced.
                     wgmma_wait<1>();
                     fence_all(acc);
-                    reduce_dq(acc, tdq, my_dq, w, wtid, lane, key_row, m0, h, b);
+                    write_dq(acc, tdq, my_dq, w, wtid, lane, key_row, it, m0, h, b);
                     wgmma_wait<0>();
                     fence_all(ap);
                     fence_all(as);
@@ -501,10 +561,10 @@ struct BwdSm90WsKernel {
                     }
                     wgmma_wait<0>();
                     fence_all(acc);
-                    reduce_dq(acc, tdq, my_dq, w, wtid, lane, key_row, m0, h, b);
+                    write_dq(acc, tdq, my_dq, w, wtid, lane, key_row, it, m0, h, b);
                 }
             }
-            if (wtid == 0) bulk_wait0();
+            if (!DQ_WRITER && wtid == 0) bulk_wait0();
         }
 
         // dK and dV rows of this warpgroup; keys that no query sees get zeros.
@@ -535,5 +595,6 @@ extern "C" __global__ void __launch_bounds__(384, 1)
         ak::make_score_params(scale_log2, cap_pre, cap_post, use_softcap, use_alibi, window_left, window_right);
     ak::BwdSm90WsKernel<ATTNKIT_HEAD_DIM, ATTNKIT_BF16 != 0, ATTNKIT_WS_BWD_OVERLAP != 0,
                         ATTNKIT_WS_BWD_OVERLAP != 0 && ATTNKIT_WS_BWD_EARLY_DV != 0,
-                        ATTNKIT_WS_BWD_OVERLAP != 0 && ATTNKIT_WS_BWD_EARLY_DV != 0 && ATTNKIT_WS_BWD_LATE_DK != 0>::run(&tq, &tk, &tv, &tdo, &tdq, a, sp);
+                        ATTNKIT_WS_BWD_OVERLAP != 0 && ATTNKIT_WS_BWD_EARLY_DV != 0 && ATTNKIT_WS_BWD_LATE_DK != 0,
+                        ATTNKIT_WS_BWD_DQ_WRITER != 0>::run(&tq, &tk, &tv, &tdo, &tdq, a, sp);
 }
