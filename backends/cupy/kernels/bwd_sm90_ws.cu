@@ -14,9 +14,9 @@
 //   dQ = dS K                           dS^T of both warpgroups goes to shared memory (two buffers); warpgroup w
 //                                       computes columns [w d/2, (w + 1) d/2) over all 128 keys. The fp32 tile goes
 //                                       to shared memory and is added to the global dQ accumulator by
-//                                       cp.reduce.async.bulk.tensor (out-of-range rows and columns are dropped),
-//                                       issued by a writer warp of the producer warpgroup (FA3's dQ writer): the
-//                                       consumers only store, fence and arrive on a named barrier.
+//                                       cp.reduce.async.bulk.tensor (out-of-range rows and columns are dropped);
+//                                       with ATTNKIT_WS_BWD_DQ_WRITER a warp of the producer warpgroup issues it
+//                                       (FA3's dQ writer) and the consumers only store, fence and arrive.
 // A step's products are issued in FA3's order (the default; macros below select the ablations): S^T, dP^T; P^T
 // formed while dP^T runs; dV; dS^T formed and stored while dV runs; consumer barrier; dQ, then dK, so that the dQ
 // tile is staged and reduced while dK runs.
@@ -240,6 +240,11 @@ struct BwdSm90WsKernel {
     static constexpr int BAR_DQ_EMPTY = 6;
     static constexpr int DQ_BAR_THREADS = 128 + 32;  // a consumer warpgroup and the writer warp
 
+    // Step `it` of a CTA walks query head h0 + it / nmb (h0: the kv head's first query head) and the query block
+    // starting at row (mb_lo + it % nmb) * BM. The producer, the consumers and the dQ writer all walk the same.
+    static __device__ __forceinline__ int step_head(int it, int nmb, int h0) { return h0 + it / nmb; }
+    static __device__ __forceinline__ int step_row(int it, int nmb, int mb_lo) { return (mb_lo + it % nmb) * BM; }
+
     // acc = rows [0, 64) of the warpgroup's 64-key operand (K or V, BN rows per slab) times the step's 64-row
     // operand (Q or dO) transposed, both K-major in shared memory, 16 columns of the head dim per wgmma.
     static __device__ __forceinline__ void issue_scores(float (&acc)[MTILE][4], u32 keys, u32 rows) {
@@ -291,7 +296,7 @@ struct BwdSm90WsKernel {
             named_arrive(BAR_DQ_FULL + w, DQ_BAR_THREADS);
             return;
         }
-        if (wtid == 0) bulk_wait_read0();  // the previous reduction has read the staging tile
+        if (wtid == 0) bulk_wait_read<0>();  // the previous reduction has read the staging tile
         named_sync(2 + w, 128);
         store_dq_tile(acc, my_dq, lane, key_row);
         named_sync(2 + w, 128);
@@ -303,8 +308,8 @@ struct BwdSm90WsKernel {
     static __device__ __forceinline__ void dq_writer(const TmaMap* tdq, u32 sdQa, int lane, int total, int nmb,
                                                      int mb_lo, int h0, int b) {
         for (int it = 0; it < total; ++it) {
-            const int h = h0 + it / nmb;
-            const int m0 = (mb_lo + it % nmb) * BM;
+            const int h = step_head(it, nmb, h0);
+            const int m0 = step_row(it, nmb, mb_lo);
 #pragma unroll
             for (int w = 0; w < 2; ++w) {
                 named_sync(BAR_DQ_FULL + w, DQ_BAR_THREADS);
@@ -314,7 +319,7 @@ struct BwdSm90WsKernel {
                 if (lane == 0) bulk_wait_read<1>();
                 __syncwarp();
                 named_arrive(BAR_DQ_EMPTY, DQ_BAR_THREADS);
-                if (lane == 0) bulk_wait_read0();
+                if (lane == 0) bulk_wait_read<0>();
                 __syncwarp();
                 named_arrive(BAR_DQ_EMPTY + 1, DQ_BAR_THREADS);
             }
@@ -392,8 +397,8 @@ struct BwdSm90WsKernel {
                 for (int it = 0; it < total; ++it) {
                     const int buf = it & 1;
                     if (it >= 2) mbar_wait_spin(bar_empty + 8 * buf, ((it >> 1) & 1) ^ 1);
-                    const int h = hk * a.group + it / nmb;
-                    const int m0 = (mb_lo + it % nmb) * BM;
+                    const int h = step_head(it, nmb, hk * a.group);
+                    const int m0 = step_row(it, nmb, mb_lo);
                     const u32 full = bar_full + 8 * buf;
                     mbar_arrive_expect_tx(full, STAGE_TX);
 #pragma unroll
@@ -438,8 +443,8 @@ struct BwdSm90WsKernel {
             const u32 my_dq = sdQa + (u32)w * DQ_BYTES;
             for (int it = 0; it < total; ++it) {
                 const int buf = it & 1;
-                const int h = hk * a.group + it / nmb;
-                const int m0 = (mb_lo + it % nmb) * BM;
+                const int h = step_head(it, nmb, hk * a.group);
+                const int m0 = step_row(it, nmb, mb_lo);
                 if (sp.use_alibi) sp.slope_log2 = a.alibi[(i64)b * a.alibi_sb + h] * AK_LOG2E;
                 const u32 bQ = sQa + buf * QO_BYTES, bdO = sdOa + buf * QO_BYTES;
                 const u32 bdS = sdSa + buf * DS_BYTES;

@@ -89,10 +89,8 @@ __device__ __forceinline__ void bulk_load(u32 dst, const void* src, u32 bytes, u
 
 __device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
 
-// This thread's bulk groups have finished reading shared memory (the source may be overwritten).
-__device__ __forceinline__ void bulk_wait_read0() { asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory"); }
-
-// All but this thread's N most recent bulk groups have finished reading shared memory.
+// All but this thread's N most recent bulk groups have finished reading shared memory (their sources may be
+// overwritten); N = 0: all of them.
 template <int N>
 __device__ __forceinline__ void bulk_wait_read() {
     asm volatile("cp.async.bulk.wait_group.read %0;\n" ::"n"(N) : "memory");
