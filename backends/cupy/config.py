@@ -271,9 +271,9 @@ class Sm90WsBwdConfig:
     # With early_dv: dK issued after dQ, past the consumer barrier, so it runs while the dQ tile is staged.
     late_dk: bool = True
     # Warp 1 of the producer warpgroup issues the dQ reductions (FA3's dQ writer), so the consumers store their dQ
-    # tile and arrive without waiting; False: each consumer warpgroup synchronises and issues its own. Off by
-    # default until the ablation "dq-writer" has been timed and tested on a GPU (benchmarks/NOTES-cupy.md).
-    dq_writer: bool = False
+    # tile and arrive without waiting; False (the ablation "no-dq-writer"): each consumer warpgroup synchronises
+    # and issues its own. +4-9% on an H200 (benchmarks/NOTES-cupy.md).
+    dq_writer: bool = True
 
     @property
     def smem_bytes(self) -> int:
@@ -306,7 +306,7 @@ WS_BWD_ABLATIONS: dict[str, dict[str, object]] = {
     "serial": {"overlap": False, "early_dv": False, "late_dk": False},
     "overlap": {"early_dv": False, "late_dk": False},
     "early-dv": {"late_dk": False},
-    "dq-writer": {"dq_writer": True},
+    "no-dq-writer": {"dq_writer": False},
 }
 
 

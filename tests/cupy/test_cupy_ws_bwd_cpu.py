@@ -27,7 +27,7 @@ def test_config_geometry(hd):
     assert cfg.smem_bytes == expect <= H200_SMEM
     assert cfg.defines() == {
         "ATTNKIT_HEAD_DIM": hd, "ATTNKIT_BF16": 1, "ATTNKIT_WS_BWD_OVERLAP": 1, "ATTNKIT_WS_BWD_EARLY_DV": 1,
-        "ATTNKIT_WS_BWD_LATE_DK": 1, "ATTNKIT_WS_BWD_DQ_WRITER": 0,
+        "ATTNKIT_WS_BWD_LATE_DK": 1, "ATTNKIT_WS_BWD_DQ_WRITER": 1,
     }  # fmt: skip
     for name, change in config.WS_BWD_ABLATIONS.items():  # same tiles and shared memory, other defines
         variant = config.Sm90WsBwdConfig(hd, True, **change)

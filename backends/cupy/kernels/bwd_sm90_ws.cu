@@ -3,8 +3,8 @@
 //
 // A CTA owns BN = 128 keys of one (batch, kv head) and walks every query head of its GQA group and every query
 // block (BM = 64 rows) that can see those keys. Warpgroup 0 is the producer: after shrinking its register file
-// (setmaxnreg 24) one thread of warp 0 issues the bulk copies (and, with ATTNKIT_WS_BWD_DQ_WRITER, warp 1 the
-// dQ reductions). Warpgroups 1 and 2 are consumers (setmaxnreg 240), each owning 64 of the keys with their dK and
+// (setmaxnreg 24) one thread of warp 0 issues the bulk copies (and, unless ATTNKIT_WS_BWD_DQ_WRITER is 0, warp 1
+// the dQ reductions). Warpgroups 1 and 2 are consumers (setmaxnreg 240), each owning 64 of the keys with their dK and
 // dV in registers:
 //   K, V          one TMA load each for the CTA's life (mbarrier kv_full)
 //   Q, dO         TMA, two stages with full/empty mbarriers; lse and delta ride on the same full barrier as plain
@@ -15,7 +15,7 @@
 //                                       computes columns [w d/2, (w + 1) d/2) over all 128 keys. The fp32 tile goes
 //                                       to shared memory and is added to the global dQ accumulator by
 //                                       cp.reduce.async.bulk.tensor (out-of-range rows and columns are dropped);
-//                                       with ATTNKIT_WS_BWD_DQ_WRITER a warp of the producer warpgroup issues it
+//                                       by default a warp of the producer warpgroup issues it
 //                                       (FA3's dQ writer) and the consumers only store, fence and arrive.
 // A step's products are issued in FA3's order (the default; macros below select the ablations): S^T, dP^T; P^T
 // formed while dP^T runs; dV; dS^T formed and stored while dV runs; consumer barrier; dQ, then dK, so that the dQ
@@ -53,10 +53,10 @@
 #define ATTNKIT_WS_BWD_LATE_DK 1
 #endif
 // 1: warp 1 of the producer warpgroup issues the dQ reductions; the consumers store their dQ tile and arrive on a
-// named barrier without waiting. 0 (the default until it has run on a GPU): each consumer warpgroup waits for its
-// staging buffer, stores, synchronises its 128 threads and issues the reduction from one of them.
+// named barrier without waiting. 0 (the ablation): each consumer warpgroup waits for its staging buffer, stores,
+// synchronises its 128 threads and issues the reduction from one of them.
 #ifndef ATTNKIT_WS_BWD_DQ_WRITER
-#define ATTNKIT_WS_BWD_DQ_WRITER 0
+#define ATTNKIT_WS_BWD_DQ_WRITER 1
 #endif
 
 namespace ak {
