@@ -45,7 +45,7 @@ def module_specs(arch: str, smem: int) -> list:
             if bwd is not None:
                 from attnkit.backends.cupy import ws_bwd
 
-                for change in ({}, *config.WS_BWD_ABLATIONS.values()):  # the default and its ablations
+                for change in ({}, *config.ws_bwd_ablations(bwd.head_dim).values()):  # the default and its ablations
                     cfg = dataclasses.replace(bwd, **change)
                     specs.add(compiler.ModuleSpec.make(ws_bwd.SOURCE, cfg.defines(), "sm_90a"))
     if arch == "sm_90":  # the fp8 forward, per output dtype, and its V^T pass

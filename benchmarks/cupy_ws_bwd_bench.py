@@ -44,7 +44,8 @@ TOKENS = 16 * 1024
 HIDDEN = 2048
 ATOL = 2e-3
 # "ws": the default schedule; "ws_<ablation>": a row of config.WS_BWD_ABLATIONS ("ws_serial", "ws_overlap",
-# "ws_early_dv"; "-" and "+" in the names become "_"), each with its change of Sm90WsBwdConfig fields.
+# "ws_early_dv", "ws_bm128"; "-" and "+" in the names become "_"), each with its change of Sm90WsBwdConfig fields;
+# a row that config.ws_bwd_ablations(d) leaves out at a head dim is reported as not built there.
 WS_SCHEDULES: dict[str, dict[str, object]] = {
     "ws": {},
     **{"ws_" + name.replace("-", "_").replace("+", "_"): change for name, change in ws_config.WS_BWD_ABLATIONS.items()},
@@ -161,6 +162,8 @@ def _sdpa_backend(impl: str):
 
 def time_impl(impl: str, s: int, d: int, causal: bool, warmup: int, rounds: int) -> float:
     b, h = TOKENS // s, HIDDEN // d
+    if impl in WS_IMPLS and WS_SCHEDULES[impl] and WS_SCHEDULES[impl] not in ws_config.ws_bwd_ablations(d).values():
+        raise ValueError(f"not built at d {d}")  # e.g. 128 queries per step at d 128: shown in the table
     torch.manual_seed(0)
     if impl.startswith("sdpa"):
         shape = (b, h, s, d)  # SDPA's native layout

@@ -161,7 +161,8 @@ class Sm90WsFwdConfig:
     fp8: bool = False
     out_f32: bool = False
     # Of every 4 column groups of an unmasked score tile, how many take their exponentials from a polynomial on
-    # the float pipes instead of the MUFU (kernels/common.cuh, poly_exp2). Not yet timed: 0 by default.
+    # the float pipes instead of the MUFU (kernels/common.cuh, poly_exp2). 0 by default: on an H200 1 and 2 were
+    # 0-19% slower for bf16 and at best even for fp8, the float pipe being the tighter one (NOTES-cupy.md).
     poly_exp: int = 0
 
     block_m: ClassVar[int] = 128
@@ -272,8 +273,24 @@ class Sm90WsBwdConfig:
     late_dk: bool = True
     # Warp 1 of the producer warpgroup issues the dQ reductions (FA3's dQ writer), so the consumers store their dQ
     # tile and arrive without waiting; False (the ablation "no-dq-writer"): each consumer warpgroup synchronises
-    # and issues its own. +4-9% on an H200 (benchmarks/NOTES-cupy.md).
+    # and issues its own. +3.6-8.6% on an H200 (benchmarks/NOTES-cupy.md).
     dq_writer: bool = True
+
+    def __post_init__(self) -> None:
+        if self.head_dim not in SM90_BWD_HEAD_DIMS or self.block_n != 128 or self.block_m not in (64, 128):
+            raise InvalidArgumentError(
+                f"bwd_sm90_ws is built for head dims {SM90_BWD_HEAD_DIMS}, 128 keys and 64 or 128 queries per step, "
+                f"got head_dim={self.head_dim}, block_n={self.block_n}, block_m={self.block_m}"
+            )
+        # 128 queries per step hold S^T and dP^T in 128 registers a thread: dK and dV fit beside them at d 64 only,
+        # and only in the schedule that packs P^T after dS^T (early_dv spills 144 bytes there, nvcc 13.0).
+        if self.block_m == 128 and (self.head_dim != 64 or self.early_dv):
+            raise InvalidArgumentError(
+                f"block_m=128 is built for head dim 64 without early_dv, got head_dim={self.head_dim}, "
+                f"early_dv={self.early_dv}"
+            )
+        if self.late_dk and not self.early_dv:
+            raise InvalidArgumentError("late_dk applies to the early_dv schedule only; set late_dk=False with it")
 
     @property
     def smem_bytes(self) -> int:
@@ -281,13 +298,13 @@ class Sm90WsBwdConfig:
         kv = 2 * bn * d * 2
         q_do = st * 2 * bm * d * 2
         ds = 2 * bn * bm * 2  # dS^T, two buffers
-        dq = 2 * bm * 64 * 4  # fp32 dQ staging, one 64-column tile per consumer warpgroup
+        dq = 2 * 64 * 64 * 4  # fp32 dQ staging, one 64 x 64 tile per consumer warpgroup
         lse_delta = st * 2 * bm * 4
         barriers = 8 * (1 + 2 * st)
         return kv + q_do + ds + dq + lse_delta + barriers + SM90_ALIGN_SLACK
 
     def defines(self) -> dict[str, int]:
-        return {"ATTNKIT_HEAD_DIM": self.head_dim, "ATTNKIT_BF16": int(self.bf16),
+        return {"ATTNKIT_HEAD_DIM": self.head_dim, "ATTNKIT_BF16": int(self.bf16), "ATTNKIT_WS_BWD_BM": self.block_m,
                 "ATTNKIT_WS_BWD_OVERLAP": int(self.overlap), "ATTNKIT_WS_BWD_EARLY_DV": int(self.early_dv),
                 "ATTNKIT_WS_BWD_LATE_DK": int(self.late_dk),
                 "ATTNKIT_WS_BWD_DQ_WRITER": int(self.dq_writer)}  # fmt: skip
@@ -300,14 +317,34 @@ class Sm90WsBwdConfig:
         return -(-seqlen_q // self.block_m) * self.block_m
 
 
-# The warp-specialized backward's schedule variants timed against the default (changes of Sm90WsBwdConfig fields);
-# the benchmark, the GPU tests, the nvcc build test and the precompile list use this table.
+# The warp-specialized backward's variants timed against the default (changes of Sm90WsBwdConfig fields). Not
+# every row applies at every head dim: ws_bwd_ablations(head_dim) gives those that do, and the benchmark, the GPU
+# tests, the nvcc build test and the precompile list take them from there.
 WS_BWD_ABLATIONS: dict[str, dict[str, object]] = {
     "serial": {"overlap": False, "early_dv": False, "late_dk": False},
     "overlap": {"early_dv": False, "late_dk": False},
     "early-dv": {"late_dk": False},
     "no-dq-writer": {"dq_writer": False},
+    # FA3's d 64 tile: 128 queries per step (S^T and dP^T wgmmas 128 wide, half the steps and barriers).
+    "bm128": {"block_m": 128, "early_dv": False, "late_dk": False},
 }
+
+
+def ws_bwd_ablations(head_dim: int) -> dict[str, dict[str, object]]:
+    """The rows of WS_BWD_ABLATIONS that give a valid configuration other than the default at this kernel head
+    dim (64 or 128)."""
+    base = sm90_ws_bwd_config(head_dim, torch.bfloat16)
+    if base is None:
+        raise InvalidArgumentError(f"the warp-specialized backward is built for head dims {SM90_BWD_HEAD_DIMS}")
+    out: dict[str, dict[str, object]] = {}
+    for name, change in WS_BWD_ABLATIONS.items():
+        try:
+            variant = dataclasses.replace(base, **change)
+        except InvalidArgumentError:
+            continue
+        if variant != base:
+            out[name] = change
+    return out
 
 
 def sm90_ws_bwd_config(head_dim: int, dtype: torch.dtype, smem_limit: int | None = None) -> Sm90WsBwdConfig | None:

@@ -74,7 +74,7 @@ def _units() -> list[compiler.ModuleSpec]:
     # The warp-specialized backward (sm_90a only): both head dims, both dtypes, and its schedule ablations.
     for hd in config.SM90_BWD_HEAD_DIMS:
         for bf16 in (False, True):
-            for change in ({}, *config.WS_BWD_ABLATIONS.values()):
+            for change in ({}, *config.ws_bwd_ablations(hd).values()):
                 defines = config.Sm90WsBwdConfig(hd, bf16, **change).defines()
                 specs.append(compiler.ModuleSpec.make("bwd_sm90_ws.cu", defines, "sm_90a"))
     # The smaller-tile fallbacks chosen on 99 KB shared-memory GPUs (sm_86/89), built once for sm_80.

@@ -26,16 +26,47 @@ def test_config_geometry(hd):
     expect = 2 * 128 * hd * 2 + 4 * 64 * hd * 2 + 2 * 128 * 64 * 2 + 2 * 64 * 64 * 4 + 4 * 64 * 4 + 40 + 1024
     assert cfg.smem_bytes == expect <= H200_SMEM
     assert cfg.defines() == {
-        "ATTNKIT_HEAD_DIM": hd, "ATTNKIT_BF16": 1, "ATTNKIT_WS_BWD_OVERLAP": 1, "ATTNKIT_WS_BWD_EARLY_DV": 1,
-        "ATTNKIT_WS_BWD_LATE_DK": 1, "ATTNKIT_WS_BWD_DQ_WRITER": 1,
+        "ATTNKIT_HEAD_DIM": hd, "ATTNKIT_BF16": 1, "ATTNKIT_WS_BWD_BM": 64, "ATTNKIT_WS_BWD_OVERLAP": 1,
+        "ATTNKIT_WS_BWD_EARLY_DV": 1, "ATTNKIT_WS_BWD_LATE_DK": 1, "ATTNKIT_WS_BWD_DQ_WRITER": 1,
     }  # fmt: skip
-    for name, change in config.WS_BWD_ABLATIONS.items():  # same tiles and shared memory, other defines
+    for name, change in config.ws_bwd_ablations(hd).items():  # the schedules: same tiles, other defines
         variant = config.Sm90WsBwdConfig(hd, True, **change)
-        assert variant.smem_bytes == cfg.smem_bytes and variant.defines() != cfg.defines(), name
+        assert variant.defines() != cfg.defines(), name
+        if variant.block_m == cfg.block_m:
+            assert variant.smem_bytes == cfg.smem_bytes, name
     serial = config.Sm90WsBwdConfig(hd, True, **config.WS_BWD_ABLATIONS["serial"])
     assert [serial.defines()[f"ATTNKIT_WS_BWD_{m}"] for m in ("OVERLAP", "EARLY_DV", "LATE_DK")] == [0, 0, 0]
     assert cfg.grid(1000, 4, 3) == (8, 4, 3) and cfg.grid(128, 1, 1) == (1, 1, 1) and cfg.grid(129, 1, 1)[0] == 2
     assert [cfg.lse_len(n) for n in (1, 64, 65, 1000)] == [64, 64, 128, 1024]
+
+
+def test_ablations_by_head_dim():
+    """Every schedule applies at both head dims; 128 queries per step only at d 64, where Q, dO, dS^T and lse
+    double and the fp32 dQ staging stays one 64 x 64 tile per warpgroup."""
+    schedules = ["serial", "overlap", "early-dv", "no-dq-writer"]
+    assert list(config.ws_bwd_ablations(128)) == schedules
+    assert list(config.ws_bwd_ablations(64)) == [*schedules, "bm128"]
+    wide = config.Sm90WsBwdConfig(64, True, **config.WS_BWD_ABLATIONS["bm128"])
+    expect = 2 * 128 * 64 * 2 + 4 * 128 * 64 * 2 + 2 * 128 * 128 * 2 + 2 * 64 * 64 * 4 + 4 * 128 * 4 + 40 + 1024
+    assert wide.smem_bytes == expect <= H200_SMEM
+    assert wide.defines()["ATTNKIT_WS_BWD_BM"] == 128 and wide.defines()["ATTNKIT_WS_BWD_EARLY_DV"] == 0
+    assert [wide.lse_len(n) for n in (1, 128, 129)] == [128, 128, 256]
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        (dict(head_dim=128, block_m=128, early_dv=False, late_dk=False), "head dim 64"),
+        (dict(head_dim=64, block_m=128, early_dv=True, late_dk=False), "without early_dv"),
+        (dict(head_dim=64, block_m=96), "block_m=96"),
+        (dict(head_dim=64, block_n=64), "block_n=64"),
+        (dict(head_dim=96), "head_dim=96"),
+        (dict(head_dim=64, early_dv=False), "late_dk"),
+    ],
+)
+def test_config_refuses_what_is_not_built(change, match):
+    with pytest.raises(InvalidArgumentError, match=match):
+        config.Sm90WsBwdConfig(bf16=True, **change)
 
 
 def test_config_is_frozen():
@@ -107,6 +138,14 @@ def test_tensor_maps_describe_the_layouts():
     assert maps.dq.data_type == 7 and maps.dq.box == (32, 64, 1, 1) and maps.dq.swizzle == 3
     assert maps.dq.strides_bytes == (4 * 128 * 4, 128 * 4, 37 * 4 * 128 * 4)
     assert [m.address for m in maps.all()] == [q.data_ptr(), k.data_ptr(), k.data_ptr(), q.data_ptr(), dq.data_ptr()]
+
+
+def test_tensor_maps_of_the_wide_step():
+    """128 queries per step: Q and dO boxes of 128 rows, dQ boxes still 64 (one warpgroup's tile)."""
+    cfg = config.Sm90WsBwdConfig(64, True, **config.WS_BWD_ABLATIONS["bm128"])
+    q = torch.empty(1, 300, 2, 64, dtype=torch.bfloat16)
+    maps = ws_bwd.tensor_maps(cfg, q, q, q, q, torch.empty(1, 300, 2, 64))
+    assert maps.q.box == maps.dout.box == (64, 128, 1, 1) and maps.dq.box == (32, 64, 1, 1)
 
 
 def test_tensor_maps_take_strided_views():

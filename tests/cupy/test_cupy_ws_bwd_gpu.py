@@ -30,6 +30,12 @@ DEV = "cuda"
 ATOL = 2e-3
 DTYPES = [torch.float16, torch.bfloat16]
 LENGTHS = [1, 37, 113, 128, 203, 1000, 4096]
+# Every head dim with its default tiles, and again with each tile ablation (a change of block_m) it builds.
+TILES = [
+    pytest.param((d, change), id=f"d{d}" + (f"-{name}" if name else ""))
+    for d in config.SM90_BWD_HEAD_DIMS
+    for name, change in [("", {}), *((n, c) for n, c in config.ws_bwd_ablations(d).items() if "block_m" in c)]
+]
 
 
 @pytest.fixture
@@ -46,6 +52,21 @@ def launched(monkeypatch):
     monkeypatch.delenv("ATTNKIT_CUPY_WGMMA", raising=False)
     monkeypatch.setenv("ATTNKIT_CUPY_TMA_BWD", "1")  # the default, set against a caller's environment
     return names
+
+
+def _use_tiles(monkeypatch, change: dict) -> None:
+    """The backend's warp-specialized backward with these Sm90WsBwdConfig changes (none: its defaults)."""
+    import dataclasses
+
+    if not change:
+        return
+    real = ws_bwd.ws_backward_config
+
+    def patched(*args, **kwargs):
+        cfg = real(*args, **kwargs)
+        return None if cfg is None else dataclasses.replace(cfg, **change)
+
+    monkeypatch.setattr(ws_bwd, "ws_backward_config", patched)
 
 
 def _poison() -> None:
@@ -98,20 +119,24 @@ def _run(launched, q, k, v, *, expect_ws=True, **kw):
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
-@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("tile", TILES)
 @pytest.mark.parametrize("length", LENGTHS)
-def test_lengths(launched, length, d, dtype, causal):
+def test_lengths(launched, monkeypatch, length, tile, dtype, causal):
+    d, change = tile
+    _use_tiles(monkeypatch, change)
     q, k, v = _inputs(1, length, length, 2, 2, d, dtype, (length, d, dtype, causal))
     _run(launched, q, k, v, causal=causal)
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("tile", TILES)
 @pytest.mark.parametrize(
     ("sq", "sk"), [(113, 203), (203, 113), (37, 1000), (1000, 37), (1, 203), (203, 1), (128, 4096)]
 )
-def test_uneven_lengths(launched, sq, sk, d, causal):
+def test_uneven_lengths(launched, monkeypatch, sq, sk, tile, causal):
     """sq != sk both ways (causal: the diagonal aligned bottom-right, first query rows may see no key)."""
+    d, change = tile
+    _use_tiles(monkeypatch, change)
     q, k, v = _inputs(2, sq, sk, 4, 2, d, torch.bfloat16, (sq, sk, d, causal))
     _run(launched, q, k, v, causal=causal)
 
@@ -129,9 +154,11 @@ FEATURES = [
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
-@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("tile", TILES)
 @pytest.mark.parametrize("case", range(len(FEATURES)))
-def test_features(launched, case, d, dtype):
+def test_features(launched, monkeypatch, case, tile, dtype):
+    d, change = tile
+    _use_tiles(monkeypatch, change)
     kw = dict(FEATURES[case])
     b, hq = 2, 4
     q, k, v = _inputs(b, 203, 1000, hq, 2, d, dtype, (case, d, dtype))
@@ -143,10 +170,13 @@ def test_features(launched, case, d, dtype):
     _run(launched, q, k, v, **kw)
 
 
+@pytest.mark.parametrize("tile", TILES)
 @pytest.mark.parametrize(("hq", "hk"), [(8, 2), (8, 1), (6, 3)])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-def test_gqa(launched, hq, hk, causal):
-    q, k, v = _inputs(2, 300, 517, hq, hk, 128, torch.bfloat16, (hq, hk, causal))
+def test_gqa(launched, monkeypatch, hq, hk, causal, tile):
+    d, change = tile
+    _use_tiles(monkeypatch, change)
+    q, k, v = _inputs(2, 300, 517, hq, hk, d, torch.bfloat16, (hq, hk, causal, d))
     _run(launched, q, k, v, causal=causal)
 
 
@@ -166,9 +196,12 @@ def test_strided_inputs(launched):
     _run(launched, q, k, v, causal=True)
 
 
-def test_long_many_blocks(launched):
+@pytest.mark.parametrize("tile", TILES)
+def test_long_many_blocks(launched, monkeypatch, tile):
     """Thousands of keys and queries, GQA, causal: many pipeline rounds per CTA, both mbarrier parities."""
-    q, k, v = _inputs(1, 1500, 4133, 8, 2, 128, torch.bfloat16, ("long",))
+    d, change = tile
+    _use_tiles(monkeypatch, change)
+    q, k, v = _inputs(1, 1500, 4133, 8, 2, d, torch.bfloat16, ("long", d))
     _run(launched, q, k, v, causal=True)
 
 
@@ -197,16 +230,16 @@ def test_agrees_with_bwd_sm90(launched, monkeypatch, d):
                          ids=["causal", "full", "softcap-window"])  # fmt: skip
 @pytest.mark.parametrize("d", [64, 128])
 def test_every_schedule_equals_the_serial_one(launched, monkeypatch, d, kw):
-    """The default schedule and each ablation of config.WS_BWD_ABLATIONS do each CTA's arithmetic in the serial
+    """The default schedule and each ablation of config.ws_bwd_ablations(d) do each CTA's arithmetic in the serial
     schedule's order: dK and dV are bitwise equal (under softcap the early-dV schedule folds tanh' into P^T before
-    the product with dP^T, so there they agree to rounding); dQ (summed across CTAs in no fixed order) agrees to
-    rounding."""
+    the product with dP^T, and a wider query step masks other tiles than the serial one's, so there they agree to
+    rounding); dQ (summed across CTAs in no fixed order) agrees to rounding."""
     import dataclasses
 
     q, k, v = _inputs(2, 1100, 1500, 8, 2, d, torch.bfloat16, ("schedule", d, tuple(kw)))
     real = ws_bwd.ws_backward_config
-    schedules = {"default": {}, **config.WS_BWD_ABLATIONS}
-    grads, early = {}, {}
+    schedules = {"default": {}, **config.ws_bwd_ablations(d)}
+    grads, early, block_m = {}, {}, {}
     for name, change in schedules.items():
 
         def patched(*args, change=change, **kwargs):
@@ -214,12 +247,16 @@ def test_every_schedule_equals_the_serial_one(launched, monkeypatch, d, kw):
             return None if cfg is None else dataclasses.replace(cfg, **change)
 
         monkeypatch.setattr(ws_bwd, "ws_backward_config", patched)
-        early[name] = config.Sm90WsBwdConfig(d, True, **change).early_dv
+        variant = dataclasses.replace(config.sm90_ws_bwd_config(d, torch.bfloat16), **change)
+        early[name], block_m[name] = variant.early_dv, variant.block_m
         torch.manual_seed(5)
         grads[name] = _run(launched, q, k, v, **kw)
     dq0, dk0, dv0 = grads.pop("serial")
     for name, (dq1, dk1, dv1) in grads.items():
-        if early[name] and "softcap" in kw:
+        if block_m[name] != block_m["serial"]:
+            assert max_abs_error(dk1, dk0) <= 1e-2 * dk0.abs().max().item(), name
+            assert max_abs_error(dv1, dv0) <= 1e-2 * dv0.abs().max().item(), name
+        elif early[name] and "softcap" in kw:
             assert max_abs_error(dk1, dk0) <= 1e-2 * dk0.abs().max().item(), name
             assert torch.equal(dv1, dv0), name
         else:

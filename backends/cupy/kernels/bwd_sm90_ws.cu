@@ -2,7 +2,7 @@
 // reduce-add. Dense batches only (the backend keeps varlen and misaligned tensors on bwd_sm90.cu).
 //
 // A CTA owns BN = 128 keys of one (batch, kv head) and walks every query head of its GQA group and every query
-// block (BM = 64 rows) that can see those keys. Warpgroup 0 is the producer: after shrinking its register file
+// block (BM = 64 rows, or 128 at head dim 64) that can see those keys. Warpgroup 0 is the producer: after shrinking its register file
 // (setmaxnreg 24) one thread of warp 0 issues the bulk copies (and, unless ATTNKIT_WS_BWD_DQ_WRITER is 0, warp 1
 // the dQ reductions). Warpgroups 1 and 2 are consumers (setmaxnreg 240), each owning 64 of the keys with their dK and
 // dV in registers:
@@ -12,7 +12,8 @@
 //   S^T = K Q^T, dP^T = V dO^T          wgmma, both operands in shared memory
 //   dV += P^T dO, dK += dS^T Q          wgmma, A = P^T / dS^T from registers
 //   dQ = dS K                           dS^T of both warpgroups goes to shared memory (two buffers); warpgroup w
-//                                       computes columns [w d/2, (w + 1) d/2) over all 128 keys. The fp32 tile goes
+//                                       computes a 64-row tile over all 128 keys: columns [w d/2, (w + 1) d/2) of
+//                                       the block at BM = 64, rows [64 w, 64 w + 64) at BM = 128. The fp32 tile goes
 //                                       to shared memory and is added to the global dQ accumulator by
 //                                       cp.reduce.async.bulk.tensor (out-of-range rows and columns are dropped);
 //                                       by default a warp of the producer warpgroup issues it
@@ -23,7 +24,8 @@
 // Tiles use the 128-byte swizzle (sw128.cuh) that TMA writes with CU_TENSOR_MAP_SWIZZLE_128B: 64-column slabs of
 // 128-byte rows, 1024-byte aligned.
 //
-// Macros: ATTNKIT_HEAD_DIM (64 or 128), ATTNKIT_BF16, and the schedule switches below.
+// Macros: ATTNKIT_HEAD_DIM (64 or 128), ATTNKIT_BF16, ATTNKIT_WS_BWD_BM (queries per step: 64, or 128 at head dim
+// 64, FA3's tile there) and the schedule switches below.
 #include "common.cuh"
 #include "softmax.cuh"
 #include "sw128.cuh"
@@ -35,6 +37,9 @@
 #endif
 #ifndef ATTNKIT_BF16
 #define ATTNKIT_BF16 1
+#endif
+#ifndef ATTNKIT_WS_BWD_BM
+#define ATTNKIT_WS_BWD_BM 64
 #endif
 // 1: each step's GEMMs overlap its own score math (P^T while dP^T runs; dQ issued while dV/dK run). 0: every
 // product group is waited for at once (the first schedule, kept as the ablation baseline).
@@ -208,26 +213,32 @@ struct WsBwdArgs {
     float scale;
 };
 
-template <int D, bool BF16, bool OVERLAP, bool EARLY_DV, bool LATE_DK, bool DQ_WRITER>
+template <int D, int BM_, bool BF16, bool OVERLAP, bool EARLY_DV, bool LATE_DK, bool DQ_WRITER>
 struct BwdSm90WsKernel {
     static constexpr int NT = 384;
     static constexpr int BN = 128;  // keys per CTA
     static constexpr int WBN = 64;  // keys per consumer warpgroup
-    static constexpr int BM = 64;   // queries per step
+    static constexpr int BM = BM_;  // queries per step
     static constexpr int DTILE = D / 8;
     static constexpr int MTILE = BM / 8;
     static constexpr u32 SLAB = SW128_ROW_BYTES;
     static constexpr u32 KV_BYTES = BN * D * 2;
     static constexpr u32 QO_BYTES = BM * D * 2;
     static constexpr u32 DS_BYTES = BN * BM * 2;
-    static constexpr u32 DQ_BYTES = BM * 64 * 4;    // one warpgroup's fp32 dQ staging: up to two 32-column halves
-    static constexpr u32 DQ_HALF = BM * 32 * 4;     // 64 rows x 128 bytes
+    static constexpr u32 DQ_BYTES = 64 * 64 * 4;    // one warpgroup's fp32 dQ staging: up to two 32-column halves
+    static constexpr u32 DQ_HALF = 64 * 32 * 4;     // 64 rows x 128 bytes
     static constexpr u32 LD_BYTES = BM * 4;         // one stage of lse (or delta)
     static constexpr u32 STAGE_TX = 2 * QO_BYTES + 2 * LD_BYTES;
     static_assert(D == 64 || D == 128, "the warp-specialized backward is built for head dims 64 and 128");
-    // dQ is split by columns: warpgroup w computes columns [w * DQ_N, (w + 1) * DQ_N) over all 128 keys, so each
-    // dQ element is reduced to global memory once per CTA and step.
-    static constexpr int DQ_N = D / 2;
+    // 128 queries per step keep S^T and dP^T in 128 registers a thread, which leaves room for dK and dV at d 64 only.
+    static_assert(BM == 64 || (BM == 128 && D == 64), "128 queries per step are built for head dim 64 only");
+    // Each warpgroup computes a 64 x DQ_N tile of the step's dQ over all 128 keys, so each dQ element is reduced to
+    // global memory once per CTA and step: at BM = 64 split by columns (warpgroup w: [w * DQ_N, (w + 1) * DQ_N)),
+    // at BM = 128 by rows (warpgroup w: the block's rows [64 w, 64 w + 64), every column).
+    static constexpr bool DQ_BY_ROWS = BM == 128;
+    static constexpr int DQ_N = DQ_BY_ROWS ? D : D / 2;
+    static __device__ __forceinline__ int dq_col0(int w) { return DQ_BY_ROWS ? 0 : w * DQ_N; }
+    static __device__ __forceinline__ int dq_row0(int w) { return DQ_BY_ROWS ? 64 * w : 0; }
     using MmaS = Wgmma<BM, BF16>;
     using MmaKV = Wgmma<D, BF16>;
     using MmaQ = Wgmma<DQ_N, BF16>;
@@ -245,7 +256,7 @@ struct BwdSm90WsKernel {
     static __device__ __forceinline__ int step_head(int it, int nmb, int h0) { return h0 + it / nmb; }
     static __device__ __forceinline__ int step_row(int it, int nmb, int mb_lo) { return (mb_lo + it % nmb) * BM; }
 
-    // acc = rows [0, 64) of the warpgroup's 64-key operand (K or V, BN rows per slab) times the step's 64-row
+    // acc = rows [0, 64) of the warpgroup's 64-key operand (K or V, BN rows per slab) times the step's BM-row
     // operand (Q or dO) transposed, both K-major in shared memory, 16 columns of the head dim per wgmma.
     static __device__ __forceinline__ void issue_scores(float (&acc)[MTILE][4], u32 keys, u32 rows) {
 #pragma unroll
@@ -257,7 +268,7 @@ struct BwdSm90WsKernel {
     }
 
     // The warpgroup's fp32 dQ tile to its staging buffer, in the 128-byte swizzle of the dQ tensor map's
-    // 32-column box (two halves at d128), then a proxy fence so that the bulk reduction sees the stores.
+    // 32-column box (two halves when DQ_N is 64), then a proxy fence so that the bulk reduction sees the stores.
     static __device__ __forceinline__ void store_dq_tile(const float (&acc)[DQ_N / 8][4], u32 my_dq, int lane,
                                                          int key_row) {
 #pragma unroll
@@ -280,7 +291,7 @@ struct BwdSm90WsKernel {
                                                            int b) {
 #pragma unroll
         for (int half = 0; half < DQ_N / 32; ++half)
-            tma_reduce_add_4d(tdq, my_dq + (u32)half * DQ_HALF, w * DQ_N + 32 * half, m0, h, b);
+            tma_reduce_add_4d(tdq, my_dq + (u32)half * DQ_HALF, dq_col0(w) + 32 * half, m0 + dq_row0(w), h, b);
         bulk_commit();
     }
 
@@ -489,7 +500,7 @@ struct BwdSm90WsKernel {
                     dscores_to_fragments<MTILE, BF16>(sst, dpt, as, sDl + buf * BM, lane, a.scale);
                     // dS^T to this step's buffer, last read by the dQ of two steps before, which both warpgroups
                     // finished before the previous step's consumer barrier.
-                    store_frags_sw128<BM / 16>(as, bdS, w * WBN + key_row, lane);
+                    store_frags_sw128<BM / 16, BN * SLAB>(as, bdS, w * WBN + key_row, lane);
                     if (!LATE_DK) issue_dk(acc_dk, as, bQ);
                 } else {
                     if (OVERLAP) {
@@ -510,7 +521,7 @@ struct BwdSm90WsKernel {
                                                          kw0 + key_row, lane, need_mask, a.scale, shift, sq, sk, sp);
                     // dS^T to this step's buffer, last read by the dQ of two steps before, which both warpgroups
                     // finished before the previous step's consumer barrier.
-                    store_frags_sw128<BM / 16>(as, bdS, w * WBN + key_row, lane);
+                    store_frags_sw128<BM / 16, BN * SLAB>(as, bdS, w * WBN + key_row, lane);
                     wgmma_fence();
 #pragma unroll
                     for (int kk = 0; kk < BM / 16; ++kk) {
@@ -529,16 +540,18 @@ struct BwdSm90WsKernel {
                 fence_proxy_async();  // dS^T stores -> visible to wgmma's async proxy
                 named_sync(BAR_CONSUMERS, 256);
 
-                // dQ tile [BM x 64] of this warpgroup: A = dS^T read M-major, B = K read N-major, 16 keys per k-step.
-                // B = K's columns [c0, c0 + DQ_N): slab c0 / 64, starting (c0 % 64) * 2 bytes into its 128-byte rows.
-                const int c0 = w * DQ_N;
+                // dQ tile [64 x DQ_N] of this warpgroup: A = dS^T read M-major (its 64 queries: slab 0, or slab w
+                // at BM = 128), B = K read N-major, 16 keys per k-step. B = K's columns [c0, c0 + DQ_N): slab c0 / 64,
+                // starting (c0 % 64) * 2 bytes into its 128-byte rows.
+                const int c0 = dq_col0(w);
                 const u32 sKcols = sKa + (u32)(c0 / 64) * (BN * SLAB) + (u32)(c0 % 64) * 2;
+                const u32 sdSrows = bdS + (u32)(dq_row0(w) / 64) * (BN * SLAB);
                 float acc[DQ_N / 8][4];
                 wgmma_fence();
 #pragma unroll
                 for (int kk = 0; kk < BN / 16; ++kk) {
                     const u32 krow = (u32)kk * (16 * SLAB);
-                    const u64 da = sw128_desc(bdS + krow, BN * SLAB, 1024);
+                    const u64 da = sw128_desc(sdSrows + krow, BN * SLAB, 1024);
                     const u64 db = sw128_desc(sKcols + krow, BN * SLAB, 1024);
                     MmaQ::template ss<1, 1>(acc, da, db, kk > 0);
                 }
@@ -584,7 +597,7 @@ struct BwdSm90WsKernel {
 }  // namespace ak
 
 // Tensor maps (built by backends/cupy/tma.py, innermost dim first): q, dout: bf16/fp16 (d, seqlen_q, heads_q,
-// batch), box (64, 64); k, v: (d, seqlen_k, heads_k, batch), box (64, 128); dq_acc: fp32 (d, seqlen_q, heads_q,
+// batch), box (64, BM); k, v: (d, seqlen_k, heads_k, batch), box (64, 128); dq_acc: fp32 (d, seqlen_q, heads_q,
 // batch), box (32, 64); all with the 128-byte swizzle. lse and delta: fp32 [batch][heads_q][lse_len].
 extern "C" __global__ void __launch_bounds__(384, 1)
     attnkit_bwd_sm90_ws(const __grid_constant__ ak::TmaMap tq, const __grid_constant__ ak::TmaMap tk,
@@ -598,7 +611,7 @@ extern "C" __global__ void __launch_bounds__(384, 1)
                           seqlen_k, heads_q, group, d, alibi_sb, scale};
     const ak::ScoreParams sp =
         ak::make_score_params(scale_log2, cap_pre, cap_post, use_softcap, use_alibi, window_left, window_right);
-    ak::BwdSm90WsKernel<ATTNKIT_HEAD_DIM, ATTNKIT_BF16 != 0, ATTNKIT_WS_BWD_OVERLAP != 0,
+    ak::BwdSm90WsKernel<ATTNKIT_HEAD_DIM, ATTNKIT_WS_BWD_BM, ATTNKIT_BF16 != 0, ATTNKIT_WS_BWD_OVERLAP != 0,
                         ATTNKIT_WS_BWD_OVERLAP != 0 && ATTNKIT_WS_BWD_EARLY_DV != 0,
                         ATTNKIT_WS_BWD_OVERLAP != 0 && ATTNKIT_WS_BWD_EARLY_DV != 0 && ATTNKIT_WS_BWD_LATE_DK != 0,
                         ATTNKIT_WS_BWD_DQ_WRITER != 0>::run(&tq, &tk, &tv, &tdo, &tdq, a, sp);

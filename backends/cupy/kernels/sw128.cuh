@@ -41,9 +41,10 @@ __device__ __forceinline__ void load_sw128(u32 smem, const u16* g, i64 row_strid
 
 // Stores a warp's 16-bit wgmma A fragments (rows row0 + lane/4 and row0 + lane/4 + 8, 16 columns per fragment, two
 // values per register) into a tile of 64-column rows in this layout: element (r, c) at r*128 + ((c/8) ^ (r%8))*16 +
-// (c%8)*2, the K-major operand of a later wgmma.
-template <int NK>
+// (c%8)*2, the K-major operand of a later wgmma. Wider tiles (NK > 4) are 64-column slabs SLAB_BYTES apart.
+template <int NK, u32 SLAB_BYTES = 0>
 __device__ __forceinline__ void store_frags_sw128(const u32 (&frag)[NK][4], u32 tile, int row0, int lane) {
+    static_assert(NK <= 4 || SLAB_BYTES > 0, "a tile wider than 64 columns needs its slab stride");
 #pragma unroll
     for (int kk = 0; kk < NK; ++kk)
 #pragma unroll
@@ -52,7 +53,8 @@ __device__ __forceinline__ void store_frags_sw128(const u32 (&frag)[NK][4], u32 
             for (int hh = 0; hh < 2; ++hh) {
                 const int r = row0 + hh * 8;
                 const int c = kk * 16 + half * 8 + 2 * (lane & 3);
-                const u32 addr = tile + (u32)r * SW128_ROW_BYTES + (u32)(((c >> 3) ^ (r & 7)) << 4) + (u32)(c & 7) * 2;
+                const u32 addr = tile + (u32)(c >> 6) * SLAB_BYTES + (u32)r * SW128_ROW_BYTES +
+                                 (u32)((((c >> 3) & 7) ^ (r & 7)) << 4) + (u32)(c & 7) * 2;
                 asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(addr), "r"(frag[kk][2 * half + hh]));
             }
 }
