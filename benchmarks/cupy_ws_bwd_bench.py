@@ -163,7 +163,7 @@ def _sdpa_backend(impl: str):
 def time_impl(impl: str, s: int, d: int, causal: bool, warmup: int, rounds: int) -> float:
     b, h = TOKENS // s, HIDDEN // d
     if impl in WS_IMPLS and WS_SCHEDULES[impl] and WS_SCHEDULES[impl] not in ws_config.ws_bwd_ablations(d).values():
-        raise ValueError(f"not built at d {d}")  # e.g. 128 queries per step at d 128: shown in the table
+        raise ValueError(f"no ablation at d {d}: not built there, or the default")  # shown in the table
     torch.manual_seed(0)
     if impl.startswith("sdpa"):
         shape = (b, h, s, d)  # SDPA's native layout

@@ -255,12 +255,13 @@ SM90_WS_CTA_REGISTERS = 384 * 168
 @dataclass(frozen=True)
 class Sm90WsBwdConfig:
     """The warp-specialized Hopper backward (bwd_sm90_ws.cu): a producer warpgroup issuing TMA copies and two
-    consumer warpgroups of 64 keys each, 128 keys per CTA, 64 queries per step, Q/dO/lse/delta in two stages."""
+    consumer warpgroups of 64 keys each, 128 keys per CTA, 64 queries per step (128 at d 64: WS_BWD_TILES),
+    Q/dO/lse/delta in two stages."""
 
     head_dim: int  # kernel head dim: 64 or 128
     bf16: bool
     block_n: int = 128
-    block_m: int = 64
+    block_m: int = 64  # queries per step: 64, or 128 at head dim 64 (without early_dv)
     threads: int = 384  # producer warpgroup + two consumer warpgroups
     stages: int = 2
     # Each step's products overlap its score math (P^T while dP^T runs, dQ issued while dV/dK run); False waits
@@ -325,9 +326,14 @@ WS_BWD_ABLATIONS: dict[str, dict[str, object]] = {
     "overlap": {"early_dv": False, "late_dk": False},
     "early-dv": {"late_dk": False},
     "no-dq-writer": {"dq_writer": False},
-    # FA3's d 64 tile: 128 queries per step (S^T and dP^T wgmmas 128 wide, half the steps and barriers).
+    # FA3's d 64 tile, 128 queries per step (S^T and dP^T wgmmas 128 wide, half the steps and barriers), the
+    # default at d 64; bm64 is the 64-query step with its own default schedule, the default at d 128.
     "bm128": {"block_m": 128, "early_dv": False, "late_dk": False},
+    "bm64": {"block_m": 64, "early_dv": True, "late_dk": True},
 }
+# Queries per step by kernel head dim, with the schedule that fits the registers there: at d 64 the 128-query step
+# (+11-14% over the 64-query one on an H200, benchmarks/NOTES-cupy.md) without early_dv.
+WS_BWD_TILES: dict[int, dict[str, object]] = {64: WS_BWD_ABLATIONS["bm128"], 128: {}}
 
 
 def ws_bwd_ablations(head_dim: int) -> dict[str, dict[str, object]]:
@@ -353,7 +359,7 @@ def sm90_ws_bwd_config(head_dim: int, dtype: torch.dtype, smem_limit: int | None
     hd = kernel_head_dim(padded_head_dim(head_dim))
     if hd not in SM90_BWD_HEAD_DIMS:
         return None
-    cfg = Sm90WsBwdConfig(hd, bool(dtype_flag(dtype)))
+    cfg = Sm90WsBwdConfig(hd, bool(dtype_flag(dtype)), **WS_BWD_TILES[hd])  # type: ignore[arg-type]
     return cfg if smem_limit is None or cfg.smem_bytes <= smem_limit else None
 
 

@@ -3,6 +3,7 @@ when it is selected, its tensor maps and the exact argument list of its launch. 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -15,42 +16,44 @@ from helpers import H200_SMEM, ints, record_cupy_launches
 from attnkit.errors import EnvironmentVariableError, InvalidArgumentError
 from attnkit.params import AttentionParams
 
-
 # ---- configuration -------------------------------------------------------------------------------------------
+# Queries per step and the schedule (early_dv = late_dk) each head dim runs by default.
+DEFAULT_TILES = {64: (128, 0), 128: (64, 1)}
+
+
 @pytest.mark.parametrize("hd", [64, 128])
 def test_config_geometry(hd):
+    bm, early = DEFAULT_TILES[hd]
     cfg = config.sm90_ws_bwd_config(hd, torch.bfloat16)
-    assert cfg == config.Sm90WsBwdConfig(hd, True)
-    assert (cfg.block_n, cfg.block_m, cfg.threads, cfg.stages) == (128, 64, 384, 2)
-    # K, V; Q and dO twice; dS^T twice; fp32 dQ staging of two warpgroups; lse/delta twice; 5 mbarriers; slack.
-    expect = 2 * 128 * hd * 2 + 4 * 64 * hd * 2 + 2 * 128 * 64 * 2 + 2 * 64 * 64 * 4 + 4 * 64 * 4 + 40 + 1024
+    assert cfg == config.Sm90WsBwdConfig(hd, True, block_m=bm, early_dv=bool(early), late_dk=bool(early))
+    assert (cfg.block_n, cfg.block_m, cfg.threads, cfg.stages) == (128, bm, 384, 2)
+    # K, V; Q and dO twice; dS^T twice; fp32 dQ staging (64 x 64) of two warpgroups; lse/delta twice; 5 mbarriers;
+    # slack.
+    expect = 2 * 128 * hd * 2 + 4 * bm * hd * 2 + 2 * 128 * bm * 2 + 2 * 64 * 64 * 4 + 4 * bm * 4 + 40 + 1024
     assert cfg.smem_bytes == expect <= H200_SMEM
     assert cfg.defines() == {
-        "ATTNKIT_HEAD_DIM": hd, "ATTNKIT_BF16": 1, "ATTNKIT_WS_BWD_BM": 64, "ATTNKIT_WS_BWD_OVERLAP": 1,
-        "ATTNKIT_WS_BWD_EARLY_DV": 1, "ATTNKIT_WS_BWD_LATE_DK": 1, "ATTNKIT_WS_BWD_DQ_WRITER": 1,
+        "ATTNKIT_HEAD_DIM": hd, "ATTNKIT_BF16": 1, "ATTNKIT_WS_BWD_BM": bm, "ATTNKIT_WS_BWD_OVERLAP": 1,
+        "ATTNKIT_WS_BWD_EARLY_DV": early, "ATTNKIT_WS_BWD_LATE_DK": early, "ATTNKIT_WS_BWD_DQ_WRITER": 1,
     }  # fmt: skip
-    for name, change in config.ws_bwd_ablations(hd).items():  # the schedules: same tiles, other defines
-        variant = config.Sm90WsBwdConfig(hd, True, **change)
+    for name, change in config.ws_bwd_ablations(hd).items():  # other defines; the same memory unless a new tile
+        variant = dataclasses.replace(cfg, **change)
         assert variant.defines() != cfg.defines(), name
         if variant.block_m == cfg.block_m:
             assert variant.smem_bytes == cfg.smem_bytes, name
-    serial = config.Sm90WsBwdConfig(hd, True, **config.WS_BWD_ABLATIONS["serial"])
+    serial = dataclasses.replace(cfg, **config.WS_BWD_ABLATIONS["serial"])
     assert [serial.defines()[f"ATTNKIT_WS_BWD_{m}"] for m in ("OVERLAP", "EARLY_DV", "LATE_DK")] == [0, 0, 0]
     assert cfg.grid(1000, 4, 3) == (8, 4, 3) and cfg.grid(128, 1, 1) == (1, 1, 1) and cfg.grid(129, 1, 1)[0] == 2
-    assert [cfg.lse_len(n) for n in (1, 64, 65, 1000)] == [64, 64, 128, 1024]
+    assert [cfg.lse_len(n) for n in (1, bm, bm + 1, 1000)] == [bm, bm, 2 * bm, -(-1000 // bm) * bm]
 
 
 def test_ablations_by_head_dim():
-    """Every schedule applies at both head dims; 128 queries per step only at d 64, where Q, dO, dS^T and lse
-    double and the fp32 dQ staging stays one 64 x 64 tile per warpgroup."""
-    schedules = ["serial", "overlap", "early-dv", "no-dq-writer"]
-    assert list(config.ws_bwd_ablations(128)) == schedules
-    assert list(config.ws_bwd_ablations(64)) == [*schedules, "bm128"]
-    wide = config.Sm90WsBwdConfig(64, True, **config.WS_BWD_ABLATIONS["bm128"])
-    expect = 2 * 128 * 64 * 2 + 4 * 128 * 64 * 2 + 2 * 128 * 128 * 2 + 2 * 64 * 64 * 4 + 4 * 128 * 4 + 40 + 1024
-    assert wide.smem_bytes == expect <= H200_SMEM
-    assert wide.defines()["ATTNKIT_WS_BWD_BM"] == 128 and wide.defines()["ATTNKIT_WS_BWD_EARLY_DV"] == 0
-    assert [wide.lse_len(n) for n in (1, 128, 129)] == [128, 128, 256]
+    """The ablations that apply: at d 128 every schedule; at d 64, whose default step is 128 queries in the
+    overlap schedule, the serial schedule, the dQ writer off and the 64-query step (with early dV and late dK)."""
+    assert list(config.ws_bwd_ablations(128)) == ["serial", "overlap", "early-dv", "no-dq-writer"]
+    assert list(config.ws_bwd_ablations(64)) == ["serial", "no-dq-writer", "bm64"]
+    narrow = dataclasses.replace(config.sm90_ws_bwd_config(64, torch.bfloat16), **config.WS_BWD_ABLATIONS["bm64"])
+    assert narrow == config.Sm90WsBwdConfig(64, True)
+    assert narrow.defines()["ATTNKIT_WS_BWD_BM"] == 64 and narrow.defines()["ATTNKIT_WS_BWD_EARLY_DV"] == 1
 
 
 @pytest.mark.parametrize(
