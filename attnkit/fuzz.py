@@ -709,13 +709,17 @@ class Summary:
         self.failures.extend(other.failures)
         self.lost_at.extend(other.lost_at)
 
+    def tally(self) -> str:
+        """One line of running totals: what a stopped run still has on record."""
+        passed = sum(s["pass"] for s in self.counts.values())
+        failed = sum(s["FAIL"] for s in self.counts.values())
+        return f"{self.cases} cases; {passed} passed, {failed} failed"
+
     def format(self) -> str:
         lines = [f"{'backend':<12} {'op':<14} {'pass':>6} {'FAIL':>6} {'n/a':>6}"]
         for (backend, op), slot in sorted(self.counts.items()):
             lines.append(f"{backend:<12} {op:<14} {slot['pass']:>6} {slot['FAIL']:>6} {slot['n/a']:>6}")
-        passed = sum(s["pass"] for s in self.counts.values())
-        failed = sum(s["FAIL"] for s in self.counts.values())
-        lines.append(f"{self.cases} cases; {passed} passed, {failed} failed")
+        lines.append(self.tally())
         if self.lost_at:
             seeds = ", ".join(map(str, sorted(self.lost_at)))
             lines.append(f"stopped early: the CUDA context was lost after seed(s) {seeds} (replay each alone)")
@@ -741,8 +745,11 @@ def fuzz(
     worker: int = 0,
     workers: int = 1,
     log: Callable[[str], None] = print,
+    progress_every: int = 0,
 ) -> Summary:
-    """Run cases ``first_seed + worker, first_seed + worker + workers, ...`` until ``seconds`` or ``max_cases``."""
+    """Run cases ``first_seed + worker, first_seed + worker + workers, ...`` until ``seconds`` or ``max_cases``.
+    With ``progress_every`` > 0, every that many cases ``log`` gets the worker's running tally, so a run stopped
+    from outside (a timeout) still leaves counts behind."""
     limits = limits or Limits.for_device(device)
     names = list(backends) if backends else available_backends(device)
     first_seed = int(time.time()) * 1000 % 2**31 if first_seed is None else first_seed
@@ -757,6 +764,8 @@ def fuzz(
         for o in outcomes:
             if o.status == "FAIL":
                 log(_format_failure(seed, case.describe(), o, device))
+        if progress_every > 0 and summary.cases % progress_every == 0:
+            log(f"worker {worker} so far (last seed {seed}): {summary.tally()}")
         if device.type == "cuda" and not _context_alive(device):
             # A fault (an illegal address) poisons the process's CUDA context: every later case would fail too.
             summary.lost_at.append(seed)
@@ -776,12 +785,16 @@ def _context_alive(device: torch.device) -> bool:
     return True
 
 
+# Cases between a parallel worker's running tallies.
+PROGRESS_EVERY = 10
+
+
 def _worker(task: tuple) -> Summary:
     seconds, device_str, backends, first_seed, worker, workers, autotune = task
     if autotune is not None:
         os.environ["ATTNKIT_TRITON_AUTOTUNE"] = "1" if autotune else "0"
     return fuzz(seconds, device=torch.device(device_str), backends=backends, first_seed=first_seed, worker=worker,
-                workers=workers, log=lambda line: print(line, flush=True))  # fmt: skip
+                workers=workers, log=lambda line: print(line, flush=True), progress_every=PROGRESS_EVERY)  # fmt: skip
 
 
 def fuzz_parallel(

@@ -39,6 +39,17 @@ def test_reference_passes():
     assert sum(s["pass"] for s in summary.counts.values()) >= 20
 
 
+def test_progress_tallies_are_logged():
+    """A worker's running tally every progress_every cases: what a run killed by a timeout still leaves."""
+    lines: list[str] = []
+    summary = fuzz.fuzz(600, device=CPU, backends=["reference"], first_seed=7, max_cases=7, limits=LIMITS,
+                        log=lines.append, progress_every=3)  # fmt: skip
+    tallies = [line for line in lines if " so far " in line]
+    assert len(tallies) == 2 and tallies[0].startswith("worker 0 so far (last seed 9): 3 cases;"), lines
+    assert tallies[1].split(": ", 1)[1].startswith("6 cases;")
+    assert summary.tally() == summary.format().splitlines()[-1]
+
+
 class _Planted:
     """Wraps the reference backend's forward and breaks its output in one way."""
 
