@@ -71,11 +71,13 @@ def _units() -> list[compiler.ModuleSpec]:
     for hd in config.SM90_BWD_HEAD_DIMS:
         for bf16 in (False, True):
             specs.append(compiler.ModuleSpec.make("bwd_sm90.cu", config.Sm90BwdConfig(hd, bf16).defines(), "sm_90a"))
-    # The warp-specialized backward (sm_90a only): both head dims, both dtypes, and its schedule ablations.
+    # The warp-specialized backward (sm_90a only): both head dims, both dtypes, each head dim's default tiles and
+    # schedule and its ablations.
     for hd in config.SM90_BWD_HEAD_DIMS:
-        for bf16 in (False, True):
+        for dtype in (torch.float16, torch.bfloat16):
+            default = config.sm90_ws_bwd_config(hd, dtype)
             for change in ({}, *config.ws_bwd_ablations(hd).values()):
-                defines = config.Sm90WsBwdConfig(hd, bf16, **change).defines()
+                defines = dataclasses.replace(default, **change).defines()
                 specs.append(compiler.ModuleSpec.make("bwd_sm90_ws.cu", defines, "sm_90a"))
     # The smaller-tile fallbacks chosen on 99 KB shared-memory GPUs (sm_86/89), built once for sm_80.
     for hd in config.KERNEL_HEAD_DIMS:
