@@ -54,19 +54,19 @@ def launched(monkeypatch):
     return names
 
 
+_BACKEND_CONFIG = ws_bwd.ws_backward_config  # the backend's own choice, before any test patches it
+
+
 def _use_tiles(monkeypatch, change: dict) -> None:
-    """The backend's warp-specialized backward with these Sm90WsBwdConfig changes (none: its defaults)."""
+    """The backend's warp-specialized backward with these Sm90WsBwdConfig changes (none: its defaults); a later
+    call replaces an earlier one instead of stacking on it."""
     import dataclasses
 
-    if not change:
-        return
-    real = ws_bwd.ws_backward_config
-
     def patched(*args, **kwargs):
-        cfg = real(*args, **kwargs)
+        cfg = _BACKEND_CONFIG(*args, **kwargs)
         return None if cfg is None else dataclasses.replace(cfg, **change)
 
-    monkeypatch.setattr(ws_bwd, "ws_backward_config", patched)
+    monkeypatch.setattr(ws_bwd, "ws_backward_config", patched if change else _BACKEND_CONFIG)
 
 
 def _poison() -> None:
@@ -237,16 +237,10 @@ def test_every_schedule_equals_the_serial_one(launched, monkeypatch, d, kw):
     import dataclasses
 
     q, k, v = _inputs(2, 1100, 1500, 8, 2, d, torch.bfloat16, ("schedule", d, tuple(kw)))
-    real = ws_bwd.ws_backward_config
     schedules = {"default": {}, **config.ws_bwd_ablations(d)}
     grads, early, block_m = {}, {}, {}
     for name, change in schedules.items():
-
-        def patched(*args, change=change, **kwargs):
-            cfg = real(*args, **kwargs)
-            return None if cfg is None else dataclasses.replace(cfg, **change)
-
-        monkeypatch.setattr(ws_bwd, "ws_backward_config", patched)
+        _use_tiles(monkeypatch, change)
         variant = dataclasses.replace(config.sm90_ws_bwd_config(d, torch.bfloat16), **change)
         early[name], block_m[name] = variant.early_dv, variant.block_m
         torch.manual_seed(5)
