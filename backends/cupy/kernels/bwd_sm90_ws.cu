@@ -2,10 +2,10 @@
 // reduce-add. Dense batches only (the backend keeps varlen and misaligned tensors on bwd_sm90.cu).
 //
 // A CTA owns BN = 128 keys of one (batch, kv head) and walks every query head of its GQA group and every query
-// block (BM = 64 rows, or 128 at head dim 64) that can see those keys. Warpgroup 0 is the producer: after shrinking its register file
-// (setmaxnreg 24) one thread of warp 0 issues the bulk copies (and, unless ATTNKIT_WS_BWD_DQ_WRITER is 0, warp 1
-// the dQ reductions). Warpgroups 1 and 2 are consumers (setmaxnreg 240), each owning 64 of the keys with their dK and
-// dV in registers:
+// block (BM = 64 rows, or 128 at head dim 64) that can see those keys. Warpgroup 0 is the producer: after
+// shrinking its register file (setmaxnreg 24) one thread of warp 0 issues the bulk copies (and, unless
+// ATTNKIT_WS_BWD_DQ_WRITER is 0, warp 1 the dQ reductions). Warpgroups 1 and 2 are consumers (setmaxnreg 240),
+// each owning 64 of the keys with their dK and dV in registers:
 //   K, V          one TMA load each for the CTA's life (mbarrier kv_full)
 //   Q, dO         TMA, two stages with full/empty mbarriers; lse and delta ride on the same full barrier as plain
 //                 bulk copies (the backend pads their rows to a multiple of BM, so every copy is 16-byte aligned)
