@@ -37,7 +37,7 @@ step() {  # name, cap in seconds, command...
 } >"$out/env.txt" 2>&1
 step precompile 150 python3 benchmarks/cupy_precompile.py --procs 16
 step ws_bwd_tests 150 python3 -m pytest -m gpu tests/cupy/test_cupy_ws_bwd_gpu.py -q -p no:cacheprovider -rfE -x
-step ws_bwd_bench 170 python3 benchmarks/cupy_ws_bwd_bench.py --out "$out/bwd" --impls ws ws_no_dq_writer ws_bm64 sdpa_cudnn \
+step ws_bwd_bench 210 python3 benchmarks/cupy_ws_bwd_bench.py --out "$out/bwd" --impls ws ws_bm80 ws_no_dq_writer ws_bm64 sdpa_cudnn \
     --seqlens 4096 8192 16384 --rounds 5
 step fp8_ablate 100 python3 benchmarks/fp8_bench.py ablate --out "$out/fp8_ablate"
 step fp8_variant_tests 60 python3 -m pytest -m gpu tests/cupy/test_cupy_fp8_gpu.py -q -p no:cacheprovider -rfE \

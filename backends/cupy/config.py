@@ -255,13 +255,13 @@ SM90_WS_CTA_REGISTERS = 384 * 168
 @dataclass(frozen=True)
 class Sm90WsBwdConfig:
     """The warp-specialized Hopper backward (bwd_sm90_ws.cu): a producer warpgroup issuing TMA copies and two
-    consumer warpgroups of 64 keys each, 128 keys per CTA, 64 queries per step (128 at d 64: WS_BWD_TILES),
-    Q/dO/lse/delta in two stages."""
+    consumer warpgroups of 64 keys each, 128 keys per CTA, 64 queries per step (128 at d 64: WS_BWD_TILES; 80 at
+    d 128 is the ablation "bm80"), Q/dO/lse/delta in two stages."""
 
     head_dim: int  # kernel head dim: 64 or 128
     bf16: bool
     block_n: int = 128
-    block_m: int = 64  # queries per step: 64, or 128 at head dim 64 (without early_dv)
+    block_m: int = 64  # queries per step: 64, 128 at head dim 64 or 80 at head dim 128 (both without early_dv)
     threads: int = 384  # producer warpgroup + two consumer warpgroups
     stages: int = 2
     # Each step's products overlap its score math (P^T while dP^T runs, dQ issued while dV/dK run); False waits
@@ -278,17 +278,20 @@ class Sm90WsBwdConfig:
     dq_writer: bool = True
 
     def __post_init__(self) -> None:
-        if self.head_dim not in SM90_BWD_HEAD_DIMS or self.block_n != 128 or self.block_m not in (64, 128):
+        if self.head_dim not in SM90_BWD_HEAD_DIMS or self.block_n != 128 or self.block_m not in (64, 80, 128):
             raise InvalidArgumentError(
-                f"bwd_sm90_ws is built for head dims {SM90_BWD_HEAD_DIMS}, 128 keys and 64 or 128 queries per step, "
-                f"got head_dim={self.head_dim}, block_n={self.block_n}, block_m={self.block_m}"
+                f"bwd_sm90_ws is built for head dims {SM90_BWD_HEAD_DIMS}, 128 keys and 64, 80 or 128 queries per "
+                f"step, got head_dim={self.head_dim}, block_n={self.block_n}, block_m={self.block_m}"
             )
         # 128 queries per step hold S^T and dP^T in 128 registers a thread: dK and dV fit beside them at d 64 only,
-        # and only in the schedule that packs P^T after dS^T (early_dv spills 144 bytes there, nvcc 13.0).
-        if self.block_m == 128 and (self.head_dim != 64 or self.early_dv):
+        # and only in the schedule that packs P^T after dS^T (early_dv spills 144 bytes there, nvcc 13.0). 80
+        # queries hold them in 80 registers beside d 128's 128 of dK and dV, again without early_dv (with it: 192
+        # bytes spill and every wgmma serialises, nvcc 13.0).
+        wide = {128: 64, 80: 128}
+        if self.block_m in wide and (self.head_dim != wide[self.block_m] or self.early_dv):
             raise InvalidArgumentError(
-                f"block_m=128 is built for head dim 64 without early_dv, got head_dim={self.head_dim}, "
-                f"early_dv={self.early_dv}"
+                f"block_m={self.block_m} is built for head dim {wide[self.block_m]} without early_dv, got "
+                f"head_dim={self.head_dim}, early_dv={self.early_dv}"
             )
         if self.late_dk and not self.early_dv:
             raise InvalidArgumentError("late_dk applies to the early_dv schedule only; set late_dk=False with it")
@@ -299,7 +302,7 @@ class Sm90WsBwdConfig:
         kv = 2 * bn * d * 2
         q_do = st * 2 * bm * d * 2
         ds = 2 * bn * bm * 2  # dS^T, two buffers
-        dq = 2 * 64 * 64 * 4  # fp32 dQ staging, one 64 x 64 tile per consumer warpgroup
+        dq = 2 * self.dq_tile_rows * 64 * 4  # fp32 dQ staging, one dq_tile_rows x 64 tile per consumer warpgroup
         lse_delta = st * 2 * bm * 4
         barriers = 8 * (1 + 2 * st)
         return kv + q_do + ds + dq + lse_delta + barriers + SM90_ALIGN_SLACK
@@ -312,6 +315,12 @@ class Sm90WsBwdConfig:
 
     def grid(self, max_seqlen_k: int, heads_k: int, batch: int) -> tuple[int, int, int]:
         return (-(-max_seqlen_k // self.block_n), heads_k, batch)
+
+    @property
+    def dq_tile_rows(self) -> int:
+        """Query rows of one consumer warpgroup's dQ tile (and of the dQ tensor map's box): 64, or all 80 of the
+        80-query step, whose transposed dQ product splits the head dim between the warpgroups instead."""
+        return 80 if self.block_m == 80 else 64
 
     def lse_len(self, seqlen_q: int) -> int:
         """Row length of the padded lse/delta buffers: whole query blocks, so every bulk copy is 16-byte aligned."""
@@ -330,6 +339,8 @@ WS_BWD_ABLATIONS: dict[str, dict[str, object]] = {
     # default at d 64; bm64 is the 64-query step with its own default schedule, the default at d 128.
     "bm128": {"block_m": 128, "early_dv": False, "late_dk": False},
     "bm64": {"block_m": 64, "early_dv": True, "late_dk": True},
+    # FA3's non-causal tile at d 128: 80 queries per step, dQ computed transposed (dQ^T = K^T dS^T).
+    "bm80": {"block_m": 80, "early_dv": False, "late_dk": False},
 }
 # Queries per step by kernel head dim, with the schedule that fits the registers there: at d 64 the 128-query step
 # (+11-14% over the 64-query one on an H200, benchmarks/NOTES-cupy.md) without early_dv.

@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 HEADER_PATH = Path(__file__).resolve().parent / "kernels" / "wgmma.cuh"
-WIDTHS = (32, 64, 128)
+WIDTHS = (32, 64, 80, 128)
 DTYPES = (("bf16", True), ("f16", False))
 # float8_e4m3fn products (the fp8 forward): K = 32 per instruction, and both operands K-major (wgmma has no
 # transpose for 8-bit types, so V reaches P V as V^T).

@@ -25,8 +25,6 @@ KERNEL = "attnkit_bwd_sm90_ws"
 # Columns of one TMA box: 64 16-bit elements (Q, K, V, dO) or 32 floats (dQ) fill one 128-byte swizzle row.
 HALF_BOX_COLS = 64
 DQ_BOX_COLS = 32
-# Rows of a dQ box: one consumer warpgroup's dQ tile is 64 queries, whatever the step's block_m.
-DQ_BOX_ROWS = 64
 
 
 def ws_backward_config(
@@ -75,7 +73,7 @@ def tensor_maps(
         k=_map4(k, HALF_BOX_COLS, cfg.block_n),
         v=_map4(v, HALF_BOX_COLS, cfg.block_n),
         dout=_map4(dout, HALF_BOX_COLS, cfg.block_m),
-        dq=_map4(dq_acc, DQ_BOX_COLS, DQ_BOX_ROWS),
+        dq=_map4(dq_acc, DQ_BOX_COLS, cfg.dq_tile_rows),
     )
 
 

@@ -47,13 +47,27 @@ def test_config_geometry(hd):
 
 
 def test_ablations_by_head_dim():
-    """The ablations that apply: at d 128 every schedule; at d 64, whose default step is 128 queries in the
-    overlap schedule, the serial schedule, the dQ writer off and the 64-query step (with early dV and late dK)."""
-    assert list(config.ws_bwd_ablations(128)) == ["serial", "overlap", "early-dv", "no-dq-writer"]
+    """The ablations that apply: at d 128 every schedule and the 80-query step; at d 64, whose default step is 128
+    queries in the overlap schedule, the serial schedule, the dQ writer off and the 64-query step (with early dV and
+    late dK)."""
+    assert list(config.ws_bwd_ablations(128)) == ["serial", "overlap", "early-dv", "no-dq-writer", "bm80"]
     assert list(config.ws_bwd_ablations(64)) == ["serial", "no-dq-writer", "bm64"]
     narrow = dataclasses.replace(config.sm90_ws_bwd_config(64, torch.bfloat16), **config.WS_BWD_ABLATIONS["bm64"])
     assert narrow == config.Sm90WsBwdConfig(64, True)
     assert narrow.defines()["ATTNKIT_WS_BWD_BM"] == 64 and narrow.defines()["ATTNKIT_WS_BWD_EARLY_DV"] == 1
+
+
+def test_eighty_query_step_fits_and_stages_whole_dq_tiles():
+    """bm80 at d 128: Q/dO, dS and lse/delta sized by 80 queries, and each warpgroup's fp32 dQ staging holds all 80
+    query rows (its transposed product covers 64 head-dim columns of every query), within an H200's opt-in
+    shared memory."""
+    cfg = dataclasses.replace(config.sm90_ws_bwd_config(128, torch.bfloat16), **config.WS_BWD_ABLATIONS["bm80"])
+    assert (cfg.block_m, cfg.early_dv, cfg.late_dk, cfg.dq_tile_rows) == (80, False, False, 80)
+    expect = 2 * 128 * 128 * 2 + 4 * 80 * 128 * 2 + 2 * 128 * 80 * 2 + 2 * 80 * 64 * 4 + 4 * 80 * 4 + 40 + 1024
+    assert cfg.smem_bytes == expect <= H200_SMEM
+    assert cfg.defines()["ATTNKIT_WS_BWD_BM"] == 80 and cfg.defines()["ATTNKIT_WS_BWD_EARLY_DV"] == 0
+    assert [cfg.lse_len(n) for n in (1, 80, 81, 1000)] == [80, 80, 160, 1040]
+    assert config.sm90_ws_bwd_config(128, torch.bfloat16).dq_tile_rows == 64
 
 
 @pytest.mark.parametrize(
@@ -62,6 +76,8 @@ def test_ablations_by_head_dim():
         (dict(head_dim=128, block_m=128, early_dv=False, late_dk=False), "head dim 64"),
         (dict(head_dim=64, block_m=128, early_dv=True, late_dk=False), "without early_dv"),
         (dict(head_dim=64, block_m=96), "block_m=96"),
+        (dict(head_dim=64, block_m=80, early_dv=False, late_dk=False), "head dim 128"),
+        (dict(head_dim=128, block_m=80, early_dv=True, late_dk=False), "without early_dv"),
         (dict(head_dim=64, block_n=64), "block_n=64"),
         (dict(head_dim=96), "head_dim=96"),
         (dict(head_dim=64, early_dv=False), "late_dk"),
@@ -149,6 +165,15 @@ def test_tensor_maps_of_the_wide_step():
     q = torch.empty(1, 300, 2, 64, dtype=torch.bfloat16)
     maps = ws_bwd.tensor_maps(cfg, q, q, q, q, torch.empty(1, 300, 2, 64))
     assert maps.q.box == maps.dout.box == (64, 128, 1, 1) and maps.dq.box == (32, 64, 1, 1)
+
+
+def test_tensor_maps_of_the_eighty_query_step():
+    """80 queries per step: Q, dO and dQ boxes of 80 rows (each warpgroup reduces a 32-column x 80-row box twice)."""
+    cfg = config.Sm90WsBwdConfig(128, True, **config.WS_BWD_ABLATIONS["bm80"])
+    q = torch.empty(1, 300, 2, 128, dtype=torch.bfloat16)
+    maps = ws_bwd.tensor_maps(cfg, q, q, q, q, torch.empty(1, 300, 2, 128))
+    assert maps.q.box == maps.dout.box == (64, 80, 1, 1) and maps.dq.box == (32, 80, 1, 1)
+    assert maps.k.box == maps.v.box == (64, 128, 1, 1)
 
 
 def test_tensor_maps_take_strided_views():

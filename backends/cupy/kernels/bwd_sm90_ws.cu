@@ -2,10 +2,10 @@
 // reduce-add. Dense batches only (the backend keeps varlen and misaligned tensors on bwd_sm90.cu).
 //
 // A CTA owns BN = 128 keys of one (batch, kv head) and walks every query head of its GQA group and every query
-// block (BM = 64 rows, or 128 at head dim 64) that can see those keys. Warpgroup 0 is the producer: after
-// shrinking its register file (setmaxnreg 24) one thread of warp 0 issues the bulk copies (and, unless
-// ATTNKIT_WS_BWD_DQ_WRITER is 0, warp 1 the dQ reductions). Warpgroups 1 and 2 are consumers (setmaxnreg 240),
-// each owning 64 of the keys with their dK and dV in registers:
+// block (BM = 64 rows, 128 at head dim 64, or 80 at head dim 128) that can see those keys. Warpgroup 0 is the
+// producer: after shrinking its register file (setmaxnreg 24) one thread of warp 0 issues the bulk copies (and,
+// unless ATTNKIT_WS_BWD_DQ_WRITER is 0, warp 1 the dQ reductions). Warpgroups 1 and 2 are consumers (setmaxnreg
+// 240), each owning 64 of the keys with their dK and dV in registers:
 //   K, V          one TMA load each for the CTA's life (mbarrier kv_full)
 //   Q, dO         TMA, two stages with full/empty mbarriers; lse and delta ride on the same full barrier as plain
 //                 bulk copies (the backend pads their rows to a multiple of BM, so every copy is 16-byte aligned)
@@ -13,7 +13,9 @@
 //   dV += P^T dO, dK += dS^T Q          wgmma, A = P^T / dS^T from registers
 //   dQ = dS K                           dS^T of both warpgroups goes to shared memory (two buffers); warpgroup w
 //                                       computes a 64-row tile over all 128 keys: columns [w d/2, (w + 1) d/2) of
-//                                       the block at BM = 64, rows [64 w, 64 w + 64) at BM = 128. The fp32 tile goes
+//                                       the block at BM = 64, rows [64 w, 64 w + 64) at BM = 128; at BM = 80
+//                                       transposed, dQ^T = K^T dS^T, head-dim rows [64 w, 64 w + 64) (dS is then
+//                                       stored query-major). The fp32 tile goes
 //                                       to shared memory and is added to the global dQ accumulator by
 //                                       cp.reduce.async.bulk.tensor (out-of-range rows and columns are dropped);
 //                                       by default a warp of the producer warpgroup issues it
@@ -24,8 +26,8 @@
 // Tiles use the 128-byte swizzle (sw128.cuh) that TMA writes with CU_TENSOR_MAP_SWIZZLE_128B: 64-column slabs of
 // 128-byte rows, 1024-byte aligned.
 //
-// Macros: ATTNKIT_HEAD_DIM (64 or 128), ATTNKIT_BF16, ATTNKIT_WS_BWD_BM (queries per step: 64, or 128 at head dim
-// 64, FA3's tile there) and the schedule switches below.
+// Macros: ATTNKIT_HEAD_DIM (64 or 128), ATTNKIT_BF16, ATTNKIT_WS_BWD_BM (queries per step: 64, 128 at head dim
+// 64 or 80 at head dim 128, FA3's tiles there) and the schedule switches below.
 #include "common.cuh"
 #include "softmax.cuh"
 #include "sw128.cuh"
@@ -225,23 +227,30 @@ struct BwdSm90WsKernel {
     static constexpr u32 KV_BYTES = BN * D * 2;
     static constexpr u32 QO_BYTES = BM * D * 2;
     static constexpr u32 DS_BYTES = BN * BM * 2;
-    static constexpr u32 DQ_BYTES = 64 * 64 * 4;    // one warpgroup's fp32 dQ staging: up to two 32-column halves
-    static constexpr u32 DQ_HALF = 64 * 32 * 4;     // 64 rows x 128 bytes
-    static constexpr u32 LD_BYTES = BM * 4;         // one stage of lse (or delta)
-    static constexpr u32 STAGE_TX = 2 * QO_BYTES + 2 * LD_BYTES;
     static_assert(D == 64 || D == 128, "the warp-specialized backward is built for head dims 64 and 128");
-    // 128 queries per step keep S^T and dP^T in 128 registers a thread, which leaves room for dK and dV at d 64 only.
-    static_assert(BM == 64 || (BM == 128 && D == 64), "128 queries per step are built for head dim 64 only");
+    // 128 queries per step keep S^T and dP^T in 128 registers a thread, which leaves room for dK and dV at d 64 only;
+    // 80 (FA3's non-causal tile at d 128) keep them in 80.
+    static_assert(BM == 64 || (BM == 128 && D == 64) || (BM == 80 && D == 128),
+                  "queries per step: 64, 128 at head dim 64, 80 at head dim 128");
     // Each warpgroup computes a 64 x DQ_N tile of the step's dQ over all 128 keys, so each dQ element is reduced to
     // global memory once per CTA and step: at BM = 64 split by columns (warpgroup w: [w * DQ_N, (w + 1) * DQ_N)),
-    // at BM = 128 by rows (warpgroup w: the block's rows [64 w, 64 w + 64), every column).
+    // at BM = 128 by rows (warpgroup w: the block's rows [64 w, 64 w + 64), every column). At BM = 80 (not a
+    // multiple of wgmma's 64 rows) the product is transposed, dQ^T = K^T dS^T: warpgroup w computes head-dim rows
+    // [w * DQ_N, (w + 1) * DQ_N) x all 80 queries, and dS is stored query-major so that it is dQ^T's K-major B.
     static constexpr bool DQ_BY_ROWS = BM == 128;
+    static constexpr bool DQ_TRANSPOSED = BM == 80;
     static constexpr int DQ_N = DQ_BY_ROWS ? D : D / 2;
+    static constexpr int DQ_ROWS = DQ_TRANSPOSED ? BM : 64;    // query rows of a warpgroup's dQ tile
+    static constexpr int DQ_ACC_N = DQ_TRANSPOSED ? BM : DQ_N;  // the dQ accumulator's wgmma width
+    static constexpr u32 DQ_HALF = DQ_ROWS * 32 * 4;            // DQ_ROWS rows x 128 bytes: one 32-column box
+    static constexpr u32 DQ_BYTES = 2 * DQ_HALF;  // one warpgroup's fp32 dQ staging: up to two 32-column halves
+    static constexpr u32 LD_BYTES = BM * 4;         // one stage of lse (or delta)
+    static constexpr u32 STAGE_TX = 2 * QO_BYTES + 2 * LD_BYTES;
     static __device__ __forceinline__ int dq_col0(int w) { return DQ_BY_ROWS ? 0 : w * DQ_N; }
     static __device__ __forceinline__ int dq_row0(int w) { return DQ_BY_ROWS ? 64 * w : 0; }
     using MmaS = Wgmma<BM, BF16>;
     using MmaKV = Wgmma<D, BF16>;
-    using MmaQ = Wgmma<DQ_N, BF16>;
+    using MmaQ = Wgmma<DQ_ACC_N, BF16>;
 
     // Barrier ids: 0 is __syncthreads; 1 spans both consumer warpgroups; 2 + w one warpgroup; 4 + w: warpgroup w's
     // dQ tile is staged (128 arrivals, the writer warp waits); 6 + w: its staging buffer has been read (the writer
@@ -269,19 +278,35 @@ struct BwdSm90WsKernel {
 
     // The warpgroup's fp32 dQ tile to its staging buffer, in the 128-byte swizzle of the dQ tensor map's
     // 32-column box (two halves when DQ_N is 64), then a proxy fence so that the bulk reduction sees the stores.
-    static __device__ __forceinline__ void store_dq_tile(const float (&acc)[DQ_N / 8][4], u32 my_dq, int lane,
+    static __device__ __forceinline__ void store_dq_tile(const float (&acc)[DQ_ACC_N / 8][4], u32 my_dq, int lane,
                                                          int key_row) {
+        if constexpr (DQ_TRANSPOSED) {
+            // acc holds dQ^T: element (head-dim column key_row + 8 (e / 2), query j * 8 + 2 (lane % 4) + e % 2),
+            // stored one float at a time into the query-major tile (a warp's 32 stores of one e hit 8 distinct
+            // 16-byte chunks of 4 rows: no bank conflict).
 #pragma unroll
-        for (int j = 0; j < DQ_N / 8; ++j)
+            for (int j = 0; j < DQ_ACC_N / 8; ++j)
 #pragma unroll
-            for (int hh = 0; hh < 2; ++hh) {
-                const int r = key_row + hh * 8;  // query row inside the block
-                const int chunk = 2 * (j & 3) + ((lane & 3) >> 1);
-                const u32 addr = my_dq + (u32)(j >> 2) * DQ_HALF + (u32)r * SLAB + (u32)((chunk ^ (r & 7)) << 4) +
-                                 (u32)(lane & 1) * 8;
-                asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(addr), "f"(acc[j][2 * hh]),
-                             "f"(acc[j][2 * hh + 1]));
-            }
+                for (int e = 0; e < 4; ++e) {
+                    const int c = key_row + (e >> 1) * 8;        // head-dim column inside the warpgroup's 64
+                    const int r = j * 8 + 2 * (lane & 3) + (e & 1);  // query row inside the block
+                    const u32 addr = my_dq + (u32)(c >> 5) * DQ_HALF + (u32)r * SLAB +
+                                     (u32)((((c & 31) >> 2) ^ (r & 7)) << 4) + (u32)(c & 3) * 4;
+                    asm volatile("st.shared.f32 [%0], %1;\n" ::"r"(addr), "f"(acc[j][e]));
+                }
+        } else {
+#pragma unroll
+            for (int j = 0; j < DQ_N / 8; ++j)
+#pragma unroll
+                for (int hh = 0; hh < 2; ++hh) {
+                    const int r = key_row + hh * 8;  // query row inside the block
+                    const int chunk = 2 * (j & 3) + ((lane & 3) >> 1);
+                    const u32 addr = my_dq + (u32)(j >> 2) * DQ_HALF + (u32)r * SLAB +
+                                     (u32)((chunk ^ (r & 7)) << 4) + (u32)(lane & 1) * 8;
+                    asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(addr), "f"(acc[j][2 * hh]),
+                                 "f"(acc[j][2 * hh + 1]));
+                }
+        }
         fence_proxy_async();
     }
 
@@ -298,7 +323,7 @@ struct BwdSm90WsKernel {
     // The consumer's side of a step's dQ. With the writer warp: wait until the writer has seen the previous
     // reduction read this warpgroup's buffer (nothing to wait for at the first step), store, arrive. Without it:
     // the warpgroup waits for its own previous reduction, stores, synchronises and issues the next.
-    static __device__ __forceinline__ void write_dq(const float (&acc)[DQ_N / 8][4], const TmaMap* tdq, u32 my_dq,
+    static __device__ __forceinline__ void write_dq(const float (&acc)[DQ_ACC_N / 8][4], const TmaMap* tdq, u32 my_dq,
                                                     int w, int wtid, int lane, int key_row, int it, int m0, int h,
                                                     int b) {
         if (DQ_WRITER) {
@@ -336,6 +361,46 @@ struct BwdSm90WsKernel {
             }
         }
         if (lane == 0) bulk_wait0();
+    }
+
+    // This warp's dS^T fragments (its 16 keys x the step's BM queries) to the step's dS buffer: key-major (two
+    // slabs of BM columns, the M-major A of dQ = dS K), or query-major at BM = 80 (two slabs of 64 keys, warpgroup
+    // w's keys in slab w: the K-major B of dQ^T = K^T dS^T).
+    static __device__ __forceinline__ void store_ds(const u32 (&as)[BM / 16][4], u32 bdS, int w, int wwarp,
+                                                    int key_row, int lane) {
+        if constexpr (DQ_TRANSPOSED)
+            store_frags_sw128_trans<BM / 16>(as, bdS + (u32)w * (BM * SLAB), wwarp * 16, lane);
+        else
+            store_frags_sw128<BM / 16, BN * SLAB>(as, bdS, w * WBN + key_row, lane);
+    }
+
+    // Warpgroup w's dQ tile of the step, over all 128 keys (16 per k-step), as one commit group. dQ = dS K: A =
+    // dS^T read M-major (its 64 queries: slab 0, or slab w at BM = 128), B = K's columns [c0, c0 + DQ_N) read
+    // N-major (slab c0 / 64, from (c0 % 64) * 2 bytes into its 128-byte rows). dQ^T = K^T dS^T (BM = 80): A =
+    // K's slab w read M-major (head-dim columns [64 w, 64 w + 64)), B = the query-major dS read K-major.
+    static __device__ __forceinline__ void issue_dq(float (&acc)[DQ_ACC_N / 8][4], u32 sKa, u32 bdS, int w) {
+        wgmma_fence();
+        if constexpr (DQ_TRANSPOSED) {
+            const u32 sKrows = sKa + (u32)w * (BN * SLAB);
+#pragma unroll
+            for (int kk = 0; kk < BN / 16; ++kk) {
+                const u64 da = sw128_desc(sKrows + (u32)kk * (16 * SLAB), BN * SLAB, 1024);
+                const u64 db = sw128_desc(bdS + (u32)(kk >> 2) * (BM * SLAB) + (u32)(kk & 3) * 32, 16, 1024);
+                MmaQ::template ss<1, 0>(acc, da, db, kk > 0);
+            }
+        } else {
+            const int c0 = dq_col0(w);
+            const u32 sKcols = sKa + (u32)(c0 / 64) * (BN * SLAB) + (u32)(c0 % 64) * 2;
+            const u32 sdSrows = bdS + (u32)(dq_row0(w) / 64) * (BN * SLAB);
+#pragma unroll
+            for (int kk = 0; kk < BN / 16; ++kk) {
+                const u32 krow = (u32)kk * (16 * SLAB);
+                const u64 da = sw128_desc(sdSrows + krow, BN * SLAB, 1024);
+                const u64 db = sw128_desc(sKcols + krow, BN * SLAB, 1024);
+                MmaQ::template ss<1, 1>(acc, da, db, kk > 0);
+            }
+        }
+        wgmma_commit();
     }
 
     // dK += dS^T Q: A = dS^T from registers, B = the stage's Q read N-major; one commit group.
@@ -500,7 +565,7 @@ struct BwdSm90WsKernel {
                     dscores_to_fragments<MTILE, BF16>(sst, dpt, as, sDl + buf * BM, lane, a.scale);
                     // dS^T to this step's buffer, last read by the dQ of two steps before, which both warpgroups
                     // finished before the previous step's consumer barrier.
-                    store_frags_sw128<BM / 16, BN * SLAB>(as, bdS, w * WBN + key_row, lane);
+                    store_ds(as, bdS, w, wwarp, key_row, lane);
                     if (!LATE_DK) issue_dk(acc_dk, as, bQ);
                 } else {
                     if (OVERLAP) {
@@ -521,7 +586,7 @@ struct BwdSm90WsKernel {
                                                          kw0 + key_row, lane, need_mask, a.scale, shift, sq, sk, sp);
                     // dS^T to this step's buffer, last read by the dQ of two steps before, which both warpgroups
                     // finished before the previous step's consumer barrier.
-                    store_frags_sw128<BM / 16, BN * SLAB>(as, bdS, w * WBN + key_row, lane);
+                    store_ds(as, bdS, w, wwarp, key_row, lane);
                     wgmma_fence();
 #pragma unroll
                     for (int kk = 0; kk < BM / 16; ++kk) {
@@ -540,22 +605,8 @@ struct BwdSm90WsKernel {
                 fence_proxy_async();  // dS^T stores -> visible to wgmma's async proxy
                 named_sync(BAR_CONSUMERS, 256);
 
-                // dQ tile [64 x DQ_N] of this warpgroup: A = dS^T read M-major (its 64 queries: slab 0, or slab w
-                // at BM = 128), B = K read N-major, 16 keys per k-step. B = K's columns [c0, c0 + DQ_N): slab c0 / 64,
-                // starting (c0 % 64) * 2 bytes into its 128-byte rows.
-                const int c0 = dq_col0(w);
-                const u32 sKcols = sKa + (u32)(c0 / 64) * (BN * SLAB) + (u32)(c0 % 64) * 2;
-                const u32 sdSrows = bdS + (u32)(dq_row0(w) / 64) * (BN * SLAB);
-                float acc[DQ_N / 8][4];
-                wgmma_fence();
-#pragma unroll
-                for (int kk = 0; kk < BN / 16; ++kk) {
-                    const u32 krow = (u32)kk * (16 * SLAB);
-                    const u64 da = sw128_desc(sdSrows + krow, BN * SLAB, 1024);
-                    const u64 db = sw128_desc(sKcols + krow, BN * SLAB, 1024);
-                    MmaQ::template ss<1, 1>(acc, da, db, kk > 0);
-                }
-                wgmma_commit();
+                float acc[DQ_ACC_N / 8][4];
+                issue_dq(acc, sKa, bdS, w);
                 if (LATE_DK) {
                     issue_dk(acc_dk, as, bQ);
                     // dV and dQ have landed; dK runs while the dQ tile is staged and reduced.

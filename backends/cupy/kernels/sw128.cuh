@@ -59,4 +59,23 @@ __device__ __forceinline__ void store_frags_sw128(const u32 (&frag)[NK][4], u32 
             }
 }
 
+// The same fragments stored transposed, with stmatrix .trans: element (r, c) of the fragments (r = row0 + lane/4
+// (+ 8), a multiple-of-8 row0 below 64) lands at row c, column r of a tile of 64-column rows in this layout, so a
+// 64 x (16 NK) register tile becomes the K-major (16 NK) x 64 operand of a later wgmma. Register q of fragment kk
+// is the 8 x 8 quarter (rows (q & 1) * 8, columns kk * 16 + (q >> 1) * 8); lane 8q + i names row i of its
+// transpose, which holds 8 consecutive elements of one tile row: one 16-byte chunk.
+template <int NK>
+__device__ __forceinline__ void store_frags_sw128_trans(const u32 (&frag)[NK][4], u32 tile, int row0, int lane) {
+    const int q = lane >> 3;
+    const int chunk = (row0 >> 3) + (q & 1);  // the tile column / 8 that the quarter's rows become
+#pragma unroll
+    for (int kk = 0; kk < NK; ++kk) {
+        const int r = kk * 16 + (q >> 1) * 8 + (lane & 7);  // tile row this lane addresses
+        const u32 addr = tile + (u32)r * SW128_ROW_BYTES + (u32)((chunk ^ (r & 7)) << 4);
+        asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(addr),
+                     "r"(frag[kk][0]), "r"(frag[kk][1]), "r"(frag[kk][2]), "r"(frag[kk][3])
+                     : "memory");
+    }
+}
+
 }  // namespace ak
