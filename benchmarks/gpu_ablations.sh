@@ -5,8 +5,8 @@
 # Steps (each writes OUT_DIR/<step>.txt; OUT_DIR/steps.txt has their exit codes and times):
 #   precompile         every CuPy module the steps below use, in 16 processes
 #   ws_bwd_tests       the warp-specialised backward's GPU tests, every WS_BWD_ABLATIONS schedule included
-#   ws_bwd_bench       the backward's default against its ablations without the dQ writer and (d64) with the
-#                      64-query step, and SDPA-cuDNN (bwd/results.md)
+#   ws_bwd_bench       the backward's default against its ablations with the 80-query step (d128), without the
+#                      dQ writer and with the 64-query step (d64), and SDPA-cuDNN (bwd/results.md)
 #   fp8_ablate         the fp8 forward's variants, poly-exp included (fp8_ablate/)
 #   fp8_variant_tests  every fp8 variant against the accuracy bound
 #   ws_fwd_bench       the 16-bit WS forward and its ablations, poly-exp included (fwd/)
