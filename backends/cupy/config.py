@@ -276,6 +276,10 @@ class Sm90WsBwdConfig:
     # tile and arrive without waiting; False (the ablation "no-dq-writer"): each consumer warpgroup synchronises
     # and issues its own. +3.6-8.6% on an H200 (benchmarks/NOTES-cupy.md).
     dq_writer: bool = True
+    # With early_dv: the factor of dS^T taken from P^T is kept as 16-bit fragments instead of fp32 registers while
+    # dV runs, so early dV fits beside the wider query steps (the ablations "bm80-early", "bm128-early"). Rounds
+    # that factor to 16 bits before dS^T is formed (plain PyTorch in bf16 rounds P itself).
+    ds_bf16: bool = False
 
     def __post_init__(self) -> None:
         if self.head_dim not in SM90_BWD_HEAD_DIMS or self.block_n != 128 or self.block_m not in (64, 80, 128):
@@ -283,16 +287,18 @@ class Sm90WsBwdConfig:
                 f"bwd_sm90_ws is built for head dims {SM90_BWD_HEAD_DIMS}, 128 keys and 64, 80 or 128 queries per "
                 f"step, got head_dim={self.head_dim}, block_n={self.block_n}, block_m={self.block_m}"
             )
-        # 128 queries per step hold S^T and dP^T in 128 registers a thread: dK and dV fit beside them at d 64 only,
-        # and only in the schedule that packs P^T after dS^T (early_dv spills 144 bytes there, nvcc 13.0). 80
-        # queries hold them in 80 registers beside d 128's 128 of dK and dV, again without early_dv (with it: 192
-        # bytes spill and every wgmma serialises, nvcc 13.0).
+        # 128 queries per step hold S^T and dP^T in 128 registers a thread: dK and dV fit beside them at d 64 only.
+        # 80 queries hold them in 80 registers beside d 128's 128 of dK and dV. Early dV fits there only with the
+        # 16-bit factor (nvcc 13.0: with the fp32 one, 144 bytes spill at 128 queries, 192 at 80, and the wgmmas
+        # serialise; with ds_bf16 neither spills and both keep 4 warpgroup waits).
         wide = {128: 64, 80: 128}
-        if self.block_m in wide and (self.head_dim != wide[self.block_m] or self.early_dv):
+        if self.block_m in wide and (self.head_dim != wide[self.block_m] or (self.early_dv and not self.ds_bf16)):
             raise InvalidArgumentError(
-                f"block_m={self.block_m} is built for head dim {wide[self.block_m]} without early_dv, got "
-                f"head_dim={self.head_dim}, early_dv={self.early_dv}"
+                f"block_m={self.block_m} is built for head dim {wide[self.block_m]}, with early_dv only beside "
+                f"ds_bf16, got head_dim={self.head_dim}, early_dv={self.early_dv}, ds_bf16={self.ds_bf16}"
             )
+        if self.ds_bf16 and not self.early_dv:
+            raise InvalidArgumentError("ds_bf16 applies to the early_dv schedule only; set ds_bf16=False without it")
         if self.late_dk and not self.early_dv:
             raise InvalidArgumentError("late_dk applies to the early_dv schedule only; set late_dk=False with it")
 
@@ -311,7 +317,8 @@ class Sm90WsBwdConfig:
         return {"ATTNKIT_HEAD_DIM": self.head_dim, "ATTNKIT_BF16": int(self.bf16), "ATTNKIT_WS_BWD_BM": self.block_m,
                 "ATTNKIT_WS_BWD_OVERLAP": int(self.overlap), "ATTNKIT_WS_BWD_EARLY_DV": int(self.early_dv),
                 "ATTNKIT_WS_BWD_LATE_DK": int(self.late_dk),
-                "ATTNKIT_WS_BWD_DQ_WRITER": int(self.dq_writer)}  # fmt: skip
+                "ATTNKIT_WS_BWD_DQ_WRITER": int(self.dq_writer),
+                "ATTNKIT_WS_BWD_DS_BF16": int(self.ds_bf16)}  # fmt: skip
 
     def grid(self, max_seqlen_k: int, heads_k: int, batch: int) -> tuple[int, int, int]:
         return (-(-max_seqlen_k // self.block_n), heads_k, batch)
@@ -341,6 +348,11 @@ WS_BWD_ABLATIONS: dict[str, dict[str, object]] = {
     "bm64": {"block_m": 64, "early_dv": True, "late_dk": True},
     # FA3's non-causal tile at d 128: 80 queries per step, dQ computed transposed (dQ^T = K^T dS^T).
     "bm80": {"block_m": 80, "early_dv": False, "late_dk": False},
+    # The wide steps with early dV and late dK, which fit beside them with the 16-bit dS^T factor; ds-bf16 is that
+    # factor alone on the 64-query step.
+    "bm80-early": {"block_m": 80, "early_dv": True, "late_dk": True, "ds_bf16": True},
+    "bm128-early": {"block_m": 128, "early_dv": True, "late_dk": True, "ds_bf16": True},
+    "ds-bf16": {"ds_bf16": True},
 }
 # Queries per step by kernel head dim, with the schedule that fits the registers there: at d 64 the 128-query step
 # (+11-14% over the 64-query one on an H200, benchmarks/NOTES-cupy.md) without early_dv.

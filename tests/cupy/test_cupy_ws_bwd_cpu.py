@@ -34,6 +34,7 @@ def test_config_geometry(hd):
     assert cfg.defines() == {
         "ATTNKIT_HEAD_DIM": hd, "ATTNKIT_BF16": 1, "ATTNKIT_WS_BWD_BM": bm, "ATTNKIT_WS_BWD_OVERLAP": 1,
         "ATTNKIT_WS_BWD_EARLY_DV": early, "ATTNKIT_WS_BWD_LATE_DK": early, "ATTNKIT_WS_BWD_DQ_WRITER": 1,
+        "ATTNKIT_WS_BWD_DS_BF16": 0,
     }  # fmt: skip
     for name, change in config.ws_bwd_ablations(hd).items():  # other defines; the same memory unless a new tile
         variant = dataclasses.replace(cfg, **change)
@@ -47,11 +48,14 @@ def test_config_geometry(hd):
 
 
 def test_ablations_by_head_dim():
-    """The ablations that apply: at d 128 every schedule and the 80-query step; at d 64, whose default step is 128
-    queries in the overlap schedule, the serial schedule, the dQ writer off and the 64-query step (with early dV and
-    late dK)."""
-    assert list(config.ws_bwd_ablations(128)) == ["serial", "overlap", "early-dv", "no-dq-writer", "bm80"]
-    assert list(config.ws_bwd_ablations(64)) == ["serial", "no-dq-writer", "bm64"]
+    """The ablations that apply: at d 128 every schedule, the 80-query step (in the overlap schedule and with early
+    dV and late dK) and the 16-bit dS^T factor; at d 64, whose default step is 128 queries in the overlap schedule,
+    the serial schedule, the dQ writer off, the 64-query step (with early dV and late dK) and the 128-query step with
+    early dV, late dK and the 16-bit factor."""
+    assert list(config.ws_bwd_ablations(128)) == [
+        "serial", "overlap", "early-dv", "no-dq-writer", "bm80", "bm80-early", "ds-bf16",
+    ]  # fmt: skip
+    assert list(config.ws_bwd_ablations(64)) == ["serial", "no-dq-writer", "bm64", "bm128-early"]
     narrow = dataclasses.replace(config.sm90_ws_bwd_config(64, torch.bfloat16), **config.WS_BWD_ABLATIONS["bm64"])
     assert narrow == config.Sm90WsBwdConfig(64, True)
     assert narrow.defines()["ATTNKIT_WS_BWD_BM"] == 64 and narrow.defines()["ATTNKIT_WS_BWD_EARLY_DV"] == 1
@@ -70,14 +74,27 @@ def test_eighty_query_step_fits_and_stages_whole_dq_tiles():
     assert config.sm90_ws_bwd_config(128, torch.bfloat16).dq_tile_rows == 64
 
 
+@pytest.mark.parametrize(("hd", "name"), [(128, "bm80-early"), (64, "bm128-early")])
+def test_wide_steps_with_early_dv_take_the_16_bit_factor(hd, name):
+    """Early dV and late dK on the wide steps: the same memory as the step without them, one define apart."""
+    base = config.sm90_ws_bwd_config(hd, torch.bfloat16)
+    early = dataclasses.replace(base, **config.WS_BWD_ABLATIONS[name])
+    plain = dataclasses.replace(early, early_dv=False, late_dk=False, ds_bf16=False)
+    assert early.smem_bytes == plain.smem_bytes
+    changed = {k for k, v in early.defines().items() if plain.defines()[k] != v}
+    assert changed == {"ATTNKIT_WS_BWD_EARLY_DV", "ATTNKIT_WS_BWD_LATE_DK", "ATTNKIT_WS_BWD_DS_BF16"}
+
+
 @pytest.mark.parametrize(
     ("change", "match"),
     [
         (dict(head_dim=128, block_m=128, early_dv=False, late_dk=False), "head dim 64"),
-        (dict(head_dim=64, block_m=128, early_dv=True, late_dk=False), "without early_dv"),
+        (dict(head_dim=64, block_m=128, early_dv=True, late_dk=False), "early_dv only beside ds_bf16"),
         (dict(head_dim=64, block_m=96), "block_m=96"),
         (dict(head_dim=64, block_m=80, early_dv=False, late_dk=False), "head dim 128"),
-        (dict(head_dim=128, block_m=80, early_dv=True, late_dk=False), "without early_dv"),
+        (dict(head_dim=128, block_m=80, early_dv=True, late_dk=False), "early_dv only beside ds_bf16"),
+        (dict(head_dim=64, block_m=128, early_dv=True, late_dk=True), "early_dv only beside ds_bf16"),
+        (dict(head_dim=128, early_dv=False, late_dk=False, ds_bf16=True), "ds_bf16 applies to the early_dv"),
         (dict(head_dim=64, block_n=64), "block_n=64"),
         (dict(head_dim=96), "head_dim=96"),
         (dict(head_dim=64, early_dv=False), "late_dk"),

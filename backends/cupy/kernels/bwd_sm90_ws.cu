@@ -59,6 +59,13 @@
 #ifndef ATTNKIT_WS_BWD_LATE_DK
 #define ATTNKIT_WS_BWD_LATE_DK 1
 #endif
+// 1 (with ATTNKIT_WS_BWD_EARLY_DV): the factor dS^T takes from P^T (P^T, or P^T (1 - tanh^2) under softcap) is
+// kept as bf16/fp16 fragments instead of fp32 registers while dV runs: half the registers, which is what lets early
+// dV fit beside the wider query steps (80 at d 128, 128 at d 64). It rounds that factor once more before dS^T is
+// formed; dS^T itself is rounded to 16 bits for its products either way. 0: the fp32 factor.
+#ifndef ATTNKIT_WS_BWD_DS_BF16
+#define ATTNKIT_WS_BWD_DS_BF16 0
+#endif
 // 1: warp 1 of the producer warpgroup issues the dQ reductions; the consumers store their dQ tile and arrive on a
 // named barrier without waiting. 0 (the ablation): each consumer warpgroup waits for its staging buffer, stores,
 // synchronises its 128 threads and issues the reduction from one of them.
@@ -162,6 +169,68 @@ __device__ __forceinline__ void probs_to_fragments(float (&sst)[MTILE][4], u32 (
     }
 }
 
+// probs_to_fragments with the factor dS^T needs packed into 16-bit A-fragment layout (af) instead of kept in sst:
+// P^T (1 - tanh^2) under softcap, P^T otherwise (the same values as ap, packed separately so that dS^T never reads
+// the registers of the in-flight dV product).
+template <int MTILE, bool BF16>
+__device__ __forceinline__ void probs_to_fragments16(const float (&sst)[MTILE][4], u32 (&ap)[MTILE / 2][4],
+                                                     u32 (&af)[MTILE / 2][4], const float* bL, int m0, int key0,
+                                                     int lane, bool need_mask, int shift, int sq, int sk,
+                                                     const ScoreParams& sp) {
+#pragma unroll
+    for (int kk = 0; kk < MTILE / 2; ++kk) {
+        float p[2][4], f[2][4];
+#pragma unroll
+        for (int jj = 0; jj < 2; ++jj) {
+            const int j = 2 * kk + jj;
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int cl = j * 8 + 2 * (lane & 3) + (e & 1);
+                const int key = key0 + (e >> 1) * 8;
+                float lv = bL[cl];
+                lv = lv == -AK_INF ? AK_INF : lv * AK_LOG2E;  // a row that saw no key: probabilities 0
+                float th = 0.f;
+                float x = transform_score(sst[j][e], m0 + cl, key, shift, sp, th);
+                if (need_mask && !visible(m0 + cl, key, shift, sq, sk, sp.window_left, sp.window_right))
+                    x = -AK_INF;
+                p[jj][e] = fast_exp2(x - lv);
+                f[jj][e] = sp.use_softcap ? p[jj][e] * (1.f - th * th) : p[jj][e];
+            }
+        }
+        ap[kk][0] = pack2<BF16>(p[0][0], p[0][1]);
+        ap[kk][1] = pack2<BF16>(p[0][2], p[0][3]);
+        ap[kk][2] = pack2<BF16>(p[1][0], p[1][1]);
+        ap[kk][3] = pack2<BF16>(p[1][2], p[1][3]);
+        af[kk][0] = pack2<BF16>(f[0][0], f[0][1]);
+        af[kk][1] = pack2<BF16>(f[0][2], f[0][3]);
+        af[kk][2] = pack2<BF16>(f[1][0], f[1][1]);
+        af[kk][3] = pack2<BF16>(f[1][2], f[1][3]);
+    }
+}
+
+// dS^T = factor (16-bit fragments from probs_to_fragments16, or P^T packed twice on plain tiles) times (dP^T -
+// delta), packed as A fragments. Element (j, e) of the accumulator layout sits in register 2 (j % 2) + e / 2 of
+// fragment j / 2, in its low half for even e.
+template <int MTILE, bool BF16>
+__device__ __forceinline__ void dscores_from_fragments16(const u32 (&af)[MTILE / 2][4], float (&dpt)[MTILE][4],
+                                                         u32 (&as)[MTILE / 2][4], const float* bD, int lane,
+                                                         float scale) {
+#pragma unroll
+    for (int kk = 0; kk < MTILE / 2; ++kk) {
+#pragma unroll
+        for (int jj = 0; jj < 2; ++jj)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int j = 2 * kk + jj;
+                const int cl = j * 8 + 2 * (lane & 3) + (e & 1);
+                const u32 word = af[kk][2 * jj + (e >> 1)];
+                const float f = to_f32<BF16>((u16)((e & 1) ? word >> 16 : word & 0xffffu));
+                dpt[j][e] = f * (dpt[j][e] - bD[cl]) * scale;
+            }
+        pack_pair<MTILE, BF16>(dpt, as, kk);
+    }
+}
+
 template <int MTILE, bool BF16>
 __device__ __forceinline__ void dscores_to_fragments(const float (&sst)[MTILE][4], float (&dpt)[MTILE][4],
                                                      u32 (&as)[MTILE / 2][4], const float* bD, int lane, float scale) {
@@ -215,7 +284,7 @@ struct WsBwdArgs {
     float scale;
 };
 
-template <int D, int BM_, bool BF16, bool OVERLAP, bool EARLY_DV, bool LATE_DK, bool DQ_WRITER>
+template <int D, int BM_, bool BF16, bool OVERLAP, bool EARLY_DV, bool LATE_DK, bool DQ_WRITER, bool DS_BF16>
 struct BwdSm90WsKernel {
     static constexpr int NT = 384;
     static constexpr int BN = 128;  // keys per CTA
@@ -545,10 +614,18 @@ struct BwdSm90WsKernel {
                     wgmma_wait<1>();
                     fence_all(sst);
                     const float* bL = sL + buf * BM;
+                    // DS_BF16: the factor of dS^T in 16-bit fragments (af); otherwise in sst, fp32.
+                    u32 af[DS_BF16 ? BM / 16 : 1][4];
                     if (plain) {
                         plain_probs<MTILE>(sst, bL, lane, sp.scale_log2);
 #pragma unroll
-                        for (int kk = 0; kk < BM / 16; ++kk) pack_pair<MTILE, BF16>(sst, ap, kk);
+                        for (int kk = 0; kk < BM / 16; ++kk) {
+                            pack_pair<MTILE, BF16>(sst, ap, kk);
+                            if constexpr (DS_BF16) pack_pair<MTILE, BF16>(sst, af, kk);
+                        }
+                    } else if constexpr (DS_BF16) {
+                        probs_to_fragments16<MTILE, BF16>(sst, ap, af, bL, m0, kw0 + key_row, lane, need_mask, shift,
+                                                          sq, sk, sp);
                     } else {
                         probs_to_fragments<MTILE, BF16>(sst, ap, bL, m0, kw0 + key_row, lane, need_mask, shift, sq,
                                                         sk, sp);
@@ -562,7 +639,10 @@ struct BwdSm90WsKernel {
                     // dP^T has landed; dV may still run while dS^T is formed and stored.
                     wgmma_wait<1>();
                     fence_all(dpt);
-                    dscores_to_fragments<MTILE, BF16>(sst, dpt, as, sDl + buf * BM, lane, a.scale);
+                    if constexpr (DS_BF16)
+                        dscores_from_fragments16<MTILE, BF16>(af, dpt, as, sDl + buf * BM, lane, a.scale);
+                    else
+                        dscores_to_fragments<MTILE, BF16>(sst, dpt, as, sDl + buf * BM, lane, a.scale);
                     // dS^T to this step's buffer, last read by the dQ of two steps before, which both warpgroups
                     // finished before the previous step's consumer barrier.
                     store_ds(as, bdS, w, wwarp, key_row, lane);
@@ -665,5 +745,7 @@ extern "C" __global__ void __launch_bounds__(384, 1)
     ak::BwdSm90WsKernel<ATTNKIT_HEAD_DIM, ATTNKIT_WS_BWD_BM, ATTNKIT_BF16 != 0, ATTNKIT_WS_BWD_OVERLAP != 0,
                         ATTNKIT_WS_BWD_OVERLAP != 0 && ATTNKIT_WS_BWD_EARLY_DV != 0,
                         ATTNKIT_WS_BWD_OVERLAP != 0 && ATTNKIT_WS_BWD_EARLY_DV != 0 && ATTNKIT_WS_BWD_LATE_DK != 0,
-                        ATTNKIT_WS_BWD_DQ_WRITER != 0>::run(&tq, &tk, &tv, &tdo, &tdq, a, sp);
+                        ATTNKIT_WS_BWD_DQ_WRITER != 0,
+                        ATTNKIT_WS_BWD_OVERLAP != 0 && ATTNKIT_WS_BWD_EARLY_DV != 0 &&
+                            ATTNKIT_WS_BWD_DS_BF16 != 0>::run(&tq, &tk, &tv, &tdo, &tdq, a, sp);
 }
