@@ -136,47 +136,16 @@ __device__ __forceinline__ void plain_probs(float (&sst)[MTILE][4], const float*
 }
 
 // The early-dV schedule's halves of scores_to_fragments. probs_to_fragments: P^T of a tile with masks, softcap or
-// ALiBi packed into A fragments 16 queries at a time; sst keeps the factor dS^T needs from it, P^T (1 - tanh^2)
-// under softcap and P^T otherwise. dscores_to_fragments (every tile): dS^T = that factor times (dP^T - delta).
-template <int MTILE, bool BF16>
-__device__ __forceinline__ void probs_to_fragments(float (&sst)[MTILE][4], u32 (&ap)[MTILE / 2][4], const float* bL,
-                                                   int m0, int key0, int lane, bool need_mask, int shift, int sq,
-                                                   int sk, const ScoreParams& sp) {
-#pragma unroll
-    for (int kk = 0; kk < MTILE / 2; ++kk) {
-        float p[2][4];
-#pragma unroll
-        for (int jj = 0; jj < 2; ++jj) {
-            const int j = 2 * kk + jj;
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int cl = j * 8 + 2 * (lane & 3) + (e & 1);
-                const int key = key0 + (e >> 1) * 8;
-                float lv = bL[cl];
-                lv = lv == -AK_INF ? AK_INF : lv * AK_LOG2E;  // a row that saw no key: probabilities 0
-                float th = 0.f;
-                float x = transform_score(sst[j][e], m0 + cl, key, shift, sp, th);
-                if (need_mask && !visible(m0 + cl, key, shift, sq, sk, sp.window_left, sp.window_right))
-                    x = -AK_INF;
-                p[jj][e] = fast_exp2(x - lv);
-                sst[j][e] = sp.use_softcap ? p[jj][e] * (1.f - th * th) : p[jj][e];
-            }
-        }
-        ap[kk][0] = pack2<BF16>(p[0][0], p[0][1]);
-        ap[kk][1] = pack2<BF16>(p[0][2], p[0][3]);
-        ap[kk][2] = pack2<BF16>(p[1][0], p[1][1]);
-        ap[kk][3] = pack2<BF16>(p[1][2], p[1][3]);
-    }
-}
-
-// probs_to_fragments with the factor dS^T needs packed into 16-bit A-fragment layout (af) instead of kept in sst:
-// P^T (1 - tanh^2) under softcap, P^T otherwise (the same values as ap, packed separately so that dS^T never reads
-// the registers of the in-flight dV product).
-template <int MTILE, bool BF16>
-__device__ __forceinline__ void probs_to_fragments16(const float (&sst)[MTILE][4], u32 (&ap)[MTILE / 2][4],
-                                                     u32 (&af)[MTILE / 2][4], const float* bL, int m0, int key0,
-                                                     int lane, bool need_mask, int shift, int sq, int sk,
-                                                     const ScoreParams& sp) {
+// ALiBi packed into A fragments (ap) 16 queries at a time, and the factor dS^T needs from it, P^T (1 - tanh^2)
+// under softcap and P^T otherwise: kept in sst (fp32), or with FACTOR16 packed into af in the same 16-bit fragment
+// layout (separately from ap even where the values are equal, so that dS^T never reads the registers of the
+// in-flight dV product). dscores_to_fragments / dscores_from_fragments16 (every tile): dS^T = that factor times
+// (dP^T - delta).
+template <int MTILE, bool BF16, bool FACTOR16>
+__device__ __forceinline__ void probs_to_fragments(float (&sst)[MTILE][4], u32 (&ap)[MTILE / 2][4],
+                                                   u32 (&af)[FACTOR16 ? MTILE / 2 : 1][4], const float* bL, int m0,
+                                                   int key0, int lane, bool need_mask, int shift, int sq, int sk,
+                                                   const ScoreParams& sp) {
 #pragma unroll
     for (int kk = 0; kk < MTILE / 2; ++kk) {
         float p[2][4], f[2][4];
@@ -195,20 +164,23 @@ __device__ __forceinline__ void probs_to_fragments16(const float (&sst)[MTILE][4
                     x = -AK_INF;
                 p[jj][e] = fast_exp2(x - lv);
                 f[jj][e] = sp.use_softcap ? p[jj][e] * (1.f - th * th) : p[jj][e];
+                if constexpr (!FACTOR16) sst[j][e] = f[jj][e];
             }
         }
         ap[kk][0] = pack2<BF16>(p[0][0], p[0][1]);
         ap[kk][1] = pack2<BF16>(p[0][2], p[0][3]);
         ap[kk][2] = pack2<BF16>(p[1][0], p[1][1]);
         ap[kk][3] = pack2<BF16>(p[1][2], p[1][3]);
-        af[kk][0] = pack2<BF16>(f[0][0], f[0][1]);
-        af[kk][1] = pack2<BF16>(f[0][2], f[0][3]);
-        af[kk][2] = pack2<BF16>(f[1][0], f[1][1]);
-        af[kk][3] = pack2<BF16>(f[1][2], f[1][3]);
+        if constexpr (FACTOR16) {
+            af[kk][0] = pack2<BF16>(f[0][0], f[0][1]);
+            af[kk][1] = pack2<BF16>(f[0][2], f[0][3]);
+            af[kk][2] = pack2<BF16>(f[1][0], f[1][1]);
+            af[kk][3] = pack2<BF16>(f[1][2], f[1][3]);
+        }
     }
 }
 
-// dS^T = factor (16-bit fragments from probs_to_fragments16, or P^T packed twice on plain tiles) times (dP^T -
+// dS^T = factor (16-bit fragments from probs_to_fragments, or P^T packed twice on plain tiles) times (dP^T -
 // delta), packed as A fragments. Element (j, e) of the accumulator layout sits in register 2 (j % 2) + e / 2 of
 // fragment j / 2, in its low half for even e.
 template <int MTILE, bool BF16>
@@ -623,12 +595,9 @@ struct BwdSm90WsKernel {
                             pack_pair<MTILE, BF16>(sst, ap, kk);
                             if constexpr (DS_BF16) pack_pair<MTILE, BF16>(sst, af, kk);
                         }
-                    } else if constexpr (DS_BF16) {
-                        probs_to_fragments16<MTILE, BF16>(sst, ap, af, bL, m0, kw0 + key_row, lane, need_mask, shift,
-                                                          sq, sk, sp);
                     } else {
-                        probs_to_fragments<MTILE, BF16>(sst, ap, bL, m0, kw0 + key_row, lane, need_mask, shift, sq,
-                                                        sk, sp);
+                        probs_to_fragments<MTILE, BF16, DS_BF16>(sst, ap, af, bL, m0, kw0 + key_row, lane, need_mask,
+                                                                 shift, sq, sk, sp);
                     }
                     wgmma_fence();
 #pragma unroll
