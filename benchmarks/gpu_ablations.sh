@@ -5,9 +5,9 @@
 # Steps (each writes OUT_DIR/<step>.txt; OUT_DIR/steps.txt has their exit codes and times):
 #   precompile         every CuPy module the steps below use, in 16 processes
 #   ws_bwd_tests       the warp-specialised backward's GPU tests, every WS_BWD_ABLATIONS schedule included
-#   ws_bwd_bench       the backward's default against the 80-query step (d128; overlap schedule, and early dV
-#                      with the 16-bit dS^T factor), the 128-query step with early dV (d64), the 16-bit factor
-#                      alone (d128), and SDPA-cuDNN (bwd/results.md)
+#   ws_bwd_bench       the backward's default (the wide step with early dV and the 16-bit dS^T factor) against
+#                      the 64-query step with the fp32 factor, the wide steps in the overlap schedule (128
+#                      queries at d64, 80 at d128) and SDPA-cuDNN (bwd/results.md)
 #   fp8_ablate         the fp8 forward's variants, poly-exp included (fp8_ablate/)
 #   fp8_variant_tests  every fp8 variant against the accuracy bound
 #   ws_fwd_bench       the 16-bit WS forward and its ablations, poly-exp included (fwd/)
@@ -38,7 +38,7 @@ step() {  # name, cap in seconds, command...
 } >"$out/env.txt" 2>&1
 step precompile 150 python3 benchmarks/cupy_precompile.py --procs 16
 step ws_bwd_tests 150 python3 -m pytest -m gpu tests/cupy/test_cupy_ws_bwd_gpu.py -q -p no:cacheprovider -rfE -x
-step ws_bwd_bench 210 python3 benchmarks/cupy_ws_bwd_bench.py --out "$out/bwd" --impls ws ws_bm80 ws_bm80_early ws_bm128_early ws_ds_bf16 sdpa_cudnn \
+step ws_bwd_bench 210 python3 benchmarks/cupy_ws_bwd_bench.py --out "$out/bwd" --impls ws ws_bm64 ws_bm128 ws_bm80 sdpa_cudnn \
     --seqlens 4096 8192 16384 --rounds 5
 step fp8_ablate 100 python3 benchmarks/fp8_bench.py ablate --out "$out/fp8_ablate"
 step fp8_variant_tests 60 python3 -m pytest -m gpu tests/cupy/test_cupy_fp8_gpu.py -q -p no:cacheprovider -rfE \

@@ -255,13 +255,13 @@ SM90_WS_CTA_REGISTERS = 384 * 168
 @dataclass(frozen=True)
 class Sm90WsBwdConfig:
     """The warp-specialized Hopper backward (bwd_sm90_ws.cu): a producer warpgroup issuing TMA copies and two
-    consumer warpgroups of 64 keys each, 128 keys per CTA, 64 queries per step (128 at d 64: WS_BWD_TILES; 80 at
-    d 128 is the ablation "bm80"), Q/dO/lse/delta in two stages."""
+    consumer warpgroups of 64 keys each, 128 keys per CTA, Q/dO/lse/delta in two stages; WS_BWD_TILES gives the
+    queries per step and the schedule of each head dim (128 at d 64, 80 at d 128, with early dV and late dK)."""
 
     head_dim: int  # kernel head dim: 64 or 128
     bf16: bool
     block_n: int = 128
-    block_m: int = 64  # queries per step: 64, 128 at head dim 64 or 80 at head dim 128 (both without early_dv)
+    block_m: int = 64  # queries per step: 64, 128 at head dim 64 or 80 at head dim 128 (early_dv there with ds_bf16)
     threads: int = 384  # producer warpgroup + two consumer warpgroups
     stages: int = 2
     # Each step's products overlap its score math (P^T while dP^T runs, dQ issued while dV/dK run); False waits
@@ -338,25 +338,25 @@ class Sm90WsBwdConfig:
 # every row applies at every head dim: ws_bwd_ablations(head_dim) gives those that do, and the benchmark, the GPU
 # tests, the nvcc build test and the precompile list take them from there.
 WS_BWD_ABLATIONS: dict[str, dict[str, object]] = {
-    "serial": {"overlap": False, "early_dv": False, "late_dk": False},
-    "overlap": {"early_dv": False, "late_dk": False},
+    "serial": {"overlap": False, "early_dv": False, "late_dk": False, "ds_bf16": False},
+    "overlap": {"early_dv": False, "late_dk": False, "ds_bf16": False},
     "early-dv": {"late_dk": False},
     "no-dq-writer": {"dq_writer": False},
-    # FA3's d 64 tile, 128 queries per step (S^T and dP^T wgmmas 128 wide, half the steps and barriers), the
-    # default at d 64; bm64 is the 64-query step with its own default schedule, the default at d 128.
-    "bm128": {"block_m": 128, "early_dv": False, "late_dk": False},
-    "bm64": {"block_m": 64, "early_dv": True, "late_dk": True},
-    # FA3's non-causal tile at d 128: 80 queries per step, dQ computed transposed (dQ^T = K^T dS^T).
-    "bm80": {"block_m": 80, "early_dv": False, "late_dk": False},
-    # The wide steps with early dV and late dK, which fit beside them with the 16-bit dS^T factor; ds-bf16 is that
-    # factor alone on the 64-query step.
-    "bm80-early": {"block_m": 80, "early_dv": True, "late_dk": True, "ds_bf16": True},
+    # The wide steps (FA3's tiles): 128 queries at d 64 (S^T and dP^T wgmmas 128 wide, half the steps and
+    # barriers), 80 at d 128 (dQ computed transposed, dQ^T = K^T dS^T), in the overlap schedule; with early dV and
+    # late dK, which fit beside them only with the 16-bit dS^T factor, they are the defaults (WS_BWD_TILES).
+    "bm128": {"block_m": 128, "early_dv": False, "late_dk": False, "ds_bf16": False},
+    "bm80": {"block_m": 80, "early_dv": False, "late_dk": False, "ds_bf16": False},
     "bm128-early": {"block_m": 128, "early_dv": True, "late_dk": True, "ds_bf16": True},
-    "ds-bf16": {"ds_bf16": True},
+    "bm80-early": {"block_m": 80, "early_dv": True, "late_dk": True, "ds_bf16": True},
+    # The 64-query step with early dV, late dK and the fp32 factor (the default of both head dims until the wide
+    # steps took early dV).
+    "bm64": {"block_m": 64, "early_dv": True, "late_dk": True, "ds_bf16": False},
 }
-# Queries per step by kernel head dim, with the schedule that fits the registers there: at d 64 the 128-query step
-# (+11-14% over the 64-query one on an H200, benchmarks/NOTES-cupy.md) without early_dv.
-WS_BWD_TILES: dict[int, dict[str, object]] = {64: WS_BWD_ABLATIONS["bm128"], 128: {}}
+# Queries per step by kernel head dim: the wide step with early dV and late dK at both. On an H100 (2026-12-06,
+# benchmarks/NOTES-cupy.md) +2-6% over the 64-query step at d 128 non-causal (within 2% causal), +2-3% over the
+# overlap-schedule 128-query step at d 64 (-3 to +3% causal).
+WS_BWD_TILES: dict[int, dict[str, object]] = {64: WS_BWD_ABLATIONS["bm128-early"], 128: WS_BWD_ABLATIONS["bm80-early"]}
 
 
 def ws_bwd_ablations(head_dim: int) -> dict[str, dict[str, object]]:

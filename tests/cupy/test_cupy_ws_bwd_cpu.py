@@ -17,24 +17,26 @@ from attnkit.errors import EnvironmentVariableError, InvalidArgumentError
 from attnkit.params import AttentionParams
 
 # ---- configuration -------------------------------------------------------------------------------------------
-# Queries per step and the schedule (early_dv = late_dk) each head dim runs by default.
-DEFAULT_TILES = {64: (128, 0), 128: (64, 1)}
+# Queries per step each head dim runs by default, with early dV, late dK and the 16-bit dS^T factor.
+DEFAULT_TILES = {64: 128, 128: 80}
 
 
 @pytest.mark.parametrize("hd", [64, 128])
 def test_config_geometry(hd):
-    bm, early = DEFAULT_TILES[hd]
+    bm = DEFAULT_TILES[hd]
     cfg = config.sm90_ws_bwd_config(hd, torch.bfloat16)
-    assert cfg == config.Sm90WsBwdConfig(hd, True, block_m=bm, early_dv=bool(early), late_dk=bool(early))
+    assert cfg == config.Sm90WsBwdConfig(hd, True, block_m=bm, early_dv=True, late_dk=True, ds_bf16=True)
     assert (cfg.block_n, cfg.block_m, cfg.threads, cfg.stages) == (128, bm, 384, 2)
-    # K, V; Q and dO twice; dS^T twice; fp32 dQ staging (64 x 64) of two warpgroups; lse/delta twice; 5 mbarriers;
-    # slack.
-    expect = 2 * 128 * hd * 2 + 4 * bm * hd * 2 + 2 * 128 * bm * 2 + 2 * 64 * 64 * 4 + 4 * bm * 4 + 40 + 1024
+    # K, V; Q and dO twice; dS^T twice; fp32 dQ staging of two warpgroups (64 x 64 each, or 80 x 64: the 80-query
+    # step's transposed dQ product gives each warpgroup all 80 rows); lse/delta twice; 5 mbarriers; slack.
+    dq_rows = 80 if bm == 80 else 64
+    assert cfg.dq_tile_rows == dq_rows
+    expect = 2 * 128 * hd * 2 + 4 * bm * hd * 2 + 2 * 128 * bm * 2 + 2 * dq_rows * 64 * 4 + 4 * bm * 4 + 40 + 1024
     assert cfg.smem_bytes == expect <= H200_SMEM
     assert cfg.defines() == {
         "ATTNKIT_HEAD_DIM": hd, "ATTNKIT_BF16": 1, "ATTNKIT_WS_BWD_BM": bm, "ATTNKIT_WS_BWD_OVERLAP": 1,
-        "ATTNKIT_WS_BWD_EARLY_DV": early, "ATTNKIT_WS_BWD_LATE_DK": early, "ATTNKIT_WS_BWD_DQ_WRITER": 1,
-        "ATTNKIT_WS_BWD_DS_BF16": 0,
+        "ATTNKIT_WS_BWD_EARLY_DV": 1, "ATTNKIT_WS_BWD_LATE_DK": 1, "ATTNKIT_WS_BWD_DQ_WRITER": 1,
+        "ATTNKIT_WS_BWD_DS_BF16": 1,
     }  # fmt: skip
     for name, change in config.ws_bwd_ablations(hd).items():  # other defines; the same memory unless a new tile
         variant = dataclasses.replace(cfg, **change)
@@ -48,17 +50,20 @@ def test_config_geometry(hd):
 
 
 def test_ablations_by_head_dim():
-    """The ablations that apply: at d 128 every schedule, the 80-query step (in the overlap schedule and with early
-    dV and late dK) and the 16-bit dS^T factor; at d 64, whose default step is 128 queries in the overlap schedule,
-    the serial schedule, the dQ writer off, the 64-query step (with early dV and late dK) and the 128-query step with
-    early dV, late dK and the 16-bit factor."""
-    assert list(config.ws_bwd_ablations(128)) == [
-        "serial", "overlap", "early-dv", "no-dq-writer", "bm80", "bm80-early", "ds-bf16",
-    ]  # fmt: skip
-    assert list(config.ws_bwd_ablations(64)) == ["serial", "no-dq-writer", "bm64", "bm128-early"]
-    narrow = dataclasses.replace(config.sm90_ws_bwd_config(64, torch.bfloat16), **config.WS_BWD_ABLATIONS["bm64"])
-    assert narrow == config.Sm90WsBwdConfig(64, True)
-    assert narrow.defines()["ATTNKIT_WS_BWD_BM"] == 64 and narrow.defines()["ATTNKIT_WS_BWD_EARLY_DV"] == 1
+    """The ablations that apply at both head dims, whose defaults are the wide steps with early dV, late dK and the
+    16-bit dS^T factor: every schedule, the dQ writer off, the wide step in the overlap schedule (the previous d 64
+    default) and the 64-query step with early dV and the fp32 factor (the previous d 128 default)."""
+    assert list(config.ws_bwd_ablations(128)) == ["serial", "overlap", "early-dv", "no-dq-writer", "bm80", "bm64"]
+    assert list(config.ws_bwd_ablations(64)) == ["serial", "overlap", "early-dv", "no-dq-writer", "bm128", "bm64"]
+    for hd in (64, 128):
+        base = config.sm90_ws_bwd_config(hd, torch.bfloat16)
+        narrow = dataclasses.replace(base, **config.WS_BWD_ABLATIONS["bm64"])
+        assert narrow == config.Sm90WsBwdConfig(hd, True)
+        assert narrow.defines()["ATTNKIT_WS_BWD_BM"] == 64 and narrow.defines()["ATTNKIT_WS_BWD_DS_BF16"] == 0
+        # Every schedule without early dV drops the 16-bit factor, which only that schedule uses.
+        for name in ("serial", "overlap", "bm80" if hd == 128 else "bm128"):
+            variant = dataclasses.replace(base, **config.WS_BWD_ABLATIONS[name])
+            assert not variant.early_dv and not variant.ds_bf16, name
 
 
 def test_eighty_query_step_fits_and_stages_whole_dq_tiles():
@@ -71,7 +76,7 @@ def test_eighty_query_step_fits_and_stages_whole_dq_tiles():
     assert cfg.smem_bytes == expect <= H200_SMEM
     assert cfg.defines()["ATTNKIT_WS_BWD_BM"] == 80 and cfg.defines()["ATTNKIT_WS_BWD_EARLY_DV"] == 0
     assert [cfg.lse_len(n) for n in (1, 80, 81, 1000)] == [80, 80, 160, 1040]
-    assert config.sm90_ws_bwd_config(128, torch.bfloat16).dq_tile_rows == 64
+    assert dataclasses.replace(cfg, **config.WS_BWD_ABLATIONS["bm64"]).dq_tile_rows == 64
 
 
 @pytest.mark.parametrize(("hd", "name"), [(128, "bm80-early"), (64, "bm128-early")])
@@ -243,12 +248,14 @@ def test_backward_launch_arguments(recorder):
     assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
     assert dq.dtype == dk.dtype == dv.dtype == torch.bfloat16
     pre, main = recorder
-    cfg = config.Sm90WsBwdConfig(128, True)
-    # delta comes from bwd.cu's pre-pass, written into the padded (batch, heads, 64) buffer.
+    cfg = config.sm90_ws_bwd_config(120, torch.bfloat16)
+    rows = cfg.lse_len(37)  # one whole query step: 80 rows at d 128
+    assert rows == cfg.block_m == 80
+    # delta comes from bwd.cu's pre-pass, written into the padded (batch, heads, rows) buffer.
     assert pre["name"] == "attnkit_bwd_pre" and pre["spec"].source == "bwd.cu" and pre["spec"].arch == "sm_90"
     assert pre["grid"] == config.pre_grid(37, 4, 2) and pre["threads"] == config.PRE_THREADS
     pa = pre["args"]
-    assert ints(pa, 3, 8) == [*q.stride()[:3], *q.stride()[:3], 4 * 64, 64] and ints(pa, 11, 3) == [37, 4, 120]
+    assert ints(pa, 3, 8) == [*q.stride()[:3], *q.stride()[:3], 4 * rows, rows] and ints(pa, 11, 3) == [37, 4, 120]
     assert main["name"] == ws_bwd.KERNEL and main["spec"].source == ws_bwd.SOURCE
     assert main["spec"].arch == "sm_90a" and dict(main["spec"].defines) == cfg.defines()
     assert main["grid"] == (2, 2, 2) and main["threads"] == 384 and main["smem"] == cfg.smem_bytes
@@ -256,13 +263,13 @@ def test_backward_launch_arguments(recorder):
     assert len(a) == 5 + 5 + 4 + 6 + 4 + 4  # the kernel's parameter count
     mq, mk, mv, mdo, mdq = a[:5]
     assert mq.dims == (120, 37, 4, 2) and mk.dims == (120, 200, 2, 2) and mv.box == (64, 128, 1, 1)
-    assert mdo.box == (64, 64, 1, 1) and mdq.dims == (120, 37, 4, 2) and mdq.data_type == 7
+    assert mdo.box == (64, 80, 1, 1) and mdq.dims == (120, 37, 4, 2) and mdq.data_type == 7
     assert mq.address == q.data_ptr() and mdo.address == dout.data_ptr()  # aligned inputs go in without a copy
     assert all(isinstance(x, np.uint64) for x in a[5:10])
     assert int(a[5]) != lse.data_ptr() and int(a[5]) != 0 and int(a[6]) == pa[2]  # padded lse; delta as pre-pass
     assert int(a[7]) == dk.data_ptr() and int(a[8]) == dv.data_ptr() and int(a[9]) == slopes.data_ptr()
     assert all(isinstance(x, np.int64) for x in a[10:14])
-    assert ints(a, 10, 4) == [64, *dk.stride()[:3]]
+    assert ints(a, 10, 4) == [rows, *dk.stride()[:3]]
     assert all(isinstance(x, np.int32) for x in a[14:20]) and ints(a, 14, 6) == [37, 200, 4, 2, 120, 4]
     floats = [float(x) for x in a[20:24]]
     assert floats == pytest.approx([0.1, 0.1 * math.log2(math.e), 0.1 / 30.0, 30.0 * math.log2(math.e)])
