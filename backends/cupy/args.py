@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from attnkit.errors import InvalidArgumentError
 from attnkit.params import AttentionParams
 
+from .config import pre_lanes_per_row
+
 LOG2E = 1.4426950408889634
 
 
@@ -138,6 +140,7 @@ def backward_pre_args(
     out: torch.Tensor,
     dout: torch.Tensor,
     delta: torch.Tensor,
+    dq_acc: torch.Tensor,
     varlen: bool,
     delta_strides: tuple[int, int],
     seqlen: int,
@@ -145,13 +148,20 @@ def backward_pre_args(
     head_dim: int,
 ) -> list[Any]:
     """Arguments of ``attnkit_bwd_pre`` (bwd.cu): delta = rowsum(dO * O), written with ``delta_strides``
-    (batch, head) over ``seqlen`` rows per head."""
+    (batch, head) over ``seqlen`` rows per head, and the float32 ``dq_acc`` (out's rows, ``head_dim`` contiguous
+    columns) zeroed in the same pass."""
+    if dq_acc.dtype != torch.float32 or dq_acc.stride(-1) != 1 or dq_acc.shape[-1] != head_dim:
+        raise InvalidArgumentError(
+            f"dq_acc must be float32 with {head_dim} contiguous columns, got {dq_acc.dtype}, shape "
+            f"{tuple(dq_acc.shape)}, strides {dq_acc.stride()}"
+        )
     return [
         ptr(out),
         ptr(dout),
         ptr(delta),
-        *i64(*seq_strides(out, varlen), *seq_strides(dout, varlen), *delta_strides),
-        *i32(seqlen, heads, head_dim),
+        ptr(dq_acc),
+        *i64(*seq_strides(out, varlen), *seq_strides(dout, varlen), *delta_strides, *seq_strides(dq_acc, varlen)),
+        *i32(seqlen, heads, head_dim, pre_lanes_per_row(head_dim)),
     ]
 
 

@@ -314,9 +314,9 @@ class CupyCudaBackend(Backend):
         alloc = torch.zeros if zeros_kv else torch.empty
         dk = alloc(*k.shape[:-1], dp, dtype=q.dtype, device=q.device)
         dv = alloc(*k.shape[:-1], dp, dtype=q.dtype, device=q.device)
-        dq_acc = torch.zeros(*q.shape[:-1], dp, dtype=torch.float32, device=q.device)
         if batch == 0 or q.numel() == 0 or k.numel() == 0:
-            return dq_acc[..., :d].to(q.dtype), dk[..., :d].zero_(), dv[..., :d].zero_()
+            return torch.zeros(q.shape, dtype=q.dtype, device=q.device), dk[..., :d].zero_(), dv[..., :d].zero_()
+        dq_acc = torch.empty(*q.shape[:-1], dp, dtype=torch.float32, device=q.device)  # zeroed by the pre-pass
 
         qp, kp, vp, op, dop = (kernel_ready(t, dp) for t in (q, k, v, out, dout))
         lse_c = lse.to(torch.float32).contiguous()
@@ -328,8 +328,8 @@ class CupyCudaBackend(Backend):
             if source == "bwd.cu"
             else compiler.ModuleSpec.make("bwd.cu", bwd_config(d, q.dtype, launch.smem_limit()).defines(), arch)
         )
-        pre_args = backward_pre_args(op, dop, delta, is_var, lse_strides, pre_seqlen, hq, dp)
-        launch(pre_spec, "attnkit_bwd_pre", pre_grid(pre_seqlen, hq, pre_batch), PRE_THREADS, 0, pre_args)
+        pre_args = backward_pre_args(op, dop, delta, dq_acc, is_var, lse_strides, pre_seqlen, hq, dp)
+        launch(pre_spec, "attnkit_bwd_pre", pre_grid(pre_seqlen, hq, pre_batch, dp), PRE_THREADS, 0, pre_args)
 
         alibi, alibi_sb = alibi_ready(alibi_slopes)
         args = backward_args(

@@ -450,7 +450,15 @@ _BWD_TILES: dict[int, list[tuple[int, int, int]]] = {
 
 # Rows per CTA of the delta = rowsum(dO * O) pre-pass (one warp per row and head).
 PRE_THREADS = 128
-PRE_ROWS_PER_CTA = PRE_THREADS // 32
+
+
+def pre_lanes_per_row(head_dim: int) -> int:
+    """Lanes of attnkit_bwd_pre that share one row: the fewest (a power of two, at most a warp) whose 8 elements
+    each cover ``head_dim``, so that a warp serves 32 // lanes rows at once."""
+    lanes = 1
+    while lanes < 32 and lanes * 8 < head_dim:
+        lanes *= 2
+    return lanes
 
 
 def _pick(candidates: list, smem_limit: int | None):
@@ -496,8 +504,9 @@ def bwd_config(head_dim: int, dtype: torch.dtype, smem_limit: int | None = None)
     return _pick([BwdConfig(hd, bf16, *t) for t in _BWD_TILES[hd]], smem_limit)
 
 
-def pre_grid(seqlen: int, heads: int, batch: int) -> tuple[int, int, int]:
-    return (-(-(seqlen * heads) // PRE_ROWS_PER_CTA), batch, 1)
+def pre_grid(seqlen: int, heads: int, batch: int, head_dim: int) -> tuple[int, int, int]:
+    rows_per_cta = (PRE_THREADS // 32) * (32 // pre_lanes_per_row(head_dim))
+    return (-(-(seqlen * heads) // rows_per_cta), batch, 1)
 
 
 # CUDA caps gridDim.y and gridDim.z at 65535 (heads and batch live there).

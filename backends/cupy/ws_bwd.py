@@ -156,7 +156,7 @@ def ws_backward(
     batch, sq, hq = q.shape[0], q.shape[1], q.shape[2]
     sk, hk = k.shape[1], k.shape[2]
     qp, kp, vp, op, dop = (kernel_ready(t, dp) for t in (q, k, v, out, dout))
-    dq_acc = torch.zeros(*q.shape[:-1], dp, dtype=torch.float32, device=q.device)
+    dq_acc = torch.empty(*q.shape[:-1], dp, dtype=torch.float32, device=q.device)  # zeroed by the pre-pass
     try:
         maps = tensor_maps(cfg, qp, kp, vp, dop, dq_acc)
     except InvalidArgumentError:
@@ -166,8 +166,8 @@ def ws_backward(
     lse_p, delta_p = padded_rows(cfg, lse.to(torch.float32))
     n = lse_p.shape[-1]
     pre_spec = compiler.ModuleSpec.make("bwd.cu", bwd_config(d, q.dtype, launch.smem_limit()).defines(), arch)
-    pre_args = backward_pre_args(op, dop, delta_p, False, (hq * n, n), sq, hq, dp)
-    launch(pre_spec, "attnkit_bwd_pre", pre_grid(sq, hq, batch), PRE_THREADS, 0, pre_args)
+    pre_args = backward_pre_args(op, dop, delta_p, dq_acc, False, (hq * n, n), sq, hq, dp)
+    launch(pre_spec, "attnkit_bwd_pre", pre_grid(sq, hq, batch, dp), PRE_THREADS, 0, pre_args)
     alibi, alibi_sb = alibi_ready(alibi_slopes)
     args = kernel_arguments(
         encode_maps(maps),

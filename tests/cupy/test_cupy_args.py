@@ -97,7 +97,11 @@ def test_backward_arguments(recorder, monkeypatch, wgmma):
     pre, main = recorder
     assert pre["name"] == "attnkit_bwd_pre" and pre["smem"] == 0
     assert pre["spec"].source == "bwd.cu" and pre["spec"].arch == "sm_90"
-    assert pre["grid"] == config.pre_grid(37, 4, 2) and pre["threads"] == config.PRE_THREADS
+    assert pre["grid"] == config.pre_grid(37, 4, 2, 128) and pre["threads"] == config.PRE_THREADS
+    # The pre-pass zeroes the float32 dQ accumulator (37 rows x 4 heads x 128 columns per batch) that main adds to.
+    assert int(pre["args"][3]) == int(main["args"][6]) != 0
+    assert [int(x) for x in pre["args"][12:15]] == [37 * 4 * 128, 4 * 128, 128]
+    assert [int(x) for x in pre["args"][15:19]] == [37, 4, 128, 16]
     if wgmma:
         cfg = config.sm90_bwd_config(128, torch.float16)
         assert main["name"] == "attnkit_bwd_sm90" and main["spec"].source == "bwd_sm90.cu"
@@ -176,7 +180,7 @@ def _built_arguments(monkeypatch) -> dict[str, tuple[list, dict[str, torch.Tenso
     fwd_ptrs = dict(q=q, k=k, v=v, o=out, lse=lse, cu_q=None, cu_k=None, alibi=alibi)
     var = args.forward_args(q[0], k[0], v[0], out[0], lse[0], (0, sq), cu_q, cu_k, None, 0, 3, 5, d, params)
     var_ptrs = dict(q=q[0], k=k[0], v=v[0], o=out[0], lse=lse[0], cu_q=cu_q, cu_k=cu_k, alibi=None)
-    pre = args.backward_pre_args(out, dout, delta, False, (hq * sq, sq), sq, hq, d)
+    pre = args.backward_pre_args(out, dout, delta, dq_acc, False, (hq * sq, sq), sq, hq, d)
     bwd = args.backward_args(
         q, k, v, dout, lse, delta, (hq * sq, sq), dq_acc, dk, dv, None, None, alibi, 0, sq, sk, d, params
     )
@@ -206,7 +210,7 @@ def _built_arguments(monkeypatch) -> dict[str, tuple[list, dict[str, torch.Tenso
     return {
         "attnkit_fwd": (fwd, fwd_ptrs),
         "attnkit_fwd_sm90": (var, var_ptrs),  # the same signature: the varlen form is checked on this one
-        "attnkit_bwd_pre": (pre, dict(o=out, dout=dout, delta=delta)),
+        "attnkit_bwd_pre": (pre, dict(o=out, dout=dout, delta=delta, dq_acc=dq_acc)),
         "attnkit_bwd": (bwd, bwd_ptrs),
         "attnkit_bwd_sm90": (bwd, bwd_ptrs),
         "attnkit_fwd_sm90_ws": (ws_f, ws_f_ptrs),
@@ -233,5 +237,5 @@ def test_every_argument_list_matches_its_kernels_parameters(monkeypatch):
 def test_parameter_reader_sees_every_entry_point():
     kernels = _entry_points()
     assert len(kernels["attnkit_fwd"]) == 34 and len(kernels["attnkit_bwd"]) == 45
-    assert len(kernels["attnkit_bwd_pre"]) == 14 and kernels["attnkit_fwd_sm90_ws"][0] == ("map", "tq")
+    assert len(kernels["attnkit_bwd_pre"]) == 19 and kernels["attnkit_fwd_sm90_ws"][0] == ("map", "tq")
     assert kernels["attnkit_bwd_sm90_ws"][:5] == [("map", n) for n in ("tq", "tk", "tv", "tdo", "tdq")]

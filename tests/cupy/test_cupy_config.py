@@ -57,7 +57,18 @@ def test_grids():
     assert f.grid(f.block_m + 1, 16, 4) == (2, 16, 4)
     b = config.bwd_config(64, torch.float16)
     assert b.grid(b.block_n * 3, 2, 5) == (3, 2, 5)
-    assert config.pre_grid(10, 3, 2) == (math.ceil(30 / config.PRE_ROWS_PER_CTA), 2, 1)
+    # Four warps, each serving 32 / lanes rows: 16 rows per CTA at d 64, 8 at d 128, 4 at d 256.
+    assert config.pre_grid(10, 3, 2, 64) == (math.ceil(30 / 16), 2, 1)
+    assert config.pre_grid(10, 3, 2, 128) == (math.ceil(30 / 8), 2, 1)
+    assert config.pre_grid(10, 3, 2, 256) == (math.ceil(30 / 4), 2, 1)
+
+
+def test_pre_pass_lanes_cover_the_row():
+    """The fewest lanes (a power of two up to a warp) whose 8 elements each span the padded head dim."""
+    lanes = {d: config.pre_lanes_per_row(d) for d in (8, 16, 24, 40, 64, 72, 128, 136, 200, 256)}
+    assert lanes == {8: 1, 16: 2, 24: 4, 40: 8, 64: 8, 72: 16, 128: 16, 136: 32, 200: 32, 256: 32}
+    for d, n in lanes.items():
+        assert n * 8 >= d and (n == 1 or (n // 2) * 8 < d) and 32 % n == 0
 
 
 @pytest.mark.parametrize("hd", sorted(config.SM90_FWD_TILES))

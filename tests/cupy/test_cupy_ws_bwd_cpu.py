@@ -253,9 +253,12 @@ def test_backward_launch_arguments(recorder):
     assert rows == cfg.block_m == 80
     # delta comes from bwd.cu's pre-pass, written into the padded (batch, heads, rows) buffer.
     assert pre["name"] == "attnkit_bwd_pre" and pre["spec"].source == "bwd.cu" and pre["spec"].arch == "sm_90"
-    assert pre["grid"] == config.pre_grid(37, 4, 2) and pre["threads"] == config.PRE_THREADS
+    assert pre["grid"] == config.pre_grid(37, 4, 2, 120) and pre["threads"] == config.PRE_THREADS
     pa = pre["args"]
-    assert ints(pa, 3, 8) == [*q.stride()[:3], *q.stride()[:3], 4 * rows, rows] and ints(pa, 11, 3) == [37, 4, 120]
+    # O and dO strides, the padded delta's, then the float32 dQ accumulator's (120 columns), which the pre-pass
+    # zeroes; 16 lanes per 120-column row.
+    assert ints(pa, 4, 8) == [*q.stride()[:3], *q.stride()[:3], 4 * rows, rows]
+    assert ints(pa, 12, 3) == [37 * 4 * 120, 4 * 120, 120] and ints(pa, 15, 4) == [37, 4, 120, 16]
     assert main["name"] == ws_bwd.KERNEL and main["spec"].source == ws_bwd.SOURCE
     assert main["spec"].arch == "sm_90a" and dict(main["spec"].defines) == cfg.defines()
     assert main["grid"] == (2, 2, 2) and main["threads"] == 384 and main["smem"] == cfg.smem_bytes
@@ -265,6 +268,7 @@ def test_backward_launch_arguments(recorder):
     assert mq.dims == (120, 37, 4, 2) and mk.dims == (120, 200, 2, 2) and mv.box == (64, 128, 1, 1)
     assert mdo.box == (64, 80, 1, 1) and mdq.dims == (120, 37, 4, 2) and mdq.data_type == 7
     assert mq.address == q.data_ptr() and mdo.address == dout.data_ptr()  # aligned inputs go in without a copy
+    assert mdq.address == int(pa[3])  # the accumulator the pre-pass zeroed
     assert all(isinstance(x, np.uint64) for x in a[5:10])
     assert int(a[5]) != lse.data_ptr() and int(a[5]) != 0 and int(a[6]) == pa[2]  # padded lse; delta as pre-pass
     assert int(a[7]) == dk.data_ptr() and int(a[8]) == dv.data_ptr() and int(a[9]) == slopes.data_ptr()

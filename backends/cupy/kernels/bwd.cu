@@ -1,6 +1,6 @@
 // FlashAttention-2 style backward pass.
 //
-// attnkit_bwd_pre: delta[b, h, i] = sum_c dO[i, c] * O[i, c] (one warp per row and head).
+// attnkit_bwd_pre: delta[b, h, i] = sum_c dO[i, c] * O[i, c], and the dQ accumulator's rows zeroed.
 // attnkit_bwd: one CTA owns BN keys of one (batch, kv head). It keeps K and V tiles in shared memory and dK, dV
 // in registers, walks every query head of its GQA group and every query block that can see its keys, and
 // adds dQ into a float32 buffer with atomics. Warps are laid out WN along the keys (16 keys each) times WD
@@ -282,22 +282,30 @@ struct BwdKernel {
     }
 };
 
-// delta = rowsum(dO * O) in float32, laid out like lse. Rows are (batch, position) pairs; varlen calls pass
-// batch = 1 with every token as a position.
+// delta = rowsum(dO * O) in float32, laid out like lse, and the float32 dQ accumulator of the same rows zeroed
+// (dq_acc null: not touched). Rows are (batch, position) pairs; varlen calls pass batch = 1 with every token as a
+// position. Each row takes LANES lanes (a power of two, 16 bytes of O and dO per lane and step; the host picks the
+// fewest that cover the head dim, config.pre_lanes_per_row) so that a warp moves up to 32 x 16 bytes per tensor at
+// every head dim instead of leaving lanes idle on narrow rows; one pass instead of a separate memset for dQ.
 template <bool BF16>
 __device__ __forceinline__ void bwd_pre(const u16* __restrict__ o, const u16* __restrict__ dout,
-                                        float* __restrict__ delta, i64 o_sb, i64 o_ss, i64 o_sh, i64 do_sb,
-                                        i64 do_ss, i64 do_sh, i64 l_sb, i64 l_sh, int seqlen, int heads, int d) {
+                                        float* __restrict__ delta, float* __restrict__ dq_acc, i64 o_sb, i64 o_ss,
+                                        i64 o_sh, i64 do_sb, i64 do_ss, i64 do_sh, i64 l_sb, i64 l_sh, i64 q_sb,
+                                        i64 q_ss, i64 q_sh, int seqlen, int heads, int d, int lanes) {
     const int lane = threadIdx.x & 31;
-    const i64 pair = (i64)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    const int sub = lane & (lanes - 1);
+    const i64 warp = (i64)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    const i64 pair = warp * (32 / lanes) + lane / lanes;
     const int b = blockIdx.y;
-    if (pair >= (i64)seqlen * heads) return;
-    const int i = (int)(pair / heads);
-    const int h = (int)(pair % heads);
+    // No early return: every lane takes part in the shuffles below.
+    const bool valid = pair < (i64)seqlen * heads;
+    const int i = valid ? (int)(pair / heads) : 0;
+    const int h = valid ? (int)(pair % heads) : 0;
     const u16* orow = o + (i64)b * o_sb + (i64)i * o_ss + (i64)h * o_sh;
     const u16* drow = dout + (i64)b * do_sb + (i64)i * do_ss + (i64)h * do_sh;
+    float* qrow = dq_acc == nullptr ? nullptr : dq_acc + (i64)b * q_sb + (i64)i * q_ss + (i64)h * q_sh;
     float sum = 0.f;
-    for (int c = lane * 8; c < d; c += 256) {
+    for (int c = sub * 8; valid && c < d; c += lanes * 8) {
         const uint4_aligned ov = *reinterpret_cast<const uint4_aligned*>(orow + c);
         const uint4_aligned dv = *reinterpret_cast<const uint4_aligned*>(drow + c);
         const u32 ow[4] = {ov.x, ov.y, ov.z, ov.w};
@@ -307,20 +315,24 @@ __device__ __forceinline__ void bwd_pre(const u16* __restrict__ o, const u16* __
             sum += to_f32<BF16>((u16)(ow[w] & 0xffffu)) * to_f32<BF16>((u16)(dw[w] & 0xffffu));
             sum += to_f32<BF16>((u16)(ow[w] >> 16)) * to_f32<BF16>((u16)(dw[w] >> 16));
         }
+        if (qrow != nullptr) {
+            reinterpret_cast<float4*>(qrow + c)[0] = make_float4(0.f, 0.f, 0.f, 0.f);
+            reinterpret_cast<float4*>(qrow + c)[1] = make_float4(0.f, 0.f, 0.f, 0.f);
+        }
     }
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
-    if (lane == 0) delta[(i64)b * l_sb + (i64)h * l_sh + i] = sum;
+    // Lanes of one row are an aligned group of `lanes`: xor offsets below it stay inside the group.
+    for (int off = lanes >> 1; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+    if (valid && sub == 0) delta[(i64)b * l_sb + (i64)h * l_sh + i] = sum;
 }
 
 }  // namespace ak
 
 extern "C" __global__ void __launch_bounds__(128)
-    attnkit_bwd_pre(const ak::u16* o, const ak::u16* dout, float* delta, ak::i64 o_sb, ak::i64 o_ss, ak::i64 o_sh,
-                    ak::i64 do_sb, ak::i64 do_ss, ak::i64 do_sh, ak::i64 l_sb, ak::i64 l_sh, int seqlen, int heads,
-                    int d) {
-    ak::bwd_pre<ATTNKIT_BF16 != 0>(o, dout, delta, o_sb, o_ss, o_sh, do_sb, do_ss, do_sh, l_sb, l_sh, seqlen, heads,
-                                   d);
+    attnkit_bwd_pre(const ak::u16* o, const ak::u16* dout, float* delta, float* dq_acc, ak::i64 o_sb, ak::i64 o_ss,
+                    ak::i64 o_sh, ak::i64 do_sb, ak::i64 do_ss, ak::i64 do_sh, ak::i64 l_sb, ak::i64 l_sh,
+                    ak::i64 q_sb, ak::i64 q_ss, ak::i64 q_sh, int seqlen, int heads, int d, int lanes) {
+    ak::bwd_pre<ATTNKIT_BF16 != 0>(o, dout, delta, dq_acc, o_sb, o_ss, o_sh, do_sb, do_ss, do_sh, l_sb, l_sh, q_sb,
+                                   q_ss, q_sh, seqlen, heads, d, lanes);
 }
 
 // Strides in elements, by value: q b/s/h, k b/s/h, v b/s/h, dO b/s/h, lse+delta b/h, dq_acc b/s/h,
