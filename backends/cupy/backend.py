@@ -22,10 +22,9 @@ from attnkit.registry import Backend, BackendCapabilities
 from attnkit.spec import AttentionSpec
 
 from . import compiler, config, ws_bwd, ws_fwd
-from .args import alibi_ready, backward_args, backward_pre_args, forward_args, kernel_ready
+from .args import alibi_ready, backward_args, forward_args, kernel_ready
 from .config import (
     MAX_GRID_YZ,
-    PRE_THREADS,
     BwdConfig,
     FwdConfig,
     Sm90BwdConfig,
@@ -33,11 +32,11 @@ from .config import (
     bwd_config,
     fwd_config,
     padded_head_dim,
-    pre_grid,
     sm90_bwd_config,
     sm90_fwd_config,
 )
 from .launcher import Launcher, max_smem_optin
+from .pre_pass import launch_backward_pre
 
 CUPY_MISSING = (
     "cupy is not installed: pip install 'attnkit[cupy]' "
@@ -323,13 +322,7 @@ class CupyCudaBackend(Backend):
         delta = torch.zeros_like(lse_c) if is_var else torch.empty_like(lse_c)
         spec = compiler.ModuleSpec.make(source, cfg.defines(), _module_arch(source, arch))
         # delta = rowsum(dO * O) comes from bwd.cu's pre-pass whichever main kernel runs.
-        pre_spec = (
-            spec
-            if source == "bwd.cu"
-            else compiler.ModuleSpec.make("bwd.cu", bwd_config(d, q.dtype, launch.smem_limit()).defines(), arch)
-        )
-        pre_args = backward_pre_args(op, dop, delta, dq_acc, is_var, lse_strides, pre_seqlen, hq, dp)
-        launch(pre_spec, "attnkit_bwd_pre", pre_grid(pre_seqlen, hq, pre_batch, dp), PRE_THREADS, 0, pre_args)
+        launch_backward_pre(launch, arch, op, dop, delta, dq_acc, is_var, lse_strides, pre_seqlen, hq, pre_batch, dp)
 
         alibi, alibi_sb = alibi_ready(alibi_slopes)
         args = backward_args(

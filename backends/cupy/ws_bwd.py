@@ -17,8 +17,9 @@ from attnkit.errors import InvalidArgumentError
 from attnkit.params import AttentionParams
 
 from . import compiler, tma
-from .args import alibi_ready, backward_pre_args, f32, i32, i64, kernel_ready, ptr, score_args
-from .config import PRE_THREADS, Sm90WsBwdConfig, bwd_config, padded_head_dim, pre_grid, sm90_ws_bwd_config
+from .args import alibi_ready, f32, i32, i64, kernel_ready, ptr, score_args
+from .config import Sm90WsBwdConfig, padded_head_dim, sm90_ws_bwd_config
+from .pre_pass import launch_backward_pre
 
 SOURCE = "bwd_sm90_ws.cu"
 KERNEL = "attnkit_bwd_sm90_ws"
@@ -165,9 +166,7 @@ def ws_backward(
     dv = torch.empty_like(dk)
     lse_p, delta_p = padded_rows(cfg, lse.to(torch.float32))
     n = lse_p.shape[-1]
-    pre_spec = compiler.ModuleSpec.make("bwd.cu", bwd_config(d, q.dtype, launch.smem_limit()).defines(), arch)
-    pre_args = backward_pre_args(op, dop, delta_p, dq_acc, False, (hq * n, n), sq, hq, dp)
-    launch(pre_spec, "attnkit_bwd_pre", pre_grid(sq, hq, batch, dp), PRE_THREADS, 0, pre_args)
+    launch_backward_pre(launch, arch, op, dop, delta_p, dq_acc, False, (hq * n, n), sq, hq, batch, dp)
     alibi, alibi_sb = alibi_ready(alibi_slopes)
     args = kernel_arguments(
         encode_maps(maps),

@@ -282,11 +282,11 @@ struct BwdKernel {
     }
 };
 
-// delta = rowsum(dO * O) in float32, laid out like lse, and the float32 dQ accumulator of the same rows zeroed
-// (dq_acc null: not touched). Rows are (batch, position) pairs; varlen calls pass batch = 1 with every token as a
-// position. Each row takes LANES lanes (a power of two, 16 bytes of O and dO per lane and step; the host picks the
-// fewest that cover the head dim, config.pre_lanes_per_row) so that a warp moves up to 32 x 16 bytes per tensor at
-// every head dim instead of leaving lanes idle on narrow rows; one pass instead of a separate memset for dQ.
+// delta = rowsum(dO * O) in float32, laid out like lse, and the float32 dQ accumulator of the same rows zeroed. Rows
+// are (batch, position) pairs; varlen calls pass batch = 1 with every token as a position. Each row takes LANES lanes
+// (a power of two, 16 bytes of O and dO per lane and step; the host picks the fewest that cover the head dim,
+// config.pre_lanes_per_row) so that a warp moves up to 32 x 16 bytes per tensor at every head dim instead of leaving
+// lanes idle on narrow rows; one pass instead of a separate memset for dQ.
 template <bool BF16>
 __device__ __forceinline__ void bwd_pre(const u16* __restrict__ o, const u16* __restrict__ dout,
                                         float* __restrict__ delta, float* __restrict__ dq_acc, i64 o_sb, i64 o_ss,
@@ -303,7 +303,7 @@ __device__ __forceinline__ void bwd_pre(const u16* __restrict__ o, const u16* __
     const int h = valid ? (int)(pair % heads) : 0;
     const u16* orow = o + (i64)b * o_sb + (i64)i * o_ss + (i64)h * o_sh;
     const u16* drow = dout + (i64)b * do_sb + (i64)i * do_ss + (i64)h * do_sh;
-    float* qrow = dq_acc == nullptr ? nullptr : dq_acc + (i64)b * q_sb + (i64)i * q_ss + (i64)h * q_sh;
+    float* qrow = dq_acc + (i64)b * q_sb + (i64)i * q_ss + (i64)h * q_sh;
     float sum = 0.f;
     for (int c = sub * 8; valid && c < d; c += lanes * 8) {
         const uint4_aligned ov = *reinterpret_cast<const uint4_aligned*>(orow + c);
@@ -315,10 +315,8 @@ __device__ __forceinline__ void bwd_pre(const u16* __restrict__ o, const u16* __
             sum += to_f32<BF16>((u16)(ow[w] & 0xffffu)) * to_f32<BF16>((u16)(dw[w] & 0xffffu));
             sum += to_f32<BF16>((u16)(ow[w] >> 16)) * to_f32<BF16>((u16)(dw[w] >> 16));
         }
-        if (qrow != nullptr) {
-            reinterpret_cast<float4*>(qrow + c)[0] = make_float4(0.f, 0.f, 0.f, 0.f);
-            reinterpret_cast<float4*>(qrow + c)[1] = make_float4(0.f, 0.f, 0.f, 0.f);
-        }
+        reinterpret_cast<float4*>(qrow + c)[0] = make_float4(0.f, 0.f, 0.f, 0.f);
+        reinterpret_cast<float4*>(qrow + c)[1] = make_float4(0.f, 0.f, 0.f, 0.f);
     }
     // Lanes of one row are an aligned group of `lanes`: xor offsets below it stay inside the group.
     for (int off = lanes >> 1; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
