@@ -38,7 +38,7 @@ def module_specs(arch: str, smem: int) -> list:
             continue
         for d in (64, 128):
             base = config.sm90_ws_fwd_config(d, dtype, smem)
-            for change in ({}, *config.WS_FWD_ABLATIONS.values()):
+            for change in ({}, *config.ws_fwd_ablations(base.head_dim).values()):
                 cfg = dataclasses.replace(base, **change)
                 specs.add(compiler.ModuleSpec.make(ws_fwd.SOURCE, cfg.defines(), "sm_90a"))
             bwd = config.sm90_ws_bwd_config(d, dtype, smem)

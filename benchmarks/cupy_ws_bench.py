@@ -10,8 +10,8 @@ Usage (on an H100/H200): ``python benchmarks/cupy_ws_bench.py --out DIR [--quick
    causal and not. FLOPs 4*B*H*Sq*Sk*D (halved when causal). CUDA-event timing: warmup, then the median over
    rounds of the mean of a few back-to-back calls;
 3. ablations at ``--ablation-seqlens`` (default 8k; d 64/128, causal and not), beside fwd_sm90: the variants of
-   config.WS_FWD_ABLATIONS (pipelining off, ping-pong on, both, other key-tile widths), each a -D macro set of
-   the same source;
+   config.ws_fwd_ablations(d) (pipelining off, ping-pong off, both, other key-tile widths, three consumer
+   warpgroups at d 64), each a -D macro set of the same source;
 4. writes DIR/cupy_ws_bench.md and DIR/cupy_ws_bench.json; prints GPU, versions and the date.
 """
 
@@ -40,7 +40,10 @@ TOKENS = 16 * 1024
 HIDDEN = 2048
 ATOL = 2e-3
 
-ABLATIONS: dict[str, dict[str, object]] = {"default": {}, **config.WS_FWD_ABLATIONS}
+
+def _variants(d: int) -> dict[str, dict[str, object]]:
+    """The default and every ablation that exists at (kernel) head dim ``d``."""
+    return {"default": {}, **config.ws_fwd_ablations(d)}
 
 
 def _flops(b: int, h: int, sq: int, sk: int, d: int, causal: bool) -> float:
@@ -143,10 +146,15 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="seqlens 4k/8k only, fewer rounds")
     ap.add_argument("--no-ablations", action="store_true", help="skip the ablation variants")
     ap.add_argument("--rounds", type=int, default=7)
-    ap.add_argument("--ablation-seqlens", default="8192",
-                    help="comma list of sequence lengths the ablation variants run at (default 8192)")
+    ap.add_argument("--dims", default="64,128", help="comma list of head dims (64, 128) to time")
+    ap.add_argument(
+        "--ablation-seqlens",
+        default="8192",
+        help="comma list of sequence lengths the ablation variants run at (default 8192)",
+    )
     args = ap.parse_args()
     ablation_seqlens = [int(x) for x in args.ablation_seqlens.split(",")]
+    dims = [int(x) for x in args.dims.split(",")]
     if not torch.cuda.is_available():
         print("needs a CUDA GPU", file=sys.stderr)
         return 2
@@ -172,12 +180,12 @@ def main() -> int:
         print("fwd_sm90_ws needs an sm_90 GPU", file=sys.stderr)
         return 2
 
-    variants = {"default": {}} if args.no_ablations else ABLATIONS
-    # 1. correctness (also compiles every module before any timing).
+    variants = {"default": {}} if args.no_ablations else {k: v for d in (64, 128) for k, v in _variants(d).items()}
+    # 1. correctness (also compiles every module before any timing), on the shapes whose head dim has the variant.
     checks: dict[str, dict] = {}
     for name, kw in variants.items():
-        shapes = CHECK_SHAPES if name == "default" else CHECK_SHAPES[1:4]
-        ok, lines = check(_ws(kw), shapes)
+        shapes = [s for s in CHECK_SHAPES if name in _variants(s[4])]
+        ok, lines = check(_ws(kw), shapes if name == "default" else shapes[:3])
         checks[f"ws:{name}"] = {"ok": ok, "lines": lines}
         print(f"check ws:{name}: {'ok' if ok else 'FAIL'}", *lines, sep="\n  ", flush=True)
     ok, lines = check(_attnkit(tma=True), CHECK_SHAPES[:2])
@@ -194,7 +202,7 @@ def main() -> int:
     seqlens = (4096, 8192) if args.quick else (2048, 4096, 8192, 16384)
     rounds = 3 if args.quick else args.rounds
     rows = []
-    for d in (64, 128):
+    for d in dims:
         for causal in (False, True):
             for s in seqlens:
                 b, h = TOKENS // s, HIDDEN // d
@@ -216,8 +224,8 @@ def main() -> int:
     ablations = []
     if not args.no_ablations:
         # fwd_sm90 (the wgmma kernel without warp specialisation) as the reference column.
-        variant_fns = {name: _ws(kw) for name, kw in ABLATIONS.items()} | {"fwd_sm90": _attnkit(tma=False)}
-        for d, causal, s in itertools.product((64, 128), (False, True), ablation_seqlens):
+        for d, causal, s in itertools.product(dims, (False, True), ablation_seqlens):
+            variant_fns = {name: _ws(kw) for name, kw in _variants(d).items()} | {"fwd_sm90": _attnkit(tma=False)}
             b, h = TOKENS // s, HIDDEN // d
             q, k, v = _inputs(b, s, s, h, d, seed=7 + d)
             flops = _flops(b, h, s, s, d, causal)
@@ -274,13 +282,13 @@ def _markdown(result: dict, providers: list[str]) -> str:
         cells = " | ".join(_cell(r[p]) for p in providers)
         lines.append(f"| {r['d']} | {'causal' if r['causal'] else 'full'} | {r['seqlen']} | {cells} | {ratio} |")
     if result["ablations"]:
-        names = [*ABLATIONS, "fwd_sm90"]
+        names = list(dict.fromkeys(n for r in result["ablations"] for n in r if n not in ("d", "causal", "seqlen")))
         lines += ["", "## Ablations (fwd_sm90_ws variants and fwd_sm90, TFLOP/s; ratio to default)", ""]
         lines.append("| d | mask | seqlen | " + " | ".join(names) + " |")
         lines.append("|---" * (len(names) + 3) + "|")
         for r in result["ablations"]:
             base = r["default"]["tflops"]
-            cells = " | ".join(f"{r[n]['tflops']:.0f} ({r[n]['tflops'] / base:.2f})" for n in names)
+            cells = " | ".join(f"{r[n]['tflops']:.0f} ({r[n]['tflops'] / base:.2f})" if n in r else "-" for n in names)
             lines.append(f"| {r['d']} | {'causal' if r['causal'] else 'full'} | {r['seqlen']} | {cells} |")
     return "\n".join(lines) + "\n"
 

@@ -141,8 +141,9 @@ SM90_BWD_HEAD_DIMS = (64, 128)
 
 @dataclass(frozen=True)
 class Sm90WsFwdConfig:
-    """The warp-specialised Hopper forward (fwd_sm90_ws.cu): a TMA producer warpgroup and two consumer
-    warpgroups of 64 query rows each (BM = 128), K/V in a 2-stage ring of ``block_n``-key tiles.
+    """The warp-specialised Hopper forward (fwd_sm90_ws.cu): a TMA producer warpgroup and ``consumers`` (2, or 3
+    at head dim 64) consumer warpgroups of 64 query rows each (BM = 64 x consumers), K/V in a 2-stage ring of
+    ``block_n``-key tiles.
 
     ``pipeline`` (softmax of tile i overlapping the GEMMs inside a warpgroup) and ``pingpong`` (the two consumers
     taking turns on named barriers) are compile-time switches, so one GPU run can time each lever."""
@@ -150,6 +151,9 @@ class Sm90WsFwdConfig:
     head_dim: int  # kernel head dim: 64 or 128
     bf16: bool
     block_n: int = 128
+    # Three consumers (FlashAttention-3's 192-row tile at head dim 64) hand each softmax two other warpgroups'
+    # products to hide behind; their 160 registers per thread hold head dim 64's accumulators only.
+    consumers: int = 2
     pipeline: bool = True
     # On by default: +1-13% over the pipelined schedule alone in 15 of 16 cells (d 64/128, 2k-16k, causal and
     # not), -2% in the other (d128 non-causal 4k; H200, benchmarks/results/h200_2026-12-02_s3/cupy_ws_ablations.md).
@@ -165,9 +169,15 @@ class Sm90WsFwdConfig:
     # 0-19% slower for bf16 and at best even for fp8, the float pipe being the tighter one (NOTES-cupy.md).
     poly_exp: int = 0
 
-    block_m: ClassVar[int] = 128
-    threads: ClassVar[int] = 384
     barrier_bytes: ClassVar[int] = 9 * 8  # Q full; K/V full and empty per stage
+
+    @property
+    def block_m(self) -> int:
+        return 64 * self.consumers
+
+    @property
+    def threads(self) -> int:
+        return 128 * (1 + self.consumers)
 
     def __post_init__(self) -> None:
         if self.head_dim not in SM90_WS_HEAD_DIMS or self.block_n not in (64, 128):
@@ -184,6 +194,11 @@ class Sm90WsFwdConfig:
                 f"the fp8 forward is built for kernel head dim {FP8_WS_HEAD_DIM} and 128 keys per tile (a V^T tile "
                 f"row is one 128-byte swizzle span), got head_dim={self.head_dim}, block_n={self.block_n}"
             )
+        if self.consumers not in (2, 3) or (self.consumers == 3 and (self.head_dim != 64 or self.fp8)):
+            raise InvalidArgumentError(
+                f"consumers={self.consumers} (head_dim={self.head_dim}, fp8={self.fp8}); allowed: 2, or 3 at 16-bit "
+                "head dim 64 (three warpgroups' accumulators fit their 160 registers there only)"
+            )
         if not 0 <= self.poly_exp <= 4:
             raise InvalidArgumentError(f"poly_exp={self.poly_exp}; allowed: 0-4 column groups of every 4")
         if self.out_f32 and not self.fp8:
@@ -191,10 +206,11 @@ class Sm90WsFwdConfig:
         for name, regs in (("producer_regs", self.producer_regs), ("consumer_regs", self.consumer_regs)):
             if regs % 8 or not 24 <= regs <= 256:
                 raise InvalidArgumentError(f"{name}={regs}; allowed: multiples of 8 in 24..256")
-        if 128 * (self.producer_regs + 2 * self.consumer_regs) > SM90_WS_CTA_REGISTERS:
+        budget = ws_cta_registers(self.threads)
+        if 128 * (self.producer_regs + self.consumers * self.consumer_regs) > budget:
             raise InvalidArgumentError(
-                f"producer_regs={self.producer_regs} + 2 x consumer_regs={self.consumer_regs} per thread of 128 "
-                f"exceed the {SM90_WS_CTA_REGISTERS} registers a 384-thread CTA is launched with (384 x 168)"
+                f"producer_regs={self.producer_regs} + {self.consumers} x consumer_regs={self.consumer_regs} per "
+                f"thread of 128 exceed the {budget} registers a {self.threads}-thread CTA is launched with"
             )
 
     @property
@@ -213,6 +229,7 @@ class Sm90WsFwdConfig:
             "ATTNKIT_WS_PRODUCER_REGS": self.producer_regs,
             "ATTNKIT_WS_CONSUMER_REGS": self.consumer_regs,
             # Only when set: the default kernels keep the module keys (and disk caches) they had before these.
+            **({"ATTNKIT_WS_CONSUMERS": self.consumers} if self.consumers != 2 else {}),
             **({"ATTNKIT_FP8": 1, "ATTNKIT_OUT_F32": int(self.out_f32)} if self.fp8 else {}),
             **({"ATTNKIT_WS_POLY_EXP": self.poly_exp} if self.poly_exp else {}),
         }
@@ -243,13 +260,25 @@ WS_FWD_ABLATIONS: dict[str, dict[str, object]] = {
     "no-pipe": {"pipeline": False},
     "no-pipe+no-pingpong": {"pipeline": False, "pingpong": False},
     "bn64": {"block_n": 64},
+    # FlashAttention-3's head-dim-64 row count: 192 query rows in three consumer warpgroups (producer 24 registers
+    # per thread, consumers 160: 128 x (24 + 3 x 160) <= 512 x 128), on 64-key tiles: with 128-key tiles this
+    # consumer needs more than 192 registers (nvcc 13.0 spills at 160-192; the two-consumer default has 240).
+    "wg3": {"consumers": 3, "consumer_regs": 160, "block_n": 64},
     # Exponentials of unmasked tiles partly on the float pipes (poly_exp2): 1 or 2 column groups of every 4.
     "poly-exp-1": {"poly_exp": 1},
     "poly-exp-2": {"poly_exp": 2},
 }
-# Registers a CTA of the warp-specialised forward holds: 384 threads x 168, the per-thread cap (a multiple of 8)
-# that __launch_bounds__(384, 1) gives on a 65536-register SM.
-SM90_WS_CTA_REGISTERS = 384 * 168
+# The 16-bit forward's tile and schedule by kernel head dim (changes of the Sm90WsFwdConfig defaults).
+WS_FWD_TILES: dict[int, dict[str, object]] = {64: {}, 128: {}}
+
+SM_REGISTERS = 65536
+
+
+def ws_cta_registers(threads: int) -> int:
+    """Registers a warp-specialised CTA of ``threads`` holds: the per-thread cap (a multiple of 8) that
+    __launch_bounds__(threads, 1) gives on a 65536-register SM, times the threads (384 x 168, 512 x 128).
+    setmaxnreg only moves registers inside that allocation."""
+    return threads * (SM_REGISTERS // threads // 8 * 8)
 
 
 @dataclass(frozen=True)
@@ -527,7 +556,7 @@ def sm90_ws_fwd_config(head_dim: int, dtype: torch.dtype, smem_limit: int | None
     hd = ws_kernel_head_dim(head_dim)
     if hd is None:
         return None
-    cfg = Sm90WsFwdConfig(hd, bool(dtype_flag(dtype)))
+    cfg = Sm90WsFwdConfig(hd, bool(dtype_flag(dtype)), **WS_FWD_TILES[hd])
     return cfg if smem_limit is None or cfg.smem_bytes <= smem_limit else None
 
 
@@ -549,6 +578,20 @@ def fp8_vt_keys(seqlen_k: int) -> int:
 
 def fp8_vt_grid(keys_padded: int, heads_k: int, batch: int) -> tuple[int, int, int]:
     return (-(-keys_padded // FP8_VT_KEYS_PER_CTA), heads_k, batch)
+
+
+def ws_fwd_ablations(head_dim: int) -> dict[str, dict[str, object]]:
+    """The WS_FWD_ABLATIONS variants (changes of that head dim's default) the 16-bit forward of kernel head dim
+    ``head_dim`` can be built with (three consumer warpgroups exist at head dim 64 only)."""
+    base = sm90_ws_fwd_config(head_dim, torch.bfloat16)
+    valid = {}
+    for name, change in WS_FWD_ABLATIONS.items():
+        try:
+            dataclasses.replace(base, **change)
+        except InvalidArgumentError:
+            continue
+        valid[name] = change
+    return valid
 
 
 def fp8_ws_ablations() -> dict[str, dict[str, object]]:

@@ -21,8 +21,8 @@ import torch
 from attnkit.backends.cupy import compiler, config
 
 ARCHS = ("sm_80", "sm_90")
-# The warp-specialised forward's ablation switches (benchmarks/cupy_ws_bench.py times each of them).
-WS_VARIANTS = tuple(config.WS_FWD_ABLATIONS.values())
+# The warp-specialised forward's ablation switches by kernel head dim (benchmarks/cupy_ws_bench.py times each).
+WS_VARIANTS = {hd: tuple(config.ws_fwd_ablations(hd).values()) for hd in config.SM90_WS_HEAD_DIMS}
 
 
 def _nvcc() -> str:
@@ -53,9 +53,9 @@ def _units() -> list[compiler.ModuleSpec]:
     # The warp-specialised TMA forward: its default per head dim and dtype, plus every ablation switch once.
     for hd in config.SM90_WS_HEAD_DIMS:
         for bf16 in (False, True):
-            specs.append(
-                compiler.ModuleSpec.make("fwd_sm90_ws.cu", config.Sm90WsFwdConfig(hd, bf16).defines(), "sm_90a")
-            )
+            dtype = torch.bfloat16 if bf16 else torch.float16
+            defines = config.sm90_ws_fwd_config(hd, dtype).defines()
+            specs.append(compiler.ModuleSpec.make("fwd_sm90_ws.cu", defines, "sm_90a"))
     # The fp8 forward: each output dtype; and its V^T pass, built for the plain targets like the mma.sync sources.
     for out_dtype in (torch.bfloat16, torch.float16, torch.float32):
         defines = config.fp8_ws_fwd_config(128, out_dtype).defines()
@@ -65,9 +65,12 @@ def _units() -> list[compiler.ModuleSpec]:
         specs.append(compiler.ModuleSpec.make("fwd_sm90_ws.cu", defines, "sm_90a"))
     for arch in ARCHS:
         specs.append(compiler.ModuleSpec.make("fp8_vt.cu", {}, arch))
-    for variant in WS_VARIANTS:
-        defines = config.Sm90WsFwdConfig(128, True, **variant).defines()
-        specs.append(compiler.ModuleSpec.make("fwd_sm90_ws.cu", defines, "sm_90a"))
+    # Every switch at head dim 128; at 64 the ones 128 lacks (three consumer warpgroups).
+    for hd, variants in WS_VARIANTS.items():
+        for variant in variants:
+            if hd == 128 or variant not in WS_VARIANTS[128]:
+                defines = dataclasses.replace(config.sm90_ws_fwd_config(hd, torch.bfloat16), **variant).defines()
+                specs.append(compiler.ModuleSpec.make("fwd_sm90_ws.cu", defines, "sm_90a"))
     for hd in config.SM90_BWD_HEAD_DIMS:
         for bf16 in (False, True):
             specs.append(compiler.ModuleSpec.make("bwd_sm90.cu", config.Sm90BwdConfig(hd, bf16).defines(), "sm_90a"))
@@ -134,6 +137,7 @@ def test_macros_used_by_python_exist_in_sources():
         ("bwd_sm90.cu", config.sm90_bwd_config(64, torch.float16)),
         ("bwd_sm90_ws.cu", config.sm90_ws_bwd_config(64, torch.float16)),
         ("fwd_sm90_ws.cu", config.fp8_ws_fwd_config(128, torch.float32)),
+        ("fwd_sm90_ws.cu", config.Sm90WsFwdConfig(64, True, consumers=3, consumer_regs=160)),
     )
     for source, cfg in pairs:
         text = compiler.read_kernel_text(source)

@@ -43,14 +43,35 @@ def test_default_config_numbers():
         cfg.block_n = 64  # type: ignore[misc]
 
 
+def test_three_consumer_warpgroups():
+    """FlashAttention-3's head-dim-64 row count: 192 query rows in three consumers, 512 threads, 160 registers
+    each, with 64-key tiles (the 128-key ones spill at 160 registers)."""
+    cfg = config.Sm90WsFwdConfig(64, True, **config.WS_FWD_ABLATIONS["wg3"])
+    assert (cfg.consumers, cfg.block_m, cfg.block_n, cfg.threads) == (3, 192, 64, 512)
+    assert (cfg.producer_regs, cfg.consumer_regs) == (24, 160)
+    # Q 24 KB + 2 stages of K and V at 8 KB each + 9 barriers + 1 KB alignment slack.
+    assert cfg.smem_bytes == (192 + 4 * 64) * 64 * 2 + 72 + 1024 <= H200_SMEM
+    assert cfg.grid(1000, 16, 3) == (6, 16, 3) and cfg.grid(192, 1, 1) == (1, 1, 1) and cfg.grid(193, 1, 1)[0] == 2
+    assert cfg.defines()["ATTNKIT_WS_CONSUMERS"] == 3 and cfg.defines()["ATTNKIT_WS_CONSUMER_REGS"] == 160
+    # Two consumers keep the module key they always had (no ATTNKIT_WS_CONSUMERS define).
+    assert "ATTNKIT_WS_CONSUMERS" not in config.Sm90WsFwdConfig(64, True).defines()
+    assert config.ws_cta_registers(384) == 384 * 168 and config.ws_cta_registers(512) == 512 * 128
+    assert "wg3" in config.ws_fwd_ablations(64) and "wg3" not in config.ws_fwd_ablations(128)
+    assert "wg3" not in config.fp8_ws_ablations()
+
+
 @pytest.mark.parametrize(
     ("kwargs", "needle"),
     [
+        ({"head_dim": 64, "consumers": 4}, "consumers=4"),
+        ({"consumers": 3, "consumer_regs": 160}, "consumers=3 \\(head_dim=128"),
+        ({"head_dim": 64, "consumers": 3}, "3 x consumer_regs=240 .* exceed the 65536 registers a 512-thread CTA"),
+        ({"head_dim": 64, "consumers": 3, "producer_regs": 40, "consumer_regs": 160}, "65536 registers"),
         ({"head_dim": 96}, "head_dim=96"),
         ({"block_n": 176}, "block_n=176"),
         ({"producer_regs": 20}, "producer_regs=20"),
         ({"consumer_regs": 241}, "consumer_regs=241"),
-        ({"producer_regs": 40, "consumer_regs": 240}, "64512 registers"),
+        ({"producer_regs": 40, "consumer_regs": 240}, "64512 registers a 384-thread CTA"),
         ({"producer_regs": 32, "consumer_regs": 240}, "64512 registers"),  # hung on the H200: above the CTA's share
     ],
 )
@@ -206,8 +227,27 @@ def test_strided_inputs_map_their_own_strides(recorder):
     assert a[0].address == q.data_ptr() and a[0].strides_bytes == (64 * 2, 50 * 64 * 2, 6 * 50 * 64 * 2)
     assert a[1].address == k.data_ptr() and a[2].address == v.data_ptr()
     assert a[1].strides_bytes == (2 * 2 * 64 * 2, 64 * 2, n * 2 * 2 * 64 * 2)
-    assert a[0].box == (64, 128, 1, 1) and a[1].box == (64, 128, 1, 1)
+    rows = config.sm90_ws_fwd_config(64, torch.float16).block_m
+    assert a[0].box == (64, rows, 1, 1) and a[1].box == (64, 128, 1, 1)
     assert dict(call["spec"].defines)["ATTNKIT_HEAD_DIM"] == 64 and dict(call["spec"].defines)["ATTNKIT_BF16"] == 0
+
+
+@pytest.mark.parametrize("consumers", [2, 3])
+def test_head_dim_64_launches_its_tile(recorder, monkeypatch, consumers):
+    """WS_FWD_TILES picks the head-dim-64 tile: its Q box, grid, threads and module follow the consumer count."""
+    change = {} if consumers == 2 else config.WS_FWD_ABLATIONS["wg3"]
+    monkeypatch.setitem(config.WS_FWD_TILES, 64, change)
+    n = config.SM90_WS_D64_MIN_SEQLEN_K
+    q = torch.randn(2, 500, 4, 64, dtype=torch.bfloat16)
+    k = torch.randn(2, n, 2, 64, dtype=torch.bfloat16)
+    cb.CupyCudaBackend().forward(q, k, k, None, AttentionParams(softmax_scale=0.1, causal=True), None)
+    (call,) = recorder
+    cfg = config.Sm90WsFwdConfig(64, True, **change)
+    assert cfg.consumers == consumers and config.sm90_ws_fwd_config(64, torch.bfloat16) == cfg
+    assert call["spec"] == compiler.ModuleSpec.make("fwd_sm90_ws.cu", cfg.defines(), "sm_90a")
+    assert call["grid"] == (math.ceil(500 / (64 * consumers)), 4, 2)
+    assert call["threads"] == 128 * (1 + consumers) and call["smem"] == cfg.smem_bytes
+    assert call["args"][0].box == (64, 64 * consumers, 1, 1) and call["args"][1].box == (64, cfg.block_n, 1, 1)
 
 
 def test_size_one_dims_get_a_legal_stride(recorder):

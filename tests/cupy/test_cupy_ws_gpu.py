@@ -8,6 +8,7 @@ launcher's per-kernel launch counter. Needs an sm_90 GPU (H100/H200); skipped el
 
 from __future__ import annotations
 
+import dataclasses
 import zlib
 
 import pytest
@@ -205,22 +206,21 @@ def test_matches_fwd_sm90(monkeypatch):
     assert max_abs_error(lse_ws, lse_old) < 1e-3
 
 
-VARIANTS = list(config.WS_FWD_ABLATIONS.values())
+VARIANTS = [(d, name) for d in (64, 128) for name in config.ws_fwd_ablations(d)]
 
 
-@pytest.mark.parametrize("variant", range(len(VARIANTS)))
-@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize(("d", "variant"), VARIANTS, ids=[f"d{d}-{name}" for d, name in VARIANTS])
 def test_ablation_variants(variant, d):
     """Every schedule the benchmark times is itself correct (the lever must not buy speed with errors)."""
     for sq, sk, causal in ((1000, 1000, True), (203, 4096, False), (4096, 113, True)):
         q, k, v = _inputs(2, sq, sk, 4, 2, d, torch.bfloat16, (variant, d, sq, sk))
-        cfg = config.Sm90WsFwdConfig(d, True, **VARIANTS[variant])
+        cfg = dataclasses.replace(config.sm90_ws_fwd_config(d, torch.bfloat16), **config.WS_FWD_ABLATIONS[variant])
         params = AttentionParams(softmax_scale=d**-0.5, causal=causal, window_right=0 if causal else -1)
         _poison()
         out, lse = ws_fwd.ws_forward(q, k, v, params, cfg)
         ref, lse_ref = attention_ref(q.double(), k.double(), v.double(), causal=causal, return_lse=True)
         plain = attention_ref(q, k, v, causal=causal, upcast=False)
-        _check(f"out {VARIANTS[variant]}", out, ref, plain, 2.0)
+        _check(f"out {variant}", out, ref, plain, 2.0)
         finite = lse_ref.isfinite()
         assert torch.equal(lse.isfinite(), finite)
         assert max_abs_error(lse[finite], lse_ref[finite]) < 1e-2
@@ -231,3 +231,32 @@ def test_repeated_calls_are_deterministic():
     first = attnkit.attention(q, k, v, causal=True, backend=BACKEND)
     for _ in range(3):
         assert torch.equal(attnkit.attention(q, k, v, causal=True, backend=BACKEND), first)
+
+
+# The three-consumer tile (192 query rows) through the frontend: every row-block boundary it adds (191/192/193,
+# 383/385), the masks, GQA, strides, head dims that run on the 64 kernel, and the backward on its LSE.
+WG3_CASES = [
+    *[dict(b=2, sq=n, sk=n, causal=c) for n in (1, 37, 191, 192, 193, 385, 1000) for c in (False, True)],
+    *[
+        dict(b=1, sq=a, sk=n, causal=c)
+        for a, n in ((203, 37), (37, 203), (1000, 113), (4096, 203))
+        for c in (False, True)
+    ],
+    *[dict(b=1, sq=1000, sk=1000, **f) for f in FEATURES],
+    dict(b=2, sq=500, sk=700, hq=8, hk=1, causal=True),
+    dict(b=2, sq=1000, sk=1000, layout="bhsd", causal=True),
+    dict(b=2, sq=203, sk=1000, d=40, causal=True),
+    dict(b=1, sq=1000, sk=203, d=48, dtype=torch.float16),
+    dict(b=2, sq=1000, sk=1000, hk=2, causal=True, grad=True),
+]
+
+
+@pytest.mark.parametrize("case", range(len(WG3_CASES)))
+def test_three_consumer_tile(monkeypatch, case):
+    monkeypatch.setitem(config.WS_FWD_TILES, 64, config.WS_FWD_ABLATIONS["wg3"])
+    assert config.sm90_ws_fwd_config(64, torch.bfloat16).consumers == 3
+    kw = dict(WG3_CASES[case])
+    b, sq, sk = kw.pop("b"), kw.pop("sq"), kw.pop("sk")
+    hq, hk = kw.pop("hq", 4), kw.pop("hk", 4)
+    d, dtype = kw.pop("d", 64), kw.pop("dtype", torch.bfloat16)
+    _run(b, sq, sk, hq, hk, d, dtype, **kw)

@@ -2,17 +2,19 @@
 // tensors. Same outputs as fwd_sm90.cu (O in the input dtype, natural-log LSE in float32, zeros / -inf for rows
 // that see no key) and the same score features (causal / sliding window, softcap, ALiBi, GQA).
 //
-// A CTA of 3 warpgroups owns BM = 128 query rows of one (batch, head):
+// A CTA of 1 + C warpgroups (C = ATTNKIT_WS_CONSUMERS, 2 or 3) owns BM = 64 C query rows of one (batch, head):
 // - warpgroup 0 is the producer: it gives registers back (setmaxnreg.dec) and one thread issues every copy through
 //   the TMA unit: Q once, then K and V tiles of BN keys into a 2-stage ring. Each stage has a "full" barrier (the
-//   copy's bytes landed) and an "empty" one (both consumer warpgroups are done reading it) for K and for V apart,
+//   copy's bytes landed) and an "empty" one (every consumer warpgroup is done reading it) for K and for V apart,
 //   so S = Q K^T can start before V has landed.
-// - warpgroups 1 and 2 are consumers, 64 query rows each (setmaxnreg.inc): S = Q K^T as wgmma with both operands
+// - warpgroups 1..C are consumers, 64 query rows each (setmaxnreg.inc): S = Q K^T as wgmma with both operands
 //   in shared memory, online softmax in registers, O += P V as wgmma with P from registers.
 // With ATTNKIT_WS_PIPE = 1 a consumer issues S of tile i+1 before it runs the softmax of tile i... in the order
 // that keeps the tensor core busy: issue S_i, issue P_{i-1} V_{i-1}, wait for S_i only (wait_group 1), run the
 // softmax of S_i while P V still runs, then wait for P V and rescale O. With ATTNKIT_WS_PINGPONG = 1 (the default) the
-// two consumers also take turns issuing their GEMMs (named barriers), so one's softmax overlaps the other's GEMMs.
+// consumers also take turns issuing their GEMMs, in a fixed round (named barriers), so one's softmax overlaps the
+// others' GEMMs. Three consumers (FlashAttention-3's head-dim-64 tile, 192 rows) give each softmax two other
+// warpgroups' GEMMs to hide behind, at 160 registers per consumer thread, which only head dim 64's accumulators fit.
 //
 // Tiles land in the 128-byte-swizzle layout the descriptors read (sw128.cuh): each TMA box is 128 bytes of columns
 // x rows with SWIZZLE_128B, which is exactly one slab of that layout. Rows past the sequence end and columns past
@@ -32,8 +34,9 @@
 //   ATTNKIT_FP8            1: float8_e4m3fn inputs (needs ATTNKIT_HEAD_DIM 128 and ATTNKIT_WS_BN 128)
 //   ATTNKIT_OUT_F32        1: float32 output (fp8 only)
 //   ATTNKIT_WS_BN          keys per tile (64 or 128)
+//   ATTNKIT_WS_CONSUMERS   consumer warpgroups (2, or 3 at head dim 64 with 16-bit inputs)
 //   ATTNKIT_WS_PIPE        1: softmax of tile i overlaps the GEMMs of tiles i / i-1 inside a warpgroup
-//   ATTNKIT_WS_PINGPONG    1: the two consumer warpgroups alternate their GEMM issue on named barriers
+//   ATTNKIT_WS_PINGPONG    1: the consumer warpgroups take turns issuing their GEMMs, on named barriers
 //   ATTNKIT_WS_POLY_EXP    0-4: of every 4 column groups of an unmasked tile, how many take their exponentials
 //                          from a polynomial on the float pipes (poly_exp2) instead of the MUFU
 //   ATTNKIT_WS_PRODUCER_REGS / ATTNKIT_WS_CONSUMER_REGS  register budgets handed out by setmaxnreg
@@ -57,6 +60,9 @@
 #endif
 #ifndef ATTNKIT_WS_BN
 #define ATTNKIT_WS_BN 128
+#endif
+#ifndef ATTNKIT_WS_CONSUMERS
+#define ATTNKIT_WS_CONSUMERS 2
 #endif
 #ifndef ATTNKIT_WS_PIPE
 #define ATTNKIT_WS_PIPE 1
@@ -86,9 +92,9 @@ struct WsMma<true, N, BF16> {
     using type = WgmmaE4m3<N>;
 };
 
-template <int D, int BN, bool BF16, bool PIPE, bool PINGPONG, bool FP8, typename Out>
+template <int D, int BN, int CONSUMERS, bool BF16, bool PIPE, bool PINGPONG, bool FP8, typename Out>
 struct FwdWsKernel {
-    static constexpr int BM = 128;
+    static constexpr int BM = 64 * CONSUMERS;
     static constexpr int NTILE = BN / 8;
     static constexpr int DTILE = D / 8;
     static constexpr int ELEM = FP8 ? 1 : 2;            // bytes per input element
@@ -102,8 +108,10 @@ struct FwdWsKernel {
     // Barrier words after the tiles: Q full, K full x2, V full x2, K empty x2, V empty x2.
     static constexpr int N_BARRIERS = 9;
     static constexpr u32 TILE_BYTES = Q_BYTES + 4 * KV_BYTES;
-    // Arrivals that free a stage: lane 0 of each of the 8 consumer warps, after its own warpgroup's wait.
-    static constexpr u32 CONSUMER_ARRIVALS = 8;
+    // Arrivals that free a stage: lane 0 of each consumer warp, after its own warpgroup's wait.
+    static constexpr u32 CONSUMER_ARRIVALS = 4 * CONSUMERS;
+    static_assert(CONSUMERS == 2 || (CONSUMERS == 3 && D == 64 && !FP8),
+                  "three consumer warpgroups (160 registers each) are built for 16-bit head dim 64 only");
     static_assert(D == 64 || D == 128, "the warp-specialised forward is built for head dims 64 and 128");
     static_assert(BN == 64 || BN == 128, "the warp-specialised forward is built for 64 or 128 keys per tile");
     // V^T tiles hold BN keys in one 128-byte row per channel.
@@ -160,7 +168,7 @@ struct FwdWsKernel {
         for (int i = 0; i < n_tiles; ++i) {
             const int st = i & 1;
             const int n0 = (nb_hi - 1 - i) * BN;
-            // Stage st last held tile i - 2: wait until both consumers released it (completion number i/2 - 1).
+            // Stage st last held tile i - 2: wait until every consumer released it (completion number i/2 - 1).
             if (i >= 2) mbar_wait(sm.k_empty(st), ((i >> 1) + 1) & 1);
             mbar_arrive_expect_tx(sm.k_full(st), KV_BYTES);
             load_tile(sm.k(st), BN, tk, sm.k_full(st), n0, hk, b);
@@ -244,14 +252,15 @@ struct FwdWsKernel {
         }
     }
 
-    // Ping-pong turn-taking: consumer c waits on barrier 1 + c before issuing its GEMMs and then lets the other
-    // one go. Consumer 1 opens the first turn for consumer 0 and skips its final hand-over, so every barrier sees
+    // Ping-pong turn-taking: consumer c waits on barrier 1 + c before issuing its GEMMs and then lets consumer
+    // c + 1 (mod CONSUMERS) go; each barrier joins the waiting warpgroup and the one handing over (256 threads).
+    // The last consumer opens the first turn for consumer 0 and skips its final hand-over, so every barrier sees
     // exactly as many arrivals as waits.
     static __device__ __forceinline__ void turn_begin(int cwg) {
         if (PINGPONG) named_sync(1 + cwg, 256);
     }
     static __device__ __forceinline__ void turn_end(int cwg, bool last) {
-        if (PINGPONG && !(last && cwg == 1)) named_arrive(2 - cwg, 256);
+        if (PINGPONG && !(last && cwg == CONSUMERS - 1)) named_arrive(1 + (cwg + 1) % CONSUMERS, 256);
     }
 
     static __device__ __forceinline__ void release(u32 bar, int lane) {
@@ -280,7 +289,7 @@ struct FwdWsKernel {
         float row_sum[1][2] = {{0.f, 0.f}};
         float alpha[1][2];
 
-        if (PINGPONG && cwg == 1) named_arrive(1, 256);
+        if (PINGPONG && cwg == CONSUMERS - 1) named_arrive(1, 256);
         if (n_tiles > 0) {
             const u32 q_wg = sm.q() + (u32)cwg * (64 * SLAB);
             auto need_mask = [&](int n0) {
@@ -379,7 +388,7 @@ struct FwdWsKernel {
                 fence_p(p);
             }
         } else if (PINGPONG && cwg == 0) {
-            named_sync(1, 256);  // consume consumer 1's opening arrival so no barrier is left half-arrived
+            named_sync(1, 256);  // consume the last consumer's opening arrival so no barrier is left half-arrived
         }
         Softmax::template finish<BF16>(acc_o, row_max, row_sum, og, o_row_stride, lg, wrow, rows_q, d, lane,
                                        out_scale);
@@ -454,7 +463,7 @@ typedef ak::u16 AttnkitWsOut;
 // rows, 128-byte swizzle; fp8 v as V^T: keys, dim, heads, batch, box BN x 128); o and lse as pointers with element
 // strides (o: batch, row, head; lse: batch, head). The descales (fp8 only; null otherwise) are float32 (batch, KV
 // heads), contiguous.
-extern "C" __global__ void __launch_bounds__(384, 1)
+extern "C" __global__ void __launch_bounds__(128 * (ATTNKIT_WS_CONSUMERS + 1), 1)
     attnkit_fwd_sm90_ws(const __grid_constant__ ak::TmaMap tq, const __grid_constant__ ak::TmaMap tk,
                         const __grid_constant__ ak::TmaMap tv, AttnkitWsOut* o, float* lse, const float* alibi,
                         const float* q_descale, const float* k_descale, const float* v_descale,
@@ -465,7 +474,8 @@ extern "C" __global__ void __launch_bounds__(384, 1)
     const ak::ScoreParams sp =
         ak::make_score_params(scale_log2, cap_pre, cap_post, use_softcap, use_alibi, window_left, window_right);
     const float* const descales[3] = {q_descale, k_descale, v_descale};
-    ak::FwdWsKernel<ATTNKIT_HEAD_DIM, ATTNKIT_WS_BN, ATTNKIT_BF16 != 0, ATTNKIT_WS_PIPE != 0, ATTNKIT_WS_PINGPONG != 0,
-                    ATTNKIT_FP8 != 0, AttnkitWsOut>::run(&tq, &tk, &tv, o, lse, alibi, descales, strides, seqlen_q,
-                                                         seqlen_k, group, d, alibi_sb, sp);
+    ak::FwdWsKernel<ATTNKIT_HEAD_DIM, ATTNKIT_WS_BN, ATTNKIT_WS_CONSUMERS, ATTNKIT_BF16 != 0, ATTNKIT_WS_PIPE != 0,
+                    ATTNKIT_WS_PINGPONG != 0, ATTNKIT_FP8 != 0, AttnkitWsOut>::run(&tq, &tk, &tv, o, lse, alibi,
+                                                                                   descales, strides, seqlen_q,
+                                                                                   seqlen_k, group, d, alibi_sb, sp);
 }
