@@ -409,7 +409,12 @@ def _last(inputs: list[torch.Tensor], sink: torch.Tensor | None) -> torch.Tensor
 
 
 # Unit roundoff of the output dtypes whose rounding enters the backward's delta.
-_OUT_ROUNDING = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+# Per unit of sum_d |dout| |out| of a row: the rounding that dP - delta keeps where it cancels. 16-bit: the stored
+# output's rounding. float32: the products' own (dP and delta are float32 dots over the head dim, |dout| |v| sqrt(D)
+# 2^-22 per row, see ATOL), which adds up over the rows of one key's dk: the GPU fuzzer (H100, 2026-12-06) found
+# dk 2.0e-4 > 1.4e-4 at a key that 2048 query rows see alone (head dim 224); a float32 emulation of that order of
+# operations gives 9.4e-5 where float64 gives 1e-13 (tests/test_fuzz.py).
+_OUT_ROUNDING = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11, torch.float32: 2.0**-22}
 _SIGMAS = 6.0  # of the dk bound's statistical term
 
 
@@ -430,7 +435,7 @@ def _delta_slack(probs: torch.Tensor, q: torch.Tensor, k: torch.Tensor, exact: t
     ``|dq_i error| <= scale e_i sum_j P_ij |k_j|``; ``dk_j`` sums the independent row errors ``scale P_ij q_i
     delta_i error`` (over a GQA group too), bounded by the smaller of their absolute sum and ``_SIGMAS`` standard
     deviations (each rounding uniform within ``u |out|``). ``probs``: :func:`_probabilities` (P without dropout:
-    the rounding multiplies P, not the dropped probabilities). None for float32 (negligible)."""
+    the rounding multiplies P, not the dropped probabilities)."""
     unit = _OUT_ROUNDING.get(dtype)
     if unit is None:
         return None
@@ -526,7 +531,7 @@ def _check_varlen(case: Case, name: str, device: torch.device) -> list[str]:
 
 
 def _varlen_delta_slack(case: Case, q, k, exact, dout, cq: list[int], ck: list[int], slopes, sink) -> tuple:
-    """:func:`_delta_slack` of each sequence of a varlen case, packed like dq and dk; (None, None) for float32."""
+    """:func:`_delta_slack` of each sequence of a varlen case, packed like dq and dk."""
     if case.dtype not in _OUT_ROUNDING:
         return None, None
     sink64 = None if sink is None else sink.double()

@@ -286,3 +286,47 @@ def test_a_lost_cuda_context_stops_the_worker_with_its_summary(monkeypatch):
     merged = fuzz.Summary()
     merged.merge(summary)
     assert merged.lost_at == [14]
+
+
+def test_float32_one_key_gradients_allow_the_products_rounding():
+    """Found by the GPU fuzzer (H100, 2026-12-06, seed 407906485): float32 varlen, a key that 2048 query rows see
+    alone (head dim 224), triton_cuda's dk 2.0e-4 > 1.4e-4. There dS = dP - delta cancels, and what is left is the
+    float32 rounding of the two head-dim dots, which plain PyTorch (whose softmax backward cancels exactly) never
+    forms, summed over the rows. Here the fused order of operations is emulated in float32: dP = dout . v and
+    delta = dout . out with out = v (one key). Its dk error exceeds the float32 floor, and the judge's per-element
+    slack (fuzz._delta_slack) covers it. An error past that slack is still caught."""
+    from attnkit.fuzz import _Judge
+    from attnkit.testing import max_abs_error
+
+    gen = torch.Generator().manual_seed(7)
+    rows, group, d, scale = 4096, 2, 224, 0.176
+    q = torch.randn(rows, group, d, generator=gen)
+    k = torch.randn(1, 1, d, generator=gen)
+    v = torch.randn(1, 1, d, generator=gen)
+    dout = torch.randn(rows, group, d, generator=gen)
+
+    def fused_dk(dt: torch.dtype) -> torch.Tensor:
+        v_rows = v.to(dt).expand(rows, group, d)  # out = v: the one key has probability 1
+        dp = torch.einsum("ihd,hd->ih", dout.to(dt), v[0].to(dt).expand(group, d))
+        delta = (dout.to(dt) * v_rows).sum(-1)
+        ds = dp - delta
+        return scale * torch.einsum("ih,ihd->d", ds, q.to(dt))[None, None]
+
+    fast, exact = fused_dk(torch.float32), torch.zeros(1, 1, d, dtype=torch.float64)
+    plain = torch.zeros(1, 1, d)  # autograd's softmax backward cancels exactly at one key
+    assert max_abs_error(fused_dk(torch.float64), exact) < 1e-12
+    assert max_abs_error(fast, exact) > fuzz.GRAD_ATOL[torch.float32]
+    probs = torch.ones(1, rows, group, 1, dtype=torch.float64)
+    out = v.double().expand(rows, group, d)
+    _, slack_dk = fuzz._delta_slack(probs, q[None], k[None], out[None], dout[None], scale, torch.float32)
+    without = _Judge(torch.float32, "x")
+    without.rule("dk", fast, exact, plain, 3.0)
+    assert without.failures
+    judged = _Judge(torch.float32, "x")
+    judged.rule("dk", fast, exact, plain, 3.0, slack=slack_dk[0])
+    assert judged.failures == []
+    past = fast.clone()
+    past[0, 0, 5] += float(slack_dk[0][0, 0, 5]) + 2 * fuzz.GRAD_ATOL[torch.float32]
+    caught = _Judge(torch.float32, "x")
+    caught.rule("dk", past, exact, plain, 3.0, slack=slack_dk[0])
+    assert caught.failures and caught.failures[0].startswith("dk: max error")
