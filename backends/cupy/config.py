@@ -581,10 +581,8 @@ def fp8_vt_grid(keys_padded: int, heads_k: int, batch: int) -> tuple[int, int, i
     return (-(-keys_padded // FP8_VT_KEYS_PER_CTA), heads_k, batch)
 
 
-def ws_fwd_ablations(head_dim: int) -> dict[str, dict[str, object]]:
-    """The WS_FWD_ABLATIONS variants (changes of that head dim's default) the 16-bit forward of kernel head dim
-    ``head_dim`` can be built with (three consumer warpgroups exist at head dim 64 only)."""
-    base = sm90_ws_fwd_config(head_dim, torch.bfloat16)
+def _ws_fwd_ablations_of(base: Sm90WsFwdConfig) -> dict[str, dict[str, object]]:
+    """The WS_FWD_ABLATIONS rows that are valid changes of ``base``."""
     valid = {}
     for name, change in WS_FWD_ABLATIONS.items():
         try:
@@ -593,16 +591,14 @@ def ws_fwd_ablations(head_dim: int) -> dict[str, dict[str, object]]:
             continue
         valid[name] = change
     return valid
+
+
+def ws_fwd_ablations(head_dim: int) -> dict[str, dict[str, object]]:
+    """The WS_FWD_ABLATIONS variants (changes of that head dim's default) the 16-bit forward of kernel head dim
+    ``head_dim`` can be built with (three consumer warpgroups exist at head dim 64 only)."""
+    return _ws_fwd_ablations_of(sm90_ws_fwd_config(head_dim, torch.bfloat16))
 
 
 def fp8_ws_ablations() -> dict[str, dict[str, object]]:
     """The WS_FWD_ABLATIONS variants the fp8 forward can be built with (its key tile is fixed at 128)."""
-    base = fp8_ws_fwd_config(FP8_WS_HEAD_DIM, torch.bfloat16)
-    valid = {}
-    for name, change in WS_FWD_ABLATIONS.items():
-        try:
-            dataclasses.replace(base, **change)
-        except InvalidArgumentError:
-            continue
-        valid[name] = change
-    return valid
+    return _ws_fwd_ablations_of(fp8_ws_fwd_config(FP8_WS_HEAD_DIM, torch.bfloat16))
