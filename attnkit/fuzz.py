@@ -408,7 +408,6 @@ def _last(inputs: list[torch.Tensor], sink: torch.Tensor | None) -> torch.Tensor
     return None if sink is None else inputs[-1]
 
 
-# Unit roundoff of the output dtypes whose rounding enters the backward's delta.
 # Per unit of sum_d |dout| |out| of a row: the rounding that dP - delta keeps where it cancels. 16-bit: the stored
 # output's rounding. float32: the products' own (dP and delta are float32 dots over the head dim, |dout| |v| sqrt(D)
 # 2^-22 per row, see ATOL), which adds up over the rows of one key's dk: the GPU fuzzer (H100, 2026-12-06) found

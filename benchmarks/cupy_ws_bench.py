@@ -185,7 +185,7 @@ def main() -> int:
     checks: dict[str, dict] = {}
     for name, kw in variants.items():
         shapes = [s for s in CHECK_SHAPES if name in _variants(s[4])]
-        ok, lines = check(_ws(kw), shapes if name == "default" else shapes[:3])
+        ok, lines = check(_ws(kw), shapes if name == "default" else [s for s in CHECK_SHAPES[1:4] if s in shapes])
         checks[f"ws:{name}"] = {"ok": ok, "lines": lines}
         print(f"check ws:{name}: {'ok' if ok else 'FAIL'}", *lines, sep="\n  ", flush=True)
     ok, lines = check(_attnkit(tma=True), CHECK_SHAPES[:2])

@@ -145,7 +145,7 @@ class Sm90WsFwdConfig:
     at head dim 64) consumer warpgroups of 64 query rows each (BM = 64 x consumers), K/V in a 2-stage ring of
     ``block_n``-key tiles.
 
-    ``pipeline`` (softmax of tile i overlapping the GEMMs inside a warpgroup) and ``pingpong`` (the two consumers
+    ``pipeline`` (softmax of tile i overlapping the GEMMs inside a warpgroup) and ``pingpong`` (the consumers
     taking turns on named barriers) are compile-time switches, so one GPU run can time each lever."""
 
     head_dim: int  # kernel head dim: 64 or 128
