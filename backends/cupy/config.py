@@ -260,11 +260,11 @@ WS_FWD_ABLATIONS: dict[str, dict[str, object]] = {
     "no-pipe": {"pipeline": False},
     "no-pipe+no-pingpong": {"pipeline": False, "pingpong": False},
     "bn64": {"block_n": 64},
-    # FlashAttention-3's head-dim-64 row count: 192 query rows in three consumer warpgroups (producer 24 registers
-    # per thread, consumers 160: 128 x (24 + 3 x 160) <= 512 x 128), on 64-key tiles: with 128-key tiles this
-    # consumer needs more than 192 registers (nvcc 13.0 spills at 160-192; the two-consumer default has 240).
-    # H100: 0.87-0.99x the default, but 1.11-1.22x two consumers on 64-key tiles (NOTES-cupy.md).
-    "wg3": {"consumers": 3, "consumer_regs": 160, "block_n": 64},
+    # FlashAttention-3's head-dim-64 tile: 192 query rows in three consumer warpgroups (producer 24 registers per
+    # thread, consumers 160: 128 x (24 + 3 x 160) <= 512 x 128) on 128-key tiles. The consumer fits 160 registers
+    # because every tile takes one exponential path (softmax.cuh, OnlineSoftmax::probs); on 64-key tiles it ran
+    # 0.87-0.99x the default on an H100 (NOTES-cupy.md).
+    "wg3": {"consumers": 3, "consumer_regs": 160},
     # Exponentials of unmasked tiles partly on the float pipes (poly_exp2): 1 or 2 column groups of every 4.
     "poly-exp-1": {"poly_exp": 1},
     "poly-exp-2": {"poly_exp": 2},

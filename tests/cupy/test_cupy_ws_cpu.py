@@ -44,13 +44,13 @@ def test_default_config_numbers():
 
 
 def test_three_consumer_warpgroups():
-    """FlashAttention-3's head-dim-64 row count: 192 query rows in three consumers, 512 threads, 160 registers
-    each, with 64-key tiles (the 128-key ones spill at 160 registers)."""
+    """FlashAttention-3's head-dim-64 tile: 192 query rows in three consumers, 512 threads, 160 registers each,
+    128-key tiles."""
     cfg = config.Sm90WsFwdConfig(64, True, **config.WS_FWD_ABLATIONS["wg3"])
-    assert (cfg.consumers, cfg.block_m, cfg.block_n, cfg.threads) == (3, 192, 64, 512)
+    assert (cfg.consumers, cfg.block_m, cfg.block_n, cfg.threads) == (3, 192, 128, 512)
     assert (cfg.producer_regs, cfg.consumer_regs) == (24, 160)
-    # Q 24 KB + 2 stages of K and V at 8 KB each + 9 barriers + 1 KB alignment slack.
-    assert cfg.smem_bytes == (192 + 4 * 64) * 64 * 2 + 72 + 1024 <= H200_SMEM
+    # Q 24 KB + 2 stages of K and V at 16 KB each + 9 barriers + 1 KB alignment slack.
+    assert cfg.smem_bytes == (192 + 4 * 128) * 64 * 2 + 72 + 1024 <= H200_SMEM
     assert cfg.grid(1000, 16, 3) == (6, 16, 3) and cfg.grid(192, 1, 1) == (1, 1, 1) and cfg.grid(193, 1, 1)[0] == 2
     assert cfg.defines()["ATTNKIT_WS_CONSUMERS"] == 3 and cfg.defines()["ATTNKIT_WS_CONSUMER_REGS"] == 160
     # Two consumers keep the module key they always had (no ATTNKIT_WS_CONSUMERS define).

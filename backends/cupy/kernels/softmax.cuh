@@ -33,12 +33,61 @@ struct OnlineSoftmax {
                 }
     }
 
-    // Probability step for a tile where every key is visible and the score is plain q.k * scale: the row max is
-    // taken on the raw dot products and the scale folded into one FMA before ex2. s becomes P; alpha returns the
-    // factor the output accumulator must be scaled by.
-    static __device__ __forceinline__ void plain_probs(float (&s)[MT][NTILE][4], float (&row_max)[MT][2],
-                                                       float (&row_sum)[MT][2], float (&alpha)[MT][2],
-                                                       float scale_log2) {
+    // Scores of one tile in place, in the log2 domain, with softcap and ALiBi (transform_score); only for score
+    // transforms other than the plain scale.
+    static __device__ __forceinline__ void transform_scores(float (&s)[MT][NTILE][4], int n0, int row0, int lane,
+                                                            int shift, const ScoreParams& sp) {
+#pragma unroll
+        for (int t = 0; t < MT; ++t)
+#pragma unroll
+            for (int hh = 0; hh < 2; ++hh) {
+                const int row = row0 + t * 16 + (lane >> 2) + hh * 8;
+#pragma unroll
+                for (int j = 0; j < NTILE; ++j)
+#pragma unroll
+                    for (int e = 0; e < 2; ++e) {
+                        float th;
+                        const int col = n0 + j * 8 + 2 * (lane & 3) + e;
+                        s[t][j][2 * hh + e] = transform_score(s[t][j][2 * hh + e], row, col, shift, sp, th);
+                    }
+            }
+    }
+
+    // Scores of keys a row cannot see become -inf, in place. Each row's visible keys are one range [lo, hi)
+    // (visible() in common.cuh), so an element costs two compares against constants. Scores may still be raw
+    // q.k here: the plain scale is positive, so -inf stays -inf through it.
+    static __device__ __forceinline__ void mask_scores(float (&s)[MT][NTILE][4], int n0, int row0, int lane,
+                                                       int shift, const SeqInfo& si, const ScoreParams& sp) {
+        // Windows wider than the sequences are unbounded; clamping them keeps the bounds' arithmetic in range.
+        const int wl = min(sp.window_left, si.sk), wr = min(sp.window_right, si.sq);
+        const int c0 = n0 + 2 * (lane & 3);
+#pragma unroll
+        for (int t = 0; t < MT; ++t)
+#pragma unroll
+            for (int hh = 0; hh < 2; ++hh) {
+                const int row = row0 + t * 16 + (lane >> 2) + hh * 8;
+                int lo = wl >= 0 ? row + shift - wl : 0;
+                int hi = wr >= 0 ? min(si.sk, row + shift + wr + 1) : si.sk;
+                if (row >= si.sq) hi = lo;
+                lo -= c0;  // bounds relative to the thread's first key, so the keys below are constants
+                hi -= c0;
+#pragma unroll
+                for (int j = 0; j < NTILE; ++j)
+#pragma unroll
+                    for (int e = 0; e < 2; ++e) {
+                        const int k = j * 8 + e;
+                        if (k < lo || k >= hi) s[t][j][2 * hh + e] = -AK_INF;
+                    }
+            }
+    }
+
+    // Row max, probabilities exp2(s * scale - max) and row sums of one tile; alpha returns the factor the output
+    // accumulator must be scaled by. A row with nothing visible so far keeps max -inf and subtracts 0 instead
+    // (no inf - inf). POLY: take POLY_QUARTERS of every 4 column groups' exponentials from poly_exp2, which is
+    // exact only where no score is -inf.
+    template <bool POLY>
+    static __device__ __forceinline__ void exp_step(float (&s)[MT][NTILE][4], float (&row_max)[MT][2],
+                                                    float (&row_sum)[MT][2], float (&alpha)[MT][2], float scale) {
 #pragma unroll
         for (int t = 0; t < MT; ++t) {
 #pragma unroll
@@ -48,63 +97,9 @@ struct OnlineSoftmax {
                 for (int j = 0; j < NTILE; ++j) mx = fmaxf(mx, fmaxf(s[t][j][2 * hh], s[t][j][2 * hh + 1]));
                 mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
                 mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-                const float m_new = fmaxf(row_max[t][hh], mx * scale_log2);
-                alpha[t][hh] = fast_exp2(row_max[t][hh] - m_new);  // ex2(-inf) = 0 on the first tile
-                row_max[t][hh] = m_new;
-                const float m_base = exp_base(m_new);
-                float sum = 0.f;
-#pragma unroll
-                for (int j = 0; j < NTILE; ++j)
-#pragma unroll
-                    for (int e = 0; e < 2; ++e) {
-                        const float x = fmaf(s[t][j][2 * hh + e], scale_log2, -m_base);
-                        const float p = (j % 4 < POLY_QUARTERS) ? poly_exp2(x) : fast_exp2(x);
-                        s[t][j][2 * hh + e] = p;
-                        sum += p;
-                    }
-                row_sum[t][hh] = row_sum[t][hh] * alpha[t][hh] + sum;
-            }
-        }
-    }
-
-    // Probability step with per-element visibility where `need_mask` (always for FULL = false) and, for FULL, the
-    // full score transform (softcap, ALiBi; otherwise the plain scale). `row0` is the sequence position of this
-    // warp's first row.
-    template <bool FULL>
-    static __device__ __forceinline__ void generic_probs(float (&s)[MT][NTILE][4], float (&row_max)[MT][2],
-                                                         float (&row_sum)[MT][2], float (&alpha)[MT][2], int n0,
-                                                         int row0, int lane, bool need_mask, int shift,
-                                                         const SeqInfo& si, const ScoreParams& sp) {
-#pragma unroll
-        for (int t = 0; t < MT; ++t) {
-#pragma unroll
-            for (int hh = 0; hh < 2; ++hh) {
-                const int row = row0 + t * 16 + (lane >> 2) + hh * 8;
-                float mx = -AK_INF;
-#pragma unroll
-                for (int j = 0; j < NTILE; ++j)
-#pragma unroll
-                    for (int e = 0; e < 2; ++e) {
-                        const int col = n0 + j * 8 + 2 * (lane & 3) + e;
-                        float x;
-                        if (FULL) {
-                            float th;
-                            x = transform_score(s[t][j][2 * hh + e], row, col, shift, sp, th);
-                        } else {
-                            x = s[t][j][2 * hh + e] * sp.scale_log2;
-                        }
-                        if ((!FULL || need_mask) &&
-                            !visible(row, col, shift, si.sq, si.sk, sp.window_left, sp.window_right))
-                            x = -AK_INF;
-                        s[t][j][2 * hh + e] = x;
-                        mx = fmaxf(mx, x);
-                    }
-                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-                const float m_new = fmaxf(row_max[t][hh], mx);
-                // A row with nothing visible so far keeps max -inf; subtracting 0 instead avoids inf-inf.
+                const float m_new = fmaxf(row_max[t][hh], mx * scale);
                 const float m_use = m_new == -AK_INF ? 0.f : m_new;
-                alpha[t][hh] = fast_exp2(row_max[t][hh] - m_use);
+                alpha[t][hh] = fast_exp2(row_max[t][hh] - m_use);  // ex2(-inf) = 0 on the first tile
                 row_max[t][hh] = m_new;
                 const float m_base = exp_base(m_use);
                 float sum = 0.f;
@@ -112,7 +107,8 @@ struct OnlineSoftmax {
                 for (int j = 0; j < NTILE; ++j)
 #pragma unroll
                     for (int e = 0; e < 2; ++e) {
-                        const float p = fast_exp2(s[t][j][2 * hh + e] - m_base);
+                        const float x = fmaf(s[t][j][2 * hh + e], scale, -m_base);
+                        const float p = (POLY && j % 4 < POLY_QUARTERS) ? poly_exp2(x) : fast_exp2(x);
                         s[t][j][2 * hh + e] = p;
                         sum += p;
                     }
@@ -121,19 +117,22 @@ struct OnlineSoftmax {
         }
     }
 
-    // One tile's probability step with the cheapest path that is exact for it: `plain_scores` (no softcap/ALiBi,
-    // positive scale) and no mask take plain_probs(); a masked tile of plain scores the mask-only generic path;
-    // anything else the full transform. The branch is uniform per tile, so only boundary tiles pay per element.
+    // One tile's probability step: s holds raw q.k on entry and P on exit. `plain_scores` (no softcap/ALiBi,
+    // positive scale) folds the scale into the exponent's FMA; other scores are transformed in place first.
+    // `need_mask` applies the mask in place; it is uniform per tile, so only boundary tiles pay per element.
+    // Every tile then runs one exponential path: the consumers of the three-warpgroup forward fit their 160
+    // registers only with a single path (three separate ones spilled 508 bytes, nvcc 13.0).
     static __device__ __forceinline__ void probs(float (&s)[MT][NTILE][4], float (&row_max)[MT][2],
                                                  float (&row_sum)[MT][2], float (&alpha)[MT][2], int n0, int row0,
                                                  int lane, bool plain_scores, bool need_mask, int shift,
                                                  const SeqInfo& si, const ScoreParams& sp) {
-        if (!plain_scores)
-            generic_probs<true>(s, row_max, row_sum, alpha, n0, row0, lane, need_mask, shift, si, sp);
-        else if (need_mask)
-            generic_probs<false>(s, row_max, row_sum, alpha, n0, row0, lane, true, shift, si, sp);
+        if (!plain_scores) transform_scores(s, n0, row0, lane, shift, sp);
+        if (need_mask) mask_scores(s, n0, row0, lane, shift, si, sp);
+        const float scale = plain_scores ? sp.scale_log2 : 1.f;
+        if (POLY_QUARTERS > 0 && plain_scores && !need_mask)
+            exp_step<true>(s, row_max, row_sum, alpha, scale);
         else
-            plain_probs(s, row_max, row_sum, alpha, sp.scale_log2);
+            exp_step<false>(s, row_max, row_sum, alpha, scale);
     }
 
     // Probability step and rescale in one (the unpipelined kernels).
