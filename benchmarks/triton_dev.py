@@ -2,7 +2,7 @@
 
 Subcommands
   xcompile [--dims 64,128] [--dtypes bf16,fp32]   compile every tile for sm_90 WITHOUT a GPU (fake driver) and
-                                                  print registers / stack (spills) / shared memory / TMA use
+           [--masks causal,left,right,band,none]  print registers / stack (spills) / shared memory / TMA use
   gputests [--procs N] [--keyword K]              run every GPU test but tests/cupy's (or those -k K selects) in N
                                                   parallel shards
   precompile [--procs N]                          fill triton's cache with every autotune candidate of the
@@ -55,6 +55,7 @@ def main() -> int:
     p = sub.add_parser("xcompile")
     p.add_argument("--dims", default="64,128,256")
     p.add_argument("--dtypes", default="bf16")
+    p.add_argument("--masks", default="causal", help="comma list of causal, none, left, right, band")
     p = sub.add_parser("gputests")
     p.add_argument("--procs", type=int, default=4)
     p.add_argument("--keyword", default="", help="only the tests pytest's -k selects")

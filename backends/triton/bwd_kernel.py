@@ -261,14 +261,18 @@ def attn_bwd_dkdv(
             False, BLOCK_M, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV,
             HAS_WL, HAS_WR, SOFTCAP, ALIBI, DROPOUT, PIECEWISE, UPCAST, DOT_PREC, IDX64, USE_TMA,
         )
-        dk, dv, dk2 = _dkdv_query_blocks(
-            dk, dv, dk2, k, v, k2, Q_src, Q2_base, DO_src, Lse + l_off, Delta + l_off,
-            sqm, sqd, sq2m, sq2d, sdom, sdod, slm,
-            lo, full_lo, cols, offs_m, offs_d, offs_dv, sq, sk,
-            qk_scale, cap_in, cap_out, window_left, window_right, slope, dropout_p, seed, bh, dist_threshold,
-            True, BLOCK_M, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV,
-            HAS_WL, HAS_WR, SOFTCAP, ALIBI, DROPOUT, PIECEWISE, UPCAST, DOT_PREC, IDX64, USE_TMA,
-        )
+        # [lo, full_lo) holds the query blocks that a right window (causal included) cuts; without one it is
+        # empty. Skipping it at compile time also keeps triton 3.6's ptxas (CUDA 12.8) from
+        # crashing (SIGSEGV) on the TMA tiles of a left-only window (fuzz seed 1494357207, NOTES-triton.md).
+        if HAS_WR:
+            dk, dv, dk2 = _dkdv_query_blocks(
+                dk, dv, dk2, k, v, k2, Q_src, Q2_base, DO_src, Lse + l_off, Delta + l_off,
+                sqm, sqd, sq2m, sq2d, sdom, sdod, slm,
+                lo, full_lo, cols, offs_m, offs_d, offs_dv, sq, sk,
+                qk_scale, cap_in, cap_out, window_left, window_right, slope, dropout_p, seed, bh, dist_threshold,
+                True, BLOCK_M, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV,
+                HAS_WL, HAS_WR, SOFTCAP, ALIBI, DROPOUT, PIECEWISE, UPCAST, DOT_PREC, IDX64, USE_TMA,
+            )
         dk, dv, dk2 = _dkdv_query_blocks(
             dk, dv, dk2, k, v, k2, Q_src, Q2_base, DO_src, Lse + l_off, Delta + l_off,
             sqm, sqd, sq2m, sq2d, sdom, sdod, slm,

@@ -12,6 +12,15 @@ import subprocess
 import tempfile
 import time
 
+# The masks xcompile can build each tile for (AttentionParams fields): every window side a kernel special-cases.
+MASKS: dict[str, dict[str, object]] = {
+    "causal": {"causal": True, "window_right": 0},
+    "none": {},
+    "left": {"window_left": 92},
+    "right": {"window_right": 40},
+    "band": {"window_left": 92, "window_right": 40},
+}
+
 
 def xcompile(args: argparse.Namespace) -> None:
     os.environ.pop("TRITON_INTERPRET", None)
@@ -54,7 +63,12 @@ def xcompile(args: argparse.Namespace) -> None:
 
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
     print(f"triton {triton.__version__}, target sm_90")
-    for d, dname in itertools.product([int(x) for x in args.dims.split(",")], args.dtypes.split(",")):
+    for mask in args.masks.split(","):
+        if mask not in MASKS:
+            raise SystemExit(f"xcompile: unknown mask {mask!r}; expected some of {sorted(MASKS)}")
+    for mask, d, dname in itertools.product(
+        args.masks.split(","), [int(x) for x in args.dims.split(",")], args.dtypes.split(",")
+    ):
         dtype = dtypes[dname]
         cands = {kind: configs.candidates(kind, "nvidia", d, dtype.itemsize, tma=True) for kind in configs.KINDS}
         original_default = configs.default
@@ -63,7 +77,7 @@ def xcompile(args: argparse.Namespace) -> None:
             fastpath.ENABLED = False  # every candidate must go through the JIT (and compile)
             compiled.clear()
             q, k, v = (torch.randn(1, 256, 2, d, dtype=dtype) for _ in range(3))
-            params = AttentionParams(softmax_scale=0.1, causal=True, window_right=0)
+            params = AttentionParams(softmax_scale=0.1, **MASKS[mask])
             out, lse = launch.forward(q, k, v, None, params, None, "nvidia")
             launch.backward(out, q, k, v, out, lse, None, params, None, "nvidia")
             for name, kw, kernel, err in compiled:
@@ -71,7 +85,7 @@ def xcompile(args: argparse.Namespace) -> None:
                 if kind is None or i >= len(cands[kind]):
                     continue
                 tile = (
-                    f"d={d} {dname} {kind:4s} BM={kw['BLOCK_M']:<3} BN={kw['BLOCK_N']:<3} "
+                    f"{mask} d={d} {dname} {kind:4s} BM={kw['BLOCK_M']:<3} BN={kw['BLOCK_N']:<3} "
                     f"w={kw['num_warps']} s={kw['num_stages']} tma={int(kw['USE_TMA'])}"
                 )
                 print(tile, err if err else resources(kernel))
