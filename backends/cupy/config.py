@@ -250,9 +250,11 @@ FP8_VT_KEY_BLOCK = 32
 FP8_VT_THREADS = 256
 FP8_VT_KEYS_PER_CTA = 64
 SM90_WS_MIN_HEAD_DIM = 33
-# At kernel head dim 64 the warp-specialised forward overtakes fwd_sm90 only from 8k keys on (ping-pong on:
-# 403-419 vs 386-398 TFLOP/s non-causal at 8k/16k, 259-363 vs 306-380 at 2k-8k causal; same H200 run as above).
-SM90_WS_D64_MIN_SEQLEN_K = 8192
+# At kernel head dim 64 the warp-specialised forward serves calls from 2k keys on. With two consumers it overtook
+# fwd_sm90 only from 8k keys (H200, 2026-12-02); on an H100 (2026-12-06) it already led at 2k (383 vs 361 TFLOP/s
+# non-causal, 295 vs 290 causal), and the three-consumer tile runs 1.09-1.22x it at 4k-16k. Shorter calls, where
+# 192-row blocks idle most SMs, were not measured and keep fwd_sm90.
+SM90_WS_D64_MIN_SEQLEN_K = 2048
 # The warp-specialised forward's schedule variants that the benchmark times against the default (each is a
 # change of Sm90WsFwdConfig fields); the GPU tests, the nvcc build test and the precompile list use the same table.
 WS_FWD_ABLATIONS: dict[str, dict[str, object]] = {
@@ -265,12 +267,16 @@ WS_FWD_ABLATIONS: dict[str, dict[str, object]] = {
     # because every tile takes one exponential path (softmax.cuh, OnlineSoftmax::probs); on 64-key tiles it ran
     # 0.87-0.99x the default on an H100 (NOTES-cupy.md).
     "wg3": {"consumers": 3, "consumer_regs": 160},
+    # Two consumers of 240 registers, 128 rows: the head-dim-64 default until the three-consumer tile fit.
+    "wg2": {"consumers": 2, "consumer_regs": 240},
     # Exponentials of unmasked tiles partly on the float pipes (poly_exp2): 1 or 2 column groups of every 4.
     "poly-exp-1": {"poly_exp": 1},
     "poly-exp-2": {"poly_exp": 2},
 }
-# The 16-bit forward's tile and schedule by kernel head dim (changes of the Sm90WsFwdConfig defaults).
-WS_FWD_TILES: dict[int, dict[str, object]] = {64: {}, 128: {}}
+# The 16-bit forward's tile and schedule by kernel head dim (changes of the Sm90WsFwdConfig defaults). Head dim 64
+# runs FlashAttention-3's 192 x 128 tile: 1.12-1.22x two consumers non-causal and 1.09-1.14x causal at 4k-16k
+# (H100, benchmarks/results/h100_2026-12-06_s15/, NOTES-cupy.md).
+WS_FWD_TILES: dict[int, dict[str, object]] = {64: WS_FWD_ABLATIONS["wg3"], 128: {}}
 
 SM_REGISTERS = 65536
 
@@ -582,14 +588,15 @@ def fp8_vt_grid(keys_padded: int, heads_k: int, batch: int) -> tuple[int, int, i
 
 
 def _ws_fwd_ablations_of(base: Sm90WsFwdConfig) -> dict[str, dict[str, object]]:
-    """The WS_FWD_ABLATIONS rows that are valid changes of ``base``."""
+    """The WS_FWD_ABLATIONS rows that are valid changes of ``base`` and differ from it."""
     valid = {}
     for name, change in WS_FWD_ABLATIONS.items():
         try:
-            dataclasses.replace(base, **change)
+            changed = dataclasses.replace(base, **change)
         except InvalidArgumentError:
             continue
-        valid[name] = change
+        if changed != base:  # a row that names the default itself (wg3 at head dim 64) is no ablation of it
+            valid[name] = change
     return valid
 
 

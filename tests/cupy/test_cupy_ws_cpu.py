@@ -56,7 +56,10 @@ def test_three_consumer_warpgroups():
     # Two consumers keep the module key they always had (no ATTNKIT_WS_CONSUMERS define).
     assert "ATTNKIT_WS_CONSUMERS" not in config.Sm90WsFwdConfig(64, True).defines()
     assert config.ws_cta_registers(384) == 384 * 168 and config.ws_cta_registers(512) == 512 * 128
-    assert "wg3" in config.ws_fwd_ablations(64) and "wg3" not in config.ws_fwd_ablations(128)
+    # Head dim 64's default is the three-consumer tile, so its ablations list the two-consumer one instead.
+    assert config.sm90_ws_fwd_config(64, torch.bfloat16) == cfg
+    assert "wg3" not in config.ws_fwd_ablations(64) and "wg2" in config.ws_fwd_ablations(64)
+    assert "wg3" not in config.ws_fwd_ablations(128) and "wg2" not in config.ws_fwd_ablations(128)
     assert "wg3" not in config.fp8_ws_ablations()
 
 
@@ -128,7 +131,7 @@ def test_bad_tma_switch_is_rejected(monkeypatch):
 
 @pytest.mark.parametrize(
     ("head_dim", "seqlen_k", "kernel_dim"),
-    [(128, 1, 128), (96, 300, 128), (64, 8191, None), (64, 8192, 64), (48, 20000, 64), (40, 100, None)],
+    [(128, 1, 128), (96, 300, 128), (64, 2047, None), (64, 2048, 64), (48, 20000, 64), (40, 100, None)],
 )
 def test_ws_serves_head_dim_64_only_from_long_keys(monkeypatch, head_dim, seqlen_k, kernel_dim):
     """Kernel head dim 64 runs the warp-specialised forward from SM90_WS_D64_MIN_SEQLEN_K keys on (fwd_sm90 is
